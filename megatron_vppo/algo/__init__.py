@@ -1,0 +1,15 @@
+"""VPPO algorithm core: pure tensor functions (spec §1–§6). The golden CLI lives in `algo.golden`."""
+from .advantages import dynamic_sampling_keep, grpo_advantages
+from .dependency import exact_kl_dependency, sampled_k3, sequence_dependency
+from .loss import PPOTerms, ppo_token_loss, vppo_policy_loss
+from .tas import shape_advantages, tas_alpha, tas_alpha_global, tas_alpha_official
+from .tgf import keep_counts, tgf_mask
+from .vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_prob
+from .vppo import Shaping, compute_shaping, shaping_metrics
+
+__all__ = [
+    "PPOTerms", "Shaping", "compute_shaping", "dynamic_sampling_keep", "exact_kl_dependency", "grpo_advantages",
+    "keep_counts", "ppo_token_loss", "sampled_k3", "sequence_dependency", "shape_advantages", "shaping_metrics",
+    "tas_alpha", "tas_alpha_global", "tas_alpha_official", "tgf_mask", "vocab_parallel_entropy",
+    "vocab_parallel_kl", "vocab_parallel_log_prob", "vppo_policy_loss",
+]

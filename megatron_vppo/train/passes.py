@@ -1,0 +1,202 @@
+"""The two trainer-side passes of one RL step, run through Megatron's pipeline schedule.
+
+* `dependency_pass` (no grad): every micro-batch carries the original AND the perturbed view of the
+  same trajectories side by side, so the first stage runs the vision tower on both and the last stage
+  reduces both vocab-parallel logit sets to per-token old_logp, aug_logp (and the exact KL) at once —
+  one schedule, one flush; nothing of vocabulary size leaves the last stage.
+* `policy_update_pass` (grad): the masked dual-clip loss. The loss function returns the *numerator*
+  of J and the local valid-token count; with `calculate_per_token_loss` Megatron sums gradients over
+  micro-batches and data-parallel ranks and divides by the all-reduced count in
+  `finalize_model_grads`, so the gradient is exactly that of J on the whole mini-batch.
+
+Both take this data-parallel rank's trajectories and return per-trajectory results in the same order,
+on every rank (broadcast from the last pipeline stage).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_vppo.algo.loss import vppo_policy_loss
+from megatron_vppo.algo.vocab_parallel import vocab_parallel_kl, vocab_parallel_log_prob
+from megatron_vppo.train.rl_batch import MicroBatch, Trajectory, chunks, collate, stack_views
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """Fixed micro-batch geometry: Megatron's pipeline p2p needs one tensor shape per schedule."""
+    micro_batch_size: int
+    seq_len: int
+    pad_id: int
+    vocab_size: int  # true vocabulary; padded logit columns are masked
+    temperature: float = 1.0
+
+
+def _micro_batches(trajs: list[Trajectory], shape: PassShape, views=None) -> list[MicroBatch]:
+    """At least one micro-batch (all filler if this rank has no data), each of fixed shape."""
+    groups = chunks(list(range(len(trajs))), shape.micro_batch_size) or [[]]
+    out = []
+    for idx in groups:
+        part = [trajs[i] for i in idx]
+        mb = collate(part, rows=shape.micro_batch_size, seq_len=shape.seq_len, pad_id=shape.pad_id)
+        if views is not None:
+            aug = collate(part, rows=shape.micro_batch_size, seq_len=shape.seq_len, pad_id=shape.pad_id,
+                          pixel_values_override=[views[i] for i in idx])
+            mb = stack_views(mb, aug)
+        out.append(mb)
+    return out
+
+
+def _forward_step(loss_fn, data_iterator, model):
+    mb: MicroBatch = next(data_iterator)
+    logits = model(
+        input_ids=mb.input_ids,
+        attention_mask=mb.attention_mask,
+        pixel_values=mb.pixel_values,
+        image_grid_thw=mb.image_grid_thw,
+    )
+    return logits, partial(loss_fn, mb)
+
+
+def _run_schedule(model_chunks, micro_batches, loss_fn, shape: PassShape, rows: int, forward_only: bool):
+    iters = [iter(micro_batches) for _ in model_chunks]
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iters if len(iters) > 1 else iters[0],
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=shape.seq_len,
+        micro_batch_size=rows,
+        forward_only=forward_only,
+    )
+
+
+def _from_last_stage(obj):
+    """Send the last pipeline stage's python object to every stage of this pipeline."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def gather_data_parallel(items: list) -> list:
+    """Concatenate every data-parallel rank's list in rank order (the order `shard` split them in)."""
+    world = ps.get_data_parallel_world_size()
+    if world == 1:
+        return items
+    out = [None] * world
+    dist.all_gather_object(out, items, group=ps.get_data_parallel_group())
+    return [x for part in out for x in part]
+
+
+# ----------------------------------------------------------------------------- dependency pass
+
+
+def _dependency_loss(shape: PassShape, exact_kl: bool, mb: MicroBatch, logits: torch.Tensor):
+    tp_group = ps.get_tensor_model_parallel_group()
+    logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
+    b = logits.shape[0] // 2
+    n = mb.num_real
+    res = {"old": mb.from_positions(logp[:b])[:n], "aug": mb.from_positions(logp[b:])[:n]}
+    if exact_kl:
+        kl = vocab_parallel_kl(logits[:b], logits[b:], tp_group, shape.temperature, shape.vocab_size)
+        res["kl"] = mb.from_positions(kl)[:n]
+    return logits.new_zeros(()), res
+
+
+def _old_logp_loss(shape: PassShape, mb: MicroBatch, logits: torch.Tensor):
+    tp_group = ps.get_tensor_model_parallel_group()
+    logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
+    return logits.new_zeros(()), {"old": mb.from_positions(logp)[: mb.num_real]}
+
+
+@torch.no_grad()
+def dependency_pass(model_chunks, trajs: list[Trajectory], shape: PassShape,
+                    perturbed_pixels: list | None, *, exact_kl: bool = False) -> list[dict]:
+    """Per trajectory {"old": [n], "aug": [n], ("kl": [n])} for this rank's `trajs`.
+
+    `perturbed_pixels` None runs the original view only (DAPO/GRPO): {"old": [n]}.
+    """
+    for m in model_chunks:
+        m.eval()
+    if perturbed_pixels is None:
+        mbs = _micro_batches(trajs, shape)
+        loss_fn, rows = partial(_old_logp_loss, shape), shape.micro_batch_size
+    else:
+        mbs = _micro_batches(trajs, shape, views=perturbed_pixels)
+        loss_fn, rows = partial(_dependency_loss, shape, exact_kl), 2 * shape.micro_batch_size
+    stored = _run_schedule(model_chunks, mbs, loss_fn, shape, rows, forward_only=True)
+    results = None
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        results = []
+        for res in stored:
+            keys = list(res)
+            results.extend({k: res[k][j] for k in keys} for j in range(len(res[keys[0]])))
+    return _from_last_stage(results)
+
+
+# ----------------------------------------------------------------------------- policy update
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    clip_low: float
+    clip_high: float
+    dual_clip: float
+    entropy_coef: float
+
+
+def _policy_loss(shape: PassShape, ls: LossSettings, mb: MicroBatch, logits: torch.Tensor):
+    tp_group = ps.get_tensor_model_parallel_group()
+    logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
+    numerator, metrics = vppo_policy_loss(
+        logp,
+        mb.per_token["old_logp"],
+        mb.per_token["advantage"],
+        mb.loss_mask,
+        mb.per_token["tgf_mask"],
+        clip_low=ls.clip_low,
+        clip_high=ls.clip_high,
+        dual_clip=ls.dual_clip,
+        entropy_coef=ls.entropy_coef,
+        num_tokens=1,  # numerator only: Megatron divides by the global count (module docstring)
+    )
+    count = mb.loss_mask.sum().to(torch.int)
+    sums = {k: float(v) for k, v in metrics.items()}
+    sums["loss"] = float(numerator.detach())
+    return numerator, count, sums
+
+
+def policy_update_pass(model_chunks, trajs: list[Trajectory], shape: PassShape, ls: LossSettings,
+                       per_traj: list[dict]) -> dict[str, float]:
+    """Forward+backward over this rank's share of one mini-batch; gradients land in the DDP buffers.
+
+    per_traj[i] holds "old_logp" [n], "tgf_mask" [n] and the scalar "advantage" (shaped Â).
+    Returns summed metrics (numerators; the caller divides by the global token count).
+    """
+    for m in model_chunks:
+        m.train()
+    mbs = _micro_batches(trajs, shape)
+    for k, mb in enumerate(mbs):
+        idx = range(k * shape.micro_batch_size, k * shape.micro_batch_size + mb.num_real)
+        rows = [per_traj[i] for i in idx]
+        mb.per_token["old_logp"] = mb.to_positions([r["old_logp"] for r in rows])
+        mb.per_token["tgf_mask"] = mb.to_positions([r["tgf_mask"] for r in rows])
+        adv = torch.zeros(shape.micro_batch_size, 1)
+        for j, r in enumerate(rows):
+            adv[j, 0] = float(r["advantage"])
+        mb.per_token["advantage"] = adv.expand_as(mb.loss_mask)
+    stored = _run_schedule(model_chunks, mbs, partial(_policy_loss, shape, ls), shape,
+                           shape.micro_batch_size, forward_only=False)
+    totals: dict[str, float] = {}
+    for res in stored or []:
+        for key, v in res.items():
+            totals[key] = totals.get(key, 0.0) + v
+    return _from_last_stage(totals)

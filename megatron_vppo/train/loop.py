@@ -1,0 +1,321 @@
+"""The RL loop, top to bottom (spec §1): rollout -> reward -> dynamic sampling -> no-grad passes ->
+TAS/TGF -> mini-batch updates -> weight sync -> validation -> metrics and checkpoint.
+
+Every rank runs this file (SPMD under torchrun). Trajectories and per-token results are shared with
+every rank, so the VPPO shaping is computed once per step from the whole batch, identically everywhere.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_vppo.algo.advantages import dynamic_sampling_keep, grpo_advantages
+from megatron_vppo.algo.vppo import compute_shaping
+from megatron_vppo.config import RunConfig
+from megatron_vppo.data.perturb import make_generator, perturb_pixel_values
+from megatron_vppo.rollout.engine import SamplingParams
+from megatron_vppo.train import passes
+from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
+from megatron_vppo.train.rollout_step import encode_prompts, sample_groups, to_trajectories
+
+log = logging.getLogger("megatron_vppo.train")
+
+
+@dataclass
+class Trainer:
+    """Everything a step needs, built once by `build_trainer`."""
+    cfg: RunConfig
+    processor: object
+    model_chunks: list  # DDP-wrapped chunks
+    optimizer: object
+    scheduler: object
+    engine: object | None  # rollout engine on engine ranks, None elsewhere
+    grader: object
+    train_batches: object
+    val_prompts: list
+    hf_config: dict
+    adapter: object  # the model's HF <-> Megatron weight adapter
+    vocab_size: int
+    logger: object | None = None
+    step: int = 0
+    state: dict = field(default_factory=dict)
+
+
+def _algo_settings(cfg: RunConfig) -> tuple[bool, bool, passes.LossSettings]:
+    """(use_dynamic_sampling, use_vppo, loss settings) for vppo | dapo | grpo.
+
+    dapo = clip-higher + dynamic sampling + token-mean loss; grpo = symmetric clip, no dynamic
+    sampling; vppo = dapo + TAS/TGF + entropy penalty. The entropy term is VPPO's, so it is off for
+    the two baselines."""
+    v = cfg.vppo
+    algo = v.algorithm
+    clip_high = v.clip_low if algo == "grpo" else v.clip_high
+    entropy = v.entropy_coef if algo == "vppo" else 0.0
+    return algo != "grpo", algo == "vppo", passes.LossSettings(v.clip_low, clip_high, v.dual_clip, entropy)
+
+
+def _pass_shape(trainer: Trainer, trajs) -> passes.PassShape:
+    tp = ps.get_tensor_model_parallel_world_size()
+    return passes.PassShape(
+        micro_batch_size=trainer.cfg.train.micro_batch_size,
+        seq_len=padded_length(trajs, 8 * tp),
+        pad_id=trainer.processor.pad_token_id,
+        vocab_size=trainer.vocab_size,
+        temperature=trainer.cfg.rollout.temperature,
+    )
+
+
+def _sampling(cfg: RunConfig, processor, temperature: float, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                          max_new_tokens=cfg.rollout.max_response_length,
+                          stop_token_ids=(processor.eos_token_id,), seed=seed)
+
+
+# ---------------------------------------------------------------------------------------- rollout
+
+
+def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
+    """Rollout + reward + dynamic sampling, retried up to `max_dynamic_sampling_retries` times."""
+    cfg = trainer.cfg
+    use_ds, _, _ = _algo_settings(cfg)
+    want = cfg.train.prompts_per_step
+    kept_groups, prompts_all, metrics = [], [], {"rollout/groups_sampled": 0, "rollout/groups_dropped": 0}
+    rewards_seen = []
+    for attempt in range(cfg.rollout.max_dynamic_sampling_retries + 1):
+        records = next(trainer.train_batches)
+        prompts = encode_prompts(trainer.processor, records)
+        groups = sample_groups(
+            trainer.engine, trainer.processor.tokenizer, trainer.grader, prompts,
+            n=cfg.rollout.group_size,
+            sampling=_sampling(cfg, trainer.processor, cfg.rollout.temperature, cfg.train.seed),
+            seed_parts=(cfg.train.seed, trainer.step, attempt),
+        )
+        metrics["rollout/groups_sampled"] += len(groups)
+        rewards = torch.tensor([[o[3] for o in g["outputs"]] for g in groups], dtype=torch.float64)
+        rewards_seen.append(rewards.flatten())
+        if use_ds:
+            gid = torch.arange(len(groups)).repeat_interleave(cfg.rollout.group_size)
+            keep = dynamic_sampling_keep(rewards.flatten(), gid)
+            kept_ids = sorted({int(gid[i]) for i in keep.nonzero().flatten().tolist()}) \
+                if keep.dtype == torch.bool else sorted({int(gid[i]) for i in keep.tolist()})
+        else:
+            kept_ids = list(range(len(groups)))
+        metrics["rollout/groups_dropped"] += len(groups) - len(kept_ids)
+        base = len(prompts_all)
+        prompts_all.extend(prompts)
+        kept_groups.extend({**groups[i], "prompt": base + groups[i]["prompt"]} for i in kept_ids)
+        if len(kept_groups) >= want:
+            break
+    kept_groups = kept_groups[:want]
+    all_r = torch.cat(rewards_seen)
+    metrics["reward/mean"] = float(all_r.mean())
+    metrics["rollout/attempts"] = attempt + 1
+    return to_trajectories(prompts_all, kept_groups), metrics
+
+
+# ------------------------------------------------------------------------------------- the step
+
+
+def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, prob: float) -> list:
+    """Spec §2 `pixel` mode: a fresh mask per trajectory, seeded by (run seed, step, trajectory)."""
+    ip = processor.image_processor
+    return [
+        perturb_pixel_values(t.pixel_values, t.image_grid_thw, make_generator(run_seed, step, offset + i),
+                             ip.image_mean, ip.image_std, prob)
+        for i, t in enumerate(trajs)
+    ]
+
+
+def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
+    """The paired no-grad pass on this DP rank's shard; every rank gets all trajectories' results."""
+    cfg = trainer.cfg
+    _, use_vppo, _ = _algo_settings(cfg)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    idx = shard(list(range(len(trajs))), dp_rank, dp)
+    mine = [trajs[i] for i in idx]
+    views = None
+    if use_vppo:
+        views = perturbed_views(mine, trainer.processor, cfg.train.seed, trainer.step, idx[0] if idx else 0,
+                                cfg.vppo.perturb_prob)
+    res = passes.dependency_pass(trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
+                                 exact_kl=use_vppo and cfg.vppo.dependency_estimator == "exact_kl")
+    return passes.gather_data_parallel(res)
+
+
+def minibatch_index_lists(cfg: RunConfig, n_traj: int) -> list[list[int]]:
+    per = cfg.train.mini_batch_prompts * cfg.rollout.group_size
+    return chunks(list(range(n_traj)), per)
+
+
+def official_scopes(cfg: RunConfig, minibatches: list[list[int]]) -> tuple[list, list]:
+    """tas_scope official: min/max per (DP rank, mini-batch), μ per micro-batch — as the reference."""
+    dp = ps.get_data_parallel_world_size()
+    mbs, micro = [], []
+    for mb in minibatches:
+        for r in range(dp):
+            part = shard(mb, r, dp)
+            if part:
+                mbs.append(part)
+                micro.extend(chunks(part, cfg.train.micro_batch_size))
+    return mbs, micro
+
+
+def shape_step(trainer: Trainer, trajs, scored: list[dict]):
+    """GRPO advantages, then (for vppo) dependency -> TAS α -> Â and the TGF mask; all [B] / [B, T]."""
+    cfg = trainer.cfg
+    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
+    gid = torch.tensor([t.group for t in trajs])
+    adv = grpo_advantages(rewards, gid)
+    old, mask = responses_to_matrix([r["old"] for r in scored])
+    aug = responses_to_matrix([r["aug"] for r in scored])[0] if "aug" in scored[0] else None
+    kl = responses_to_matrix([r["kl"] for r in scored])[0] if "kl" in scored[0] else None
+    minibatches = minibatch_index_lists(cfg, len(trajs))
+    mbs, micro = official_scopes(cfg, minibatches) if cfg.vppo.tas_scope == "official" else (None, None)
+    shaping = compute_shaping(old, aug, mask, adv, cfg.vppo, kl=kl, minibatches=mbs, microbatches=micro)
+    per_traj = []
+    for i, t in enumerate(trajs):
+        n = t.response_len
+        per_traj.append({"old_logp": old[i, :n].float(), "tgf_mask": shaping.tgf_mask[i, :n].float(),
+                         "advantage": float(shaping.shaped_advantages[i])})
+    metrics = dict(shaping.metrics)
+    metrics["advantage/abs_mean"] = float(adv.abs().mean())
+    if kl is not None and aug is not None:
+        metrics["dependency/k3_vs_kl_corr"] = _masked_corr(shaping.dependency, kl, mask)
+    return per_traj, minibatches, metrics
+
+
+def _masked_corr(a, b, mask) -> float:
+    m = mask.bool()
+    x, y = a[m], b[m]
+    if x.numel() < 2:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+
+
+def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
+    """One optimizer step per mini-batch (1 PPO epoch by default); returns token-mean metrics."""
+    cfg = trainer.cfg
+    _, _, ls = _algo_settings(cfg)
+    shape = _pass_shape(trainer, trajs)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    totals: dict[str, float] = {}
+    grad_norms = []
+    for _epoch in range(cfg.train.ppo_epochs):
+        for mb in minibatches:
+            idx = shard(mb, dp_rank, dp)
+            for chunk in trainer.model_chunks:
+                chunk.zero_grad_buffer()
+            trainer.optimizer.zero_grad()
+            sums = passes.policy_update_pass(trainer.model_chunks, [trajs[i] for i in idx], shape, ls,
+                                             [per_traj[i] for i in idx])
+            ok, grad_norm, _ = trainer.optimizer.step()
+            trainer.scheduler.step(increment=1)
+            grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+            for k, v in _sum_over_data_parallel(sums).items():
+                totals[k] = totals.get(k, 0.0) + v
+    tokens = max(totals.pop("token_frac", 0.0), 1.0)  # Σ valid tokens (numerators were divided by 1)
+    out = {f"actor/{k}": v / tokens for k, v in totals.items()}
+    out["actor/grad_norm"] = grad_norms[-1] if grad_norms else float("nan")
+    out["actor/lr"] = float(trainer.optimizer.param_groups[0]["lr"])
+    return out
+
+
+def _sum_over_data_parallel(sums: dict) -> dict:
+    if ps.get_data_parallel_world_size() == 1 or not sums:
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return dict(zip(keys, t.tolist()))
+
+
+def rl_step(trainer: Trainer) -> dict:
+    t0 = time.perf_counter()
+    trajs, metrics = collect_step_batch(trainer)
+    t1 = time.perf_counter()
+    if not trajs:
+        log.warning("step %d: every sampled group was filtered out by dynamic sampling; no update",
+                    trainer.step)
+        metrics["actor/skipped"] = 1.0
+        return metrics
+    scored = score_step_batch(trainer, trajs)
+    per_traj, minibatches, shaping_metrics = shape_step(trainer, trajs, scored)
+    t2 = time.perf_counter()
+    metrics.update(shaping_metrics)
+    metrics.update(update_policy(trainer, trajs, per_traj, minibatches))
+    t3 = time.perf_counter()
+    sync_engine_weights(trainer)
+    t4 = time.perf_counter()
+    lens = torch.tensor([t.response_len for t in trajs], dtype=torch.float64)
+    metrics.update({
+        "reward/kept_mean": sum(t.reward for t in trajs) / len(trajs),
+        "response/len_mean": float(lens.mean()),
+        "response/trajectories": len(trajs),
+        "rollout/logp_abs_diff_max": _rollout_consistency(trajs, scored),
+        "time/rollout_s": t1 - t0, "time/passes_s": t2 - t1, "time/update_s": t3 - t2, "time/sync_s": t4 - t3,
+    })
+    return metrics
+
+
+def _rollout_consistency(trajs, scored) -> float:
+    """max |trainer old_logp - engine log-prob| over the step (engine/trainer mismatch gauge)."""
+    worst = 0.0
+    for t, r in zip(trajs, scored):
+        if t.rollout_log_probs is not None and t.rollout_log_probs.numel():
+            worst = max(worst, float((r["old"].double() - t.rollout_log_probs.double()).abs().max()))
+    return worst
+
+
+# ------------------------------------------------------------------------------ weights, eval
+
+
+def sync_engine_weights(trainer: Trainer) -> None:
+    """Stream HF-layout weights from the sharded trainer into each replica's engine (collective)."""
+    from megatron_vppo.checkpoint.export import push_to_engine
+
+    push_to_engine(trainer.model_chunks, trainer.adapter, trainer.engine,
+                   bucket_bytes=trainer.cfg.rollout.bucket_bytes, dst="replica")
+
+
+def validate(trainer: Trainer) -> dict:
+    """avg@k accuracy at the rollout temperature over the validation prompts (the paper's protocol)."""
+    from megatron_vppo.train.evaluate import accuracy_at_k
+
+    if not trainer.val_prompts:
+        return {}
+    cfg = trainer.cfg
+    groups = sample_groups(trainer.engine, trainer.processor.tokenizer, trainer.grader, trainer.val_prompts,
+                           n=cfg.train.val_k, sampling=_sampling(cfg, trainer.processor, 1.0, cfg.train.seed + 1),
+                           seed_parts=(cfg.train.seed, -1))
+    return {"val/accuracy": accuracy_at_k(groups)}
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run the configured number of steps; returns the last step's metrics."""
+    from megatron_vppo.train.build import build_trainer, maybe_save, teardown
+
+    trainer = build_trainer(cfg)
+    last: dict = {}
+    try:
+        if trainer.step == 0 and cfg.train.val_every > 0:
+            last = validate(trainer)
+            trainer.logger.log(0, last) if trainer.logger else None
+        while trainer.step < cfg.train.total_steps:
+            trainer.step += 1
+            metrics = rl_step(trainer)
+            if cfg.train.val_every > 0 and (trainer.step % cfg.train.val_every == 0
+                                           or trainer.step == cfg.train.total_steps):
+                metrics.update(validate(trainer))
+            if trainer.logger:
+                trainer.logger.log(trainer.step, metrics)
+            last = metrics
+            maybe_save(trainer)
+    finally:
+        teardown(trainer)
+    return last
+

@@ -1,0 +1,689 @@
+"""Stream a TP/PP-sharded Megatron model's weights out in Hugging Face names and layout.
+
+Design decision 5: weights move as a stream of `(hf_name, tensor)` pairs. One stream feeds the rollout
+engines (`update_weights`, optionally packed into byte-bounded `rollout.buckets.Bucket`s) and the HF
+checkpoint writer (`save_hf_checkpoint`). How it is produced, per data-parallel replica:
+
+1. metadata pre-pass: every pipeline stage all-gathers, over the pipeline group, the global names,
+   full (TP-gathered) shapes and dtypes of its parameters, so every rank knows the global order, the
+   owning stage and the bytes of every tensor before any tensor moves;
+2. parameters are grouped for conversion (`export_group_key`): a language-model parameter converts
+   alone, any other top-level module (the vision tower) converts as one group, because its adapter
+   needs all of its tensors at once. A group whose conversion yields nothing (a tied output layer)
+   is never sent. Every rank runs the adapter on "meta" tensors first, so a name the adapter does not
+   know fails on every rank at once, before any communication;
+3. per parameter, the owning stage gathers the TP shards along `partition_dim` (the FULL Megatron
+   layout, whose chunk r is TP rank r's shard) and sends it over the pipeline group to the
+   destination rank(s); there the model's adapter (`mcore_to_hf`) turns each group into HF tensors
+   (QKV un-interleave, gate/up split, vocab padding removed, no lm_head when embeddings are tied).
+
+Destinations (`dst`): "rank0" (global rank 0 only), "replica" (the first rank — TP 0, PP 0 — of every
+data-parallel replica; each replica streams independently), "all" (every rank). Other ranks yield
+nothing but MUST still iterate the stream to its end: it is a collective. The order is deterministic:
+model-chunk order (virtual stage v of pipeline stage p for v, then p), parameter registration order
+inside a chunk, and the adapter's order inside a group.
+
+At TP1 on the destination stage the yielded tensors may alias the live parameters (no copy is made);
+clone a tensor you keep past the next optimizer step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_vppo.checkpoint.hf_load import global_param_names
+from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets, iter_named_tensors
+
+DESTINATIONS = ("rank0", "replica", "all")
+
+# Files that make an HF directory usable besides its weights (tokenizer, processor, chat template).
+HF_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "qwen.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+class ExportError(RuntimeError):
+    """The export could not be produced or written; the message names what and the fix."""
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    """One Megatron parameter as every rank sees it after the pre-pass."""
+
+    name: str  # global, canonical Megatron name
+    shape: tuple[int, ...]  # FULL shape (TP shards concatenated along tp_dim)
+    dtype: torch.dtype
+    stage: int  # pipeline rank that owns it
+    chunk: int  # virtual pipeline chunk on that stage
+    tp_dim: int | None  # partition_dim when TP-sharded, else None
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ExportGroup:
+    """Megatron parameters converted together, and the HF tensors (name, shape, dtype) they give."""
+
+    params: tuple[ParamMeta, ...]
+    hf: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+    @property
+    def stage(self) -> int:
+        return self.params[0].stage
+
+    @property
+    def hf_nbytes(self) -> int:
+        total = 0
+        for _, shape, dtype in self.hf:
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * dtype.itemsize
+        return total
+
+
+def default_export_group_key(name: str) -> str:
+    """Language-model parameters convert one at a time; any other top-level module (a vision tower,
+    a projector) converts as a whole, since its adapter may need all of its tensors together."""
+    top = name.split(".", 1)[0]
+    return name if top == "language_model" else top
+
+
+def _chunks(model_chunks) -> list[torch.nn.Module]:
+    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+
+
+def _parallel():
+    """(tp_group, tp, tp_rank, pp_group, pp, pp_rank) — trivial values without Megatron groups."""
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None, 1, 0, None, 1, 0
+    return (
+        ps.get_tensor_model_parallel_group(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_group(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(),
+    )
+
+
+def _local_params(model_chunks, adapter) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    canon = getattr(adapter, "canonical_mcore_name", None) or (lambda n: n)
+    return [[(canon(n), p) for n, p in global_param_names(c).items()] for c in _chunks(model_chunks)]
+
+
+def gather_param_metadata(model_chunks, adapter) -> list[ParamMeta]:
+    """Every parameter of the whole model (all stages) in the global stream order (collective over
+    the pipeline group)."""
+    _, tp, _, pp_group, pp, pp_rank = _parallel()
+    local = []
+    for v, params in enumerate(_local_params(model_chunks, adapter)):
+        for name, p in params:
+            sharded = bool(getattr(p, "tensor_model_parallel", False)) and tp > 1
+            shape = list(p.shape)
+            dim = int(p.partition_dim) if sharded else None
+            if sharded:
+                shape[dim] *= tp
+            local.append((name, tuple(shape), str(p.dtype).removeprefix("torch."), v, dim))
+    per_stage = [local]
+    if pp > 1:
+        per_stage = [None] * pp
+        dist.all_gather_object(per_stage, local, group=pp_group)
+    num_chunks = max(v for stage in per_stage for *_, v, _ in stage) + 1 if any(per_stage) else 0
+    out: list[ParamMeta] = []
+    seen: set[str] = set()
+    for v in range(num_chunks):
+        for s, stage in enumerate(per_stage):
+            for name, shape, dtype, chunk, dim in stage:
+                if chunk != v:
+                    continue
+                if name in seen:
+                    raise ExportError(f"parameter {name!r} is held by two pipeline stages; the model's "
+                                      "global layer numbering is broken")
+                seen.add(name)
+                out.append(ParamMeta(name, shape, getattr(torch, dtype), s, v, dim))
+    return out
+
+
+def plan_export(metas: Sequence[ParamMeta], adapter, group_key: Callable[[str], str] | None = None) -> list[ExportGroup]:
+    """Group parameters for conversion and learn each group's HF outputs by converting meta tensors.
+
+    Runs identically on every rank, so an unknown name raises everywhere before any tensor moves."""
+    key = group_key or getattr(adapter, "export_group_key", None) or default_export_group_key
+    buckets: dict[tuple[int, str], list[ParamMeta]] = {}
+    for m in metas:  # dicts keep first-appearance order: the stream order of groups
+        buckets.setdefault((m.stage, key(m.name)), []).append(m)
+    groups, produced = [], {}
+    for params in buckets.values():
+        fake = {m.name: torch.empty(m.shape, dtype=m.dtype, device="meta") for m in params}
+        try:
+            hf = adapter.mcore_to_hf(fake)
+        except Exception as e:  # noqa: BLE001 — re-raised with the group named
+            raise ExportError(
+                f"the weight adapter cannot convert {[m.name for m in params][:4]} to HF layout "
+                f"({type(e).__name__}: {e}); the model and its adapter disagree"
+            ) from e
+        for name in hf:
+            if name in produced:
+                raise ExportError(f"HF tensor {name!r} is produced by both {produced[name]!r} and "
+                                  f"{params[0].name!r}")
+            produced[name] = params[0].name
+        if hf:
+            groups.append(ExportGroup(tuple(params), tuple((n, tuple(t.shape), t.dtype) for n, t in hf.items())))
+    return groups
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _replica_ranks():
+    """(dp_rank, cp_rank) of this rank (0, 0 without Megatron groups)."""
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return 0, 0
+    return ps.get_data_parallel_rank(), ps.get_context_parallel_rank()
+
+
+def export_hf_weights(
+    model_chunks,
+    adapter,
+    *,
+    dst: str = "rank0",
+    dtype: torch.dtype | None = None,
+    group_key: Callable[[str], str] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, tensor)` for the whole model on the destination rank(s); see the module doc.
+
+    Collective: every rank of the model must iterate it to the end (non-destinations yield nothing).
+    `dtype` casts the yielded tensors (e.g. to the engine's dtype); None keeps the parameters' dtype.
+    """
+    if dst not in DESTINATIONS:
+        raise ValueError(f"dst={dst!r}: use one of {DESTINATIONS}")
+    tp_group, tp, tp_rank, pp_group, pp, pp_rank = _parallel()
+    dp_rank, cp_rank = _replica_ranks()
+    if cp_rank != 0 or (dst == "rank0" and dp_rank != 0):
+        return  # identical replicas; another rank streams this model
+    metas = gather_param_metadata(model_chunks, adapter)
+    groups = plan_export(metas, adapter, group_key)
+    params = {n: p for chunk in _local_params(model_chunks, adapter) for n, p in chunk}
+    everywhere = dst == "all"
+    is_dst = everywhere or (tp_rank == 0 and pp_rank == 0)
+    dev = _comm_device()
+    tp_root = dist.get_global_rank(tp_group, 0) if tp > 1 else None
+    pp_first = dist.get_global_rank(pp_group, 0) if pp > 1 else None
+
+    for grp in groups:
+        full: dict[str, torch.Tensor] = {}
+        for m in grp.params:
+            t = None
+            if m.stage == pp_rank:
+                t = params[m.name].detach()
+                if m.tp_dim is not None:
+                    t = _gather_tp(t, m.tp_dim, tp_group, tp, tp_rank, tp_root, everywhere)
+            if pp > 1 and (everywhere or (m.stage != 0 and tp_rank == 0)):
+                t = _move_stage(t, m, pp_group, pp_rank, pp_first, everywhere, dev)
+            if is_dst:
+                full[m.name] = t
+        if not is_dst:
+            continue
+        hf = adapter.mcore_to_hf(full)
+        del full
+        for name, _, _ in grp.hf:
+            t = hf.pop(name)
+            yield name, (t if dtype is None else t.to(dtype))
+
+
+def _gather_tp(t, dim, group, tp, tp_rank, tp_root, everywhere):
+    """Full tensor on TP rank 0 (or on every TP rank when `everywhere`); None elsewhere."""
+    t = t.contiguous()
+    if everywhere:
+        parts = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(parts, t, group=group)
+    else:
+        parts = [torch.empty_like(t) for _ in range(tp)] if tp_rank == 0 else None
+        dist.gather(t, parts, dst=tp_root, group=group)
+        if tp_rank != 0:
+            return None
+    return torch.cat(parts, dim=dim)
+
+
+def _move_stage(t, m: ParamMeta, group, pp_rank, pp_first, everywhere, dev):
+    """Bring the owning stage's full tensor to pipeline stage 0 (or to every stage)."""
+    if everywhere:
+        buf = t.contiguous() if pp_rank == m.stage else torch.empty(m.shape, dtype=m.dtype, device=dev)
+        dist.broadcast(buf, src=dist.get_global_rank(group, m.stage), group=group)
+        return buf
+    if pp_rank == m.stage:
+        dist.send(t.contiguous(), dst=pp_first, group=group)
+        return None
+    if pp_rank == 0:
+        buf = torch.empty(m.shape, dtype=m.dtype, device=dev)
+        dist.recv(buf, src=dist.get_global_rank(group, m.stage), group=group)
+        return buf
+    return None
+
+
+def export_hf_buckets(
+    model_chunks, adapter, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, **kwargs
+) -> Iterator[Bucket]:
+    """`export_hf_weights` packed into byte-bounded buckets (`rollout.buckets.iter_buckets`;
+    None or <= 0: one bucket). Same collective contract."""
+    return iter_buckets(export_hf_weights(model_chunks, adapter, **kwargs), bucket_bytes)
+
+
+def export_nbytes(model_chunks, adapter, group_key=None) -> int:
+    """Total HF bytes the stream will carry (collective over the pipeline group)."""
+    return sum(g.hf_nbytes for g in plan_export(gather_param_metadata(model_chunks, adapter), adapter, group_key))
+
+
+def drain(stream: Iterable) -> int:
+    """Run a stream to its end (what non-destination ranks do); returns the number of items."""
+    n = 0
+    for _ in stream:
+        n += 1
+    return n
+
+
+def _all_ok(ok: bool) -> bool:
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+                   dst: str = "rank0", dtype: torch.dtype | None = None) -> None:
+    """Export into `engine.update_weights` on the destination rank(s) (collective over all ranks).
+
+    `engine` may be None on ranks that hold none. If the engine raises, the stream is still run to its
+    end (so no rank hangs in a collective) and every rank raises."""
+    stream = export_hf_buckets(model_chunks, adapter, bucket_bytes, dst=dst, dtype=dtype)
+    err = None
+    if engine is None:
+        drain(stream)
+    else:
+        try:
+            engine.update_weights(stream)
+        except Exception as e:  # noqa: BLE001 — finish the collective first
+            err = e
+            drain(stream)
+        else:
+            drain(stream)  # an engine that stopped early still owes the other ranks their collectives
+    if not _all_ok(err is None):
+        if err is not None:
+            raise err
+        raise ExportError("weight update failed on another rank (see its log); this rank's engine, if any, "
+                          "was updated but the update is not consistent across ranks")
+
+
+# ----------------------------------------------------------------------------- HF checkpoint writer
+
+
+def _tmp_sibling(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+
+
+def copy_side_files(src_dir, dst_dir) -> list[str]:
+    """Copy tokenizer / processor / chat-template / generation files (those present) from src_dir."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    copied = []
+    for f in sorted(set(HF_SIDE_FILES) | {p.name for p in src.glob("*.jinja")}):
+        if (src / f).is_file():
+            shutil.copy2(src / f, dst / f)
+            copied.append(f)
+    return copied
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename a finished temporary directory to `out` (replacing an old one only if allowed)."""
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise ExportError(f"{out} already exists; choose another --out or pass overwrite=True")
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses tensors that share storage (views into one bucket buffer)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def save_hf_checkpoint(
+    stream: Iterable,
+    out_dir,
+    hf_config,
+    source_dir=None,
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hugging Face directory from a weight stream ((name, tensor) pairs and/or Buckets).
+
+    Produces safetensors shards (`model.safetensors`, or `model-0000i-of-0000n.safetensors` + the
+    index), `config.json` (from `hf_config`: a dict, a config.json path or an HF directory) and the
+    tokenizer / processor / chat-template files found in `source_dir`. Written into a temporary sibling
+    directory and renamed into place at the end, so `out_dir` is either complete or untouched.
+    At most one shard (`max_shard_bytes`) is held in memory besides the stream's own tensors."""
+    from safetensors.torch import save_file
+
+    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; choose another output directory or pass overwrite=True")
+    config = load_hf_config(hf_config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(out)
+    tmp.mkdir()
+    try:
+        shards: list[tuple[str, list[str], int]] = []
+        pending: dict[str, torch.Tensor] = {}
+        size, total, seen = 0, 0, set()
+
+        def flush():
+            nonlocal pending, size
+            fname = f"part-{len(shards):05d}.safetensors"
+            save_file(pending, str(tmp / fname), metadata={"format": "pt"})
+            shards.append((fname, list(pending), size))
+            pending, size = {}, 0
+
+        for name, t in iter_named_tensors(stream):
+            if name in seen:
+                raise ExportError(f"weight stream holds {name!r} twice")
+            seen.add(name)
+            n = t.numel() * t.element_size()
+            if pending and size + n > max_shard_bytes:
+                flush()
+            pending[name] = _owned(t)
+            size += n
+            total += n
+        if pending or not shards:
+            if not pending:
+                raise ExportError("the weight stream was empty; was it consumed on a non-destination rank?")
+            flush()
+        weight_map = {}
+        if len(shards) == 1:
+            os.rename(tmp / shards[0][0], tmp / "model.safetensors")
+        else:
+            for i, (fname, names, _) in enumerate(shards):
+                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                os.rename(tmp / fname, tmp / final)
+                weight_map.update({n: final for n in names})
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if source_dir is not None:
+            copy_side_files(source_dir, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_hf_checkpoint(
+    model_chunks,
+    adapter,
+    out_dir,
+    hf_config,
+    source_dir=None,
+    *,
+    bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Collective: global rank 0 writes the HF directory from the export stream, the others feed it.
+    Every rank raises if the write failed."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    exists = rank == 0 and Path(out_dir).exists() and not overwrite
+    if not _all_ok(not exists):
+        raise ExportError(f"{out_dir} already exists; choose another output directory or pass overwrite=True")
+    stream = export_hf_buckets(model_chunks, adapter, bucket_bytes, dst="rank0")
+    err = None
+    if rank == 0:
+        try:
+            save_hf_checkpoint(stream, out_dir, hf_config, source_dir,
+                               max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        except Exception as e:  # noqa: BLE001 — finish the collective first
+            err = e
+        drain(stream)
+    else:
+        drain(stream)
+    if not _all_ok(err is None):
+        if err is not None:
+            raise err
+        raise ExportError(f"writing {out_dir} failed on rank 0 (see its log)")
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- model load / save
+# A self-contained Megatron model checkpoint (what `tools/convert_checkpoint.py hf-to-mcore` writes):
+#
+#     OUT/megatron_vppo_model.json   format marker, the saved layout, where the parts are
+#     OUT/step_0000000/              `dist_checkpoint.save_checkpoint` (torch_dist, model only)
+#     OUT/hf/                        config.json + tokenizer / processor / chat-template files
+#
+# Loadable at any TP/PP layout; `load_model` also takes an HF directory or a trainer checkpoint
+# (`step_NNNNNNN` or its parent), whose config snapshot names the HF model it started from.
+
+MODEL_FORMAT = "megatron_vppo.model_checkpoint"
+MODEL_META = "megatron_vppo_model.json"
+HF_SUBDIR = "hf"
+
+
+@dataclass
+class LoadedModel:
+    chunks: list  # this rank's model chunks
+    adapter: object  # the model's HF <-> Megatron weight adapter for this TP size
+    hf_config: dict
+    hf_files: Path | None  # directory with config.json and the tokenizer / processor files
+    kind: str  # "hf" | "megatron"
+    checkpoint: Path | None = None  # the step directory loaded, for kind == "megatron"
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and (
+        any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()
+    )
+
+
+def resolve_model_path(path, hf_files=None) -> tuple[str, Path | None, Path | None]:
+    """-> (kind, step_dir or None, hf_files dir or None) for an HF dir or a Megatron checkpoint."""
+    from megatron_vppo.checkpoint import dist_checkpoint as dc
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist; pass an HF model directory or a Megatron checkpoint")
+    if _is_hf_dir(p) and not (p / MODEL_META).exists():
+        return "hf", None, p
+    hf = Path(hf_files) if hf_files else None
+    if (p / MODEL_META).is_file():
+        try:
+            meta = json.loads((p / MODEL_META).read_text())
+        except ValueError as e:
+            raise ExportError(f"{p / MODEL_META} is unreadable ({e}); re-run tools/convert_checkpoint.py "
+                              "hf-to-mcore to rebuild the checkpoint") from None
+        step = p / meta.get("checkpoint", "")
+        return "megatron", step, hf or p / meta.get("hf_dir", HF_SUBDIR)
+    if (p / dc.META_FILE).is_file() or p.name.startswith("step_"):
+        step = p
+    else:
+        step = dc.find_latest_complete(p)
+        if step is None:
+            raise ExportError(f"{p} is neither an HF model directory (config.json + *.safetensors) nor a "
+                              "Megatron checkpoint (megatron_vppo_model.json or complete step_NNNNNNN dirs)")
+    if hf is None:
+        for cand in (step.parent / HF_SUBDIR, step / HF_SUBDIR):
+            if (cand / "config.json").is_file():
+                hf = cand
+        if hf is None:
+            try:
+                cfg = (dc.read_meta(step).get("config") or {})
+                mp = (cfg.get("model") or {}).get("path") if isinstance(cfg, dict) else None
+            except dc.CheckpointError:
+                mp = None
+            if mp and (Path(mp) / "config.json").is_file():
+                hf = Path(mp)
+    return "megatron", step, hf
+
+
+def read_model_config(path, hf_files=None) -> dict:
+    """The HF config.json of an HF dir or Megatron checkpoint (before any process group exists)."""
+    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config
+
+    kind, step, hf = resolve_model_path(path, hf_files)
+    if hf is None or not (hf / "config.json").is_file():
+        raise ExportError(f"{path}: no HF config.json found for this Megatron checkpoint; pass the HF "
+                          "directory it came from (--hf-config DIR)")
+    return load_hf_config(hf)
+
+
+def model_dims(hf_config) -> dict:
+    """Keyword arguments `distributed.init_distributed` validates the layout against."""
+    from megatron_vppo.models.qwen2_5_vl.config import text_arch
+
+    a = text_arch(hf_config)
+    vision = (hf_config.get("vision_config") or {}).get("num_heads")
+    return dict(num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
+                num_layers=a.num_layers, vision_num_heads=vision)
+
+
+def build_model(hf_config, parallel=None, model_cfg=None):
+    """(this rank's chunks, weight adapter) — after `init_distributed`."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vppo.config import ModelConfig, ParallelConfig
+    from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
+    from megatron_vppo.models.qwen2_5_vl.weights import Qwen25VLWeights
+
+    model_cfg = model_cfg or ModelConfig()
+    parallel = parallel or ParallelConfig()
+    chunks = build_model_chunks(hf_config, model_cfg, parallel)
+    tp = ps.get_tensor_model_parallel_world_size()
+    return chunks, Qwen25VLWeights(hf_config, tp=tp, vocab_pad_multiple=model_cfg.vocab_pad_multiple)
+
+
+def load_model(path, parallel=None, model_cfg=None, *, hf_files=None) -> LoadedModel:
+    """Build this rank's chunks and load an HF directory or a Megatron checkpoint into them
+    (collective; after `init_distributed`)."""
+    from megatron_vppo.checkpoint import dist_checkpoint as dc
+    from megatron_vppo.checkpoint.hf_load import load_hf_weights
+
+    kind, step, hf = resolve_model_path(path, hf_files)
+    cfg = read_model_config(path, hf_files)
+    chunks, adapter = build_model(cfg, parallel, model_cfg)
+    if kind == "hf":
+        load_hf_weights(chunks, path, adapter)
+    else:
+        try:
+            dc.load_checkpoint(step, chunks, load_rng=False)
+        except dc.CheckpointError as e:
+            raise ExportError(
+                f"Megatron checkpoint {step} cannot be loaded: {e}. If it came from "
+                f"tools/convert_checkpoint.py, re-run hf-to-mcore to rebuild it"
+            ) from None
+    for c in chunks:
+        c.eval()
+    return LoadedModel(chunks, adapter, cfg, hf, kind, step)
+
+
+def _same_on_all_ranks(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, overwrite: bool = False,
+                          source: str | None = None) -> Path:
+    """Collective: write a self-contained Megatron model checkpoint (layout above) atomically —
+    into a temporary sibling directory, renamed to `out_dir` only after every rank succeeded."""
+    from megatron_vppo.checkpoint import dist_checkpoint as dc
+    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config
+
+    out = Path(out_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    cfg = load_hf_config(hf_config)
+    if not _all_ok(rank != 0 or overwrite or not out.exists()):
+        raise ExportError(f"{out} already exists; choose another --out (or remove it)")
+    tmp = None
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_sibling(out)
+    tmp = Path(_same_on_all_ranks(str(tmp) if tmp else None))
+    ok, err = True, ""
+    try:
+        step_dir = dc.save_checkpoint(tmp, 0, _chunks(model_chunks), config={"hf_config": cfg, "source": source})
+    except Exception as e:  # noqa: BLE001 — save_checkpoint already agreed on failure across ranks
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"saving the Megatron checkpoint to {out} failed: {e}") from e
+    if rank == 0:
+        try:
+            (tmp / HF_SUBDIR).mkdir()
+            if hf_files is not None:
+                copy_side_files(hf_files, tmp / HF_SUBDIR)
+            (tmp / HF_SUBDIR / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            meta = {
+                "format": MODEL_FORMAT,
+                "version": 1,
+                "checkpoint": step_dir.name,
+                "hf_dir": HF_SUBDIR,
+                "saved_layout": dc.current_layout(len(_chunks(model_chunks))),
+                "source": source,
+            }
+            (tmp / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n")
+            _publish(tmp, out, overwrite)
+        except Exception as e:  # noqa: BLE001
+            ok, err = False, f"{type(e).__name__}: {e}"
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not _all_ok(ok):
+        raise ExportError(f"finalizing {out} failed on rank 0 ({err or 'see its log'})")
+    return out

@@ -1,0 +1,115 @@
+"""The rollout engine contract the trainer codes against.
+
+Two implementations: `hf_engine.HFRolloutEngine` (in-process transformers model; CPU, and a GPU
+fallback) and `sglang_engine.SGLangRolloutEngine` / `SGLangServerEngine` (GPU). The trainer only
+sees this protocol: generate n samples per request, take a weight stream in HF layout, give GPU
+memory back while training runs in the same processes.
+
+Conventions every engine follows:
+  * `RolloutOutput.token_ids` are the generated ids only (the prompt is not repeated); a stop token
+    that ended the sample is included, with its log-prob, so the trainer learns to stop.
+  * `RolloutOutput.log_probs[i]` is log softmax(logits / temperature)[token_ids[i]] over the full
+    vocabulary: temperature-scaled but NOT renormalised after top-p / top-k filtering. That is what
+    a trainer re-score at the same temperature computes. temperature == 0 means greedy decoding,
+    and the log-probs are then those of the unscaled (temperature 1) distribution.
+  * `weight_version` counts successful `update_weights` calls; a failed update leaves it (and the
+    weights) as they were.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from megatron_vppo.rollout.buckets import WeightStream
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt, already tokenised with its image pads expanded (see data/processor.py).
+
+    `pixel_values` (N, C·T·P·P) and `image_grid_thw` (num_images, 3) are the processor's outputs for
+    this prompt's images, or None for a text-only prompt. `seed` overrides the per-request seed
+    (default: derived from SamplingParams.seed and the request's index in the call) so that a
+    caller that splits data across ranks can keep samples independent of the split.
+    `images` (optional) are the raw images, for engines that preprocess themselves.
+    """
+
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    seed: int | None = None
+    # Raw images (paths / URLs / base64) for engines that preprocess themselves (SGLang servers).
+    images: list | None = None
+
+    def __post_init__(self):
+        if len(self.prompt_ids) == 0:
+            raise ValueError("RolloutRequest.prompt_ids is empty; a prompt needs at least one token")
+        if (self.pixel_values is None) != (self.image_grid_thw is None):
+            raise ValueError("RolloutRequest needs both pixel_values and image_grid_thw, or neither")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # <= 0: disabled
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclass
+class RolloutOutput:
+    token_ids: list[int]
+    log_probs: list[float]
+    finish_reason: FinishReason
+    # Per-step logits (len(token_ids), V) when the engine was asked to record them (tests/debug).
+    logits: torch.Tensor | None = field(default=None, repr=False)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    weight_version: int
+
+    def generate(
+        self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams
+    ) -> list[list[RolloutOutput]]:
+        """Per request, `n` samples (outer list in request order, inner in sample order)."""
+        ...
+
+    def update_weights(self, stream: WeightStream) -> None:
+        """Load HF-named weights from (name, tensor) pairs or `Bucket`s; all or nothing."""
+        ...
+
+    def release_memory(self) -> None:
+        """Give accelerator memory (weights, KV cache) back so training can use it."""
+        ...
+
+    def resume_memory(self) -> None:
+        """Re-acquire what `release_memory` gave back; weights are those of the last update."""
+        ...
+
+
+def sample_seed(base_seed: int, request_seed: int, sample_index: int) -> int:
+    """A 63-bit seed for one sample. Hash-mixed so nearby (seed, index) pairs give unrelated
+    streams; depends only on its arguments, never on batch position or composition."""
+    h = hashlib.blake2b(f"{base_seed}/{request_seed}/{sample_index}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def request_seed(request: RolloutRequest, index_in_call: int) -> int:
+    return request.seed if request.seed is not None else index_in_call

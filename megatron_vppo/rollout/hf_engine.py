@@ -1,0 +1,378 @@
+"""In-process rollout engine on transformers' Qwen2.5-VL (CPU; also a GPU fallback).
+
+The decode loop is ours, not `model.generate`, so that sampling, seeds and log-probs are exactly
+what the trainer expects (see engine.py for the conventions):
+
+  * prompts are LEFT-padded into one batch; each request is prefilled once and its KV cache is
+    repeated for its n samples;
+  * M-RoPE position ids are computed explicitly with `model.model.get_rope_index` on the prompt
+    (transformers 5.x silently falls back to 1-D positions without them); a decode step's three
+    position rows all equal (real tokens so far) + rope delta — the text positions HF uses after
+    the largest prompt position;
+  * every sample draws its uniforms from its own CPU `torch.Generator`, seeded from
+    (SamplingParams.seed, request seed, sample index), so a sample does not depend on what else
+    is in the batch, on the micro-batch size, or on the device;
+  * finished rows are dropped from the batch (KV cache rows selected away).
+
+`update_weights` stages every incoming tensor (validated name, shape, dtype) before touching the
+model, then copies all of them in place (`param.copy_`: same storage, no reload), so an error in
+the middle of a stream leaves the previous weights complete and `weight_version` unchanged.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors
+from megatron_vppo.rollout.engine import (
+    RolloutOutput,
+    RolloutRequest,
+    SamplingParams,
+    request_seed,
+    sample_seed,
+)
+
+# HF checkpoint spellings (transformers 4.x / the hub files, still written by 5.x's save_pretrained)
+# -> module names of transformers 5.x's Qwen2_5_VLForConditionalGeneration.
+_NAME_RULES = (
+    (re.compile(r"^visual\."), "model.visual."),
+    (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model."),
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+)
+
+
+def canonical_param_name(name: str) -> str:
+    """Module-parameter name for an HF weight name in either transformers spelling."""
+    for pat, repl in _NAME_RULES:
+        if pat.match(name):
+            return pat.sub(repl, name, count=1)
+    return name
+
+
+# ----------------------------------------------------------------------------- sampling (pure)
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) at `tokens` over the full vocabulary (T == 0 -> T = 1), in fp32."""
+    t = temperature if temperature > 0 else 1.0
+    logp = F.log_softmax(logits.float() / t, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def filtered_sorted_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
+    """Descending-sorted probabilities of the temperature-scaled softmax with top-k / top-p
+    filtering applied (filtered entries zeroed), and the vocabulary ids in that order."""
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    if top_k is not None and 0 < top_k < sorted_p.shape[-1]:
+        sorted_p[..., top_k:] = 0.0
+    if top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+    return sorted_p, sorted_ids
+
+
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Next token per row: argmax when temperature == 0, else inverse-CDF sampling with one
+    uniform per row (so a row's draw depends only on its own generator)."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    sorted_p, sorted_ids = filtered_sorted_probs(logits, sampling.temperature, sampling.top_p, sampling.top_k)
+    cdf = torch.cumsum(sorted_p, dim=-1)
+    target = uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    # never land on a zeroed (filtered) tail entry because of rounding at the top of the CDF
+    n_kept = (sorted_p > 0).sum(dim=-1, keepdim=True)
+    idx = torch.minimum(idx, n_kept - 1)
+    return sorted_ids.gather(-1, idx).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- batching helpers
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, length - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFRolloutEngine:
+    """Batched, KV-cached sampling on a `Qwen2_5_VLForConditionalGeneration`.
+
+    `max_batch_size` bounds the number of sequences (requests x n) decoded together; results do
+    not depend on it. `record_logits=True` attaches each step's logits to the outputs (tests).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_batch_size: int | None = None,
+        pad_token_id: int | None = None,
+        record_logits: bool = False,
+    ):
+        self.model = model.eval()
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.video_token_id = int(getattr(cfg, "video_token_id", -1) or -1)
+        text_cfg = getattr(cfg, "text_config", cfg)
+        if pad_token_id is None:
+            pad_token_id = getattr(text_cfg, "pad_token_id", None)
+        self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
+        self.max_batch_size = max_batch_size
+        self.record_logits = record_logits
+        self.weight_version = 0
+        self._released_to: torch.device | None = None
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+
+    @classmethod
+    def from_pretrained(
+        cls, path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs
+    ) -> "HFRolloutEngine":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        return cls(model.to(device), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _check_usable(self):
+        if self._released_to is not None:
+            raise RuntimeError("the rollout engine's memory is released; call resume_memory() before generating")
+
+    # ------------------------------------------------------------------ prompt preparation
+
+    def _prompt_batch(self, seqs: Sequence[Sequence[int]], requests: Sequence[RolloutRequest]) -> dict:
+        """Left-padded ids, mask, explicit M-RoPE positions [3, B, L] and rope deltas [B]."""
+        device = self.device
+        ids, mask = _left_pad(seqs, self.pad_token_id, device)
+        pix = [r.pixel_values for r in requests if r.pixel_values is not None]
+        grids = [r.image_grid_thw for r in requests if r.image_grid_thw is not None]
+        for r, s in zip(requests, seqs):
+            n_pad = sum(1 for t in s if t == self.image_token_id)
+            expected = 0 if r.image_grid_thw is None else int(self._merged_tokens(r.image_grid_thw))
+            if n_pad != expected:
+                raise ValueError(
+                    f"prompt has {n_pad} <|image_pad|> tokens but its image_grid_thw needs {expected}; "
+                    "encode the prompt with the project processor (data/processor.py) so pads are expanded"
+                )
+        grid = torch.cat([g.reshape(-1, 3) for g in grids]).to(device) if grids else None
+        mm_types = (ids == self.image_token_id).long() * mask
+        position_ids, deltas = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=mm_types, image_grid_thw=grid, attention_mask=mask
+        )
+        batch = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, rope_deltas=deltas.reshape(-1))
+        if pix:
+            batch["pixel_values"] = torch.cat(pix).to(device=device, dtype=self._vision_dtype())
+            batch["image_grid_thw"] = grid
+        return batch
+
+    def _merged_tokens(self, grid_thw: torch.Tensor) -> int:
+        merge = self.model.config.vision_config.spatial_merge_size
+        return int((grid_thw.reshape(-1, 3).prod(-1) // (merge * merge)).sum())
+
+    def _vision_dtype(self):
+        return next(self.model.model.visual.parameters()).dtype
+
+    def _forward(self, batch: dict, cache, logits_to_keep: int = 0):
+        kw = {k: v for k, v in batch.items() if k != "rope_deltas"}
+        return self.model(**kw, past_key_values=cache, use_cache=cache is not None, logits_to_keep=logits_to_keep)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams
+    ) -> list[list[RolloutOutput]]:
+        self._check_usable()
+        if n < 1:
+            raise ValueError(f"n (samples per request) must be >= 1, got {n}")
+        per_chunk = max(1, (self.max_batch_size or (len(requests) * n)) // n)
+        results: list[list[RolloutOutput]] = []
+        for start in range(0, len(requests), per_chunk):
+            chunk = list(requests[start : start + per_chunk])
+            seeds = [request_seed(r, start + i) for i, r in enumerate(chunk)]
+            results.extend(self._generate_chunk(chunk, seeds, n, sampling))
+        return results
+
+    def _generate_chunk(self, requests, req_seeds, n, sampling: SamplingParams):
+        from transformers import DynamicCache
+
+        batch = self._prompt_batch([r.prompt_ids for r in requests], requests)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(batch, cache, logits_to_keep=1).logits[:, -1, :]
+
+        # one prefill per request, then n rows per request (row = request * n + sample)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+        mask = batch["attention_mask"].repeat_interleave(n, dim=0)
+        next_pos = (mask.sum(-1) + batch["rope_deltas"].repeat_interleave(n, dim=0)).long()  # [B]
+        rows = len(requests) * n
+        gens = []
+        for r in range(len(requests)):
+            for j in range(n):
+                g = torch.Generator(device="cpu")
+                g.manual_seed(sample_seed(sampling.seed, req_seeds[r], j))
+                gens.append(g)
+
+        tokens = [[] for _ in range(rows)]
+        logps = [[] for _ in range(rows)]
+        step_logits = [[] for _ in range(rows)]
+        finish = [None] * rows
+        active = list(range(rows))  # row ids still decoding, in cache order
+        stop = set(sampling.stop_token_ids)
+        for step in range(sampling.max_new_tokens):
+            uniforms = None
+            if sampling.temperature > 0:
+                uniforms = torch.cat([torch.rand(1, generator=gens[r], dtype=torch.float64) for r in active])
+            tok = sample_tokens(logits, sampling, uniforms)
+            lp = token_log_probs(logits, tok, sampling.temperature)
+            tok_l, lp_l = tok.tolist(), lp.tolist()
+            keep = []
+            for k, r in enumerate(active):
+                tokens[r].append(tok_l[k])
+                logps[r].append(lp_l[k])
+                if self.record_logits:
+                    step_logits[r].append(logits[k].float().cpu())
+                if tok_l[k] in stop:
+                    finish[r] = "stop"
+                elif step + 1 == sampling.max_new_tokens:
+                    finish[r] = "length"
+                else:
+                    keep.append(k)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=mask.device)
+                cache.batch_select_indices(idx)
+                mask, next_pos, tok = mask[idx], next_pos[idx], tok[idx]
+                active = [active[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
+            step_batch = dict(input_ids=tok.view(-1, 1), attention_mask=mask, position_ids=pos)
+            logits = self._forward(step_batch, cache, logits_to_keep=1).logits[:, -1, :]
+            next_pos = next_pos + 1
+
+        out = []
+        for r in range(len(requests)):
+            samples = []
+            for j in range(n):
+                row = r * n + j
+                samples.append(
+                    RolloutOutput(
+                        token_ids=tokens[row],
+                        log_probs=logps[row],
+                        finish_reason=finish[row],
+                        logits=torch.stack(step_logits[row]) if self.record_logits else None,
+                    )
+                )
+            out.append(samples)
+        return out
+
+    # ------------------------------------------------------------------ re-scoring
+
+    @torch.no_grad()
+    def score(
+        self,
+        items: Sequence[tuple[RolloutRequest, Sequence[int]]],
+        temperature: float = 1.0,
+    ) -> list[list[float]]:
+        """Log-probs of each response token given its prompt (+ images), one full forward per
+        micro-batch, same convention as `generate` (temperature-scaled, unfiltered)."""
+        self._check_usable()
+        out: list[list[float]] = []
+        step = self.max_batch_size or max(1, len(items))
+        for start in range(0, len(items), step):
+            chunk = items[start : start + step]
+            reqs = [r for r, _ in chunk]
+            seqs = [list(r.prompt_ids) + list(resp) for r, resp in chunk]
+            batch = self._prompt_batch(seqs, reqs)
+            logits = self._forward(batch, None).logits
+            length = batch["input_ids"].shape[1]
+            for b, (r, resp) in enumerate(chunk):
+                n_resp = len(resp)
+                if n_resp == 0:
+                    out.append([])
+                    continue
+                # logits at position p predict token p+1; the response occupies the last n_resp slots
+                lg = logits[b, length - n_resp - 1 : length - 1]
+                tgt = torch.as_tensor(list(resp), device=lg.device)
+                out.append(token_log_probs(lg, tgt, temperature).tolist())
+        return out
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, stream: WeightStream, *, require_complete: bool = True) -> None:
+        """Stage, validate, then copy in place. All or nothing; see the module docstring.
+
+        `require_complete=False` allows a partial update (only the named tensors change)."""
+        staged: dict[int, tuple[str, torch.nn.Parameter, torch.Tensor]] = {}
+        for name, t in iter_named_tensors(stream):
+            key = canonical_param_name(name)
+            p = self._params.get(key)
+            if p is None:
+                raise KeyError(
+                    f"weight {name!r} (as {key!r}) is not a parameter of the rollout model; "
+                    "is the stream for another model or config?"
+                )
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"weight {name!r} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
+            if p.is_floating_point() != t.is_floating_point():
+                raise TypeError(f"weight {name!r} has dtype {t.dtype}, incompatible with the model's {p.dtype}")
+            new = t.detach().to(device=p.device, dtype=p.dtype, copy=True)
+            prev = staged.get(id(p))
+            if prev is not None and prev[0] != key and not torch.equal(prev[2], new):
+                raise ValueError(
+                    f"tied weights {prev[0]!r} and {key!r} arrived with different values; "
+                    "a tied model can hold only one"
+                )
+            staged[id(p)] = (key, p, new)
+        if require_complete:
+            have = {id(p) for p in self._params.values()}
+            missing = sorted(
+                {n for n, p in self._params.items() if id(p) in have - set(staged)}
+            )
+            if missing:
+                raise ValueError(
+                    f"weight stream ended without {len(missing)} parameter(s), e.g. {missing[:3]}; "
+                    "the engine keeps its previous weights (pass require_complete=False for a partial update)"
+                )
+        with torch.no_grad():
+            for _, p, new in staged.values():
+                p.copy_(new)
+        self.weight_version += 1
+
+    # ------------------------------------------------------------------ memory
+
+    def release_memory(self) -> None:
+        """On an accelerator, park the weights on the CPU and empty the allocator cache (the KV
+        cache lives only inside a `generate` call). On CPU there is nothing to give back; the engine
+        only refuses to generate until `resume_memory`, so colocated code paths behave the same."""
+        if self._released_to is not None:
+            return
+        dev = self.device
+        if dev.type != "cpu":
+            self.model.to("cpu")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        self._released_to = dev
+
+    def resume_memory(self) -> None:
+        if self._released_to is None:
+            return
+        if self._released_to.type != "cpu":
+            self.model.to(self._released_to)
+        self._released_to = None

@@ -1,0 +1,239 @@
+"""Per-step metrics: `metrics.jsonl` (the record a resumed run must reproduce), TensorBoard, a one-line
+summary for the console, and an end-of-run PNG plot.
+
+Only one rank writes (the caller reduces metrics to it first); every other rank gets a logger whose
+methods do nothing, so the training loop needs no `if rank == ...` around logging.
+
+Metric names the plot looks for (first present wins) are in `PLOT_PANELS`; the trainer should log
+`reward/mean`, `val/accuracy`, `vppo/dependency_mean` and `vppo/kept_token_fraction`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+# (panel title, candidate metric keys) for plot_metrics.
+PLOT_PANELS: list[tuple[str, tuple[str, ...]]] = [
+    ("reward", ("reward/mean", "reward")),
+    ("validation accuracy", ("val/accuracy", "val_accuracy", "val/acc")),
+    ("dependency mean", ("vppo/dependency_mean", "dependency/mean", "dependency_mean")),
+    ("kept-token fraction", ("vppo/kept_token_fraction", "tgf/kept_fraction", "kept_token_fraction")),
+]
+
+# Keys shown first (in this order) by format_step_summary; any other numeric key follows.
+SUMMARY_KEYS: list[tuple[str, str]] = [
+    ("reward/mean", "reward"),
+    ("val/accuracy", "val_acc"),
+    ("loss/pg", "pg_loss"),
+    ("vppo/dependency_mean", "dep"),
+    ("vppo/kept_token_fraction", "kept"),
+    ("grad_norm", "gnorm"),
+    ("lr", "lr"),
+    ("time/step_s", "s/step"),
+]
+
+
+def _to_number(value: Any) -> Any:
+    """Tensors / numpy scalars -> Python numbers; other JSON-able values pass through."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All complete JSON lines of a metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    with p.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s:%d: skipping unreadable metrics line", p, lineno)
+    return rows
+
+
+def truncate_metrics(path: str | Path, keep_through_step: int | None) -> int:
+    """Keep only lines with step <= keep_through_step (None or a fresh run: keep nothing).
+
+    A resumed run re-executes the steps after its checkpoint, so their old lines must go; the file is
+    rewritten to a temp name and renamed, so a crash here never leaves it half-written.
+    Returns the number of lines kept.
+    """
+    p = Path(path)
+    if not p.exists():
+        return 0
+    rows = read_metrics(p)
+    kept = [r for r in rows if keep_through_step is not None and r.get("step", math.inf) <= keep_through_step]
+    tmp = p.with_name(p.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in kept:
+            f.write(json.dumps(r, sort_keys=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return len(kept)
+
+
+class MetricsLogger:
+    """Append one JSON object per step to `out_dir/metrics.jsonl` and mirror scalars to TensorBoard.
+
+    `resume_step`: the step of the checkpoint this run resumed from (None = fresh run). Lines after
+    it are dropped, and TensorBoard events from later steps are purged, so a stopped-and-resumed run
+    ends with the same file as an uninterrupted one. A fresh run (resume_step None) starts an empty file.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        rank: int,
+        *,
+        writer_rank: int = 0,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+    ):
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self.enabled = rank == writer_rank
+        self.path = self.out_dir / METRICS_FILE
+        self._file = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, resume_step)
+        self._file = self.path.open("a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception as e:  # tensorboard not installed: jsonl is the record anyway
+                logger.info("TensorBoard disabled (%s); metrics.jsonl is still written", e)
+            else:
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        """Write one step's metrics (flushed immediately); returns the row as written."""
+        row = {"step": int(step)}
+        row.update({k: _to_number(v) for k, v in metrics.items() if k != "step"})
+        if not self.enabled:
+            return row
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and _is_scalar(v):
+                    self._tb.add_scalar(k, v, global_step=int(step))
+            self._tb.flush()
+        return row
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if v != v or v in (math.inf, -math.inf):
+        return str(v)
+    a = abs(v)
+    if a != 0 and (a < 1e-3 or a >= 1e5):
+        return f"{v:.2e}"
+    return f"{v:.4f}".rstrip("0").rstrip(".") if a < 1 else f"{v:.3f}"
+
+
+def format_step_summary(
+    step: int,
+    total_steps: int | None,
+    metrics: Mapping[str, Any],
+    keys: Iterable[tuple[str, str]] | None = None,
+    max_items: int = 10,
+) -> str:
+    """One console line: `step 3/200 | reward 0.53 | val_acc 0.4 | dep 0.012 | ...`.
+
+    `keys`: (metric key, short label) pairs shown first; remaining scalar metrics follow by name,
+    up to `max_items` in all.
+    """
+    keys = list(keys) if keys is not None else SUMMARY_KEYS
+    head = f"step {step}" + (f"/{total_steps}" if total_steps else "")
+    parts, seen = [], {"step"}
+    for key, label in keys:
+        if key in metrics and len(parts) < max_items:
+            parts.append(f"{label} {_fmt(_to_number(metrics[key]))}")
+            seen.add(key)
+    for key in sorted(metrics):
+        if key in seen or len(parts) >= max_items:
+            continue
+        v = _to_number(metrics[key])
+        if _is_scalar(v):
+            parts.append(f"{key} {_fmt(v)}")
+    return " | ".join([head, *parts])
+
+
+def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Plot reward, validation accuracy, dependency mean and kept-token fraction over steps (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_jsonl)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for ax, (title, candidates) in zip(axes.flat, PLOT_PANELS):
+        key = next((k for k in candidates if any(_is_scalar(r.get(k)) for r in rows)), None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if key is None:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            continue
+        pts = [(r["step"], r[key]) for r in rows if _is_scalar(r.get(key)) and "step" in r]
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3)
+        ax.set_ylabel(key)
+        ax.grid(True, alpha=0.3)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,347 @@
+"""Per-GPU memory of one VPPO trainer layout, counted from first principles.
+
+Every term is (number of elements) x (bytes per element); nothing is fitted to measurements.
+
+Static (whole run):
+  weights    params on the stage x param bytes (+ FP8 weight caches)
+  grads      params x grad bytes (Megatron DDP's contiguous buffer; fp32 here, `grad_reduce_in_fp32`)
+  optimizer  Adam m, v (fp32) + fp32 master copy when params are 16-bit, sharded over DP (x CP) by the
+             distributed optimizer
+Dynamic, the larger of two phases:
+  train      saved activations of the micro-batches a pipeline stage holds in flight (1F1B), the vision
+             tower's on the first stage, and on the last stage one micro-batch of logits plus the loss's
+             fp32 copies and (without gradient-accumulation fusion) the output layer's weight-grad temp
+  no-grad    the paired VPPO pass: 2 views x micro-batch x seq x V/TP logits plus the fp32 log-softmax
+             temporaries, reduced to per-token scalars at once (design decision 3)
+Plus framework overhead (CUDA context, NCCL/cuBLAS workspaces, allocator slack) and the colocated rollout
+engine's reserved share of the GPU.
+
+Saved-activation counts per decoder layer and token (elements; h hidden, q = heads*head_dim,
+kv = kv_heads*head_dim, f ffn width, t = TP, t_sp = t with sequence parallel else 1):
+  norms      2 x norm_saved x h / t_sp        (TE LayerNormLinear keeps input + ln_out: 2;
+                                               torch RMSNorm + separate linear keeps input, x*rstd, out: 3)
+  attention  (2q + 2kv) / t                   (flash/TE keeps q, k, v, out + a per-head LSE;
+                                               the local path repeats K/V to every head first: 4q / t)
+  MLP        mlp_saved_f x f / t              (fused SwiGLU keeps fc1 out 2f + fc2 in f: 3;
+                                               unfused chunk/silu/mul keeps 5f)
+  RoPE       rope_saved x head_dim per position (unfused RoPE keeps cos and sin for q and k: 4)
+With full recomputation a layer keeps only its input (h / t_sp) and one layer is rebuilt during backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from megatron_vppo.parallel_layout import Layout
+from megatron_vppo.tuning.model_spec import ModelSpec
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What the layer implementation keeps for backward — where GPU (Transformer Engine) and CPU
+    (Megatron-Core local spec + unfused torch ops) differ. Two presets: KERNELS['te'], KERNELS['local']."""
+
+    name: str
+    norm_saved: float  # h-wide tensors per RMSNorm incl. the normalized output the next GEMM keeps
+    gqa_expanded_kv: bool  # K/V repeated to all query heads before attention and saved that wide
+    mlp_saved_f: float  # ffn-wide tensors the SwiGLU MLP keeps
+    rope_saved: float  # head_dim-wide tensors per position kept by RoPE (cos/sin for q and k)
+    grad_accum_fusion: bool  # wgrad accumulates into main_grad; False: weight-sized temp per GEMM
+    deallocate_pipeline_outputs: bool  # Megatron frees a stage's sent output (GPU); CPU keeps it
+    fixed_overhead_gib: float  # CUDA context + NCCL + cuBLAS/TE workspaces; 0 for CPU (measured baseline)
+    fragmentation: float  # caching-allocator slack as a fraction of dynamic memory
+    attention_lse: bool = True  # flash-style attention keeps a fp32 log-sum-exp per head and token
+
+
+KERNELS = {
+    # GPU: TE fused LayerNorm+Linear, flash attention with native GQA, fused SwiGLU, wgrad fused into
+    # main_grad. RoPE stays unfused (the project sets apply_rope_fusion=False for 3-D M-RoPE).
+    "te": Kernels(
+        name="te",
+        norm_saved=2,
+        gqa_expanded_kv=False,
+        mlp_saved_f=3,
+        rope_saved=4,
+        grad_accum_fusion=True,
+        deallocate_pipeline_outputs=True,
+        fixed_overhead_gib=2.5,
+        fragmentation=0.08,
+    ),
+    # CPU: torch.nn.RMSNorm (keeps x and x*rstd) + separate linear (keeps the output), SDPA after
+    # repeat_interleave of K/V, SwiGLU as chunk/silu/mul (5f), no gradient-accumulation fusion.
+    # Overheads are 0: the measurement subtracts a warmed-up runtime baseline.
+    "local": Kernels(
+        name="local",
+        norm_saved=3,
+        gqa_expanded_kv=True,
+        mlp_saved_f=5,
+        rope_saved=4,
+        grad_accum_fusion=False,
+        deallocate_pipeline_outputs=False,
+        fixed_overhead_gib=0.0,
+        fragmentation=0.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    param_bytes: int = 2  # bf16 weights (Float16Module); 4 for fp32
+    act_bytes: int = 2  # activations in the compute dtype
+    grad_bytes: int = 4  # DDP grad buffer (project: grad_reduce_in_fp32=True)
+    distributed_optimizer: bool = True
+    fp8: bool = False  # TE FP8: GEMM inputs kept in 1 byte, fp8 weight + transpose caches
+
+    @staticmethod
+    def fp32() -> "Precision":
+        return Precision(param_bytes=4, act_bytes=4, grad_bytes=4)
+
+    @property
+    def optimizer_bytes(self) -> int:
+        """Adam m, v in fp32, plus an fp32 master copy for 16-bit params."""
+        return 8 + (4 if self.param_bytes < 4 else 0)
+
+
+@dataclass(frozen=True)
+class Workload:
+    seq_len: int = 4096 + 2048  # prompt + response (spec §7, 7B)
+    micro_batch: int = 1
+    global_batch: int = 128 * 8  # trajectories per optimizer step (mini-batch 128 prompts x G=8)
+    images_per_sample: int = 1
+    max_pixels: int = 1003520
+    nograd_micro_batch: int | None = None  # micro-batch of the paired no-grad pass (default: micro_batch)
+    loss_fp32_temporaries: int = 1  # extra [tokens, V/TP] fp32 tensors in the PG loss (entropy / log-softmax)
+    nograd_fp32_temporaries: int = 1  # extra fp32 [tokens, V/TP] tensors in the no-grad log-softmax (exp)
+    with_vision: bool = True
+
+
+@dataclass
+class StageMemory:
+    """Bytes on one pipeline rank (the most loaded rank of that stage)."""
+
+    stage: int
+    params: int
+    weights: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0  # LM saved activations (all in-flight micro-batches) + backward transient
+    vision_act: float = 0.0
+    logits: float = 0.0  # train-phase logits/loss on the last stage (+ output wgrad temp)
+    nograd: float = 0.0  # dynamic peak of the paired no-grad pass
+    overhead: float = 0.0
+    rollout: float = 0.0
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def train_dynamic(self) -> float:
+        return self.activations + self.vision_act + self.logits
+
+    @property
+    def peak_phase(self) -> str:
+        return "train" if self.train_dynamic >= self.nograd else "nograd"
+
+    @property
+    def total(self) -> float:
+        return self.static + max(self.train_dynamic, self.nograd) + self.overhead + self.rollout
+
+    def as_gib(self) -> dict:
+        keys = ("weights", "grads", "optimizer", "activations", "vision_act", "logits", "nograd", "overhead", "rollout")
+        out = {k: getattr(self, k) / GIB for k in keys}
+        out.update(stage=self.stage, params=self.params, total=self.total / GIB, peak_phase=self.peak_phase)
+        return out
+
+
+@dataclass
+class MemoryEstimate:
+    layout: Layout
+    recompute: str
+    stages: list[StageMemory] = field(default_factory=list)
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def total_gib(self) -> float:
+        return self.worst.total / GIB
+
+
+def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
+    step = multiple * tp
+    return -(-vocab // step) * step
+
+
+def _stage_layers(spec: ModelSpec, layout: Layout) -> int:
+    return spec.layers // layout.pp
+
+
+def stage_params(spec: ModelSpec, layout: Layout, stage: int, vocab_multiple: int = 128,
+                 with_vision: bool = True) -> dict:
+    """Parameters one rank of `stage` holds, split by part (TP-sharded parts divided by tp)."""
+    t = layout.tp
+    ls, lr = spec.lm_layer_params()
+    n = _stage_layers(spec, layout)
+    v_pad = padded_vocab(spec.vocab, t, vocab_multiple)
+    first, last = stage == 0, stage == layout.pp - 1
+    parts = {"layers": n * (ls // t + lr)}
+    parts["embedding"] = v_pad * spec.hidden // t if first else 0
+    # Untied: a separate output layer. Tied with pp > 1: Megatron keeps a copy on the last stage.
+    needs_output = last and (not spec.tie or layout.pp > 1)
+    parts["output"] = v_pad * spec.hidden // t if needs_output else 0
+    parts["final_norm"] = spec.hidden if last else 0
+    if first and with_vision:
+        vs, vr = spec.vision_params()
+        parts["vision"] = vs // t + vr
+    else:
+        parts["vision"] = 0
+    return parts
+
+
+def gemm_params(spec: ModelSpec, layout: Layout, stage: int, with_vision: bool = True) -> int:
+    """Params that feed GEMMs (FP8 caches them); the embedding lookup and norms excluded."""
+    parts = stage_params(spec, layout, stage, with_vision=with_vision)
+    ls, _ = spec.lm_layer_params()
+    return _stage_layers(spec, layout) * ls // layout.tp + parts["output"] + (
+        spec.vision_params()[0] // layout.tp if stage == 0 and with_vision else 0
+    )
+
+
+def layer_saved_bytes_per_token(
+    spec: ModelSpec, layout: Layout, k: Kernels, prec: Precision, recompute: str
+) -> float:
+    """Bytes one decoder layer keeps for backward, per token (this rank's share)."""
+    t, cp = layout.tp, layout.cp
+    tsp = t if layout.sp else 1
+    e = prec.act_bytes
+    h, q, kv, f = spec.hidden, spec.q_width, spec.kv_width, spec.intermediate
+    if recompute == "full":
+        return h / tsp * e / cp
+    gemm_in = 1 if prec.fp8 else e  # TE keeps FP8 copies of GEMM inputs under FP8
+    norm_in = 2 * h / tsp * e  # the two norms' inputs
+    norm_rest = 2 * (k.norm_saved - 1) * h / tsp * gemm_in  # normalized outputs (GEMM inputs) etc.
+    kv_w = q if k.gqa_expanded_kv else kv
+    attn = (2 * q + 2 * kv_w) / t * e
+    if k.attention_lse:
+        attn += spec.heads / t * 4
+    fc1_out = 2 * spec.intermediate / t * e  # SwiGLU input (gate | up)
+    mlp = fc1_out + (k.mlp_saved_f - 2) * f / t * (gemm_in if k.mlp_saved_f == 3 else e)
+    return (norm_in + norm_rest + attn + mlp) / cp
+
+
+def layer_bwd_transient_bytes_per_token(spec: ModelSpec, layout: Layout, prec: Precision) -> float:
+    """Gradient tensors alive while back-propagating one layer: dgrad of fc1's output (2f), of the
+    SwiGLU product (f), and two hidden-wide residual grads."""
+    t, e = layout.tp, prec.act_bytes
+    return (3 * spec.intermediate / t + 2 * spec.hidden) * e / layout.cp
+
+
+def _rope_bytes_per_position(spec: ModelSpec, k: Kernels, prec: Precision, recompute: str) -> float:
+    return 0.0 if recompute == "full" else k.rope_saved * spec.hd * prec.act_bytes
+
+
+def vision_act_bytes_per_sample(spec: ModelSpec, layout: Layout, k: Kernels, prec: Precision,
+                                wl: Workload, recompute: str) -> float:
+    """Saved activations of the vision tower for one sample's images (first stage; no SP, no CP)."""
+    if not wl.with_vision:
+        return 0.0
+    t, e = layout.tp, prec.act_bytes
+    patches = spec.patches_per_image(wl.max_pixels) * wl.images_per_sample
+    vh, vi = spec.vision_hidden, spec.vision_intermediate
+    pixels_in = spec.in_channels * spec.temporal_patch * spec.patch**2 * e  # Conv3d input
+    if recompute == "full":
+        per_block = vh * e
+    else:
+        per_block = (2 * vh + 2 * (k.norm_saved - 1) * vh) * e + 4 * vh / t * e + k.mlp_saved_f * vi / t * e
+        per_block += k.rope_saved * (vh // spec.vision_heads) * e
+    merger = (k.norm_saved * vh + 2 * spec.merge**2 * vh / t) * e  # ln_q, GELU in, fc2 in (per patch)
+    return patches * (spec.vision_depth * per_block + pixels_in + merger)
+
+
+def inflight_microbatches(layout: Layout, stage: int, m: int) -> float:
+    """Micro-batches whose activations a rank of `stage` holds at once under 1F1B (in units of the
+    stage's whole layer count; interleaving counts model chunks: Megatron's warmup formula)."""
+    pp, vpp = layout.pp, layout.vpp or 1
+    if pp == 1:
+        return 1.0
+    if vpp == 1:
+        return float(min(pp - stage, m))
+    warmup = (pp - stage - 1) * 2 + (vpp - 1) * pp
+    return min(warmup + 1, m * vpp) / vpp
+
+
+def estimate_memory(
+    spec: ModelSpec,
+    layout: Layout,
+    wl: Workload,
+    *,
+    prec: Precision = Precision(),
+    kernels: Kernels = KERNELS["te"],
+    recompute: str = "none",
+    gpu_mem_gib: float = 80.0,
+    rollout_mem_fraction: float = 0.0,
+    vocab_multiple: int = 128,
+) -> MemoryEstimate:
+    if recompute not in ("none", "full"):
+        raise ValueError(f"recompute={recompute!r}: use 'none' or 'full'")
+    t, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
+    mb = wl.micro_batch
+    m = max(1, wl.global_batch // (mb * dp))
+    tokens = wl.seq_len * mb  # per micro-batch
+    v_local = padded_vocab(spec.vocab, t, vocab_multiple) // t
+    tsp = t if layout.sp else 1
+    e = prec.act_bytes
+    n_layers = _stage_layers(spec, layout)
+    per_layer = layer_saved_bytes_per_token(spec, layout, kernels, prec, recompute) * tokens
+    per_layer += _rope_bytes_per_position(spec, kernels, prec, recompute) * wl.seq_len / cp
+    full_layer = layer_saved_bytes_per_token(spec, layout, kernels, prec, "none") * tokens
+    transient = layer_bwd_transient_bytes_per_token(spec, layout, prec) * tokens
+    if recompute == "full":
+        transient += full_layer  # the layer being recomputed
+    est = MemoryEstimate(layout=layout, recompute=recompute)
+    opt_shard = (dp * cp) if prec.distributed_optimizer else 1
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
+        parts = stage_params(spec, layout, stage, vocab_multiple, wl.with_vision)
+        n_params = sum(parts.values())
+        sm = StageMemory(stage=stage, params=n_params)
+        sm.weights = n_params * prec.param_bytes
+        if prec.fp8:
+            sm.weights += 2 * gemm_params(spec, layout, stage, wl.with_vision)  # fp8 weight + its transpose
+        sm.grads = n_params * prec.grad_bytes
+        sm.optimizer = n_params * prec.optimizer_bytes / opt_shard
+
+        inflight = inflight_microbatches(layout, stage, m)
+        act = inflight * n_layers * per_layer
+        if not last and not kernels.deallocate_pipeline_outputs:
+            act += inflight * tokens * spec.hidden / tsp * e / cp  # the stage's kept output tensor
+        sm.activations = act + transient
+        if first:
+            sm.vision_act = min(pp, m) * mb * vision_act_bytes_per_sample(spec, layout, kernels, prec, wl, recompute)
+
+        if last:
+            # Final norm + output-layer input, kept for backward.
+            head = kernels.norm_saved * spec.hidden / tsp * e * tokens / cp
+            # Logits: GEMM output in act dtype; the loss works on an fp32 copy (in place when already
+            # fp32) and its gradient is cast back for the output GEMM's backward.
+            logit_bytes = 4 + (e if e != 4 else 0) + 4 * wl.loss_fp32_temporaries
+            logits = tokens * v_local * logit_bytes / cp
+            wgrad = 0 if kernels.grad_accum_fusion else v_local * spec.hidden * prec.param_bytes
+            dgrad = tokens * spec.hidden * e / cp
+            sm.logits = head + logits + wgrad + dgrad
+            nmb = wl.nograd_micro_batch or mb
+            nograd_bytes = e + 4 + 4 * wl.nograd_fp32_temporaries
+            sm.nograd = 2 * nmb * wl.seq_len * v_local * nograd_bytes / cp
+        dynamic = max(sm.train_dynamic, sm.nograd)
+        sm.overhead = kernels.fixed_overhead_gib * GIB + kernels.fragmentation * dynamic
+        sm.rollout = rollout_mem_fraction * gpu_mem_gib * GIB
+        est.stages.append(sm)
+    return est
+
+
+def with_kernels(name: str, **changes) -> Kernels:
+    """A preset with some fields changed (e.g. with_kernels('te', fixed_overhead_gib=3.0))."""
+    return replace(KERNELS[name], **changes)

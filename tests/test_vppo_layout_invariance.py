@@ -1,0 +1,344 @@
+"""Design decision 1: one fixed RL batch gives the same VPPO numbers at every parallel layout.
+
+Batch: 7 trajectories in 3 GRPO groups with mixed rewards — two image prompts whose images have
+different sizes (grids [1,4,6] and [1,8,4]) and one text-only prompt — with fixed responses encoded
+by the processor. 7 is odd on purpose: micro-batch size 4 leaves a filler row and DP2 splits 4 / 3.
+
+Every layout runs the trainer's own step functions (`loop.score_step_batch` -> `loop.shape_step` ->
+`loop.update_policy`) on a model and optimizer built as `train/build.py` builds them, in its own
+spawned gloo group, and returns old_logp, aug_logp, dependency, α, TGF mask, the loss J and the
+gradient. Every layout is compared with the TP1·PP1 (micro-batch 4) run of the same session.
+
+How the gradient is read: `update_policy` zeroes the DDP buffers, runs `policy_update_pass` (whose
+`finalize_model_grads` all-reduces over DP and divides by the global token count) and then calls
+`optimizer.step()`. The optimizer is wrapped so that `step()` first gathers `main_grad` — exactly
+what the optimizer would consume, before clipping — over TP to full tensors, and maps them to HF
+names with the layout's adapter. Reading gradients rather than post-step parameters keeps the check
+sharp: Adam's first step is ≈ lr·sign(g), which hides gradient errors. The test uses the
+non-distributed optimizer because the distributed one leaves each DP rank only its reduce-scattered
+shard of the buffer.
+
+Independent oracle for the gradient: transformers' Qwen2_5_VLForConditionalGeneration on the whole
+mini-batch at once, its log-probs through the algo's `vppo_policy_loss` (default num_tokens = the
+batch's own valid-token count), with the step's constants (Â, TGF mask) from the TP1 run and π_old
+= its own detached log-probs; its gradient must equal the Megatron TP1 gradient.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_test_images
+from dist_helpers import run_distributed
+
+ATOL = 1e-5  # per-token / per-trajectory values and the loss
+GRAD_RTOL_LAYOUT = 1e-5  # max |g - g_ref| / max |g_ref| per tensor, layout vs TP1
+GRAD_RTOL_HF = 1e-4  # Megatron TP1 vs transformers
+
+RUN_SEED, STEP = 5, 3
+
+# (group, image index or None, response, reward)
+SAMPLES = [
+    (0, 0, "<think>a red circle and a blue box</think> There are 2 shapes. \\boxed{2}", 1.0),
+    (0, 0, "<think>count them</think> \\boxed{3}", 0.0),
+    (0, 0, "I see three things, so the answer is \\boxed{3}", 0.0),
+    (1, 1, "<think>the triangle is green</think> \\boxed{green}", 1.0),
+    (1, 1, "It is red. \\boxed{red}", 0.0),
+    (2, None, "4 + 3 = 7, so \\boxed{7}", 1.0),
+    (2, None, "<think>4 and 3</think> \\boxed{8}", 0.0),
+]
+PROBLEMS = {0: "How many shapes are in <image>?", 1: "<image> What colour is the triangle?",
+            2: "What is 4 + 3?"}
+
+
+def make_trajectories(model_dir):
+    """The fixed batch as trainer Trajectories (built once, in the parent)."""
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.train.rl_batch import Trajectory
+
+    proc = VLProcessor.from_pretrained(model_dir)
+    images = make_test_images()
+    trajs = []
+    for group, img, response, reward in SAMPLES:
+        enc = proc.encode(PROBLEMS[group], [] if img is None else [images[img]], response=response)
+        trajs.append(Trajectory(group=group, input_ids=enc["input_ids"], response_start=enc["response_start"],
+                                pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                                reward=reward))
+    return trajs
+
+
+def run_config(micro_batch_size: int, **vppo):
+    from megatron_vppo.config import OptimConfig, RunConfig, TrainConfig, VPPOConfig
+
+    cfg = RunConfig()
+    cfg.train = TrainConfig(seed=RUN_SEED, micro_batch_size=micro_batch_size, mini_batch_prompts=64)
+    cfg.rollout.group_size = 1  # mini-batch = 64 trajectories: the whole step in one optimizer step
+    cfg.vppo = VPPOConfig(**vppo)  # tas_scope global is the default
+    # Non-distributed optimizer: main_grad holds the whole DP-reduced gradient on every rank.
+    cfg.optim = OptimConfig(lr=1e-6, use_distributed_optimizer=False)
+    return cfg
+
+
+class GradCapture:
+    """Optimizer proxy: on `step()` record the full HF-named gradients, then step (or not)."""
+
+    def __init__(self, optimizer, chunks, adapter, really_step: bool = True):
+        self._opt, self._chunks, self._adapter, self._really_step = optimizer, chunks, adapter, really_step
+        self.grads: list[dict] = []
+
+    def step(self):
+        from megatron_vppo.checkpoint.hf_load import gather_full_state
+
+        full = gather_full_state(self._chunks, self._adapter, grads=True)
+        self.grads.append(self._adapter.mcore_to_hf(full))
+        if self._really_step:
+            return self._opt.step()
+        return True, None, 0
+
+    def __getattr__(self, name):
+        return getattr(self._opt, name)
+
+
+def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True):
+    """Process groups, model, HF weights, DDP + optimizer exactly as train/build.py does."""
+    from megatron_vppo.checkpoint.hf_load import load_hf_weights
+    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.distributed import init_distributed
+    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, text_arch
+    from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
+    from megatron_vppo.models.qwen2_5_vl.weights import Qwen25VLWeights
+    from megatron_vppo.train.loop import Trainer
+    from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
+
+    hf = load_hf_config(model_dir)
+    arch = text_arch(hf)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp)
+    cfg.model.path = str(model_dir)
+    init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
+                     num_query_groups=arch.num_key_value_heads, num_layers=arch.num_layers,
+                     vision_num_heads=hf["vision_config"]["num_heads"], seed=cfg.train.seed)
+    chunks = build_model_chunks(hf, cfg.model, cfg.parallel)
+    adapter = Qwen25VLWeights(hf, tp, cfg.model.vocab_pad_multiple)
+    load_hf_weights(chunks, model_dir, adapter)
+    for c in chunks:
+        c.config.calculate_per_token_loss = True
+    ddp, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, 1)
+    attach_to_model_config(ddp, optimizer)
+    proxy = GradCapture(optimizer, ddp, adapter, really_step)
+    trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=ddp,
+                      optimizer=proxy, scheduler=scheduler, engine=None, grader=None, train_batches=None,
+                      val_prompts=[], hf_config=hf, adapter=adapter, vocab_size=arch.vocab_size, step=STEP)
+    return trainer, proxy
+
+
+def train_side_step(trainer, proxy, trajs) -> dict:
+    """The trainer's step after rollout: paired pass -> shaping -> update. Returns every quantity."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vppo.algo.advantages import grpo_advantages
+    from megatron_vppo.algo.vppo import compute_shaping
+    from megatron_vppo.train import loop
+    from megatron_vppo.train.rl_batch import responses_to_matrix
+
+    t0 = time.perf_counter()
+    scored = loop.score_step_batch(trainer, trajs)
+    per_traj, minibatches, shaping_metrics = loop.shape_step(trainer, trajs, scored)
+    upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
+    elapsed = time.perf_counter() - t0
+    # α is not handed out by shape_step; recompute it from the same gathered pass results.
+    old, mask = responses_to_matrix([r["old"] for r in scored])
+    aug = responses_to_matrix([r["aug"] for r in scored])[0] if "aug" in scored[0] else None
+    adv = grpo_advantages(torch.tensor([t.reward for t in trajs], dtype=torch.float64),
+                          torch.tensor([t.group for t in trajs]))
+    shaping = compute_shaping(old, aug, mask, adv, trainer.cfg.vppo)
+    keep_grads = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    return dict(
+        old=[r["old"] for r in scored], aug=[r.get("aug") for r in scored],
+        dependency=shaping.dependency, alpha=shaping.alpha, mask=mask,
+        per_traj=per_traj, minibatches=minibatches, metrics={**shaping_metrics, **upd},
+        loss=upd["actor/loss"],
+        grads=proxy.grads if keep_grads else None,
+        # DP ranks > 0 return a digest of their gradient: it must equal rank 0's (all-reduced).
+        grad_digest=[{k: float(v.double().abs().sum()) for k, v in g.items()} for g in proxy.grads],
+        seconds=elapsed,
+    )
+
+
+def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs):
+    trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs))
+    return train_side_step(trainer, proxy, trajs)
+
+
+# ------------------------------------------------------------------------------ parent side
+
+LAYOUTS = {  # name: (world, tp, pp, micro-batch size)
+    "TP2": (2, 2, 1, 4),
+    "PP2": (2, 1, 2, 2),  # 4 micro-batches: a real 1F1B warm-up / steady state / cool-down
+    "DP2": (2, 1, 1, 4),  # shards of 4 and 3 trajectories
+    "TP2xPP2": (4, 2, 2, 4),
+    "TP1-mbs1": (1, 1, 1, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def trajs(tiny_model_dir):
+    return make_trajectories(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, trajs):
+    """The single-process TP1·PP1 result, micro-batch size 4."""
+    return run_distributed(_layout_worker, 1, str(tiny_model_dir), trajs, 1, 1, 4)[0]
+
+
+def _merged_grads(results):
+    merged = {}
+    for r in results:
+        if r["grads"] is not None:
+            assert len(r["grads"]) == 1, "one mini-batch -> one optimizer step"
+            merged.update(r["grads"][0])
+    return merged
+
+
+def _max_diff(xs, ys) -> float:
+    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(xs, ys))
+
+
+def _worst_grad(got: dict, ref: dict) -> tuple[float, str]:
+    assert set(got) == set(ref), f"gradient names differ: {sorted(set(got) ^ set(ref))[:4]}"
+    worst = (0.0, "")
+    for name, g_ref in ref.items():
+        g = got[name]
+        assert g.shape == g_ref.shape, f"{name}: {tuple(g.shape)} vs {tuple(g_ref.shape)}"
+        rel = float((g.double() - g_ref.double()).abs().max()) / max(float(g_ref.abs().max()), 1e-12)
+        worst = max(worst, (rel, name))
+    return worst
+
+
+def check_same(results, ref, tag):
+    """Every rank's view of the step equals the reference step."""
+    ref_grads = _merged_grads([ref])
+    for rank, r in enumerate(results):
+        d = {
+            "old_logp": _max_diff(r["old"], ref["old"]),
+            "aug_logp": _max_diff([a for a in r["aug"] if a is not None], [a for a in ref["aug"] if a is not None]),
+            "dependency": float((r["dependency"] - ref["dependency"]).abs().max()),
+            "alpha": float((r["alpha"] - ref["alpha"]).abs().max()),
+            "advantage": max(abs(a["advantage"] - b["advantage"]) for a, b in zip(r["per_traj"], ref["per_traj"])),
+            "loss": abs(r["loss"] - ref["loss"]),
+        }
+        print(f"{tag} rank {rank}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
+        for key, v in d.items():
+            assert v <= ATOL, f"{tag} rank {rank}: {key} differs from TP1 by {v:.3e}"
+        masks = [p["tgf_mask"] for p in r["per_traj"]]
+        ref_masks = [p["tgf_mask"] for p in ref["per_traj"]]
+        assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks)), f"{tag} rank {rank}: TGF mask differs"
+        assert r["minibatches"] == ref["minibatches"]
+    rel, name = _worst_grad(_merged_grads(results), ref_grads)
+    print(f"{tag}: worst relative gradient difference {rel:.1e} ({name})")
+    assert rel <= GRAD_RTOL_LAYOUT, f"{tag}: gradient of {name} differs from TP1 by {rel:.3e} (relative)"
+    digests = [r["grad_digest"] for r in results]
+    for rank, dg in enumerate(digests[1:], 1):  # every DP / TP / PP peer saw the same reduced gradient
+        for k in dg[0].keys() & digests[0][0].keys():
+            assert dg[0][k] == pytest.approx(digests[0][0][k], rel=1e-6), f"{tag} rank {rank}: {k}"
+
+
+def test_reference_batch_is_nontrivial(reference, trajs):
+    """The fixed batch exercises what the layouts must agree on."""
+    texts = [i for i, t in enumerate(trajs) if not t.has_image]
+    assert texts and all(float(ref.abs().max()) == 0.0 for ref in (reference["dependency"][i] for i in texts))
+    assert all(torch.equal(reference["aug"][i], reference["old"][i]) for i in texts)
+    img = [i for i, t in enumerate(trajs) if t.has_image]
+    assert float(reference["dependency"][img].max()) > 1e-3, "the perturbation should move image tokens"
+    a = reference["alpha"]
+    assert float(a.max() - a.min()) > 1e-3, "α should vary over the batch"
+    kept = torch.cat([p["tgf_mask"] for p in reference["per_traj"]])
+    assert 0.2 < float(kept.mean()) < 0.8, "TGF should drop part of the tokens"
+    assert len(reference["grads"]) == 1 and all(torch.isfinite(g).all() for g in reference["grads"][0].values())
+    print(f"TP1 reference step: {reference['seconds']:.1f}s, J = {reference['loss']:.6f}")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, tiny_model_dir, trajs, reference):
+    world, tp, pp, mbs = LAYOUTS[name]
+    results = run_distributed(_layout_worker, world, str(tiny_model_dir), trajs, tp, pp, mbs)
+    check_same(results, reference, name)
+
+
+# ------------------------------------------------------------------- transformers oracle (TP1)
+
+
+def hf_batch(model_dir, trajs, pixel_values=None):
+    """Right-padded HF inputs for the whole batch, with explicit M-RoPE position ids."""
+    from megatron_vppo.data.processor import VLProcessor
+
+    proc = VLProcessor.from_pretrained(model_dir)
+    b = len(trajs)
+    s = max(int(t.input_ids.numel()) for t in trajs)
+    ids = torch.full((b, s), proc.pad_token_id, dtype=torch.long)
+    att = torch.zeros(b, s, dtype=torch.long)
+    for i, t in enumerate(trajs):
+        ids[i, : t.input_ids.numel()] = t.input_ids
+        att[i, : t.input_ids.numel()] = 1
+    pixel_values = pixel_values or [t.pixel_values for t in trajs]
+    pv = [p for p, t in zip(pixel_values, trajs) if t.has_image]
+    grids = [t.image_grid_thw for t in trajs if t.has_image]
+    return dict(input_ids=ids, attention_mask=att, mm_token_type_ids=(ids == proc.image_token_id).int(),
+                pixel_values=torch.cat(pv) if pv else None, image_grid_thw=torch.cat(grids) if grids else None)
+
+
+def hf_forward(model, batch):
+    pos, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                        image_grid_thw=batch["image_grid_thw"],
+                                        attention_mask=batch["attention_mask"])
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
+                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]).logits
+
+
+def response_rows(values, trajs):
+    """[B, S] position-level values -> [B, T] response-level (token j at position start-1+j), zero-padded."""
+    width = max(t.response_len for t in trajs)
+    rows = []
+    for i, t in enumerate(trajs):
+        s, n = t.response_start, t.response_len
+        rows.append(F.pad(values[i, s - 1 : s - 1 + n], (0, width - n)))
+    return torch.stack(rows)
+
+
+def hf_response_logp(logits, batch, trajs):
+    logp = torch.log_softmax(logits.float(), -1)
+    tgt = F.pad(batch["input_ids"][:, 1:], (0, 1))
+    return response_rows(logp.gather(-1, tgt[..., None])[..., 0], trajs)
+
+
+def test_tp1_gradient_equals_transformers_gradient_of_J(tiny_model_dir, trajs, reference):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_vppo.algo.loss import vppo_policy_loss
+    from megatron_vppo.models.qwen2_5_vl.weights import canonical_hf_name
+    from megatron_vppo.train.rl_batch import responses_to_matrix
+
+    cfg = run_config(4).vppo
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.train()
+    batch = hf_batch(tiny_model_dir, trajs)
+    logp = hf_response_logp(hf_forward(model, batch), batch, trajs)
+    mask = responses_to_matrix([torch.ones(t.response_len) for t in trajs], dtype=torch.float32)[0]
+    tgf = responses_to_matrix([p["tgf_mask"] for p in reference["per_traj"]], dtype=torch.float32)[0]
+    adv = torch.tensor([p["advantage"] for p in reference["per_traj"]], dtype=torch.float32)
+    loss, _ = vppo_policy_loss(logp, logp.detach(), adv, mask, tgf, clip_low=cfg.clip_low,
+                               clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, entropy_coef=cfg.entropy_coef)
+    loss.backward()
+    hf_grads = {canonical_hf_name(n): p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in hf_grads.values())
+
+    d_old = _max_diff([logp[i, : t.response_len].detach() for i, t in enumerate(trajs)], reference["old"])
+    print(f"old_logp vs transformers {d_old:.1e}; J {float(loss.detach()):.7f} vs Megatron {reference['loss']:.7f}")
+    assert d_old <= ATOL
+    assert abs(float(loss) - reference["loss"]) <= ATOL
+    rel, name = _worst_grad(_merged_grads([reference]), hf_grads)
+    print(f"TP1 vs transformers: worst relative gradient difference {rel:.1e} ({name})")
+    assert rel <= GRAD_RTOL_HF, f"gradient of {name} differs from transformers' by {rel:.3e} (relative)"

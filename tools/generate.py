@@ -1,0 +1,201 @@
+"""Batch generation for evaluation and spot checks.
+
+    torchrun --nproc-per-node K tools/generate.py --model DIR --data IN.jsonl --out OUT.jsonl \
+        --num-samples N --seed S [--temperature T --top-p P --top-k K --max-new-tokens M] \
+        [--engine hf|sglang] [--batch-size B] [--device cpu|cuda] [--dtype fp32|bf16]
+
+Input lines: {"problem": str, "images": [path, ...]} (relative paths resolve against the data
+file's folder). Output: N lines per input, in input order, each
+    {"input_ids": [prompt + response ids], "response_start": int, "log_probs": [one per
+     response token], "text": str, "finish_reason": "stop" | "length"}
+Inputs are split over ranks (strided) and gathered on rank 0, which writes the file atomically
+(temp file + rename). Sample seeds depend on (S, input index, sample index) only, so the output
+does not depend on K or on the batch size. Generation stops at the model's EOS ids.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams  # noqa: E402
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model directory (weights, tokenizer, preprocessor)")
+    ap.add_argument("--data", required=True, help='input JSONL: {"problem", "images": [paths]}')
+    ap.add_argument("--out", required=True, help="output JSONL")
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=-1)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--engine", choices=["hf", "sglang"], default="hf")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences decoded together per rank (hf)")
+    ap.add_argument("--device", default=None, help="hf engine device (default: cuda if available, else cpu)")
+    ap.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    return ap.parse_args(argv)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e})")
+            if "problem" not in row:
+                raise SystemExit(f'{path}:{lineno}: missing "problem"; each line needs {{"problem", "images"}}')
+            rows.append(row)
+    return rows
+
+
+def resolve_image(p: str, base: Path) -> str:
+    q = Path(p)
+    if not q.is_absolute() and not q.exists() and (base / q).exists():
+        q = base / q
+    if not q.exists():
+        raise SystemExit(f"image {p!r} not found (also tried relative to {base})")
+    return str(q)
+
+
+def stop_ids(model_dir: Path, processor) -> tuple[int, ...]:
+    ids = set()
+    gc = model_dir / "generation_config.json"
+    if gc.exists():
+        eos = json.loads(gc.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if processor.eos_token_id is not None:
+        ids.add(processor.eos_token_id)
+    return tuple(sorted(int(i) for i in ids))
+
+
+def write_atomic(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build_engine(args, rank: int):
+    if args.engine == "hf":
+        from megatron_vppo.rollout.hf_engine import HFRolloutEngine
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+        return HFRolloutEngine.from_pretrained(
+            args.model, device=device, dtype=_DTYPES[args.dtype], max_batch_size=args.batch_size
+        )
+    from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
+
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return SGLangRolloutEngine(
+        args.model,
+        base_gpu_id=local,
+        dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype],
+        random_seed=args.seed,
+        enable_memory_saver=False,
+        mem_fraction_static=0.8,
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import datetime
+
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(minutes=60))
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    from megatron_vppo.data.processor import VLProcessor
+
+    data_path = Path(args.data)
+    rows = read_jsonl(data_path)
+    processor = VLProcessor.from_pretrained(args.model)
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=stop_ids(Path(args.model), processor),
+        seed=args.seed,
+    )
+
+    mine = list(range(rank, len(rows), world))
+    requests, starts = [], []
+    for i in mine:
+        images = [resolve_image(p, data_path.parent) for p in rows[i].get("images") or []]
+        enc = processor.encode(rows[i]["problem"], images)
+        requests.append(
+            RolloutRequest(
+                prompt_ids=enc["input_ids"].tolist(),
+                pixel_values=enc["pixel_values"],
+                image_grid_thw=enc["image_grid_thw"],
+                seed=i,  # global index: samples do not depend on the rank split
+                images=images or None,
+            )
+        )
+        starts.append(enc["response_start"])
+
+    engine = build_engine(args, rank)
+    outputs = engine.generate(requests, args.num_samples, sampling) if requests else []
+    local = {}
+    for i, req, start, samples in zip(mine, requests, starts, outputs):
+        local[i] = [
+            json.dumps(
+                dict(
+                    input_ids=list(req.prompt_ids) + list(o.token_ids),
+                    response_start=start,
+                    log_probs=list(o.log_probs),
+                    text=processor.tokenizer.decode(o.token_ids, skip_special_tokens=True),
+                    finish_reason=o.finish_reason,
+                )
+            )
+            + "\n"
+            for o in samples
+        ]
+
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(local, gathered, dst=0)
+        if rank == 0:
+            for part in gathered:
+                local.update(part)
+    if rank == 0:
+        write_atomic(Path(args.out), [line for i in range(len(rows)) for line in local[i]])
+        print(f"wrote {len(rows) * args.num_samples} samples for {len(rows)} inputs to {args.out}")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if hasattr(engine, "shutdown"):
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

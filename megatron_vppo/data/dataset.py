@@ -110,7 +110,6 @@ def load_table(path: str | os.PathLike, split: str | None = None):
     import datasets
 
     load_skipped: Counter = Counter()
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data path {p} does not exist: pass a .parquet/.jsonl/.json/.arrow file or a "
@@ -121,7 +120,7 @@ def load_table(path: str | os.PathLike, split: str | None = None):
             names = list(ds.keys())
             if split is None:
                 if len(names) != 1:
-                    raise ValueError(f"{p} holds splits {names}: pass split=NAME (e.g. data.train: {p}:{names[0]})")
+                    raise ValueError(f"{p} holds splits {names}: pass split=NAME (e.g. split={names[0]!r})")
                 split = names[0]
             if split not in ds:
                 raise ValueError(f"{p} has no split {split!r}; it has {names}")

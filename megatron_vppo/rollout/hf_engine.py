@@ -341,10 +341,7 @@ class HFRolloutEngine:
                 )
             staged[id(p)] = (key, p, new)
         if require_complete:
-            have = {id(p) for p in self._params.values()}
-            missing = sorted(
-                {n for n, p in self._params.items() if id(p) in have - set(staged)}
-            )
+            missing = sorted(n for n, p in self._params.items() if id(p) not in staged)
             if missing:
                 raise ValueError(
                     f"weight stream ended without {len(missing)} parameter(s), e.g. {missing[:3]}; "

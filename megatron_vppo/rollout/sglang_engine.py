@@ -22,8 +22,9 @@ Differences from the in-process engine worth knowing:
     them explicitly so both engines agree.
   * Per-sample seeds need an SGLang build with the `sampling_seed` sampling parameter (and
     `enable_deterministic_inference` for bitwise reproducibility); enable `use_sampling_seed`.
-  * SGLang returns log-probs of the temperature-scaled distribution (set
-    SGLANG_RETURN_ORIGINAL_LOGPROB unset); same convention as ours (engine.py).
+  * Log-prob convention: ours is the temperature-scaled, unfiltered softmax (engine.py). SGLang
+    0.5.x returns the temperature-scaled one unless SGLANG_RETURN_ORIGINAL_LOGPROB is set; this
+    has not been verified on a GPU at T != 1 — check it with the trainer's consistency gate.
   * An update that fails midway cannot be rolled back inside SGLang: the engine marks itself
     unusable (`generate` raises) until a later complete update succeeds.
 """

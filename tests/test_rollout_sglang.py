@@ -1,0 +1,153 @@
+"""SGLang engines: the CPU-testable translation layer, the trainer side of the weight-update
+group over real gloo processes, and GPU-only end-to-end checks (skipped without CUDA + sglang)."""
+import importlib.util
+
+import pytest
+import torch
+
+from megatron_vppo.rollout.buckets import iter_buckets, pack_bucket
+from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams, sample_seed
+from megatron_vppo.rollout.sglang_engine import (
+    _as_buckets,
+    collapse_image_pads,
+    distributed_update_request,
+    expand_requests,
+    flattened_bucket_groups,
+    group_outputs,
+    parse_sglang_output,
+    to_sglang_sampling_params,
+)
+
+HAVE_SGLANG_GPU = torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None
+
+
+def test_sampling_param_mapping():
+    sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=33, stop_token_ids=[5, 9], seed=3)
+    d = to_sglang_sampling_params(sp)
+    assert d == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 33, "stop_token_ids": [5, 9],
+        "skip_special_tokens": False, "no_stop_trim": True,
+    }
+    assert to_sglang_sampling_params(SamplingParams(top_k=20))["top_k"] == 20
+    assert "sampling_seed" in to_sglang_sampling_params(sp, seed=2**40 + 5, use_sampling_seed=True)
+    assert 0 <= to_sglang_sampling_params(sp, seed=2**40 + 5, use_sampling_seed=True)["sampling_seed"] < 2**31
+
+
+def test_expand_requests_order_images_and_seeds():
+    pv, grid = torch.randn(24, 1176), torch.tensor([[1, 4, 6]])
+    reqs = [RolloutRequest([1, 2, 3], pv, grid), RolloutRequest([4, 5]), RolloutRequest([6], seed=42)]
+    sp = SamplingParams(seed=9)
+    kw = expand_requests(reqs, 2, sp, use_sampling_seed=True)
+    assert kw["input_ids"] == [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5], [6], [6]]
+    assert kw["return_logprob"] is True
+    assert kw["image_data"][1][0]["format"] == "processor_output"
+    assert kw["image_data"][0][0]["pixel_values"] is pv and kw["image_data"][2] is None
+    seeds = [p["sampling_seed"] for p in kw["sampling_params"]]
+    assert seeds[4] == sample_seed(9, 42, 0) & 0x7FFFFFFF and seeds[2] == sample_seed(9, 1, 0) & 0x7FFFFFFF
+    assert len(set(seeds)) == 6
+    assert "image_data" not in expand_requests(reqs[1:], 1, sp)
+
+
+def _result(ids, lps, fin="stop"):
+    return {
+        "text": "x",
+        "output_ids": ids,
+        "meta_info": {
+            "finish_reason": {"type": fin, "matched": ids[-1]} if fin == "stop" else {"type": fin, "length": len(ids)},
+            "output_token_logprobs": [(lp, t, None) for lp, t in zip(lps, ids)],
+        },
+    }
+
+
+def test_parse_and_group_outputs():
+    flat = [_result([1, 2], [-0.1, -0.2]), _result([3], [-0.3], "length"), _result([4], [-1.0]), _result([5, 6], [-2.0, -3.0], "length")]
+    grouped = group_outputs(flat, 2, 2)
+    assert [[o.token_ids for o in s] for s in grouped] == [[[1, 2], [3]], [[4], [5, 6]]]
+    assert grouped[0][1].finish_reason == "length" and grouped[1][1].log_probs == [-2.0, -3.0]
+    with pytest.raises(RuntimeError, match="abort"):
+        parse_sglang_output(_result([1], [-0.1], "abort"))
+    with pytest.raises(RuntimeError, match="results"):
+        group_outputs(flat[:3], 2, 2)
+
+
+def test_flattened_bucket_metadata_reconstructs_tensors():
+    """SGLang rebuilds each tensor as flattened[start_idx:end_idx].reshape(shape); check that."""
+    src = [("a", torch.randn(3, 4)), ("b", torch.randn(5).to(torch.bfloat16)), ("c", torch.randn(2, 2)), ("d", torch.tensor(1.0))]
+    groups = flattened_bucket_groups(pack_bucket(src))
+    assert len(groups) == 2  # one flattened tensor per dtype
+    rebuilt = {}
+    for buf, metas in groups:
+        assert all(m["dtype"] == buf.dtype for m in metas)
+        for m in metas:
+            assert m["end_idx"] - m["start_idx"] == m["numel"]
+            rebuilt[m["name"]] = buf[m["start_idx"] : m["end_idx"]].reshape(m["shape"])
+    for n, t in src:
+        assert torch.equal(rebuilt[n], t)
+
+
+def test_distributed_update_body_and_pads():
+    body = distributed_update_request([("w", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(4))], "g", False)
+    assert body == {"names": ["w", "b"], "dtypes": ["bfloat16", "float32"], "shapes": [[2, 3], [4]], "group_name": "g", "flush_cache": False}
+    assert collapse_image_pads([1, 9, 9, 9, 2, 9, 9, 3], 9) == [1, 9, 2, 9, 3]
+
+
+@pytest.mark.parametrize("bound", [64, None])
+def test_loose_pairs_and_buckets_become_buckets_in_order(bound):
+    pairs = [(f"t{i}", torch.full((4,), float(i))) for i in range(6)]
+    stream = pairs[:2] + list(iter_buckets(pairs[2:4], None)) + pairs[4:]
+    names = [n for b in _as_buckets(iter(stream), bound) for n in b.names]
+    assert names == [n for n, _ in pairs]
+
+
+def _group_worker(rank, world_size, port):
+    """Trainer rank 0 + a stand-in 'server' rank form the group the way both sides do."""
+    from megatron_vppo.rollout.sglang_engine import new_weight_update_group
+    import torch.distributed as dist
+
+    pg = new_weight_update_group("127.0.0.1", port, world_size, rank, "vppo_test_group", backend="gloo")
+    t = torch.arange(6, dtype=torch.float32) if rank == 0 else torch.zeros(6)
+    dist.broadcast(t, src=0, group=pg)
+    return t
+
+
+def test_weight_update_group_broadcasts_over_gloo():
+    from dist_helpers import free_port, run_distributed
+
+    results = run_distributed(_group_worker, 2, free_port())
+    for t in results:
+        assert torch.equal(t, torch.arange(6, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.skipif(not HAVE_SGLANG_GPU, reason="needs CUDA and sglang 0.5.x (CUDA build); not installable on CPU")
+def test_sglang_engine_matches_hf_engine(tiny_model_dir):
+    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
+    from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
+
+    eng = SGLangRolloutEngine(str(tiny_model_dir), dtype="float32", mem_fraction_static=0.3, disable_cuda_graph=True)
+    try:
+        hf = HFRolloutEngine.from_pretrained(tiny_model_dir, device="cuda")
+        reqs = [RolloutRequest([10, 11, 12, 13]), RolloutRequest([20, 21])]
+        outs = eng.generate(reqs, 2, SamplingParams(temperature=1.0, max_new_tokens=8))
+        items = [(r, o.token_ids) for r, s in zip(reqs, outs) for o in s]
+        ref = hf.score(items)
+        for (r, _), o, lp in zip(items, [o for s in outs for o in s], ref):
+            assert max(abs(a - b) for a, b in zip(o.log_probs, lp)) < 1e-3
+        # weight update through flattened buckets, then generation on the new weights
+        from safetensors.torch import load_file
+
+        # checkpoint spelling (model.layers.*, visual.*), as the trainer's export produces
+        sd = {n: t + 0.01 for n, t in load_file(str(tiny_model_dir / "model.safetensors")).items()}
+        eng.update_weights(iter_buckets(((n, t.cuda()) for n, t in sd.items()), 1 << 20))
+        assert eng.weight_version == 1
+        eng.release_memory()
+        eng.resume_memory()
+        hf.update_weights(sd.items())
+        outs = eng.generate(reqs, 1, SamplingParams(temperature=1.0, max_new_tokens=8))
+        ref = hf.score([(r, s[0].token_ids) for r, s in zip(reqs, outs)])
+        for s, lp in zip(outs, ref):
+            assert max(abs(a - b) for a, b in zip(s[0].log_probs, lp)) < 1e-3
+    finally:
+        eng.shutdown()

@@ -3,7 +3,10 @@
 Megatron-Core assumes CUDA in a handful of ways (platform.md lists them). `apply_cpu_adapter()` covers
 each one, once per process, and does nothing when CUDA is present — GPU runs never see these patches:
 
-* `torch.cuda.current_device()` -> 0 and `torch.cuda.synchronize()` -> no-op;
+* `torch.cuda.current_device()` -> torch.device("cpu") (a device, not an index, so tensors created with
+  `device=torch.cuda.current_device()` land on CPU even where the mode below is not active — inside
+  `torch.autograd.backward`, whose override runs the whole backward with modes popped);
+  `torch.cuda.synchronize()` -> no-op;
 * a TorchFunctionMode that turns `device="cuda"`/`device=0`/`.cuda()`/`.to("cuda")` into CPU, and makes
   the no-argument `Tensor.type()` report `torch.cuda.*Tensor` (the optimizer and grad-clip check it);
 * the CUDA RNG tracker (`model_parallel_cuda_manual_seed`, dropout forks) keeps CPU generator states;
@@ -21,6 +24,7 @@ import threading
 import torch
 from torch.overrides import TorchFunctionMode
 
+_CPU = torch.device("cpu")
 _APPLIED = False
 _MODE: TorchFunctionMode | None = None
 _LOCK = threading.Lock()
@@ -166,7 +170,7 @@ def apply_cpu_adapter(force: bool = False) -> bool:
     with _LOCK:
         if _APPLIED:
             return True
-        torch.cuda.current_device = lambda: 0
+        torch.cuda.current_device = lambda: _CPU
         torch.cuda.synchronize = lambda *a, **k: None
         _patch_rng()
         _patch_torch_norm()

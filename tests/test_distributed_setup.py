@@ -65,6 +65,9 @@ def _groups_and_adapter(rank, world, tp, pp):
     out["current_device_tensor"] = str(torch.empty(1, device=torch.cuda.current_device()).device)
     out["type_name"] = torch.ones(1).type()
     torch.cuda.synchronize()
+    from megatron_vppo.megatron_cpu import apply_cpu_adapter
+
+    out["adapter_idempotent"] = apply_cpu_adapter() and apply_cpu_adapter()
     # RNG tracker: the model-parallel stream differs per TP rank, is reproducible, and leaves the
     # default stream untouched.
     before = torch.get_rng_state()
@@ -86,7 +89,7 @@ def test_tp2_groups_adapter_and_rng():
         assert out["backend"] == "gloo" and out["device"] == "cpu"
         assert out["zeros_device"] == out["cuda_call_device"] == out["current_device_tensor"] == "cpu"
         assert out["type_name"] == "torch.cuda.FloatTensor"
-        assert out["default_unchanged"]
+        assert out["default_unchanged"] and out["adapter_idempotent"]
         assert out["tp_sum"] == 1.0
     assert not torch.equal(res[0]["mp_rand"], res[1]["mp_rand"])
     assert torch.equal(res[0]["default_rand"], res[1]["default_rand"])

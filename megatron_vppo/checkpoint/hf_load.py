@@ -6,8 +6,8 @@ layouts; this module knows the sharding:
 1. every local parameter is renamed to its GLOBAL name — `layers.{local}` becomes
    `layers.{layer_number - 1}` of the TransformerLayer that owns it (Megatron numbers layers globally,
    so this covers PP and VPP offsets) — and canonicalised by the adapter (TE aliases);
-2. `adapter.groups(names)` says which HF tensors produce which FULL Megatron tensors; only those HF
-   tensors are read (lazily, from safetensors), so a pipeline stage reads only its own layers;
+2. `adapter.groups(names)` says which HF tensors (by name, or all under a prefix such as `visual.`)
+   produce which FULL Megatron tensors; only those HF tensors are read (lazily, from safetensors), so a pipeline stage reads only its own layers;
 3. each full tensor is checked against the parameter (shape × TP along `partition_dim`) and this TP
    rank's chunk is copied in. A missing or mis-shaped tensor is an error naming it.
 
@@ -129,14 +129,19 @@ def load_hf_weights(model_chunks, hf_dir, adapter, *, tp_rank=None, tp_size=None
     if not_covered:
         raise KeyError(f"no HF source for Megatron parameter(s) {not_covered[:4]}")
     for grp in groups:
-        missing = [h for h in grp.hf_names if h not in reader]
+        names = list(grp.hf_names)
+        if grp.hf_prefix:
+            names += sorted(k for k in reader.where if k.startswith(grp.hf_prefix))
+            if len(names) == len(grp.hf_names):
+                raise KeyError(f"{hf_dir}: no HF tensors under {grp.hf_prefix!r}, needed for {grp.mcore_names[:2]}")
+        missing = [h for h in names if h not in reader]
         if missing:
             raise KeyError(
                 f"{hf_dir}: missing HF tensor(s) {missing[:4]} needed for Megatron parameter(s)"
                 f" {grp.mcore_names[:2]}"
             )
-        full = grp.to_mcore({h: reader.get(h) for h in grp.hf_names})
-        read.update(grp.hf_names)
+        full = grp.to_mcore({h: reader.get(h) for h in names})
+        read.update(names)
         for name in grp.mcore_names:
             if name not in full:
                 raise KeyError(f"adapter produced no tensor for Megatron parameter {name!r}")

@@ -58,12 +58,13 @@ def hf_name_v5(name: str) -> str:
 
 @dataclass
 class Group:
-    """One conversion: read `hf_names`, call `to_mcore(dict)` -> {megatron name: full tensor}."""
+    """One conversion: read `hf_names` (plus every HF tensor whose name starts with `hf_prefix`, if
+    set), call `to_mcore(dict)` -> {megatron name: full tensor}."""
 
     hf_names: list[str]
     mcore_names: list[str]
     to_mcore: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-    optional_hf: tuple[str, ...] = ()
+    hf_prefix: str | None = None
 
 
 class Qwen25VLWeights:
@@ -168,7 +169,7 @@ class Qwen25VLWeights:
         if vision:
             if not self.vision_cfg:
                 raise KeyError("model has a vision tower but config.json has no vision_config")
-            out.append(Group(self.vision_hf_names(), vision, self._vision_fn(vision)))
+            out.append(Group([], vision, self._vision_fn(vision), hf_prefix=HF_VISION))
         return out
 
     def _embed_fn(self, name, src="model.embed_tokens.weight"):
@@ -192,46 +193,44 @@ class Qwen25VLWeights:
 
         return convert
 
-    def vision_hf_names(self) -> list[str]:
-        from megatron_vppo.models.qwen2_5_vl import vision_weights as vw
-
-        return [HF_VISION + k for k in vw._hf_shapes(vw._dims(self.vision_cfg, self.tp))]
-
     def _vision_fn(self, names):
         def convert(s):
             from megatron_vppo.models.qwen2_5_vl.vision_weights import vision_hf_to_mcore
 
             rel = {k[len(HF_VISION) :]: v for k, v in s.items() if k.startswith(HF_VISION)}
             mc = vision_hf_to_mcore(rel, self.vision_cfg, self.tp)
+            missing = [n for n in names if n[len(VISION) :] not in mc]
+            if missing:
+                raise KeyError(f"vision adapter produced no tensor for {missing[:4]}")
             return {VISION + k: v for k, v in mc.items() if VISION + k in names}
 
         return convert
 
     # ---- whole-state conversions (full tensors) -------------------------------------------------
 
-    def mcore_names(self, with_vision: bool = True) -> list[str]:
-        """Every Megatron parameter of the whole model (all stages), global layer numbers."""
+    def lm_mcore_names(self) -> list[str]:
+        """Every language-model parameter of the whole model (all stages), global layer numbers."""
         names = [LM + "embedding.word_embeddings.weight", LM + "decoder.final_layernorm.weight"]
         if not self.arch.tie_word_embeddings:
             names.append(LM + "output_layer.weight")
         for g in range(self.arch.num_layers):
             names += [f"{LM}decoder.layers.{g}.{s}" for s in self.layer_names(g)]
-        if with_vision and self.vision_cfg:
-            from megatron_vppo.models.qwen2_5_vl import vision_weights as vw
-
-            names += [VISION + k for k in vw._mc_shapes(vw._dims(self.vision_cfg, self.tp))]
         return names
 
     def hf_to_mcore(self, hf_state: dict[str, torch.Tensor], with_vision: bool = True) -> dict:
         """Full HF state (either spelling) -> full Megatron tensors for every parameter."""
+        from megatron_vppo.models.qwen2_5_vl.vision_weights import vision_hf_to_mcore
+
         state = {canonical_hf_name(k): v for k, v in hf_state.items()}
-        has_vision = with_vision and any(k.startswith(HF_VISION) for k in state)
         out = {}
-        for grp in self.groups(self.mcore_names(with_vision=has_vision)):
+        for grp in self.groups(self.lm_mcore_names()):
             missing = [h for h in grp.hf_names if h not in state]
             if missing:
                 raise KeyError(f"HF state lacks {missing[:4]} (needed for {grp.mcore_names[:2]})")
             out.update(grp.to_mcore({h: state[h] for h in grp.hf_names}))
+        vision = {k[len(HF_VISION) :]: v for k, v in state.items() if k.startswith(HF_VISION)}
+        if with_vision and vision:
+            out.update({VISION + k: v for k, v in vision_hf_to_mcore(vision, self.vision_cfg, self.tp).items()})
         return out
 
     def mcore_to_hf(self, mc_state: dict[str, torch.Tensor], spelling: str = "v4") -> dict:

@@ -315,3 +315,26 @@ def test_gpu_fallback_matches_cpu(tiny_model_dir, requests_):
     assert next(gpu.model.parameters()).device.type == "cpu"
     gpu.resume_memory()
     assert next(gpu.model.parameters()).device.type == "cuda"
+
+
+def test_banned_tokens_never_sampled_and_log_probs_unchanged(hf_model, requests_):
+    """Banning the multimodal tokens removes them from sampling only; the reported log-probs are
+    still those of the full softmax, so a trainer re-score agrees."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, generator=g)
+    favourite = logits.argmax(-1)
+    banned = SamplingParams(temperature=0.0, banned_token_ids=tuple(favourite.tolist()))
+    tok = sample_tokens(logits, banned, None)
+    assert not any(int(t) in set(favourite.tolist()) for t in tok)
+    for u in torch.linspace(0.0, 0.999999, 21):
+        s = sample_tokens(logits, SamplingParams(banned_token_ids=(int(favourite[0]),)), torch.full((3,), float(u)))
+        assert int(s[0]) != int(favourite[0])
+
+    eng = HFRolloutEngine(hf_model, record_logits=True)
+    image_pad = int(hf_model.config.image_token_id)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=6, seed=3, banned_token_ids=(image_pad,))
+    for samples in eng.generate(requests_, 2, sp):
+        for o in samples:
+            assert image_pad not in o.token_ids
+            ref = torch.log_softmax(o.logits, -1).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
+            assert (ref - torch.tensor(o.log_probs)).abs().max() <= TOL

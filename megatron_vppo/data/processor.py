@@ -94,6 +94,13 @@ class VLProcessor:
     def eos_token_id(self) -> int:
         return self.tokenizer.eos_token_id
 
+    @property
+    def multimodal_token_ids(self) -> tuple[int, ...]:
+        """Tokens only the processor may place: a sampled one would claim an image that is not there,
+        so rollouts ban them (SamplingParams.banned_token_ids)."""
+        ids = (self.image_token_id, self.video_token_id, self.vision_start_id, self.vision_end_id)
+        return tuple(int(i) for i in ids if i is not None and i >= 0)
+
     # ---- prompt text ---------------------------------------------------------------------------
     def user_content(self, problem: str, num_images: int | None = None) -> list[dict]:
         """The user turn as chat-template content parts (images in placeholder order)."""

@@ -61,6 +61,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
+    # Never sampled (e.g. <|image_pad|>: a response holding one would claim an image it has not).
+    # Log-probs stay those of the unfiltered softmax, like top-p/top-k filtering.
+    banned_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -70,6 +73,7 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "banned_token_ids", tuple(int(t) for t in self.banned_token_ids))
 
 
 @dataclass

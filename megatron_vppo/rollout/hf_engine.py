@@ -80,6 +80,9 @@ def filtered_sorted_probs(logits: torch.Tensor, temperature: float, top_p: float
 def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor | None) -> torch.Tensor:
     """Next token per row: argmax when temperature == 0, else inverse-CDF sampling with one
     uniform per row (so a row's draw depends only on its own generator)."""
+    if sampling.banned_token_ids:
+        logits = logits.clone()
+        logits[..., list(sampling.banned_token_ids)] = float("-inf")
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     sorted_p, sorted_ids = filtered_sorted_probs(logits, sampling.temperature, sampling.top_p, sampling.top_k)

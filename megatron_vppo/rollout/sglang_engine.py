@@ -82,6 +82,10 @@ def to_sglang_sampling_params(
         "skip_special_tokens": False,
         "no_stop_trim": True,
     }
+    if sampling.banned_token_ids:
+        # SGLang's SamplingParams.logit_bias (token id string -> bias added to the logits); a large
+        # negative bias bans the token without affecting the returned log-probs' normaliser.
+        d["logit_bias"] = {str(t): -1.0e9 for t in sampling.banned_token_ids}
     if use_sampling_seed and seed is not None:
         d["sampling_seed"] = int(seed) & 0x7FFFFFFF
     return d

@@ -43,7 +43,8 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
     prompts = encode_prompts(processor, records)
     engine = HFRolloutEngine.from_pretrained(model_dir)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                              stop_token_ids=(processor.eos_token_id,), seed=seed)
+                              stop_token_ids=(processor.eos_token_id,), seed=seed,
+                          banned_token_ids=processor.multimodal_token_ids)
     with Grader() as grader:
         groups = generate_and_grade(engine, processor.tokenizer, grader, prompts, list(range(len(prompts))),
                                     n=k, sampling=sampling, seed_parts=(seed, -1))

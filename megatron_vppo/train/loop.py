@@ -73,7 +73,8 @@ def _pass_shape(trainer: Trainer, trajs) -> passes.PassShape:
 def _sampling(cfg: RunConfig, processor, temperature: float, seed: int) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                           max_new_tokens=cfg.rollout.max_response_length,
-                          stop_token_ids=(processor.eos_token_id,), seed=seed)
+                          stop_token_ids=(processor.eos_token_id,), seed=seed,
+                          banned_token_ids=processor.multimodal_token_ids)
 
 
 # ---------------------------------------------------------------------------------------- rollout

@@ -14,7 +14,7 @@ import torch
 
 from dist_helpers import run_distributed
 from megatron_vppo.config import OptimConfig
-from test_optimizer import build_tiny_gpt, init_parallel, make_batch, train_steps
+from test_optimizer import GPT, build_tiny_gpt, init_parallel, make_batch, train_steps
 
 OPT = dict(lr=3e-3, lr_schedule="cosine", warmup_steps=1, weight_decay=0.1, grad_clip=1.0)
 TOTAL = 8
@@ -39,15 +39,15 @@ def _allow_children():
     mp.current_process()._config["daemon"] = False
 
 
-def _fresh(tp, dist_opt, seed):
+def _fresh(tp, dist_opt, seed, dtype="fp32"):
     """A model + optimizer whose weights differ from the checkpoint's (another seed)."""
     from megatron_vppo.train.optimizer import build_optimizer
 
     _allow_children()
     init_parallel(tp=tp)
-    model = build_tiny_gpt(seed=seed)
+    model = build_tiny_gpt(seed=seed, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     cfg = OptimConfig(**OPT, use_distributed_optimizer=dist_opt)
-    return build_optimizer([model], cfg, "fp32", total_steps=TOTAL)
+    return build_optimizer([model], cfg, dtype, total_steps=TOTAL)
 
 
 def _dp(tp):
@@ -56,13 +56,15 @@ def _dp(tp):
     return dict(dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
 
 
-def _save_then_resume(rank, world, ckpt_dir, tp, dist_opt):
+def _save_then_resume(rank, world, ckpt_dir, tp, dist_opt, dtype="fp32"):
     """Train 2 steps, save (steps 1 and 2, keep_last=1), train 2 more; then rebuild from another seed,
     resume from the latest checkpoint and train the same 2 steps."""
-    from megatron_vppo.checkpoint.dist_checkpoint import find_latest_complete, load_checkpoint, save_checkpoint
+    from megatron_vppo.checkpoint.dist_checkpoint import (
+        find_latest_complete, load_checkpoint, save_checkpoint,
+    )
     from megatron_vppo.config import RunConfig
 
-    ddp, opt, sched = _fresh(tp, dist_opt, seed=0)
+    ddp, opt, sched = _fresh(tp, dist_opt, seed=0, dtype=dtype)
     dp = _dp(tp)
     train_steps(ddp, opt, sched, 1, **dp, first_step=0)
     save_checkpoint(ckpt_dir, 1, ddp, opt, sched, train_state={"data": {"index": 4}}, keep_last=1)
@@ -73,7 +75,7 @@ def _save_then_resume(rank, world, ckpt_dir, tp, dist_opt):
     rand_after_save = torch.rand(4)
     uninterrupted = train_steps(ddp, opt, sched, 2, **dp, first_step=2)
 
-    ddp2, opt2, sched2 = _fresh(tp, dist_opt, seed=123)
+    ddp2, opt2, sched2 = _fresh(tp, dist_opt, seed=123, dtype=dtype)
     torch.manual_seed(777)  # the resumed run must not depend on the RNG it started with
     differs_before = not torch.allclose(_full_logits(ddp2[0]), saved_logits)
     latest = find_latest_complete(ckpt_dir)
@@ -149,6 +151,11 @@ def test_dp2_distributed_optimizer_resume_matches_uninterrupted(runs):
     assert meta["optimizer"] == {"distributed": True, "sharding_type": "dp_reshardable"}
 
 
+def test_bf16_dp2_distributed_optimizer_resume(tmp_path):
+    """bf16 weights, fp32 main params inside the distributed optimizer: those must come back too."""
+    _check_resume(run_distributed(_save_then_resume, 2, str(tmp_path / "bf16"), 1, True, "bf16"))
+
+
 def test_load_at_other_layout(runs):
     (out,) = run_distributed(_tp1_load, 1, str(runs["tp2_dir"]), str(runs["dp2_dir"]))
     tp2, dp2 = runs["tp2"][0], runs["dp2"][0]
@@ -166,7 +173,9 @@ def test_load_at_other_layout(runs):
 def _dist_opt_tp_change(rank, world, dp2_dir):
     """Load the DP2 (TP1) distributed-optimizer checkpoint at TP2: optimizer refused with the fix,
     weights-only load works."""
-    from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError, find_latest_complete, load_checkpoint
+    from megatron_vppo.checkpoint.dist_checkpoint import (
+        CheckpointError, find_latest_complete, load_checkpoint,
+    )
 
     ddp, opt, sched = _fresh(2, True, seed=5)
     path = find_latest_complete(dp2_dir)
@@ -300,3 +309,48 @@ def test_crash_during_save_leaves_previous_checkpoint_latest(tmp_path):
         assert Path(r["latest"]).name == "step_0000001"
     names = sorted(p.name for p in d.iterdir())
     assert names[0] == "step_0000001" and names[1].startswith("step_0000002.tmp-") and len(names) == 2
+
+
+# --------------------------------------------------------------------------- pipeline layout change
+
+
+def _pp2_save(rank, world, ckpt_dir):
+    """PP2 (one layer per stage): save the model only; return its weights under global layer names."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
+
+    _allow_children()
+    init_parallel(pp=2)
+    model = build_tiny_gpt(seed=3 + rank)
+    save_checkpoint(ckpt_dir, 0, [model])
+    offset = ps.get_pipeline_model_parallel_rank() * (GPT["num_layers"] // 2)
+    out = {}
+    for n, p in model.named_parameters():
+        if n.startswith("decoder.layers."):
+            parts = n.split(".")
+            parts[2] = str(int(parts[2]) + offset)
+            n = ".".join(parts)
+        out[n] = p.detach().clone()
+    return out
+
+
+def _tp1_weights(rank, world, ckpt_dir):
+    from megatron_vppo.checkpoint.dist_checkpoint import find_latest_complete, load_checkpoint
+
+    init_parallel()
+    model = build_tiny_gpt(seed=11)
+    loaded = load_checkpoint(find_latest_complete(ckpt_dir), [model])
+    return dict(params={n: p.detach().clone() for n, p in model.named_parameters()},
+                rng_restored=loaded.rng_restored)
+
+
+def test_pp2_checkpoint_loads_at_tp1(tmp_path):
+    d = tmp_path / "pp2"
+    stages = run_distributed(_pp2_save, 2, str(d))
+    saved = {**stages[0], **stages[1]}
+    (res,) = run_distributed(_tp1_weights, 1, str(d))
+    assert set(res["params"]) == set(saved)
+    for n, p in res["params"].items():
+        assert torch.equal(p, saved[n]), n
+    assert not res["rng_restored"]

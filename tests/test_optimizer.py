@@ -60,6 +60,7 @@ def build_tiny_gpt(seed: int = 0, dtype: torch.dtype = torch.float32):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=dtype,
+        pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         normalization="RMSNorm",
     )
@@ -217,7 +218,8 @@ def _megatron_vs_torch(rank, world):
         topt.step()
         ref_losses.append(loss.item())
     max_diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
-    moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), build_tiny_gpt(0).parameters()))
+    init = build_tiny_gpt(0).parameters()
+    moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), init))
 
     # bf16 model: fp32 main params inside the optimizer, one step runs and moves the weights.
     bmodel = build_tiny_gpt(seed=0, dtype=torch.bfloat16)
@@ -241,17 +243,54 @@ def test_megatron_optimizer_matches_torch_adamw():
     assert out["bf16_moved"] and all(math.isfinite(x) for x in out["bf16_losses"])
 
 
+def _schedule_steps(ddp, opt, sched, steps, dp_rank, dp_size):
+    """Like train_steps, but through Megatron's forward_backward_func: the DP grad sync then comes
+    only from the hooks attach_to_model_config put on the model config."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        tokens, labels = next(data_iterator)
+        pos = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+        out = model(tokens, pos, None, labels=labels)
+        return out, lambda t: (t.float().mean(), {"loss": t.float().mean().detach()})
+
+    losses = []
+    for s in range(steps):
+        for c in ddp:
+            c.zero_grad_buffer()
+        opt.zero_grad()
+        tokens, labels = make_batch(s)
+        per = tokens.shape[0] // dp_size
+        sl = slice(dp_rank * per, (dp_rank + 1) * per)
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([(tokens[sl], labels[sl])]), model=ddp,
+            num_microbatches=1, seq_length=SEQ, micro_batch_size=per,
+        )
+        ok, _, _ = opt.step()
+        assert ok
+        sched.step(1)
+        g = out[0]["loss"].clone()
+        torch.distributed.all_reduce(g, group=ps.get_data_parallel_group())
+        losses.append((g / dp_size).item())
+    return losses
+
+
 def _dp_run(rank, world, use_dist_opt):
     from megatron.core import parallel_state as ps
 
-    from megatron_vppo.train.optimizer import build_optimizer
+    from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
     init_parallel()
     model = build_tiny_gpt(seed=0)
     cfg = OptimConfig(**OPT, use_distributed_optimizer=use_dist_opt)
     ddp, opt, sched = build_optimizer([model], cfg, "fp32", total_steps=STEPS)
-    losses = train_steps(ddp, opt, sched, STEPS, dp_rank=ps.get_data_parallel_rank(),
-                         dp_size=ps.get_data_parallel_world_size())
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if use_dist_opt:
+        attach_to_model_config(ddp, opt)
+        losses = _schedule_steps(ddp, opt, sched, STEPS, dp_rank, dp_size)
+    else:
+        losses = train_steps(ddp, opt, sched, STEPS, dp_rank=dp_rank, dp_size=dp_size)
     return dict(losses=losses, params={n: p.detach().clone() for n, p in model.named_parameters()})
 
 

@@ -22,17 +22,21 @@ DP only — loading it at another TP/PP/VPP raises CheckpointError naming the fi
 layout, or `load_optimizer=False` to restart the optimizer moments). RNG states are restored only at
 the saved layout and world size (another layout keeps the freshly seeded RNG and logs it).
 
-Saving is synchronous. Megatron's torch_dist writer starts helper processes (a `spawn` queue manager
-and forked writers), so a script that saves must keep its entry point under
-`if __name__ == "__main__":`.
+Saving is synchronous. Megatron's torch_dist writer forks writer processes (so the calling process
+must be allowed children: torchrun ranks are; daemonic multiprocessing workers are not); the `spawn`
+queue manager it would also start is replaced by an in-process queue for the duration of our sync
+save, so scripts that save need no `if __name__ == "__main__":` guard on its account (keep one
+anyway if the script itself spawns processes).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import os
+import queue
 import random
 import re
 import secrets
@@ -258,7 +262,8 @@ def get_rng_state() -> dict:
     }
     tracker = tensor_parallel.get_cuda_rng_tracker()
     if tracker.is_initialized():
-        state["tracker"] = {k: v.clone() if torch.is_tensor(v) else v for k, v in tracker.get_states().items()}
+        states = tracker.get_states()
+        state["tracker"] = {k: v.clone() if torch.is_tensor(v) else v for k, v in states.items()}
     return state
 
 
@@ -301,6 +306,9 @@ def _is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in opts)
 
 
+_TORCH_ADAM = (torch.optim.Adam, torch.optim.AdamW)
+
+
 def _prepare_for_load(optimizer) -> None:
     """Allocate a fresh distributed optimizer's torch-Adam state, `step` included.
 
@@ -315,7 +323,7 @@ def _prepare_for_load(optimizer) -> None:
     opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     for o in opts:
         inner = getattr(o, "optimizer", None)
-        if not isinstance(o, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        if not isinstance(o, DistributedOptimizer) or not isinstance(inner, _TORCH_ADAM):
             continue
         if getattr(o, "init_state_fn", None) is not None:
             o.init_state_fn(inner, o.config)
@@ -340,7 +348,7 @@ def _restore_adam_steps(optimizer) -> None:
     opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     for o in opts:
         inner = getattr(o, "optimizer", None)
-        if not isinstance(o, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        if not isinstance(o, DistributedOptimizer) or not isinstance(inner, _TORCH_ADAM):
             continue
         for group in inner.param_groups:
             if group.get("step") is None:
@@ -365,6 +373,26 @@ def _config_snapshot(config: Any) -> Any:
         return config
     except TypeError:
         return json.loads(json.dumps(config, default=str))
+
+
+def _check_plain(obj: Any, where: str = "train_state") -> None:
+    """train_state is read back with torch.load(weights_only=True): plain containers, scalars, tensors."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f"{where}: key {k!r} must be a str or int")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {type(obj).__name__}; checkpoints hold plain data only (dict, list, tuple, str, "
+        f"int, float, bool, None, torch.Tensor) — convert it (e.g. numpy -> .tolist() / int())"
+    )
 
 
 def _all_ok(ok: bool) -> bool:
@@ -408,14 +436,16 @@ def save_checkpoint(
 ) -> Path:
     """Write `ckpt_dir/step_XXXXXXX` from every rank (collective: call on all ranks).
 
-    `model_chunks`: this rank's chunks (DDP-wrapped or not). `train_state`: picklable trainer state
-    that is the same on every rank (data-loader position, counters); `step` is stored with it.
+    `model_chunks`: this rank's chunks (DDP-wrapped or not). `train_state`: trainer state that is the
+    same on every rank (data-loader position, counters) as plain data — dict / list / str / int /
+    float / bool / None / tensors (it is read back with weights_only=True); `step` is added to it.
     `config`: a RunConfig (or dict) snapshot for meta.json. `keep_last`: prune to the newest K
     complete checkpoints after this one is complete (0 = keep all). Returns the final path.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
+    _check_plain(train_state or {})
     root = Path(ckpt_dir)
     rank, world = _dist_rank_world()
     name = checkpoint_name(step)
@@ -450,12 +480,13 @@ def save_checkpoint(
         # Non-sharded entries go to common.pt (written by rank 0).
         sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         sharded["train_state"] = {**(train_state or {}), "step": int(step)}
-        dist_checkpointing.save(
-            sharded,
-            str(tmp / DIST_SUBDIR),
-            sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
-            async_sharded_save=False,
-        )
+        with _in_process_results_queue():
+            dist_checkpointing.save(
+                sharded,
+                str(tmp / DIST_SUBDIR),
+                sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
+                async_sharded_save=False,
+            )
         rng_path = tmp / RNG_SUBDIR / f"rank_{rank:05d}.pt"
         tmp_rng = rng_path.with_suffix(".part")
         torch.save(rng_state, tmp_rng)
@@ -513,6 +544,32 @@ def save_checkpoint(
         raise CheckpointError(f"finalizing {final} failed on rank 0 ({err}); {tmp} is left as a partial save")
     logger.info("saved checkpoint %s", final)
     return final
+
+
+@contextlib.contextmanager
+def _in_process_results_queue():
+    """Let a synchronous torch_dist save collect its writers' results in a plain in-process queue.
+
+    Megatron-Core 0.16.1 otherwise starts a `spawn` multiprocessing Manager for that queue (built for
+    its async path): it re-imports the launching script — which then needs an
+    `if __name__ == "__main__":` guard — and it outlives a rank that is killed. In a sync save the
+    results are put and read by this same process (the forked writers report through their own
+    queue), so a `queue.Queue` is enough. Scoped to the call; restored afterwards.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        yield
+        return
+    if not hasattr(fa, "_results_queue"):
+        yield
+        return
+    previous = fa._results_queue
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = previous
 
 
 def _versions() -> dict:

@@ -5,7 +5,7 @@ Only one rank writes (the caller reduces metrics to it first); every other rank 
 methods do nothing, so the training loop needs no `if rank == ...` around logging.
 
 Metric names the plot looks for (first present wins) are in `PLOT_PANELS`; the trainer should log
-`reward/mean`, `val/accuracy`, `vppo/dependency_mean` and `vppo/kept_token_fraction`.
+`reward/mean`, `val/accuracy`, `dependency/mean` and `tgf/kept_token_frac` (the names algo/vppo.py reports).
 """
 from __future__ import annotations
 
@@ -25,19 +25,19 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_PANELS: list[tuple[str, tuple[str, ...]]] = [
     ("reward", ("reward/mean", "reward")),
     ("validation accuracy", ("val/accuracy", "val_accuracy", "val/acc")),
-    ("dependency mean", ("vppo/dependency_mean", "dependency/mean", "dependency_mean")),
-    ("kept-token fraction", ("vppo/kept_token_fraction", "tgf/kept_fraction", "kept_token_fraction")),
+    ("dependency mean", ("dependency/mean", "vppo/dependency_mean")),
+    ("kept-token fraction", ("tgf/kept_token_frac", "vppo/kept_token_fraction")),
 ]
 
 # Keys shown first (in this order) by format_step_summary; any other numeric key follows.
 SUMMARY_KEYS: list[tuple[str, str]] = [
     ("reward/mean", "reward"),
     ("val/accuracy", "val_acc"),
-    ("loss/pg", "pg_loss"),
-    ("vppo/dependency_mean", "dep"),
-    ("vppo/kept_token_fraction", "kept"),
-    ("grad_norm", "gnorm"),
-    ("lr", "lr"),
+    ("actor/pg_loss", "pg_loss"),
+    ("dependency/mean", "dep"),
+    ("tgf/kept_token_frac", "kept"),
+    ("actor/grad_norm", "gnorm"),
+    ("actor/lr", "lr"),
     ("time/step_s", "s/step"),
 ]
 

@@ -20,7 +20,7 @@ def _metrics(step: int) -> dict:
         "val/accuracy": 0.05 * step if step % 2 == 0 else None,
         "dependency/mean": 0.01 * step,
         "tgf/kept_token_frac": 0.4,
-        "lr": 1e-6,
+        "actor/lr": 1e-6,
         "rollout/num_prompts": 8,
     }
 
@@ -82,7 +82,7 @@ def test_values_are_plain_json(tmp_path):
 
 
 def test_summary_line():
-    line = format_step_summary(3, 200, {**_metrics(3), "loss/pg": -0.01234, "time/step_s": 12.5})
+    line = format_step_summary(3, 200, {**_metrics(3), "actor/pg_loss": -0.01234, "time/step_s": 12.5})
     assert line.startswith("step 3/200 | reward 0.3 | ")
     assert "pg_loss -0.0123" in line and "dep 0.03" in line and "kept 0.4" in line
     assert "lr 1.00e-06" in line and "s/step 12.500" in line and "rollout/num_prompts 8" in line

@@ -111,9 +111,13 @@ class Workload:
     images_per_sample: int = 1
     max_pixels: int = 1003520
     nograd_micro_batch: int | None = None  # micro-batch of the paired no-grad pass (default: micro_batch)
-    loss_fp32_temporaries: int = 1  # extra [tokens, V/TP] fp32 tensors in the PG loss (entropy / log-softmax)
-    nograd_fp32_temporaries: int = 1  # extra fp32 [tokens, V/TP] tensors in the no-grad log-softmax (exp)
+    # Extra fp32 [tokens, V/TP] tensors beyond the one working copy of the vocab-parallel log-prob:
+    # 0 for the project's loss (entropy bonus from log-probs, softmax recomputed in backward);
+    # the exact-KL dependency estimator holds ~3 more (both views' log-softmax, p, p*(logp-logq)).
+    loss_fp32_temporaries: int = 0
+    nograd_fp32_temporaries: int = 0
     with_vision: bool = True
+    nograd_pass: bool = True  # VPPO's paired no-grad pass (False: a plain training step)
 
 
 @dataclass
@@ -125,9 +129,10 @@ class StageMemory:
     weights: float = 0.0
     grads: float = 0.0
     optimizer: float = 0.0
-    activations: float = 0.0  # LM saved activations (all in-flight micro-batches) + backward transient
-    vision_act: float = 0.0
-    logits: float = 0.0  # train-phase logits/loss on the last stage (+ output wgrad temp)
+    activations: float = 0.0  # LM saved activations of all in-flight micro-batches
+    vision_act: float = 0.0  # vision tower's saved activations (first stage)
+    logits: float = 0.0  # last stage: logits + loss copies + output-layer temps of one micro-batch
+    transient: float = 0.0  # gradients alive while back-propagating one layer (+ a recomputed layer)
     nograd: float = 0.0  # dynamic peak of the paired no-grad pass
     overhead: float = 0.0
     rollout: float = 0.0
@@ -137,8 +142,14 @@ class StageMemory:
         return self.weights + self.grads + self.optimizer
 
     @property
+    def bwd_peak(self) -> float:
+        """What backward needs on top of the saved activations: the loss/logits phase on the last
+        stage or one layer's gradient working set, whichever is larger (they do not overlap)."""
+        return max(self.logits, self.transient)
+
+    @property
     def train_dynamic(self) -> float:
-        return self.activations + self.vision_act + self.logits
+        return self.activations + self.vision_act + self.bwd_peak
 
     @property
     def peak_phase(self) -> str:
@@ -149,7 +160,8 @@ class StageMemory:
         return self.static + max(self.train_dynamic, self.nograd) + self.overhead + self.rollout
 
     def as_gib(self) -> dict:
-        keys = ("weights", "grads", "optimizer", "activations", "vision_act", "logits", "nograd", "overhead", "rollout")
+        keys = ("weights", "grads", "optimizer", "activations", "vision_act", "logits", "transient",
+                "bwd_peak", "nograd", "overhead", "rollout")
         out = {k: getattr(self, k) / GIB for k in keys}
         out.update(stage=self.stage, params=self.params, total=self.total / GIB, peak_phase=self.peak_phase)
         return out
@@ -318,23 +330,28 @@ def estimate_memory(
         act = inflight * n_layers * per_layer
         if not last and not kernels.deallocate_pipeline_outputs:
             act += inflight * tokens * spec.hidden / tsp * e / cp  # the stage's kept output tensor
-        sm.activations = act + transient
+        sm.activations = act
+        sm.transient = transient
         if first:
             sm.vision_act = min(pp, m) * mb * vision_act_bytes_per_sample(spec, layout, kernels, prec, wl, recompute)
 
         if last:
             # Final norm + output-layer input, kept for backward.
-            head = kernels.norm_saved * spec.hidden / tsp * e * tokens / cp
-            # Logits: GEMM output in act dtype; the loss works on an fp32 copy (in place when already
-            # fp32) and its gradient is cast back for the output GEMM's backward.
-            logit_bytes = 4 + (e if e != 4 else 0) + 4 * wl.loss_fp32_temporaries
+            sm.activations += inflight * kernels.norm_saved * spec.hidden / tsp * e * tokens / cp
+            # Logits of one micro-batch: the loss keeps them (act dtype) and works on one private fp32
+            # copy (the vocab-parallel log-prob recomputes the softmax in backward rather than keeping
+            # it); the gradient is cast back to act dtype for the output GEMM's backward.
+            logit_bytes = e + 4 * (1 + wl.loss_fp32_temporaries) + (e if e != 4 else 0)
             logits = tokens * v_local * logit_bytes / cp
             wgrad = 0 if kernels.grad_accum_fusion else v_local * spec.hidden * prec.param_bytes
             dgrad = tokens * spec.hidden * e / cp
-            sm.logits = head + logits + wgrad + dgrad
+            sm.logits = logits + wgrad + dgrad
+        if last and wl.nograd_pass:
             nmb = wl.nograd_micro_batch or mb
-            nograd_bytes = e + 4 + 4 * wl.nograd_fp32_temporaries
-            sm.nograd = 2 * nmb * wl.seq_len * v_local * nograd_bytes / cp
+            # Both views' logits (act dtype) + the fp32 working copy of the log-prob reduction.
+            nograd_bytes = e + 4 * (1 + wl.nograd_fp32_temporaries)
+            # + the final norm's input and output (full h) that stay alive while the logits exist.
+            sm.nograd = 2 * nmb * wl.seq_len * (v_local * nograd_bytes + 2 * spec.hidden * e) / cp
         dynamic = max(sm.train_dynamic, sm.nograd)
         sm.overhead = kernels.fixed_overhead_gib * GIB + kernels.fragmentation * dynamic
         sm.rollout = rollout_mem_fraction * gpu_mem_gib * GIB

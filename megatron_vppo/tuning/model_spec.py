@@ -120,10 +120,12 @@ def _as_int(v, key: str, where: str) -> int:
     return v
 
 
-def spec_from_dict(cfg: dict, name: str = "model") -> ModelSpec:
-    """Build a ModelSpec from a parsed HF config dict; every missing field is named at once."""
+def spec_from_dict(cfg: dict, name: str = "model", where: str | None = None) -> ModelSpec:
+    """Build a ModelSpec from a parsed HF config dict; every missing field is named at once.
+    `where` (e.g. the file path) prefixes error messages; defaults to `name`."""
+    src = where or name
     if not isinstance(cfg, dict):
-        raise ModelSpecError(f"{name}: config must be a JSON object, got {type(cfg).__name__}")
+        raise ModelSpecError(f"{src}: config must be a JSON object, got {type(cfg).__name__}")
     text = cfg.get("text_config") or {}
     vision = cfg.get("vision_config")
     missing: list[str] = []
@@ -145,31 +147,31 @@ def spec_from_dict(cfg: dict, name: str = "model") -> ModelSpec:
             vals[attr] = v
     if missing:
         raise ModelSpecError(
-            f"{name}: config.json is missing {', '.join(missing)}; the tuner needs a Qwen2.5-VL "
+            f"{src}: config.json is missing {', '.join(missing)}; the tuner needs a Qwen2.5-VL "
             "config (see examples/model_configs/qwen2_5_vl_7b.json for the expected fields)"
         )
     for attr, key in _TEXT_FIELDS + _VISION_FIELDS:
-        vals[attr] = _as_int(vals[attr], key, name)
+        vals[attr] = _as_int(vals[attr], key, src)
     tie = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
     extra = {}
     if vision.get("temporal_patch_size") is not None:
-        extra["temporal_patch"] = _as_int(vision["temporal_patch_size"], "temporal_patch_size", name)
+        extra["temporal_patch"] = _as_int(vision["temporal_patch_size"], "temporal_patch_size", src)
     in_ch = vision.get("in_channels", vision.get("in_chans"))
     if in_ch is not None:
-        extra["in_channels"] = _as_int(in_ch, "in_channels", name)
+        extra["in_channels"] = _as_int(in_ch, "in_channels", src)
     hd = text.get("head_dim", cfg.get("head_dim"))
     if hd is not None:
-        extra["head_dim"] = _as_int(hd, "head_dim", name)
+        extra["head_dim"] = _as_int(hd, "head_dim", src)
     if vision.get("window_size") is not None:
-        extra["window_size"] = _as_int(vision["window_size"], "window_size", name)
+        extra["window_size"] = _as_int(vision["window_size"], "window_size", src)
     if vision.get("fullatt_block_indexes") is not None:
         extra["vision_full_attn_blocks"] = len(vision["fullatt_block_indexes"])
     spec = ModelSpec(name=name, tie=bool(tie), **vals, **extra)
     if spec.head_dim is None and spec.hidden % spec.heads:
-        raise ModelSpecError(f"{name}: hidden_size {spec.hidden} is not divisible by num_attention_heads {spec.heads}")
+        raise ModelSpecError(f"{src}: hidden_size {spec.hidden} is not divisible by num_attention_heads {spec.heads}")
     if spec.heads % spec.kv_heads:
         raise ModelSpecError(
-            f"{name}: num_attention_heads {spec.heads} is not a multiple of num_key_value_heads {spec.kv_heads}"
+            f"{src}: num_attention_heads {spec.heads} is not a multiple of num_key_value_heads {spec.kv_heads}"
         )
     return spec
 
@@ -189,4 +191,4 @@ def load_model_spec(path: str | Path) -> ModelSpec:
     except json.JSONDecodeError as e:
         raise ModelSpecError(f"{p}: not valid JSON ({e})") from None
     name = p.parent.name if p.name == "config.json" else p.stem
-    return spec_from_dict(cfg, name=name)
+    return spec_from_dict(cfg, name=name, where=str(p))

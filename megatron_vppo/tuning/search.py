@@ -1,0 +1,205 @@
+"""Enumerate the layouts N GPUs can run, estimate each, rank the ones that fit by tokens/s/GPU.
+
+Legality comes from `parallel_layout.validate_layout` (the trainer's own rules). On top of it the
+batch must split into whole micro-batches per DP rank (and, with interleaving, into groups of `pp`
+micro-batches, as Megatron's interleaved schedule requires); CP needs the sequence split into 2*cp
+chunks (TE's load-balanced causal CP). Those three are workload rules, kept here.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from megatron_vppo.parallel_layout import Layout, LayoutError, divisors, validate_layout
+from megatron_vppo.tuning.memory import GIB, KERNELS, Kernels, MemoryEstimate, Precision, Workload, estimate_memory
+from megatron_vppo.tuning.model_spec import ModelSpec
+from megatron_vppo.tuning.throughput import GPU_TYPES, GpuType, ThroughputEstimate, estimate_throughput
+
+
+class TuningError(ValueError):
+    """A request no layout can satisfy, or bad sizes; the message says why and what to change."""
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    recompute: str
+    memory: MemoryEstimate
+    throughput: ThroughputEstimate
+    gpu_mem_gib: float
+    micro_batches: int
+
+    @property
+    def mem_gib(self) -> float:
+        return self.memory.total_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.mem_gib <= self.gpu_mem_gib
+
+    def as_dict(self) -> dict:
+        lay = self.layout
+        worst = self.memory.worst.as_gib()
+        return dict(
+            tp=lay.tp,
+            pp=lay.pp,
+            vpp=lay.vpp or 1,
+            sp=lay.sp,
+            cp=lay.cp,
+            dp=lay.dp,
+            recompute=self.recompute,
+            micro_batches=self.micro_batches,
+            fits=self.fits,
+            mem_gib=round(self.mem_gib, 3),
+            tokens_per_s_per_gpu=round(self.throughput.tokens_per_s_per_gpu, 2),
+            step_time_s=round(self.throughput.step_time_s, 3),
+            worst_stage=worst["stage"],
+            breakdown_gib={k: round(v, 3) for k, v in worst.items() if isinstance(v, float)} | {
+                "peak_phase": worst["peak_phase"]
+            },
+            stages_gib=[round(s.total / GIB, 3) for s in self.memory.stages],
+            time_s={k: round(v, 4) for k, v in self.throughput.as_dict().items() if k.endswith("_s")},
+            achieved_mfu=round(self.throughput.achieved_mfu, 4),
+        )
+
+
+def check_request(n_gpus: int, gpu_mem_gib: float, wl: Workload, rollout_mem_fraction: float) -> None:
+    bad = []
+    for name, v in (
+        ("--gpus", n_gpus),
+        ("--gpu-mem-gib", gpu_mem_gib),
+        ("--seq-len", wl.seq_len),
+        ("--micro-batch", wl.micro_batch),
+        ("--global-batch", wl.global_batch),
+    ):
+        if isinstance(v, bool) or not v > 0:
+            bad.append(f"{name}={v!r} must be positive")
+    if wl.images_per_sample < 0 or wl.max_pixels <= 0:
+        bad.append(f"images per sample ({wl.images_per_sample}) must be >= 0 and max pixels ({wl.max_pixels}) > 0")
+    if not 0.0 <= rollout_mem_fraction < 1.0:
+        bad.append(f"--rollout-mem-fraction={rollout_mem_fraction} must be in [0, 1)")
+    if bad:
+        raise TuningError("; ".join(bad))
+    if wl.global_batch % wl.micro_batch:
+        raise TuningError(
+            f"--global-batch {wl.global_batch} is not a multiple of --micro-batch {wl.micro_batch}"
+        )
+
+
+def workload_rule(layout: Layout, wl: Workload) -> str | None:
+    """The first batch/sequence rule `layout` breaks for this workload, or None."""
+    per_dp = wl.micro_batch * layout.dp
+    if wl.global_batch % per_dp:
+        return f"global batch not divisible by micro_batch*dp={per_dp}"
+    m = wl.global_batch // per_dp
+    if (layout.vpp or 1) > 1 and m % layout.pp:
+        return f"interleaved pipeline needs micro-batches ({m}) divisible by pp={layout.pp}"
+    if layout.cp > 1 and wl.seq_len % (2 * layout.cp):
+        return f"seq_len not divisible by 2*cp={2 * layout.cp}"
+    return None
+
+
+def enumerate_layouts(spec: ModelSpec, n_gpus: int, wl: Workload, te: bool = False) -> tuple[list[Layout], Counter]:
+    """All legal layouts for exactly `n_gpus`; also a count of why the others were rejected."""
+    out: list[Layout] = []
+    why: Counter = Counter()
+    for tp in divisors(n_gpus):
+        for pp in divisors(n_gpus // tp):
+            for cp in divisors(n_gpus // (tp * pp)) if te else [1]:
+                dp = n_gpus // (tp * pp * cp)
+                vpps = [None]
+                if pp > 1 and spec.layers % pp == 0:
+                    vpps += [v for v in divisors(spec.layers // pp) if v > 1]
+                for vpp in vpps:
+                    for sp in (False, True) if tp > 1 else (False,):
+                        lay = Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sp=sp)
+                        try:
+                            validate_layout(
+                                lay,
+                                world_size=n_gpus,
+                                num_attention_heads=spec.heads,
+                                num_query_groups=spec.kv_heads,
+                                num_layers=spec.layers,
+                                vision_num_heads=spec.vision_heads if wl.with_vision else None,
+                                te_available=te,
+                            )
+                        except LayoutError as e:
+                            why[str(e).split(";")[0]] += 1
+                            continue
+                        rule = workload_rule(lay, wl)
+                        if rule:
+                            why[rule] += 1
+                            continue
+                        out.append(lay)
+    return out, why
+
+
+def evaluate(
+    spec: ModelSpec,
+    layout: Layout,
+    wl: Workload,
+    *,
+    gpu_mem_gib: float,
+    recompute: str,
+    prec: Precision,
+    kernels: Kernels,
+    gpu: GpuType,
+    rollout_mem_fraction: float,
+) -> Candidate:
+    choices = ["none", "full"] if recompute == "auto" else [recompute]
+    cand = None
+    for rc in choices:
+        mem = estimate_memory(
+            spec, layout, wl, prec=prec, kernels=kernels, recompute=rc,
+            gpu_mem_gib=gpu_mem_gib, rollout_mem_fraction=rollout_mem_fraction,
+        )
+        thr = estimate_throughput(spec, layout, wl, gpu=gpu, prec=prec, recompute=rc)
+        m = wl.global_batch // (wl.micro_batch * layout.dp)
+        cand = Candidate(layout, rc, mem, thr, gpu_mem_gib, m)
+        if cand.fits:
+            break
+    return cand
+
+
+def tune(
+    spec: ModelSpec,
+    n_gpus: int,
+    gpu_mem_gib: float,
+    wl: Workload = Workload(),
+    *,
+    recompute: str = "auto",
+    prec: Precision = Precision(),
+    kernels: Kernels = KERNELS["te"],
+    gpu: GpuType = GPU_TYPES["h100"],
+    rollout_mem_fraction: float = 0.0,
+    te: bool = False,
+) -> list[Candidate]:
+    """Every legal layout for `n_gpus`, fitting ones first by tokens/s/GPU, then the rest by memory."""
+    check_request(n_gpus, gpu_mem_gib, wl, rollout_mem_fraction)
+    if recompute not in ("auto", "none", "full"):
+        raise TuningError(f"--recompute {recompute!r}: use auto, none or full")
+    layouts, why = enumerate_layouts(spec, n_gpus, wl, te=te)
+    if not layouts:
+        reasons = "; ".join(f"{r} ({n}x)" for r, n in why.most_common(4))
+        raise TuningError(
+            f"no parallel layout of {spec.name} can use exactly {n_gpus} GPUs with global batch "
+            f"{wl.global_batch} and micro-batch {wl.micro_batch}: {reasons}. Use a GPU count whose "
+            f"data-parallel part divides the batch (e.g. a power of two), or change --global-batch"
+        )
+    cands = [
+        evaluate(spec, lay, wl, gpu_mem_gib=gpu_mem_gib, recompute=recompute, prec=prec, kernels=kernels,
+                 gpu=gpu, rollout_mem_fraction=rollout_mem_fraction)
+        for lay in layouts
+    ]
+    fit = sorted((c for c in cands if c.fits), key=lambda c: (-c.throughput.tokens_per_s_per_gpu, c.mem_gib))
+    rest = sorted((c for c in cands if not c.fits), key=lambda c: c.mem_gib)
+    return fit + rest
+
+
+def precision_for(dtype: str = "bf16", fp8: bool = False, distributed_optimizer: bool = True) -> Precision:
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise TuningError(f"--dtype {dtype!r}: use bf16, fp16 or fp32")
+    b = 4 if dtype == "fp32" else 2
+    if fp8 and b == 4:
+        raise TuningError("--fp8 trains with bf16 weights; drop --dtype fp32")
+    return replace(Precision(), param_bytes=b, act_bytes=b, fp8=fp8, distributed_optimizer=distributed_optimizer)

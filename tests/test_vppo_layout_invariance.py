@@ -3,6 +3,8 @@
 Batch: 7 trajectories in 3 GRPO groups with mixed rewards — two image prompts whose images have
 different sizes (grids [1,4,6] and [1,8,4]) and one text-only prompt — with fixed responses encoded
 by the processor. 7 is odd on purpose: micro-batch size 4 leaves a filler row and DP2 splits 4 / 3.
+Mini-batches of 4 trajectories give two optimizer steps per RL step; both steps' gradients are compared
+(the second one runs at θ ≠ π_old, after the first Adam step).
 
 Every layout runs the trainer's own step functions (`loop.score_step_batch` -> `loop.shape_step` ->
 `loop.update_policy`) on a model and optimizer built as `train/build.py` builds them, in its own
@@ -19,7 +21,7 @@ non-distributed optimizer because the distributed one leaves each DP rank only i
 shard of the buffer.
 
 Independent oracle for the gradient: transformers' Qwen2_5_VLForConditionalGeneration on the whole
-mini-batch at once, its log-probs through the algo's `vppo_policy_loss` (default num_tokens = the
+first mini-batch at once, its log-probs through the algo's `vppo_policy_loss` (default num_tokens = the
 batch's own valid-token count), with the step's constants (Â, TGF mask) from the TP1 run and π_old
 = its own detached log-probs; its gradient must equal the Megatron TP1 gradient.
 """
@@ -39,16 +41,18 @@ GRAD_RTOL_HF = 1e-4  # Megatron TP1 vs transformers
 
 RUN_SEED, STEP = 5, 3
 
-# (group, image index or None, response, reward)
+# (group, image index or None, response, reward). Listed so that both mini-batches of 4 hold both
+# image sizes and a text-only trajectory; GRPO groups are by `group`, not by position.
 SAMPLES = [
     (0, 0, "<think>a red circle and a blue box</think> There are 2 shapes. \\boxed{2}", 1.0),
-    (0, 0, "<think>count them</think> \\boxed{3}", 0.0),
-    (0, 0, "I see three things, so the answer is \\boxed{3}", 0.0),
     (1, 1, "<think>the triangle is green</think> \\boxed{green}", 1.0),
-    (1, 1, "It is red. \\boxed{red}", 0.0),
     (2, None, "4 + 3 = 7, so \\boxed{7}", 1.0),
+    (0, 0, "<think>count them</think> \\boxed{3}", 0.0),
+    (1, 1, "It is red. \\boxed{red}", 0.0),
     (2, None, "<think>4 and 3</think> \\boxed{8}", 0.0),
+    (0, 0, "I see three things, so the answer is \\boxed{3}", 0.0),
 ]
+MINI_BATCH = 4  # trajectories per optimizer step: two steps, [0..3] and [4..6]
 PROBLEMS = {0: "How many shapes are in <image>?", 1: "<image> What colour is the triangle?",
             2: "What is 4 + 3?"}
 
@@ -73,8 +77,8 @@ def run_config(micro_batch_size: int, **vppo):
     from megatron_vppo.config import OptimConfig, RunConfig, TrainConfig, VPPOConfig
 
     cfg = RunConfig()
-    cfg.train = TrainConfig(seed=RUN_SEED, micro_batch_size=micro_batch_size, mini_batch_prompts=64)
-    cfg.rollout.group_size = 1  # mini-batch = 64 trajectories: the whole step in one optimizer step
+    cfg.train = TrainConfig(seed=RUN_SEED, micro_batch_size=micro_batch_size, mini_batch_prompts=MINI_BATCH)
+    cfg.rollout.group_size = 1  # so a mini-batch is MINI_BATCH trajectories
     cfg.vppo = VPPOConfig(**vppo)  # tas_scope global is the default
     # Non-distributed optimizer: main_grad holds the whole DP-reduced gradient on every rank.
     cfg.optim = OptimConfig(lr=1e-6, use_distributed_optimizer=False)
@@ -101,7 +105,7 @@ class GradCapture:
         return getattr(self._opt, name)
 
 
-def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True):
+def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vpp: int | None = None):
     """Process groups, model, HF weights, DDP + optimizer exactly as train/build.py does."""
     from megatron_vppo.checkpoint.hf_load import load_hf_weights
     from megatron_vppo.config import ParallelConfig
@@ -115,7 +119,7 @@ def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True):
 
     hf = load_hf_config(model_dir)
     arch = text_arch(hf)
-    cfg.parallel = ParallelConfig(tp=tp, pp=pp)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
     cfg.model.path = str(model_dir)
     init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
                      num_query_groups=arch.num_key_value_heads, num_layers=arch.num_layers,
@@ -151,12 +155,13 @@ def train_side_step(trainer, proxy, trajs) -> dict:
     # α is not handed out by shape_step; recompute it from the same gathered pass results.
     old, mask = responses_to_matrix([r["old"] for r in scored])
     aug = responses_to_matrix([r["aug"] for r in scored])[0] if "aug" in scored[0] else None
+    kl = responses_to_matrix([r["kl"] for r in scored])[0] if "kl" in scored[0] else None
     adv = grpo_advantages(torch.tensor([t.reward for t in trajs], dtype=torch.float64),
                           torch.tensor([t.group for t in trajs]))
-    shaping = compute_shaping(old, aug, mask, adv, trainer.cfg.vppo)
+    shaping = compute_shaping(old, aug, mask, adv, trainer.cfg.vppo, kl=kl)
     keep_grads = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     return dict(
-        old=[r["old"] for r in scored], aug=[r.get("aug") for r in scored],
+        old=[r["old"] for r in scored], aug=[r.get("aug") for r in scored], kl=[r.get("kl") for r in scored],
         dependency=shaping.dependency, alpha=shaping.alpha, mask=mask,
         per_traj=per_traj, minibatches=minibatches, metrics={**shaping_metrics, **upd},
         loss=upd["actor/loss"],
@@ -176,8 +181,8 @@ def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs):
 
 LAYOUTS = {  # name: (world, tp, pp, micro-batch size)
     "TP2": (2, 2, 1, 4),
-    "PP2": (2, 1, 2, 2),  # 4 micro-batches: a real 1F1B warm-up / steady state / cool-down
-    "DP2": (2, 1, 1, 4),  # shards of 4 and 3 trajectories
+    "PP2": (2, 1, 2, 1),  # 7 paired micro-batches; 4 + 3 in the updates: 1F1B warm-up, steady, cool-down
+    "DP2": (2, 1, 1, 4),  # pass shards of 4 and 3; update shards 2 + 2, then 2 + 1
     "TP2xPP2": (4, 2, 2, 4),
     "TP1-mbs1": (1, 1, 1, 1),
 }
@@ -194,12 +199,13 @@ def reference(tiny_model_dir, trajs):
     return run_distributed(_layout_worker, 1, str(tiny_model_dir), trajs, 1, 1, 4)[0]
 
 
-def _merged_grads(results):
+def _merged_grads(results, step: int = 0):
+    """Full HF-named gradient of optimizer step `step`, merged over pipeline stages."""
     merged = {}
     for r in results:
         if r["grads"] is not None:
-            assert len(r["grads"]) == 1, "one mini-batch -> one optimizer step"
-            merged.update(r["grads"][0])
+            assert len(r["grads"]) == len(r["minibatches"]), "one optimizer step per mini-batch"
+            merged.update(r["grads"][step])
     return merged
 
 
@@ -220,7 +226,6 @@ def _worst_grad(got: dict, ref: dict) -> tuple[float, str]:
 
 def check_same(results, ref, tag):
     """Every rank's view of the step equals the reference step."""
-    ref_grads = _merged_grads([ref])
     for rank, r in enumerate(results):
         d = {
             "old_logp": _max_diff(r["old"], ref["old"]),
@@ -237,13 +242,15 @@ def check_same(results, ref, tag):
         ref_masks = [p["tgf_mask"] for p in ref["per_traj"]]
         assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks)), f"{tag} rank {rank}: TGF mask differs"
         assert r["minibatches"] == ref["minibatches"]
-    rel, name = _worst_grad(_merged_grads(results), ref_grads)
-    print(f"{tag}: worst relative gradient difference {rel:.1e} ({name})")
-    assert rel <= GRAD_RTOL_LAYOUT, f"{tag}: gradient of {name} differs from TP1 by {rel:.3e} (relative)"
+    for step in range(len(ref["minibatches"])):
+        rel, name = _worst_grad(_merged_grads(results, step), _merged_grads([ref], step))
+        print(f"{tag}: optimizer step {step}: worst relative gradient difference {rel:.1e} ({name})")
+        assert rel <= GRAD_RTOL_LAYOUT, f"{tag}: step {step} gradient of {name} differs from TP1 by {rel:.3e}"
     digests = [r["grad_digest"] for r in results]
     for rank, dg in enumerate(digests[1:], 1):  # every DP / TP / PP peer saw the same reduced gradient
-        for k in dg[0].keys() & digests[0][0].keys():
-            assert dg[0][k] == pytest.approx(digests[0][0][k], rel=1e-6), f"{tag} rank {rank}: {k}"
+        for step in range(len(dg)):
+            for k in dg[step].keys() & digests[0][step].keys():
+                assert dg[step][k] == pytest.approx(digests[0][step][k], rel=1e-6), f"{tag} rank {rank}: {k}"
 
 
 def test_reference_batch_is_nontrivial(reference, trajs):
@@ -257,7 +264,8 @@ def test_reference_batch_is_nontrivial(reference, trajs):
     assert float(a.max() - a.min()) > 1e-3, "α should vary over the batch"
     kept = torch.cat([p["tgf_mask"] for p in reference["per_traj"]])
     assert 0.2 < float(kept.mean()) < 0.8, "TGF should drop part of the tokens"
-    assert len(reference["grads"]) == 1 and all(torch.isfinite(g).all() for g in reference["grads"][0].values())
+    assert reference["minibatches"] == [[0, 1, 2, 3], [4, 5, 6]]
+    assert all(torch.isfinite(g).all() for step in reference["grads"] for g in step.values())
     print(f"TP1 reference step: {reference['seconds']:.1f}s, J = {reference['loss']:.6f}")
 
 
@@ -315,30 +323,35 @@ def hf_response_logp(logits, batch, trajs):
 
 
 def test_tp1_gradient_equals_transformers_gradient_of_J(tiny_model_dir, trajs, reference):
+    """First optimizer step: J of mini-batch [0..3] (denominator = ITS valid tokens) at θ = π_old."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_vppo.algo.loss import vppo_policy_loss
     from megatron_vppo.models.qwen2_5_vl.weights import canonical_hf_name
     from megatron_vppo.train.rl_batch import responses_to_matrix
 
+    idx = reference["minibatches"][0]
+    mb = [trajs[i] for i in idx]
+    rows = [reference["per_traj"][i] for i in idx]
     cfg = run_config(4).vppo
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.train()
-    batch = hf_batch(tiny_model_dir, trajs)
-    logp = hf_response_logp(hf_forward(model, batch), batch, trajs)
-    mask = responses_to_matrix([torch.ones(t.response_len) for t in trajs], dtype=torch.float32)[0]
-    tgf = responses_to_matrix([p["tgf_mask"] for p in reference["per_traj"]], dtype=torch.float32)[0]
-    adv = torch.tensor([p["advantage"] for p in reference["per_traj"]], dtype=torch.float32)
+    batch = hf_batch(tiny_model_dir, mb)
+    logp = hf_response_logp(hf_forward(model, batch), batch, mb)
+    mask = responses_to_matrix([torch.ones(t.response_len) for t in mb], dtype=torch.float32)[0]
+    tgf = responses_to_matrix([p["tgf_mask"] for p in rows], dtype=torch.float32)[0]
+    adv = torch.tensor([p["advantage"] for p in rows], dtype=torch.float32)
+    assert 0 < float(tgf.sum()) < float(mask.sum()), "TGF must drop some tokens (entropy term reaches them)"
     loss, _ = vppo_policy_loss(logp, logp.detach(), adv, mask, tgf, clip_low=cfg.clip_low,
                                clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, entropy_coef=cfg.entropy_coef)
     loss.backward()
     hf_grads = {canonical_hf_name(n): p.grad for n, p in model.named_parameters()}
     assert all(g is not None for g in hf_grads.values())
 
-    d_old = _max_diff([logp[i, : t.response_len].detach() for i, t in enumerate(trajs)], reference["old"])
-    print(f"old_logp vs transformers {d_old:.1e}; J {float(loss.detach()):.7f} vs Megatron {reference['loss']:.7f}")
+    d_old = _max_diff([logp[j, : t.response_len].detach() for j, t in enumerate(mb)],
+                      [reference["old"][i] for i in idx])
+    print(f"old_logp vs transformers {d_old:.1e}")
     assert d_old <= ATOL
-    assert abs(float(loss) - reference["loss"]) <= ATOL
-    rel, name = _worst_grad(_merged_grads([reference]), hf_grads)
+    rel, name = _worst_grad(_merged_grads([reference], 0), hf_grads)
     print(f"TP1 vs transformers: worst relative gradient difference {rel:.1e} ({name})")
     assert rel <= GRAD_RTOL_HF, f"gradient of {name} differs from transformers' by {rel:.3e} (relative)"

@@ -8,8 +8,8 @@
   loss and the gradient of the VPPO update equal those of the DAPO update on the same batch.
 * `loop.perturbed_views` is deterministic per (seed, step, trajectory), changes only image
   trajectories, and never changes a shape.
-* Known bugs, strict xfail until fixed: the interleaved (VPP) schedule with fewer micro-batches than
-  pipeline stages; the LR schedule advancing on a skipped (fp16 overflow) optimizer step.
+* Regressions: the interleaved (VPP) schedule with fewer micro-batches than pipeline stages; the LR
+  schedule must not advance on a skipped (fp16 overflow) optimizer step.
 
 The fixed batch and the trainer construction are shared with test_vppo_layout_invariance.py.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_test_images
 from dist_helpers import run_distributed
 from test_vppo_layout_invariance import (
     RUN_SEED,
@@ -186,10 +187,6 @@ def four_layer_model_dir(tmp_path_factory):
                            text_config={"num_hidden_layers": 4})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "passes._micro_batches does not pad the micro-batch count for Megatron's interleaved (VPP) schedule: "
-    "an update shard of 4 trajectories at micro-batch 4 is 1 micro-batch < PP=2 and "
-    "forward_backward_pipelining_with_interleaving raises; fix described in the VPPO-passes report"))
 def test_interleaved_pipeline_small_shard_matches_single_process(four_layer_model_dir):
     """PP2 × VPP2: same step as one process, even when a shard has fewer micro-batches than stages."""
     from test_vppo_layout_invariance import check_same
@@ -203,9 +200,6 @@ def test_interleaved_pipeline_small_shard_matches_single_process(four_layer_mode
 # ------------------------------------------------------------------------ optimizer-step protocol
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "loop.update_policy advances the LR scheduler even when optimizer.step() reports a skipped step "
-    "(fp16 overflow); Megatron's protocol (train/optimizer.py docstring) is `if ok: scheduler.step(1)`"))
 def test_skipped_optimizer_step_does_not_advance_the_schedule(monkeypatch):
     from types import SimpleNamespace
 
@@ -237,3 +231,34 @@ def test_skipped_optimizer_step_does_not_advance_the_schedule(monkeypatch):
     loop.update_policy(trainer, trajs, [{}, {}], [[0], [1]])
     assert calls["opt"] == 2
     assert calls["sched"] == 0, "a skipped optimizer step must not advance the learning-rate schedule"
+
+
+def test_image_mode_blackens_the_same_cells_as_pixel_mode(tiny_model_dir):
+    """`image` mode (blacken the resized image, re-run the processor) gives the pixel-mode view: the
+    same seed draws the same mask on the same (h, w) patch grid, and the re-processing is exact."""
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.train.loop import perturbed_views
+    from megatron_vppo.train.rl_batch import Trajectory
+
+    import numpy as np
+    from PIL import Image
+
+    proc = VLProcessor.from_pretrained(tiny_model_dir)
+    odd = Image.fromarray(np.random.default_rng(3).integers(0, 255, (73, 101, 3), dtype=np.uint8))
+    images = [*make_test_images(), odd]  # the last one is resized by the processor
+    trajs = []
+    for img in images:
+        enc = proc.encode("<image> How many?", [img], response="\\boxed{2}")
+        trajs.append(Trajectory(group=0, input_ids=enc["input_ids"], response_start=enc["response_start"],
+                                pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                                extra={"images": [img]}))
+    pixel = perturbed_views(trajs, proc, RUN_SEED, STEP, 0, 0.5, "pixel")
+    image = perturbed_views(trajs, proc, RUN_SEED, STEP, 0, 0.5, "image")
+    for t, p, q in zip(trajs, pixel, image):
+        assert q.shape == p.shape == t.pixel_values.shape
+        assert not torch.equal(p, t.pixel_values)
+        assert (p - q).abs().max() <= 1e-5
+    no_images = Trajectory(group=0, input_ids=trajs[0].input_ids, response_start=trajs[0].response_start,
+                           pixel_values=trajs[0].pixel_values, image_grid_thw=trajs[0].image_grid_thw)
+    with pytest.raises(ValueError, match="needs the trajectory's PIL images"):
+        perturbed_views([no_images], proc, RUN_SEED, STEP, 0, 0.5, "image")

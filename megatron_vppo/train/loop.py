@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from PIL import Image
 
 from megatron_vppo.algo.advantages import dynamic_sampling_keep, grpo_advantages
 from megatron_vppo.algo.vppo import compute_shaping
 from megatron_vppo.config import RunConfig
-from megatron_vppo.data.perturb import make_generator, perturb_pixel_values
+from megatron_vppo.data.perturb import make_generator, perturb_images_and_process, perturb_pixel_values
 from megatron_vppo.rollout.engine import SamplingParams
 from megatron_vppo.train import passes
 from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
@@ -122,14 +123,32 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
 # ------------------------------------------------------------------------------------- the step
 
 
-def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, prob: float) -> list:
-    """Spec §2 `pixel` mode: a fresh mask per trajectory, seeded by (run seed, step, trajectory)."""
+def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, prob: float,
+                    mode: str = "pixel") -> list:
+    """Spec §2: a fresh mask per trajectory, seeded by (run seed, step, trajectory index).
+
+    `pixel`: blacken whole 14x14 patches in pixel_values (exact, no image round trip).
+    `image`: blacken 14x14 cells of the image at the processor's resized size, then re-run the
+    processor (the reference trainer's way); the resize is then the identity, so shapes are unchanged.
+    """
     ip = processor.image_processor
-    return [
-        perturb_pixel_values(t.pixel_values, t.image_grid_thw, make_generator(run_seed, step, offset + i),
-                             ip.image_mean, ip.image_std, prob)
-        for i, t in enumerate(trajs)
-    ]
+    views = []
+    for i, t in enumerate(trajs):
+        gen = make_generator(run_seed, step, offset + i)
+        if mode == "pixel" or not t.has_image:
+            views.append(perturb_pixel_values(t.pixel_values, t.image_grid_thw, gen, ip.image_mean,
+                                              ip.image_std, prob))
+            continue
+        images = t.extra.get("images")
+        if not images:
+            raise ValueError("perturbation mode 'image' needs the trajectory's PIL images "
+                             "(Trajectory.extra['images']); use vppo.perturbation=pixel otherwise")
+        patch = ip.patch_size
+        resized = [im.convert("RGB").resize((int(w) * patch, int(h) * patch), Image.BICUBIC)
+                   for im, (_, h, w) in zip(images, t.image_grid_thw.tolist())]
+        views.append(perturb_images_and_process(resized, gen, lambda ims: processor.process_images(ims)[0],
+                                                prob, cell=patch))
+    return views
 
 
 def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
@@ -142,7 +161,7 @@ def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     views = None
     if use_vppo:
         views = perturbed_views(mine, trainer.processor, cfg.train.seed, trainer.step, idx[0] if idx else 0,
-                                cfg.vppo.perturb_prob)
+                                cfg.vppo.perturb_prob, cfg.vppo.perturbation)
     res = passes.dependency_pass(trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
                                  exact_kl=use_vppo and cfg.vppo.dependency_estimator == "exact_kl")
     return passes.gather_data_parallel(res)
@@ -215,7 +234,8 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
             sums = passes.policy_update_pass(trainer.model_chunks, [trajs[i] for i in idx], shape, ls,
                                              [per_traj[i] for i in idx])
             ok, grad_norm, _ = trainer.optimizer.step()
-            trainer.scheduler.step(increment=1)
+            if ok:  # Megatron's protocol: a skipped (fp16 overflow) step does not advance the schedule
+                trainer.scheduler.step(increment=1)
             grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
             for k, v in _sum_over_data_parallel(sums).items():
                 totals[k] = totals.get(k, 0.0) + v

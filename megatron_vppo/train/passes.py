@@ -37,9 +37,13 @@ class PassShape:
     temperature: float = 1.0
 
 
-def _micro_batches(trajs: list[Trajectory], shape: PassShape, views=None) -> list[MicroBatch]:
-    """At least one micro-batch (all filler if this rank has no data), each of fixed shape."""
+def _micro_batches(trajs: list[Trajectory], shape: PassShape, views=None,
+                   multiple_of: int = 1) -> list[MicroBatch]:
+    """At least one micro-batch (all filler if this rank has no data), each of fixed shape; the count
+    is padded with all-filler micro-batches to a multiple of `multiple_of` (the interleaved
+    schedule needs a multiple of the pipeline size)."""
     groups = chunks(list(range(len(trajs))), shape.micro_batch_size) or [[]]
+    groups += [[]] * (-len(groups) % multiple_of)
     out = []
     for idx in groups:
         part = [trajs[i] for i in idx]
@@ -74,6 +78,10 @@ def _run_schedule(model_chunks, micro_batches, loss_fn, shape: PassShape, rows: 
         micro_batch_size=rows,
         forward_only=forward_only,
     )
+
+
+def _schedule_multiple(model_chunks) -> int:
+    return ps.get_pipeline_model_parallel_world_size() if len(model_chunks) > 1 else 1
 
 
 def _from_last_stage(obj):
@@ -127,10 +135,11 @@ def dependency_pass(model_chunks, trajs: list[Trajectory], shape: PassShape,
     for m in model_chunks:
         m.eval()
     if perturbed_pixels is None:
-        mbs = _micro_batches(trajs, shape)
+        mbs = _micro_batches(trajs, shape, multiple_of=_schedule_multiple(model_chunks))
         loss_fn, rows = partial(_old_logp_loss, shape), shape.micro_batch_size
     else:
-        mbs = _micro_batches(trajs, shape, views=perturbed_pixels)
+        mbs = _micro_batches(trajs, shape, views=perturbed_pixels,
+                             multiple_of=_schedule_multiple(model_chunks))
         loss_fn, rows = partial(_dependency_loss, shape, exact_kl), 2 * shape.micro_batch_size
     stored = _run_schedule(model_chunks, mbs, loss_fn, shape, rows, forward_only=True)
     results = None
@@ -183,7 +192,7 @@ def policy_update_pass(model_chunks, trajs: list[Trajectory], shape: PassShape, 
     """
     for m in model_chunks:
         m.train()
-    mbs = _micro_batches(trajs, shape)
+    mbs = _micro_batches(trajs, shape, multiple_of=_schedule_multiple(model_chunks))
     for k, mb in enumerate(mbs):
         idx = range(k * shape.micro_batch_size, k * shape.micro_batch_size + mb.num_real)
         rows = [per_traj[i] for i in idx]

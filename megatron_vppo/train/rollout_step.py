@@ -36,6 +36,7 @@ class EncodedPrompt:
     image_grid_thw: torch.Tensor | None
     answer: str
     index: int  # dataset row, for logs
+    images: list | None = None  # the PIL images, for the `image` perturbation mode
 
 
 def encode_prompts(processor, records: list[dict]) -> list[EncodedPrompt]:
@@ -43,7 +44,7 @@ def encode_prompts(processor, records: list[dict]) -> list[EncodedPrompt]:
     for rec in records:
         enc = processor.encode(rec["problem"], rec["images"])
         out.append(EncodedPrompt(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"],
-                                 rec["answer"], int(rec.get("index", -1))))
+                                 rec["answer"], int(rec.get("index", -1)), list(rec["images"] or [])))
     return out
 
 
@@ -94,6 +95,6 @@ def to_trajectories(prompts: list[EncodedPrompt], groups: list[dict]) -> list[Tr
                 group=g_index, input_ids=ids, response_start=len(p.prompt_ids),
                 pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw, reward=float(reward),
                 rollout_log_probs=torch.tensor(log_probs, dtype=torch.float32),
-                extra={"finish_reason": finish, "prompt_index": p.index},
+                extra={"finish_reason": finish, "prompt_index": p.index, "images": p.images},
             ))
     return trajs

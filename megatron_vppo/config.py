@@ -64,7 +64,6 @@ class RolloutConfig:
     bucket_bytes: int = 512 * 1024 * 1024
     sglang_mode: str = "colocated"  # colocated | disaggregated
     sglang_mem_fraction: float = 0.5
-    consistency_check_samples: int = 0
     max_dynamic_sampling_retries: int = 4
 
 

@@ -67,25 +67,30 @@ def _user_errors():
 
 def _rank_main(args) -> int:
     """Run one rank; a user-facing error is printed once (rank 0) without a traceback."""
+    return run_rank(_run, args, f"convert_checkpoint.py {args.cmd}", _user_errors())
+
+
+def run_rank(fn, args, prog: str, user_errors: tuple) -> int:
+    """fn(args) on this rank; user errors print once (rank 0) as `prog: error: ...`, exit code 1."""
     from megatron_vppo.distributed import destroy_distributed
 
     rank = int(os.environ.get("RANK", "0"))
     try:
-        _run(args)
+        fn(args)
         return 0
-    except _user_errors() as e:
+    except user_errors as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         if rank == 0:
-            print(f"convert_checkpoint.py {args.cmd}: error: {msg}", file=sys.stderr, flush=True)
+            print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
         return 1
     finally:
         destroy_distributed()
 
 
-def _spawned(local_rank: int, args, world: int, port: int) -> None:
+def _spawned(local_rank: int, rank_main, args, world: int, port: int) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    code = _rank_main(args)
+    code = rank_main(args)
     if code:
         sys.exit(code)
 
@@ -96,6 +101,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(rank_main, args, world: int) -> int:
+    """Run `rank_main(args) -> exit code` on every rank: the torchrun ranks when launched by torchrun,
+    this process when world == 1, else `world` spawned processes (gloo on CPU, NCCL on GPUs)."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun
+        return rank_main(args)
+    if world == 1:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+        return rank_main(args)
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        mp.start_processes(_spawned, args=(rank_main, args, world, _free_port()), nprocs=world, join=True,
+                           start_method="spawn")
+    except mp.ProcessExitedException:
+        return 1  # rank 0 already printed the reason
+    return 0
 
 
 def _check_before_launch(args) -> None:
@@ -141,22 +166,7 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"convert_checkpoint.py {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun
-        return _rank_main(args)
-    world = args.tp * args.pp
-    if world == 1:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-        return _rank_main(args)
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        mp.start_processes(_spawned, args=(args, world, _free_port()), nprocs=world, join=True,
-                           start_method="spawn")
-    except mp.ProcessExitedException:
-        return 1  # rank 0 already printed the reason
-    return 0
+    return launch(_rank_main, args, args.tp * args.pp)
 
 
 if __name__ == "__main__":

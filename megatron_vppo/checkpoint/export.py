@@ -331,12 +331,16 @@ def _all_ok(ok: bool) -> bool:
 
 
 def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
-                   dst: str = "rank0", dtype: torch.dtype | None = None) -> None:
+                   bucketed: bool = True, dst: str = "rank0", dtype: torch.dtype | None = None) -> None:
     """Export into `engine.update_weights` on the destination rank(s) (collective over all ranks).
 
-    `engine` may be None on ranks that hold none. If the engine raises, the stream is still run to its
-    end (so no rank hangs in a collective) and every rank raises."""
-    stream = export_hf_buckets(model_chunks, adapter, bucket_bytes, dst=dst, dtype=dtype)
+    `engine` may be None on ranks that hold none. `bucketed=False` hands the engine plain
+    (name, tensor) pairs (an in-process engine needs no packing). If the engine raises, the stream is
+    still run to its end (so no rank hangs in a collective) and every rank raises."""
+    if bucketed:
+        stream = export_hf_buckets(model_chunks, adapter, bucket_bytes, dst=dst, dtype=dtype)
+    else:
+        stream = export_hf_weights(model_chunks, adapter, dst=dst, dtype=dtype)
     err = None
     if engine is None:
         drain(stream)

@@ -25,11 +25,12 @@ class DistInfo:
 
 
 def te_available() -> bool:
-    """Transformer Engine importable and a GPU present (its attention is what CP needs)."""
+    """Transformer Engine's PyTorch layers importable and a GPU present (TE layers, FP8 and the
+    attention context parallel needs). The one check every caller shares."""
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
     except Exception:
         return False
     return True

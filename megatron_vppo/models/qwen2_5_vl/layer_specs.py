@@ -14,20 +14,10 @@ import copy
 
 import torch
 
+from megatron_vppo.distributed import te_available as te_usable
+
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise")
-
-
-def te_usable() -> bool:
-    """Transformer Engine importable and a CUDA device present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def local_layer_spec():

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from megatron_vppo.distributed import te_available as te_usable
 
 FP8_FORMATS = ("hybrid", "e4m3")

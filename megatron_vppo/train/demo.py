@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/demo", help="working directory (model, data, run)")
     ap.add_argument("--config", default=str(DEMO_CONFIG))
-    ap.add_argument("--sft-steps", type=int, default=40)
+    ap.add_argument("--sft-steps", type=int, default=30)
     ap.add_argument("--train-rows", type=int, default=512)
-    ap.add_argument("--val-rows", type=int, default=32)
+    ap.add_argument("--val-rows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.total_steps=5")
     args = ap.parse_args(argv)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = out / "data"
     if not (data_dir / "validation.jsonl").is_file():
         write_synthetic_dataset(data_dir, args.train_rows, args.val_rows, seed=args.seed)
-    sft_dir = warm_start(init_dir, data_dir / "train.jsonl", out / "model_sft", steps=args.sft_steps,
+    sft_dir = warm_start(init_dir, data_dir / "train.jsonl", out / f"model_sft{args.sft_steps}", steps=args.sft_steps,
                          batch_size=16, lr=2e-3, seed=args.seed)
     cfg = load_config(args.config, [
         f"model.path={sft_dir}", f"data.train={data_dir / 'train.jsonl'}",

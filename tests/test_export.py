@@ -15,12 +15,12 @@ from dist_helpers import run_distributed
 BUCKETS = (1024, 1024 * 1024, None)
 
 
-def _load(hf_dir, tp, pp):
+def _load(hf_dir, tp, pp, vpp=None):
     from megatron_vppo.checkpoint.export import load_model, model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import init_distributed
 
-    parallel = ParallelConfig(tp=tp, pp=pp)
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
     init_distributed(parallel, **model_dims(read_model_config(hf_dir)))
     return load_model(hf_dir, parallel)
 
@@ -76,3 +76,78 @@ def test_export_stream_equals_loaded_hf_state(tiny_model_dir, tiny_model_dir_tie
         if r != 0:
             assert all(not res["buckets"][b][1] for b in BUCKETS), "non-destination ranks yield nothing"
         assert res["replica_count"] == (len(ref) if r == 0 else 0)
+
+
+def _vpp_worker(rank, world, hf_dir):
+    from megatron_vppo.checkpoint.export import export_hf_weights
+
+    m = _load(hf_dir, 1, 2, vpp=2)
+    assert len(m.chunks) == 2
+    return [(n, t.clone()) for n, t in export_hf_weights(m.chunks, m.adapter)]
+
+
+def test_export_stream_with_virtual_pipeline(tmp_path):
+    """PP2 × VPP2 on a 4-layer model: every chunk of every stage contributes, in layer order."""
+    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+
+    hf_dir = make_tiny_model(tmp_path / "tiny4", seed=1, text_config={"num_hidden_layers": 4})
+    ref = load_file(str(hf_dir / "model.safetensors"))
+    got, rest = run_distributed(_vpp_worker, 2, str(hf_dir))
+    assert rest == []
+    _check_equal(got, ref, "pp2 vpp2")
+    layers = [int(n.split(".")[2]) for n, _ in got if n.startswith("model.layers.")]
+    assert layers == sorted(layers)
+
+
+class _FailingEngine:
+    def __init__(self, after):
+        self.after = after
+
+    def update_weights(self, stream):
+        from megatron_vppo.rollout.buckets import iter_named_tensors
+
+        for i, _ in enumerate(iter_named_tensors(stream)):
+            if i == self.after:
+                raise RuntimeError("engine broke mid-stream")
+
+
+def _failing_push_worker(rank, world, hf_dir):
+    from megatron_vppo.checkpoint.export import export_manifest, push_to_engine
+
+    m = _load(hf_dir, 2, 1)
+    manifest = export_manifest(m.chunks, m.adapter)
+    try:
+        push_to_engine(m.chunks, m.adapter, _FailingEngine(3) if rank == 0 else None, bucket_bytes=1024)
+    except Exception as e:  # noqa: BLE001
+        return manifest, f"{type(e).__name__}: {e}"
+    return manifest, None
+
+
+def test_engine_error_mid_stream_raises_everywhere_without_hanging(tiny_model_dir):
+    ref = load_file(str(tiny_model_dir / "model.safetensors"))
+    (manifest, err0), (manifest1, err1) = run_distributed(_failing_push_worker, 2, str(tiny_model_dir))
+    assert "engine broke mid-stream" in err0 and "failed on another rank" in err1
+    assert manifest == manifest1
+    assert {n: (tuple(t.shape), t.dtype) for n, t in ref.items()} == {n: (s, d) for n, s, d in manifest}
+
+
+def test_save_hf_checkpoint_shards_and_is_atomic(tiny_model_dir, tmp_path):
+    from megatron_vppo.checkpoint.export import save_hf_checkpoint
+    from megatron_vppo.checkpoint.hf_load import SafetensorsDir
+    from megatron_vppo.rollout.buckets import iter_buckets
+
+    ref = load_file(str(tiny_model_dir / "model.safetensors"))
+    out = save_hf_checkpoint(iter_buckets(ref.items(), 4096), tmp_path / "sharded", tiny_model_dir,
+                             tiny_model_dir, max_shard_bytes=64 * 1024)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 2 and (out / "model.safetensors.index.json").exists()
+    back = SafetensorsDir(out)
+    assert set(back.where) == set(ref) and all(torch.equal(back.get(k), v) for k, v in ref.items())
+    assert (out / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+
+    def broken():
+        yield from list(ref.items())[:5]
+        raise RuntimeError("stream died")
+
+    with pytest.raises(RuntimeError, match="stream died"):
+        save_hf_checkpoint(broken(), tmp_path / "half", tiny_model_dir, max_shard_bytes=1024)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded"], "nothing half-written is left"

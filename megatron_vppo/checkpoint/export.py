@@ -25,6 +25,10 @@ inside a chunk, and the adapter's order inside a group.
 
 At TP1 on the destination stage the yielded tensors may alias the live parameters (no copy is made);
 clone a tensor you keep past the next optimizer step.
+
+Also here: the HF checkpoint writer (`save_hf_checkpoint`, `export_hf_checkpoint`) and the model
+load / save helpers the conversion and scoring tools share (`load_model` for an HF directory or a
+Megatron checkpoint, `save_model_checkpoint` for a self-contained, layout-free model checkpoint).
 """
 from __future__ import annotations
 
@@ -176,7 +180,9 @@ def gather_param_metadata(model_chunks, adapter) -> list[ParamMeta]:
     return out
 
 
-def plan_export(metas: Sequence[ParamMeta], adapter, group_key: Callable[[str], str] | None = None) -> list[ExportGroup]:
+def plan_export(
+    metas: Sequence[ParamMeta], adapter, group_key: Callable[[str], str] | None = None
+) -> list[ExportGroup]:
     """Group parameters for conversion and learn each group's HF outputs by converting meta tensors.
 
     Runs identically on every rank, so an unknown name raises everywhere before any tensor moves."""
@@ -274,15 +280,21 @@ def export_hf_weights(
 def _gather_tp(t, dim, group, tp, tp_rank, tp_root, everywhere):
     """Full tensor on TP rank 0 (or on every TP rank when `everywhere`); None elsewhere."""
     t = t.contiguous()
+    receiving = everywhere or tp_rank == 0
+    full = parts = None
+    if receiving:
+        if dim == 0:  # shards are contiguous slices of the full tensor: receive in place, no concat
+            full = t.new_empty((t.shape[0] * tp, *t.shape[1:]))
+            parts = list(full.chunk(tp, dim=0))
+        else:
+            parts = [torch.empty_like(t) for _ in range(tp)]
     if everywhere:
-        parts = [torch.empty_like(t) for _ in range(tp)]
         dist.all_gather(parts, t, group=group)
     else:
-        parts = [torch.empty_like(t) for _ in range(tp)] if tp_rank == 0 else None
         dist.gather(t, parts, dst=tp_root, group=group)
         if tp_rank != 0:
             return None
-    return torch.cat(parts, dim=dim)
+    return full if full is not None else torch.cat(parts, dim=dim)
 
 
 def _move_stage(t, m: ParamMeta, group, pp_rank, pp_first, everywhere, dev):
@@ -307,6 +319,13 @@ def export_hf_buckets(
     """`export_hf_weights` packed into byte-bounded buckets (`rollout.buckets.iter_buckets`;
     None or <= 0: one bucket). Same collective contract."""
     return iter_buckets(export_hf_weights(model_chunks, adapter, **kwargs), bucket_bytes)
+
+
+def export_manifest(model_chunks, adapter, group_key=None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(hf_name, shape, dtype) of every tensor the stream will yield, in stream order — known before any
+    tensor moves, so a consumer can validate a whole update up front (collective over the pipeline)."""
+    groups = plan_export(gather_param_metadata(model_chunks, adapter), adapter, group_key)
+    return [h for g in groups for h in g.hf]
 
 
 def export_nbytes(model_chunks, adapter, group_key=None) -> int:
@@ -657,6 +676,7 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
     cfg = load_hf_config(hf_config)
     if not _all_ok(rank != 0 or overwrite or not out.exists()):
         raise ExportError(f"{out} already exists; choose another --out (or remove it)")
+    check_sharding(model_chunks)
     tmp = None
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -691,3 +711,35 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
     if not _all_ok(ok):
         raise ExportError(f"finalizing {out} failed on rank 0 ({err or 'see its log'})")
     return out
+
+
+def check_sharding(model_chunks) -> None:
+    """Collective: every tensor shard of the model's `sharded_state_dict` must have exactly one main
+    replica across all ranks. Megatron checks this on rank 0 only, inside `dist_checkpointing.save`,
+    where a failure leaves the other ranks blocked in a collective; checking here first makes every
+    rank raise the same clear error instead."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+    from megatron.core.utils import unwrap_model
+
+    mine = []
+    for i, chunk in enumerate(_chunks(model_chunks)):
+        for t in nested_values(unwrap_model(chunk).sharded_state_dict()):
+            if isinstance(t, ShardedTensor) and is_main_replica(t.replica_id):
+                mine.append((t.key, tuple(t.global_offset)))
+    every = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    count: dict = {}
+    for part in every:
+        for k in part:
+            count[k] = count.get(k, 0) + 1
+    dup = sorted(k for k, n in count.items() if n > 1)
+    if dup:
+        key, offset = dup[0]
+        raise ExportError(
+            f"{len(dup)} checkpoint shard(s) are claimed as the main replica by several ranks, e.g. {key!r} at "
+            f"offset {offset} ({count[dup[0]]} ranks): the module's sharded_state_dict gives TP-replicated "
+            "tensors the same replica_id on every TP rank; pass tp_group to sharded_state_dict_default there"
+        )

@@ -327,12 +327,20 @@ class Qwen25VisionModel(MegatronModule):
         return out[torch.argsort(win_idx)]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Distributed-checkpoint view: each block under `blocks.{i}.` with its own TP sharding."""
+        """Distributed-checkpoint view: each block under `blocks.{i}.` with its own TP sharding.
+
+        The TP group must be passed: without it Megatron gives TP-replicated tensors (the patch
+        embedding, norms) the same replica id on every TP rank and a TP>1 save is rejected."""
+        from megatron.core import parallel_state
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         sd = {}
         for name, child in self.named_children():
             if name == "blocks":
                 for i, layer in enumerate(child):
-                    sd.update(sharded_state_dict_default(layer, f"{prefix}blocks.{i}.", sharded_offsets, metadata))
+                    sd.update(sharded_state_dict_default(layer, f"{prefix}blocks.{i}.", sharded_offsets, metadata,
+                                                         tp_group=tp_group))
             else:
-                sd.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+                sd.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                     tp_group=tp_group))
         return sd

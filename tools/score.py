@@ -1,0 +1,133 @@
+"""Per-token log-probs of given responses under the trainer's Megatron model.
+
+    torchrun --nproc-per-node K tools/score.py --model DIR --data IN.jsonl --out OUT.jsonl \
+        --tp N --pp M [--micro-batch B] [--temperature T] [--hf-config DIR]
+
+DIR is a Hugging Face directory or a Megatron checkpoint (tools/convert_checkpoint.py hf-to-mcore,
+or a trainer step_NNNNNNN dir with --hf-config naming the HF directory it came from); the kind is
+detected. K must be a multiple of N*M; the extra factor is data parallel. Without torchrun the tool
+starts N*M processes itself.
+
+Input lines: {"problem": str (with "<image>" placeholders, or none), "images": [paths] (relative
+paths resolve against the data file's folder), "response": str}. The prompt is built as in spec §7
+(`data.processor.VLProcessor`). Output (same order, written by rank 0 atomically):
+    {"input_ids": [prompt + response ids], "response_start": int, "log_probs": [one per response token]}
+The log-probs are log softmax(logits / T)[token] over the true vocabulary, computed vocab-parallel
+on the last pipeline stage (the trainer's code, `megatron_vppo.train.scoring`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from convert_checkpoint import launch, run_rank  # noqa: E402
+
+
+class ScoreInputError(ValueError):
+    pass
+
+
+def read_rows(path) -> list[dict]:
+    rows = []
+    base = Path(path).resolve().parent
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ScoreInputError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            missing = [k for k in ("problem", "response") if not isinstance(row.get(k), str)]
+            if missing:
+                raise ScoreInputError(f'{path}:{lineno}: missing string field(s) {missing}; each line needs '
+                                      '{"problem", "images": [paths], "response"}')
+            images = []
+            for p in row.get("images") or []:
+                q = Path(p)
+                if not q.is_absolute() and not q.exists():
+                    q = base / q
+                if not q.exists():
+                    raise ScoreInputError(f"{path}:{lineno}: image {p!r} not found (also tried {base / p})")
+                images.append(str(q))
+            rows.append({"problem": row["problem"], "images": images, "response": row["response"]})
+    return rows
+
+
+def score(args) -> None:
+    """Per-rank body: load, encode this rank's data, score, rank 0 writes."""
+    import torch.distributed as dist
+
+    from megatron_vppo.checkpoint.export import load_model, model_dims, read_model_config
+    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.distributed import init_distributed
+    from megatron_vppo.models.qwen2_5_vl.config import text_arch
+    from megatron_vppo.train.scoring import score_samples
+
+    cfg = read_model_config(args.model, args.hf_config)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+    init_distributed(parallel, **model_dims(cfg))
+    rows = read_rows(args.data)
+    m = load_model(args.model, parallel, hf_files=args.hf_config)
+    if m.hf_files is None:
+        raise ScoreInputError(f"{args.model}: no tokenizer / processor files; pass --hf-config DIR")
+    proc = VLProcessor.from_pretrained(m.hf_files)
+    samples = [proc.encode(r["problem"], r["images"], response=r["response"]) for r in rows]
+    pad = proc.pad_token_id if proc.pad_token_id is not None else 0
+    out = score_samples(m.chunks, samples, vocab_size=text_arch(cfg).vocab_size, pad_id=pad,
+                        micro_batch_size=args.micro_batch, temperature=args.temperature)
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        dst = Path(args.out)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            for rec in out:
+                f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, dst)
+
+
+def _user_errors():
+    from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError
+    from megatron_vppo.checkpoint.export import ExportError
+    from megatron_vppo.parallel_layout import LayoutError
+
+    return (ScoreInputError, ExportError, CheckpointError, LayoutError, FileNotFoundError, ValueError)
+
+
+def _rank_main(args) -> int:
+    return run_rank(score, args, "score.py", _user_errors())
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF directory or Megatron checkpoint")
+    ap.add_argument("--data", required=True, help='input JSONL: {"problem", "images": [paths], "response"}')
+    ap.add_argument("--out", required=True, help="output JSONL")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--micro-batch", type=int, default=1, help="samples per pipeline micro-batch")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--hf-config", default=None, help="HF directory with config + tokenizer (trainer checkpoints)")
+    args = ap.parse_args(argv)
+    if args.temperature <= 0:
+        ap.error(f"--temperature {args.temperature}: must be > 0")
+    if args.micro_batch < 1:
+        ap.error(f"--micro-batch {args.micro_batch}: must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return launch(_rank_main, args, args.tp * args.pp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -26,6 +27,50 @@ def _run_tool(name: str, argv: list[str]) -> int:
     return 0
 
 
+def _setup_logging() -> None:
+    """INFO on global rank 0 (step summaries, data skips, checkpoints), warnings only elsewhere."""
+    import logging
+    import warnings
+
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    logging.getLogger("megatron_vppo").setLevel(logging.INFO if rank == "0" else logging.WARNING)
+    # Megatron's "no Apex / Transformer Engine" notices and torch's deprecation notices, per rank and
+    # per call, would bury the step summaries on CPU.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatron)\.")
+    warnings.filterwarnings("ignore", message=r"Please use DTensor instead")
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
+
+
+def _train(rest: list[str]) -> int:
+    """`train CONFIG [k=v ...]`. A mistake in the config, the paths or the parallel sizes is reported in
+    one line with exit code 2, before any process group could hang on it (every rank finds the same
+    mistake; rank 0 prints it)."""
+    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.parallel_layout import LayoutError
+
+    if not rest or "=" in rest[0]:
+        config_path, overrides = None, rest
+    else:
+        config_path, overrides = rest[0], rest[1:]
+    if config_path is not None and not Path(config_path).is_file():
+        print(f"megatron-vppo train: config file {config_path} not found", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(config_path, overrides)
+        _setup_logging()
+        from megatron_vppo.train.loop import train
+
+        train(cfg)
+    except (ConfigError, LayoutError) as err:
+        if os.environ.get("RANK", "0") == "0":
+            kind = "config" if isinstance(err, ConfigError) else "parallel layout"
+            print(f"megatron-vppo train: {kind} error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="megatron-vppo", description=__doc__,
@@ -39,25 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command '{command}'")
 
     if command == "train":
-        from megatron_vppo.config import ConfigError, load_config
-        from megatron_vppo.train.loop import train
-
-        if not rest or "=" in rest[0]:
-            config_path, overrides = None, rest
-        else:
-            config_path, overrides = rest[0], rest[1:]
-        try:
-            cfg = load_config(config_path, overrides)
-        except ConfigError as err:
-            print(f"megatron-vppo train: config error: {err}", file=sys.stderr)
-            return 2
-        train(cfg)
-        return 0
+        return _train(rest)
     if command == "demo":
         from megatron_vppo.train.demo import main as demo_main
 
         return demo_main(rest) or 0
     if command == "eval":
+        _setup_logging()
         from megatron_vppo.train.evaluate import main as eval_main
 
         return eval_main(rest) or 0

@@ -3,13 +3,16 @@ data, logger. Kept apart from loop.py so the loop reads top to bottom without se
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_vppo.config import RunConfig, to_dict
+from megatron_vppo.config import ConfigError, RunConfig, to_dict
 from megatron_vppo.train.loop import Trainer, sync_engine_weights
 from megatron_vppo.train.rollout_step import encode_prompts, is_engine_rank
 
@@ -25,6 +28,72 @@ def _optimizer_steps(cfg: RunConfig) -> int:
     return max(1, per_step * cfg.train.total_steps)
 
 
+def check_paths(cfg: RunConfig) -> Path:
+    """Fail before any process group exists when the model or the data is not where the config says."""
+    model_dir = Path(cfg.model.path) if cfg.model.path else None
+    if model_dir is None or not (model_dir / "config.json").is_file():
+        what = "is not set" if model_dir is None else (
+            "does not exist" if not model_dir.exists() else "has no config.json")
+        raise ConfigError(
+            f"model.path={cfg.model.path!r} {what}; point it at an HF Qwen2.5-VL directory "
+            f"(tools/convert_checkpoint.py mcore-to-hf turns a Megatron checkpoint into one)")
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty; set it to a parquet/jsonl/arrow file or a saved dataset dir")
+    for key in ("train", "val"):
+        path = getattr(cfg.data, key)
+        if path and not Path(path).exists():
+            raise ConfigError(f"data.{key}={path!r} does not exist; pass a .parquet/.jsonl/.json/.arrow file "
+                              f"or a directory written by Dataset.save_to_disk")
+    return model_dir
+
+
+def _single_process_rendezvous() -> None:
+    """Outside torchrun (one process, no WORLD_SIZE), rendezvous on a free local port instead of the
+    fixed default, so two single-process runs on one machine do not collide."""
+    if "WORLD_SIZE" in os.environ or "MASTER_PORT" in os.environ:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+_SGLANG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def build_engine(cfg: RunConfig, model_dir: Path):
+    """This replica's rollout engine (called on engine ranks only).
+
+    hf: the in-process transformers engine on this rank's device. sglang colocated: an
+    `sglang.Engine` in this process on this rank's GPU(s), its tensor-parallel size the trainer's, its
+    weights replaced by the trainer's before the first rollout (so model.path only seeds the shapes).
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.rollout.engine == "sglang":
+        if cfg.rollout.sglang_mode != "colocated":
+            raise ConfigError(
+                "rollout.sglang_mode=disaggregated needs SGLang server URLs, which the trainer config does not "
+                "take yet; use rollout.sglang_mode=colocated (or SGLangServerEngine from your own script)")
+        if device.type != "cuda":
+            raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")
+        from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
+
+        return SGLangRolloutEngine(
+            str(model_dir),
+            tp_size=cfg.parallel.tp,
+            mem_fraction_static=cfg.rollout.sglang_mem_fraction,
+            dtype=_SGLANG_DTYPE[cfg.model.dtype],
+            base_gpu_id=device.index,
+            random_seed=cfg.train.seed,
+            enable_memory_saver=True,
+            bucket_bytes=cfg.rollout.bucket_bytes,
+        )
+    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
+    return HFRolloutEngine.from_pretrained(model_dir, device=device, dtype=dtype)
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, resolve_resume
     from megatron_vppo.checkpoint.hf_load import load_hf_weights
@@ -38,17 +107,11 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron_vppo.train.metrics_log import MetricsLogger
     from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
-    model_dir = Path(cfg.model.path)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path={cfg.model.path!r} has no config.json; point it at an HF Qwen2.5-VL directory "
-            f"(tools/convert_checkpoint.py mcore-to-hf turns a Megatron checkpoint into one)")
-    for key in ("train",):
-        if not getattr(cfg.data, key):
-            raise ValueError(f"data.{key} is empty; set it to a parquet/jsonl/arrow file or saved dataset dir")
+    model_dir = check_paths(cfg)
     hf_config = load_hf_config(model_dir)
     arch = text_arch(hf_config)
     vision_heads = (hf_config.get("vision_config") or {}).get("num_heads")
+    _single_process_rendezvous()
     init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
                      num_query_groups=arch.num_key_value_heads, num_layers=arch.num_layers,
                      vision_num_heads=vision_heads, seed=cfg.train.seed)
@@ -74,7 +137,11 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     val_prompts = []
     if cfg.data.val:
         val_ds = PromptDataset(cfg.data.val)
-        val_prompts = encode_prompts(processor, [r for r in (val_ds.get(i)[0] for i in range(len(val_ds))) if r])
+        rows = [val_ds.get(i) for i in range(len(val_ds))]
+        skipped = Counter(reason for rec, reason in rows if rec is None)
+        if skipped:
+            log.warning("data.val %s: skipped %d bad row(s) %s", cfg.data.val, sum(skipped.values()), dict(skipped))
+        val_prompts = encode_prompts(processor, [rec for rec, _ in rows if rec is not None])
 
     trainer = Trainer(cfg=cfg, processor=processor, model_chunks=ddp_chunks, optimizer=optimizer,
                       scheduler=scheduler, engine=None, grader=Grader(), train_batches=batches,
@@ -83,21 +150,22 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     resume = resolve_resume(cfg.train.resume, _ckpt_dir(cfg))
     if resume is not None:
+        # Weights, optimizer, scheduler and RNG states from the checkpoint; the step and the data
+        # position from its train_state, so the next batch is the one the stopped run would have drawn.
         loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler)
         trainer.step = loaded.step
         if "data" in loaded.train_state:
             batches.load_state_dict(loaded.train_state["data"])
-        log.info("resumed from %s at step %d", resume, trainer.step)
+        else:
+            log.warning("%s holds no data position; the data order restarts from the beginning", resume)
+        # Bad rows already met (and logged) before the checkpoint are not news after it.
+        trainer.state["data_log"] = {"epoch": batches.epoch, "skipped": dict(batches.pass_stats.skipped)}
+        log.info("resumed from %s at step %d (optimizer %s, rng %s)", resume, trainer.step,
+                 "restored" if loaded.optimizer_loaded else "fresh",
+                 "restored" if loaded.rng_restored else "fresh")
 
     if is_engine_rank():
-        from megatron_vppo.rollout.hf_engine import HFRolloutEngine
-
-        if cfg.rollout.engine == "sglang":
-            from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
-
-            trainer.engine = SGLangRolloutEngine.from_config(cfg, str(model_dir))
-        else:
-            trainer.engine = HFRolloutEngine.from_pretrained(model_dir)
+        trainer.engine = build_engine(cfg, model_dir)
     sync_engine_weights(trainer)  # the engine starts from the trainer's weights (resume included)
 
     rank = dist.get_rank()
@@ -120,6 +188,9 @@ def maybe_save(trainer: Trainer, force: bool = False) -> None:
 
 
 def teardown(trainer: Trainer) -> None:
+    """Close the logger (rank 0 plots the run), the grader and the engine, then the process groups."""
+    from megatron_vppo.distributed import destroy_distributed
+
     if trainer.logger is not None:
         trainer.logger.close()
         if dist.get_rank() == 0:
@@ -132,6 +203,9 @@ def teardown(trainer: Trainer) -> None:
                 except Exception as e:  # a plot must never fail a finished run
                     log.warning("could not plot metrics: %s", e)
     trainer.grader.close()
+    if trainer.engine is not None and hasattr(trainer.engine, "shutdown"):
+        trainer.engine.shutdown()
+    destroy_distributed()
 
 
-__all__ = ["build_trainer", "maybe_save", "teardown", "torch"]
+__all__ = ["build_engine", "build_trainer", "check_paths", "maybe_save", "teardown"]

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections import Counter
+from pathlib import Path
+
+log = logging.getLogger("megatron_vppo.eval")
 
 
 def accuracy_at_k(groups: list[dict]) -> float:
@@ -22,8 +27,11 @@ def per_prompt_accuracy(groups: list[dict]) -> list[float]:
 
 def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                    max_new_tokens: int = 256, seed: int = 0, limit: int | None = None,
-                   min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+                   min_pixels: int | None = None, max_pixels: int | None = None,
+                   device: str | None = None) -> dict:
     """Single-process evaluation of an HF directory on a ViRL39K-schema dataset."""
+    import torch
+
     from megatron_vppo.data.dataset import PromptDataset
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.reward.grade import Grader
@@ -31,26 +39,35 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
     from megatron_vppo.rollout.hf_engine import HFRolloutEngine
     from megatron_vppo.train.rollout_step import encode_prompts, generate_and_grade
 
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir}: no config.json there; pass an HF Qwen2.5-VL directory")
     processor = VLProcessor.from_pretrained(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
     dataset = PromptDataset(data)
-    records = []
+    records, skipped = [], Counter(dataset.load_skipped)
     for i in range(len(dataset)):
-        rec, _ = dataset.get(i)
+        rec, reason = dataset.get(i)
         if rec is not None:
             records.append(rec)
+        else:
+            skipped[reason] += 1
         if limit is not None and len(records) >= limit:
             break
+    if skipped:
+        log.warning("eval data %s: skipped %d bad row(s) %s", data, sum(skipped.values()), dict(skipped))
     prompts = encode_prompts(processor, records)
-    engine = HFRolloutEngine.from_pretrained(model_dir)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = HFRolloutEngine.from_pretrained(model_dir, device=device)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                               stop_token_ids=(processor.eos_token_id,), seed=seed,
-                          banned_token_ids=processor.multimodal_token_ids)
+                              banned_token_ids=processor.multimodal_token_ids)
     with Grader() as grader:
         groups = generate_and_grade(engine, processor.tokenizer, grader, prompts, list(range(len(prompts))),
                                     n=k, sampling=sampling, seed_parts=(seed, -1))
     return {"model": str(model_dir), "data": str(data), "k": k, "temperature": temperature,
             "prompts": len(groups), f"accuracy@{k}": accuracy_at_k(groups),
-            "pass@k_frac": sum(1 for a in per_prompt_accuracy(groups) if a > 0) / max(len(groups), 1)}
+            "pass@k_frac": sum(1 for a in per_prompt_accuracy(groups) if a > 0) / max(len(groups), 1),
+            "skipped_rows": dict(sorted(skipped.items()))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--min-pixels", type=int, default=None, help="image resize bounds (default: the model's processor)")
+    ap.add_argument("--max-pixels", type=int, default=None)
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     args = ap.parse_args(argv)
+    if args.k < 1:
+        ap.error(f"--k {args.k}: needs at least one sample per prompt")
+    for flag, path, need in (("--model", Path(args.model), "config.json"), ("--data", Path(args.data), None)):
+        if not (path / need).is_file() if need else not path.exists():
+            print(f"megatron-vppo eval: error: {flag} {path} " +
+                  (f"has no {need}; pass an HF Qwen2.5-VL directory" if need else "does not exist"), file=sys.stderr)
+            return 2
     res = evaluate_model(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit)
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device)
     if not args.json:
         width = max(len(k) for k in res)
         for key, val in res.items():

@@ -26,6 +26,12 @@ from megatron_vppo.train.rollout_step import encode_prompts, sample_groups, to_t
 
 log = logging.getLogger("megatron_vppo.train")
 
+# (metric, label) shown first in the one-line step summary.
+SUMMARY_KEYS = [("reward/mean", "reward"), ("val/accuracy", "val_acc"), ("actor/loss", "loss"),
+                ("actor/pg_loss", "pg"), ("dependency/mean", "dep"), ("tgf/kept_token_frac", "kept"),
+                ("actor/grad_norm", "gnorm"), ("rollout/attempts", "attempts"),
+                ("data/rows_skipped", "bad_rows"), ("time/step_s", "s/step")]
+
 
 @dataclass
 class Trainer:
@@ -117,7 +123,26 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
     all_r = torch.cat(rewards_seen)
     metrics["reward/mean"] = float(all_r.mean())
     metrics["rollout/attempts"] = attempt + 1
+    metrics.update(data_metrics(trainer.train_batches, trainer.step, trainer.state.setdefault("data_log", {})))
     return to_trajectories(prompts_all, kept_groups), metrics
+
+
+def data_metrics(batches, step: int, logged: dict) -> dict:
+    """Where the data stands and which bad rows it skipped, per reason, in the current pass.
+
+    Skips new since the last call are also logged (`logged` remembers what was): a bad row is never
+    dropped silently. The counts are part of the data position (checkpointed), so a resumed run logs
+    the same numbers."""
+    stats = batches.pass_stats
+    before = logged.get("skipped", {}) if logged.get("epoch") == batches.epoch else {}
+    new = {k: v - before.get(k, 0) for k, v in stats.skipped.items() if v > before.get(k, 0)}
+    if new:
+        log.warning("step %d: skipped %d bad data row(s) %s; this data pass so far: %s", step,
+                    sum(new.values()), new, stats.summary())
+    logged.update(epoch=batches.epoch, skipped=dict(stats.skipped))
+    out = {"data/epoch": batches.epoch, "data/rows_seen": stats.seen, "data/rows_skipped": stats.n_skipped}
+    out.update({f"data/skipped/{reason}": n for reason, n in sorted(stats.skipped.items())})
+    return out
 
 
 # ------------------------------------------------------------------------------------- the step
@@ -255,6 +280,12 @@ def _sum_over_data_parallel(sums: dict) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
+def _engine_memory(trainer: Trainer, resident: bool) -> None:
+    """Colocated engines give accelerator memory back while the trainer runs its passes."""
+    if trainer.engine is not None:
+        trainer.engine.resume_memory() if resident else trainer.engine.release_memory()
+
+
 def rl_step(trainer: Trainer) -> dict:
     t0 = time.perf_counter()
     trajs, metrics = collect_step_batch(trainer)
@@ -264,12 +295,14 @@ def rl_step(trainer: Trainer) -> dict:
                     trainer.step)
         metrics["actor/skipped"] = 1.0
         return metrics
+    _engine_memory(trainer, resident=False)
     scored = score_step_batch(trainer, trajs)
     per_traj, minibatches, shaping_metrics = shape_step(trainer, trajs, scored)
     t2 = time.perf_counter()
     metrics.update(shaping_metrics)
     metrics.update(update_policy(trainer, trajs, per_traj, minibatches))
     t3 = time.perf_counter()
+    _engine_memory(trainer, resident=True)
     sync_engine_weights(trainer)
     t4 = time.perf_counter()
     lens = torch.tensor([t.response_len for t in trajs], dtype=torch.float64)
@@ -304,14 +337,18 @@ def sync_engine_weights(trainer: Trainer) -> None:
 
 
 def validate(trainer: Trainer) -> dict:
-    """avg@k accuracy at the rollout temperature over the validation prompts (the paper's protocol)."""
+    """avg@k accuracy at temperature 1.0 over the validation prompts (the paper's protocol).
+
+    Seeds as `megatron-vppo eval --seed <train.seed>` draws them (the same prompts in the same order,
+    the same `generate_and_grade`), so a checkpoint's eval reproduces the trainer's number; (seed, -1)
+    never collides with a training rollout's (seed, step, attempt)."""
     from megatron_vppo.train.evaluate import accuracy_at_k
 
     if not trainer.val_prompts:
         return {}
     cfg = trainer.cfg
     groups = sample_groups(trainer.engine, trainer.processor.tokenizer, trainer.grader, trainer.val_prompts,
-                           n=cfg.train.val_k, sampling=_sampling(cfg, trainer.processor, 1.0, cfg.train.seed + 1),
+                           n=cfg.train.val_k, sampling=_sampling(cfg, trainer.processor, 1.0, cfg.train.seed),
                            seed_parts=(cfg.train.seed, -1))
     return {"val/accuracy": accuracy_at_k(groups)}
 
@@ -319,23 +356,33 @@ def validate(trainer: Trainer) -> dict:
 def train(cfg: RunConfig) -> dict:
     """Run the configured number of steps; returns the last step's metrics."""
     from megatron_vppo.train.build import build_trainer, maybe_save, teardown
+    from megatron_vppo.train.metrics_log import format_step_summary
+    from megatron_vppo.train.progress import progress
 
     trainer = build_trainer(cfg)
     last: dict = {}
+    total = cfg.train.total_steps
     try:
         if trainer.step == 0 and cfg.train.val_every > 0:
             last = validate(trainer)
             trainer.logger.log(0, last) if trainer.logger else None
-        while trainer.step < cfg.train.total_steps:
+        bar = progress(total=total, desc="rl steps", unit="step", leave=True)
+        bar.update(min(trainer.step, total))
+        while trainer.step < total:
             trainer.step += 1
+            t0 = time.perf_counter()
             metrics = rl_step(trainer)
-            if cfg.train.val_every > 0 and (trainer.step % cfg.train.val_every == 0
-                                           or trainer.step == cfg.train.total_steps):
+            if cfg.train.val_every > 0 and (trainer.step % cfg.train.val_every == 0 or trainer.step == total):
                 metrics.update(validate(trainer))
+            metrics["time/step_s"] = time.perf_counter() - t0
             if trainer.logger:
                 trainer.logger.log(trainer.step, metrics)
+            if dist.get_rank() == 0:
+                log.info(format_step_summary(trainer.step, total, metrics, SUMMARY_KEYS))
+            bar.update(1)
             last = metrics
             maybe_save(trainer)
+        bar.close()
     finally:
         teardown(trainer)
     return last

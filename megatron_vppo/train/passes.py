@@ -23,7 +23,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vppo.algo.loss import vppo_policy_loss
-from megatron_vppo.algo.vocab_parallel import vocab_parallel_kl, vocab_parallel_log_prob
+from megatron_vppo.algo.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_prob
 from megatron_vppo.train.rl_batch import MicroBatch, Trajectory, chunks, collate, stack_views
 
 
@@ -177,8 +177,11 @@ def _policy_loss(shape: PassShape, ls: LossSettings, mb: MicroBatch, logits: tor
         entropy_coef=ls.entropy_coef,
         num_tokens=1,  # numerator only: Megatron divides by the global count (module docstring)
     )
+    with torch.no_grad():  # full-vocabulary entropy, reduced over the TP group (a metric only)
+        ent = vocab_parallel_entropy(logits.detach(), tp_group, shape.temperature, shape.vocab_size)
     count = mb.loss_mask.sum().to(torch.int)
     sums = {k: float(v) for k, v in metrics.items()}
+    sums["entropy"] = float((ent * mb.loss_mask).sum())
     sums["loss"] = float(numerator.detach())
     return numerator, count, sums
 

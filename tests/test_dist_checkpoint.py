@@ -354,3 +354,31 @@ def test_pp2_checkpoint_loads_at_tp1(tmp_path):
     for n, p in res["params"].items():
         assert torch.equal(p, saved[n]), n
     assert not res["rng_restored"]
+
+
+# --------------------------------------------------------------------------- optimizer never stepped
+
+
+def _save_unstepped_then_train(rank, world, ckpt_dir):
+    """DP2 distributed optimizer saved before its first step (all groups so far filtered out by dynamic
+    sampling), then two training steps."""
+    from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
+
+    model, opt, sched = _fresh(1, True, seed=5)
+    save_checkpoint(ckpt_dir, 0, model, opt, sched)
+    return train_steps(model, opt, sched, 2, **_dp(1))
+
+
+def _resume_unstepped_then_train(rank, world, ckpt_dir):
+    from megatron_vppo.checkpoint.dist_checkpoint import find_latest_complete, load_checkpoint
+
+    model, opt, sched = _fresh(1, True, seed=77)
+    load_checkpoint(find_latest_complete(ckpt_dir), model, opt, sched)
+    return train_steps(model, opt, sched, 2, **_dp(1))
+
+
+def test_unstepped_distributed_optimizer_saves_and_resumes(tmp_path):
+    d = str(tmp_path / "ck")
+    straight = run_distributed(_save_unstepped_then_train, 2, d)
+    resumed = run_distributed(_resume_unstepped_then_train, 2, d)
+    assert straight[0] == pytest.approx(resumed[0], abs=1e-6)

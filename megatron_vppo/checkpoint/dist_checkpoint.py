@@ -310,7 +310,8 @@ _TORCH_ADAM = (torch.optim.Adam, torch.optim.AdamW)
 
 
 def _prepare_for_load(optimizer) -> None:
-    """Allocate a fresh distributed optimizer's torch-Adam state, `step` included.
+    """Allocate a fresh distributed optimizer's torch-Adam state, `step` included (before a load, and
+    before saving an optimizer that has not stepped yet).
 
     Without Apex / Transformer Engine, Megatron-Core 0.16.1 falls back to torch AdamW, whose per-param
     state needs a `step`; its init_state_fn allocates only exp_avg / exp_avg_sq, and
@@ -474,6 +475,9 @@ def save_checkpoint(
     try:
         sharded = _model_sharded_state_dict(model_chunks)
         if optimizer is not None:
+            # An optimizer that never stepped (every group so far dropped by dynamic sampling) has no
+            # torch-Adam state yet; give it the zero state a fresh optimizer would use.
+            _prepare_for_load(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded, is_loading=False, metadata=_optimizer_metadata()
             )

@@ -262,3 +262,35 @@ def test_image_mode_blackens_the_same_cells_as_pixel_mode(tiny_model_dir):
                            pixel_values=trajs[0].pixel_values, image_grid_thw=trajs[0].image_grid_thw)
     with pytest.raises(ValueError, match="needs the trajectory's PIL images"):
         perturbed_views([no_images], proc, RUN_SEED, STEP, 0, 0.5, "image")
+
+
+def test_k3_vs_exact_kl_correlation_metric():
+    """With exact_kl on, the dependency is the exact KL and the logged correlation compares the k3
+    estimate (from old/aug log-probs) with it — not the KL with itself."""
+    from types import SimpleNamespace
+
+    from megatron_vppo.algo.dependency import sampled_k3
+    from megatron_vppo.config import RunConfig
+    from megatron_vppo.train.loop import shape_step
+    from megatron_vppo.train.rl_batch import Trajectory
+
+    cfg = RunConfig()
+    cfg.vppo.dependency_estimator = "exact_kl"
+    cfg.rollout.group_size = 2
+    g = torch.Generator().manual_seed(0)
+    trajs, scored = [], []
+    for i in range(4):
+        n = 5 + i
+        old = -torch.rand(n, generator=g, dtype=torch.float64)
+        aug = old + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+        k3 = sampled_k3(old[None], aug[None], torch.ones(1, n, dtype=torch.float64))[0]
+        kl = k3 * 0.5 + 0.05 * torch.rand(n, generator=g, dtype=torch.float64)
+        trajs.append(Trajectory(group=i // 2, input_ids=torch.arange(3 + n), response_start=3, reward=float(i % 2)))
+        scored.append({"old": old, "aug": aug, "kl": kl})
+    _, _, metrics = shape_step(SimpleNamespace(cfg=cfg), trajs, scored)
+    k3 = torch.cat([sampled_k3(s["old"][None], s["aug"][None], torch.ones_like(s["old"][None]))[0] for s in scored])
+    kl = torch.cat([s["kl"] for s in scored])
+    want = float(torch.corrcoef(torch.stack([k3, kl]))[0, 1])
+    assert metrics["dependency/k3_vs_kl_corr"] == pytest.approx(want, abs=1e-9)
+    assert metrics["dependency/k3_vs_kl_corr"] < 0.9999
+    assert metrics["dependency/mean"] == pytest.approx(float(kl.mean()), abs=1e-9)

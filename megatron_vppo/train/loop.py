@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from PIL import Image
 
 from megatron_vppo.algo.advantages import dynamic_sampling_keep, grpo_advantages
+from megatron_vppo.algo.dependency import sampled_k3
 from megatron_vppo.algo.vppo import compute_shaping
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_images_and_process, perturb_pixel_values
@@ -229,8 +230,8 @@ def shape_step(trainer: Trainer, trajs, scored: list[dict]):
                          "advantage": float(shaping.shaped_advantages[i])})
     metrics = dict(shaping.metrics)
     metrics["advantage/abs_mean"] = float(adv.abs().mean())
-    if kl is not None and aug is not None:
-        metrics["dependency/k3_vs_kl_corr"] = _masked_corr(shaping.dependency, kl, mask)
+    if kl is not None and aug is not None:  # how well the single-sample k3 tracks the exact KL
+        metrics["dependency/k3_vs_kl_corr"] = _masked_corr(sampled_k3(old, aug, mask), kl, mask)
     return per_traj, minibatches, metrics
 
 

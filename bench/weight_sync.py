@@ -1,14 +1,19 @@
 """Weight-sync throughput on CPU: Megatron model (TP/PP shards) -> HF-layout stream -> rollout engine.
 
-    .venv/bin/python bench/weight_sync.py [--layers 6] [--repeats 3] [--write-docs]
+    .venv/bin/python bench/weight_sync.py [--layers 6] [--repeats 5] [--layouts TP1,TP2,PP2] [--write-docs]
 
 Builds a Qwen2.5-VL of >= 50 MB with `make_tiny_model` (bigger text and vision sizes), loads it into
 the Megatron model at TP1, TP2 and PP2 (gloo processes on this machine), and times on rank 0:
 
-* memcpy  — one plain `copy_` of a flat buffer holding the same number of bytes (same run, same rank);
+* memcpy  — one plain `copy_` of a flat buffer holding the same number of bytes (same run, same rank),
+  into warm memory and into a freshly allocated buffer;
+* gloo    — one `send`/`recv` of the bytes that cross ranks in this layout (the rank-1 TP shards, the
+  later pipeline stages' tensors), as one flat buffer: the transport's own speed here;
 * export  — `export_hf_weights` drained (metadata pre-pass, TP gathers, PP sends, HF conversion);
-* export+update — `push_to_engine` into the in-process `HFRolloutEngine` (stage + in-place copy),
-  unbucketed and with a bucket-size sweep.
+* sync    — the trainer's call, `push_to_engine(..., bucket_bytes=512 MiB, dst="replica")` as in
+  `train.loop.sync_engine_weights`, into the in-process `HFRolloutEngine` (in-place mode, unbucketed);
+  also with the CPU adapter's torch-function mode switched off (megatron_cpu: absent on GPU runs), in
+  staged mode (the engine's all-or-nothing mode), and in-place from buckets (a bucket-size sweep).
 
 Ratio = memcpy time / measured time (1.0 = as fast as one memcpy of the bytes; target >= 0.5).
 Each number is the median of `--repeats` runs. `--write-docs` rewrites the `## Weight sync` section of
@@ -35,12 +40,6 @@ MiB = 1024 * 1024
 BUCKETS = [("1 MiB", 1 * MiB), ("16 MiB", 16 * MiB), ("64 MiB", 64 * MiB), ("512 MiB (default)", 512 * MiB),
            ("unbounded", None)]
 LAYOUTS = [("TP1", 1, 1), ("TP2", 2, 1), ("PP2", 1, 2)]
-# glibc: serve allocations up to 32 MiB from the heap and never give freed memory back, so buffers
-# allocated per update reuse warm pages instead of page-faulting fresh mmaps.
-KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-                   "MALLOC_TOP_PAD_": "268435456"}
-
-
 def build_model(out: Path, layers: int) -> Path:
     from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
 
@@ -66,6 +65,18 @@ def _median_time(fn, repeats: int, barrier=None) -> float:
     return statistics.median(times)
 
 
+def crossing_bytes(plan, tp: int, pp: int) -> int:
+    """Bytes that move between ranks to assemble the full model on rank 0: the TP gathers (all shards
+    but rank 0's) and the pipeline sends (every full tensor of a later stage)."""
+    n = 0
+    for m in plan.metas:
+        if m.tp_dim is not None:
+            n += m.nbytes * (tp - 1) // tp
+        if m.stage != 0:
+            n += m.nbytes
+    return n
+
+
 def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, repeats: int, out: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -73,7 +84,7 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from megatron_vppo.checkpoint.export import (drain, export_hf_weights, export_nbytes, load_model, model_dims,
+    from megatron_vppo.checkpoint.export import (drain, export_hf_weights, export_plan, load_model, model_dims,
                                                  push_to_engine, read_model_config)
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import destroy_distributed, init_distributed
@@ -83,11 +94,11 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
     init_distributed(parallel, **model_dims(read_model_config(hf_dir)))
     m = load_model(hf_dir, parallel)
     engine = HFRolloutEngine.from_pretrained(hf_dir) if rank == 0 else None
-    nbytes = export_nbytes(m.chunks, m.adapter)
-    res = {"bytes": nbytes}
+    plan = export_plan(m.chunks, m.adapter)
+    res = {"bytes": plan.nbytes, "crossing": crossing_bytes(plan, tp, pp)}
 
     if rank == 0:
-        src = torch.randn(nbytes // 4)
+        src = torch.randn(plan.nbytes // 4)
         dst = torch.empty_like(src)
         dst.copy_(src)  # warm the pages
         res["memcpy"] = _median_time(lambda: dst.copy_(src), max(repeats, 5))
@@ -95,15 +106,48 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
         # that allocates per update pays them
         res["memcpy_fresh"] = _median_time(lambda: torch.empty_like(src).copy_(src), max(repeats, 5))
         del src, dst
+    if world > 1:  # the transport: rank 1 sends the crossing bytes to rank 0 in one message
+        buf = torch.ones(max(res["crossing"] // 4, 1))
+
+        def p2p():
+            if rank == 1:
+                dist.send(buf, dst=0)
+            elif rank == 0:
+                dist.recv(buf, src=1)
+
+        p2p()
+        res["gloo"] = _median_time(p2p, repeats, dist.barrier)
+        del buf
+        # per-message cost: the stream sends one message per tensor that crosses ranks
+        tiny = torch.ones(1)
+
+        def pings(k=50):
+            for _ in range(k):
+                if rank == 1:
+                    dist.send(tiny, dst=0)
+                elif rank == 0:
+                    dist.recv(tiny, src=1)
+
+        res["gloo_latency"] = _median_time(pings, repeats, dist.barrier) / 50
+        res["messages"] = sum(1 for x in plan.metas if x.tp_dim is not None or x.stage != 0)
+
+    def sync(**kw):  # the trainer's call (train.loop.sync_engine_weights), plus overrides
+        push_to_engine(m.chunks, m.adapter, engine, **{"bucket_bytes": 512 * MiB, "dst": "replica", **kw})
+
+    def sync_no_mode():
+        with torch._C.DisableTorchFunction():
+            sync()
+
     res["export"] = _median_time(lambda: drain(export_hf_weights(m.chunks, m.adapter)), repeats, dist.barrier)
-    res["update_unbucketed"] = _median_time(
-        lambda: push_to_engine(m.chunks, m.adapter, engine, bucketed=False), repeats, dist.barrier)
-    res["update"] = {}
+    res["sync"] = _median_time(sync, repeats, dist.barrier)
+    res["sync_no_mode"] = _median_time(sync_no_mode, repeats, dist.barrier)
+    res["staged"] = _median_time(lambda: sync(mode="staged"), repeats, dist.barrier)
+    res["buckets"] = {}
     for label, b in BUCKETS:
-        res["update"][label] = _median_time(
-            lambda: push_to_engine(m.chunks, m.adapter, engine, bucket_bytes=b), repeats, dist.barrier)
+        res["buckets"][label] = _median_time(lambda: sync(bucketed=True, bucket_bytes=b), repeats, dist.barrier)
+    sync()
     if rank == 0:
-        # the engine ends up holding exactly the exported weights
+        # the engine ends up holding exactly the exported weights, on its own storage
         ref = dict(export_hf_weights(m.chunks, m.adapter))
         params = dict(engine.model.named_parameters())
         from megatron_vppo.rollout.hf_engine import canonical_param_name
@@ -115,12 +159,9 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
     destroy_distributed()
 
 
-def run_layout(hf_dir: Path, tp: int, pp: int, repeats: int, env: dict | None = None) -> dict:
-    """One layout in fresh spawned processes (with `env` added to their environment)."""
+def run_layout(hf_dir: Path, tp: int, pp: int, repeats: int) -> dict:
+    """One layout in fresh spawned processes."""
     import torch.multiprocessing as mp
-
-    saved = dict(os.environ)
-    os.environ.update(env or {})
 
     world = tp * pp
     with socket.socket() as s:
@@ -128,66 +169,58 @@ def run_layout(hf_dir: Path, tp: int, pp: int, repeats: int, env: dict | None = 
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "res.json"
-        try:
-            mp.start_processes(_worker, args=(world, port, str(hf_dir), tp, pp, repeats, str(out)), nprocs=world,
-                               start_method="spawn")
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        mp.start_processes(_worker, args=(world, port, str(hf_dir), tp, pp, repeats, str(out)), nprocs=world,
+                           start_method="spawn")
         return json.loads(out.read_text())
 
 
-def table(results: dict, tuned: dict, layers: int, repeats: int) -> str:
+def table(results: dict, layers: int, repeats: int, command: str) -> str:
     any_r = next(iter(results.values()))
     mb = any_r["bytes"] / 1e6
     gbps = lambda t: any_r["bytes"] / t / 1e9  # noqa: E731
     lines = [
         "## Weight sync",
         "",
-        f"`bench/weight_sync.py` (layers={layers}, median of {repeats}): a Qwen2.5-VL of {mb:.1f} MB (fp32; text "
-        "hidden 512, vision hidden 256) exported from the Megatron model as HF-layout tensors and loaded into "
+        f"`{command}` (median of {repeats}): a Qwen2.5-VL of {mb:.1f} MB (fp32; text hidden 512, "
+        f"{layers} layers, vision hidden 256) exported from the Megatron model as HF-layout tensors and loaded into "
         "the in-process `HFRolloutEngine` on rank 0; gloo processes on one CPU machine "
-        f"({os.cpu_count()} cores, shared; {platform.processor() or platform.machine()}). "
-        "Ratio = time of one plain `copy_` of the same bytes, measured in the same run on the same rank, "
-        "divided by the measured time (target >= 0.5).",
+        f"({os.cpu_count()} cores, shared with other jobs; {platform.processor() or platform.machine()}). "
+        "Ratio = time of one plain `copy_` of the same bytes into warm memory, measured in the same run on the "
+        "same rank, divided by the measured time (target >= 0.5). \"sync\" is the trainer's call "
+        "(`train.loop.sync_engine_weights` -> `push_to_engine`: in-place mode, unbucketed, reused receive "
+        "buffers).",
         "",
-        "| layout | memcpy GB/s | memcpy into fresh buffer GB/s | export GB/s (ratio) "
-        "| export+update, unbucketed GB/s (ratio) | export+update, 512 MiB buckets GB/s (ratio) "
-        "| same two, glibc keeps freed memory |",
-        "|---|---|---|---|---|---|---|",
+        "| layout | memcpy GB/s | memcpy into fresh buffer GB/s | gloo send/recv GB/s (MB crossing ranks) "
+        "| export GB/s (ratio) | **sync** GB/s (ratio) | sync, CPU-adapter mode off (ratio) "
+        "| staged mode (ratio) | in-place from 512 MiB buckets (ratio) | transport floor (ratio) "
+        "| messages x gloo latency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         mc = r["memcpy"]
-        u512 = r["update"]["512 MiB (default)"]
-        u = r["update_unbucketed"]
         cell = lambda t: f"{gbps(t):.2f} ({mc / t:.2f})"  # noqa: E731
-        tuned_cell = "—"
-        if name in tuned:
-            tr = tuned[name]
-            tuned_cell = f"{cell(tr['update_unbucketed'])} / {cell(tr['update']['512 MiB (default)'])}"
-        lines.append(f"| {name} | {gbps(mc):.2f} | {gbps(r['memcpy_fresh']):.2f} | {cell(r['export'])} | {cell(u)} "
-                     f"| {cell(u512)} | {tuned_cell} |")
-    lines += ["", "Bucket-size sweep (export + pack + engine update; ratio to memcpy):", "",
+        if "gloo" in r:
+            gloo = f"{r['crossing'] / r['gloo'] / 1e9:.2f} ({r['crossing'] / 1e6:.1f})"
+            floor = cell(r["gloo"] + mc)  # move the crossing bytes once, then one copy into the engine
+            lat = f"{r['messages']} x {r['gloo_latency'] * 1e6:.0f} us = {r['messages'] * r['gloo_latency'] * 1e3:.1f} ms"
+        else:
+            gloo, floor, lat = "—", cell(mc), "—"
+        lines.append(f"| {name} | {gbps(mc):.2f} | {gbps(r['memcpy_fresh']):.2f} | {gloo} | {cell(r['export'])} "
+                     f"| **{cell(r['sync'])}** | {cell(r['sync_no_mode'])} | {cell(r['staged'])} "
+                     f"| {cell(r['buckets']['512 MiB (default)'])} | {floor} | {lat} |")
+    lines += ["", "Bucket-size sweep (export + pack + in-place engine update; the form the SGLang engines get; "
+              "ratio to memcpy):", "",
               "| layout | " + " | ".join(label for label, _ in BUCKETS) + " |",
               "|---|" + "---|" * len(BUCKETS)]
     for name, r in results.items():
         mc = r["memcpy"]
-        cells = [f"{gbps(r['update'][label]):.2f} GB/s ({mc / r['update'][label]:.2f})" for label, _ in BUCKETS]
+        cells = [f"{gbps(r['buckets'][label]):.2f} GB/s ({mc / r['buckets'][label]:.2f})" for label, _ in BUCKETS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", READING]
     return "\n".join(lines) + "\n"
 
 
-READING = """Reading the numbers. The ratio is against the fastest possible copy (warm destination pages), so
-1.0 is unreachable by anything that allocates. Export alone at TP1 is views plus the QKV / gate-up
-re-layout copies. TP2 and PP2 add gloo transfers (TCP over loopback on CPU: ~1 GB/s class), once per
-byte that crosses ranks; on GPUs the same code runs over NCCL. The update adds what the consumer copies:
-`pack_bucket` copies every tensor into a fresh bucket buffer, and `HFRolloutEngine.update_weights` stages
-a fresh copy of every tensor (all-or-nothing) before copying it into the parameters. Fresh buffers cost
-page faults (compare the two memcpy columns), which is why keeping freed memory in glibc's heap
-(last column, env `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
-MALLOC_TOP_PAD_=268435456`) speeds the update up, and why small buckets (reused allocations) beat large
-ones. Reaching >= 0.5 needs a consumer that copies once, straight into its parameters."""
+READING = """(written after the run; see below)"""
 
 
 def write_section(doc: Path, section: str) -> None:
@@ -205,22 +238,21 @@ def write_section(doc: Path, section: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layouts", default="TP1,TP2,PP2")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     wanted = args.layouts.split(",")
+    command = "python bench/weight_sync.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory() as d:
         hf_dir = build_model(Path(d) / "model", args.layers)
-        results, tuned = {}, {}
+        results = {}
         for name, tp, pp in LAYOUTS:
             if name in wanted:
                 results[name] = run_layout(hf_dir, tp, pp, args.repeats)
                 print(name, json.dumps(results[name]), flush=True)
-                tuned[name] = run_layout(hf_dir, tp, pp, args.repeats, KEEP_MEMORY_ENV)
-                print(name, "(glibc keeps memory)", json.dumps(tuned[name]), flush=True)
-    section = table(results, tuned, args.layers, args.repeats)
+    section = table(results, args.layers, args.repeats, command.strip())
     print(section)
     if args.write_docs:
         write_section(ROOT / "docs" / "benchmarks.md", section)

@@ -151,3 +151,77 @@ def test_save_hf_checkpoint_shards_and_is_atomic(tiny_model_dir, tmp_path):
     with pytest.raises(RuntimeError, match="stream died"):
         save_hf_checkpoint(broken(), tmp_path / "half", tiny_model_dir, max_shard_bytes=1024)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded"], "nothing half-written is left"
+
+
+# ----------------------------------------------------------------------------- push_to_engine -> HFRolloutEngine
+
+
+class _BreakingEngine:
+    """An in-process engine whose incoming stream dies after `after` tensors (a trainer crash)."""
+
+    in_process = True
+
+    def __init__(self, engine, after):
+        self.engine, self.after = engine, after
+
+    def update_weights(self, stream, **kw):
+        from megatron_vppo.rollout.buckets import iter_named_tensors
+
+        def dying():
+            for i, item in enumerate(iter_named_tensors(stream)):
+                if i == self.after:
+                    raise RuntimeError("stream died mid-update")
+                yield item
+
+        self.engine.update_weights(dying(), **kw)
+
+
+def _push_worker(rank, world, hf_dir, other_dir, tp, pp):
+    from megatron_vppo.checkpoint.export import export_plan, push_to_engine
+    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
+
+    m = _load(hf_dir, tp, pp)
+    # the engine starts on other weights; the trainer's sync (default: in place, unbucketed) replaces them
+    engine = HFRolloutEngine.from_pretrained(other_dir) if rank == 0 else None
+    ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()} if engine else None
+    assert export_plan(m.chunks, m.adapter) is export_plan(m.chunks, m.adapter)  # reused, every stage agrees
+    push_to_engine(m.chunks, m.adapter, engine, dst="replica")
+    out = {}
+    if engine:
+        out["first"] = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+        out["ptrs_same"] = ptrs == {n: p.data_ptr() for n, p in engine.model.named_parameters()}
+        out["version"] = engine.weight_version
+    try:
+        push_to_engine(m.chunks, m.adapter, _BreakingEngine(engine, 5) if engine else None, dst="replica")
+    except Exception as e:  # noqa: BLE001
+        out["err"] = f"{type(e).__name__}: {e}"
+    if engine:
+        try:
+            engine.score([])  # usability check without a request
+        except RuntimeError as e:
+            out["unusable"] = str(e)
+    push_to_engine(m.chunks, m.adapter, engine, dst="replica", mode="staged" if tp > 1 else None)
+    if engine:
+        engine.score([])
+        out["version_after"] = engine.weight_version
+    return out
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_push_to_engine_in_place_equals_checkpoint(tiny_model_dir, tmp_path, tp, pp):
+    """The trainer's sync path into the in-process engine: the engine ends up with exactly the
+    checkpoint's weights, on its own storage; a stream that dies mid-update makes every rank raise
+    and the engine refuse to generate until the next complete sync."""
+    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+    from megatron_vppo.rollout.hf_engine import canonical_param_name
+
+    other = make_tiny_model(tmp_path / "other", seed=1, tokenizer="bpe")
+    ref = {canonical_param_name(k): v for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
+    results = run_distributed(_push_worker, tp * pp, str(tiny_model_dir), str(other), tp, pp)
+    r0 = results[0]
+    assert r0["ptrs_same"] and r0["version"] == 1
+    assert set(r0["first"]) == set(ref) and all(torch.equal(r0["first"][k], v) for k, v in ref.items())
+    assert "stream died mid-update" in r0["err"]
+    assert all("failed on another rank" in r["err"] for r in results[1:])
+    assert "incomplete" in r0["unusable"] and "complete update_weights" in r0["unusable"]
+    assert r0["version_after"] == 2

@@ -338,3 +338,120 @@ def test_banned_tokens_never_sampled_and_log_probs_unchanged(hf_model, requests_
             assert image_pad not in o.token_ids
             ref = torch.log_softmax(o.logits, -1).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
             assert (ref - torch.tensor(o.log_probs)).abs().max() <= TOL
+
+
+# ----------------------------------------------------------------------------- in-place updates
+
+
+def _manifest(stream):
+    return [(n, tuple(t.shape), t.dtype) for n, t in stream]
+
+
+@pytest.mark.parametrize("form", ["pairs", "buckets_1KiB"])
+def test_in_place_update_equals_loaded_model(tiny_model_dir, other_model_dir, requests_, form):
+    engine = HFRolloutEngine(_load(tiny_model_dir))
+    target = _load(other_model_dir)
+    ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
+    new = list(load_file(str(other_model_dir / "model.safetensors")).items())
+    stream = new if form == "pairs" else list(iter_buckets(new, 1024))
+    engine.update_weights(iter(stream), mode="in_place", expected=_manifest(new))
+
+    assert engine.weight_version == 1
+    assert {n: p.data_ptr() for n, p in engine.model.named_parameters()} == ptrs  # same storage
+    for (n, p), (n2, q) in zip(engine.model.named_parameters(), target.named_parameters()):
+        assert n == n2 and torch.equal(p, q), n
+    eng_t = HFRolloutEngine(target)
+    items = [(r, [5, 6, 7]) for r in requests_]
+    assert engine.score(items) == eng_t.score(items)
+    g1, g2 = engine.generate(requests_, 2, SAMPLING), eng_t.generate(requests_, 2, SAMPLING)
+    assert [[s.token_ids for s in r] for r in g1] == [[s.token_ids for s in r] for r in g2]
+
+
+def test_in_place_failure_marks_engine_unusable_until_complete_update(tiny_model_dir, other_model_dir, requests_):
+    engine = HFRolloutEngine(_load(tiny_model_dir))
+    old = list(load_file(str(tiny_model_dir / "model.safetensors")).items())
+    new = list(load_file(str(other_model_dir / "model.safetensors")).items())
+    manifest = _manifest(new)
+
+    def broken_stream():
+        for i, item in enumerate(new):
+            if i == len(new) // 2:
+                raise RuntimeError("trainer died mid-export")
+            yield item
+
+    with pytest.raises(RuntimeError, match="mid-export"):
+        engine.update_weights(broken_stream(), mode="in_place", expected=manifest)
+    assert engine.weight_version == 0
+    for call in (lambda: engine.generate(requests_[:1], 1, SAMPLING), lambda: engine.score([(requests_[0], [5])])):
+        with pytest.raises(RuntimeError, match=r"incomplete.*to version 1.*mid-export.*complete update_weights"):
+            call()
+
+    # a later update that also falls short keeps it unusable, naming the new failure
+    with pytest.raises(ValueError, match="ended after"):
+        engine.update_weights(iter(old[:-2]), mode="in_place", expected=_manifest(old))
+    with pytest.raises(RuntimeError, match="ended after"):
+        engine.generate(requests_[:1], 1, SAMPLING)
+    # so does a partial update, which cannot make the weights complete
+    engine.update_weights(old[:3], mode="in_place", expected=_manifest(old[:3]), require_complete=False)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        engine.generate(requests_[:1], 1, SAMPLING)
+
+    # a complete update restores it: the engine equals a model loaded with those weights
+    engine.update_weights(iter(old), mode="in_place", expected=_manifest(old))
+    assert engine.weight_version == 2
+    ref = HFRolloutEngine(_load(tiny_model_dir))
+    items = [(r, [5, 6, 7]) for r in requests_]
+    assert engine.score(items) == ref.score(items)
+    # a complete staged update restores it too
+    with pytest.raises(RuntimeError):
+        engine.update_weights(broken_stream(), mode="in_place", expected=manifest)
+    engine.update_weights(new, mode="staged")
+    assert engine.weight_version == 3 and len(engine.generate(requests_[:1], 1, SAMPLING)) == 1
+
+
+def test_in_place_manifest_mismatch_rejected_before_any_copy(tiny_model_dir, other_model_dir, requests_):
+    engine = HFRolloutEngine(_load(tiny_model_dir))
+    snap = _snapshot(engine.model)
+    new = list(load_file(str(other_model_dir / "model.safetensors")).items())
+    manifest = _manifest(new)
+
+    def run(man, stream=new):
+        engine.update_weights(iter(stream), mode="in_place", expected=man)
+
+    with pytest.raises(KeyError, match="not a parameter"):
+        run(manifest + [("model.layers.99.mlp.up_proj.weight", manifest[0][1], torch.float32)])
+    with pytest.raises(ValueError, match="shape"):
+        run(manifest[:-1] + [(manifest[-1][0], (3, 3), manifest[-1][2])])
+    with pytest.raises(TypeError, match="dtype"):
+        run(manifest[:-1] + [(manifest[-1][0], manifest[-1][1], torch.int64)])
+    with pytest.raises(ValueError, match="without"):
+        run(manifest[:-3])  # the manifest does not cover the model
+    with pytest.raises(ValueError, match="twice"):
+        run(manifest + manifest[:1])
+    with pytest.raises(ValueError, match="manifest"):
+        engine.update_weights(iter(new), mode="in_place")  # no manifest at all
+    assert _same_weights(engine.model, snap) and engine.weight_version == 0
+    assert len(engine.generate(requests_[:1], 1, SAMPLING)) == 1  # still usable
+
+    # the stream itself deviating from its manifest (a late tensor of another shape) is caught before
+    # that tensor is copied, but earlier ones were: the engine is marked unusable
+    lying = new[:-1] + [(new[-1][0], torch.zeros(3, 3))]
+    with pytest.raises(ValueError, match="announced"):
+        run(manifest, lying)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        engine.generate(requests_[:1], 1, SAMPLING)
+
+
+def test_in_place_tied_embeddings(tiny_model_dir_tied):
+    engine = HFRolloutEngine(_load(tiny_model_dir_tied))
+    emb = engine.model.model.language_model.embed_tokens.weight
+    sd = load_file(str(tiny_model_dir_tied / "model.safetensors"))
+    new = [(k, v + 0.01) for k, v in sd.items()]
+    engine.update_weights(new, mode="in_place", expected=_manifest(new))
+    assert engine.model.lm_head.weight.data_ptr() == emb.data_ptr()
+    assert torch.equal(emb, dict(new)["model.embed_tokens.weight"]) and engine.weight_version == 1
+    if "lm_head.weight" not in sd:
+        conflicting = new + [("lm_head.weight", dict(new)["model.embed_tokens.weight"] + 1.0)]
+        with pytest.raises(ValueError, match="tied"):
+            engine.update_weights(conflicting, mode="in_place", expected=_manifest(conflicting))
+        assert engine.weight_version == 1

@@ -147,23 +147,25 @@ def _local_params(model_chunks, adapter) -> list[list[tuple[str, torch.nn.Parame
     return [[(canon(n), p) for n, p in global_param_names(c).items()] for c in _chunks(model_chunks)]
 
 
-def gather_param_metadata(model_chunks, adapter) -> list[ParamMeta]:
-    """Every parameter of the whole model (all stages) in the global stream order (collective over
-    the pipeline group)."""
-    _, tp, _, pp_group, pp, pp_rank = _parallel()
-    local = []
-    for v, params in enumerate(_local_params(model_chunks, adapter)):
+def _local_metadata(local, tp) -> list[tuple]:
+    """(name, full shape, dtype name, chunk, tp_dim) of this stage's parameters."""
+    out = []
+    for v, params in enumerate(local):
         for name, p in params:
             sharded = bool(getattr(p, "tensor_model_parallel", False)) and tp > 1
             shape = list(p.shape)
             dim = int(p.partition_dim) if sharded else None
             if sharded:
                 shape[dim] *= tp
-            local.append((name, tuple(shape), str(p.dtype).removeprefix("torch."), v, dim))
-    per_stage = [local]
+            out.append((name, tuple(shape), str(p.dtype).removeprefix("torch."), v, dim))
+    return out
+
+
+def _gather_metadata(local_meta: list[tuple], pp_group, pp) -> list[ParamMeta]:
+    per_stage = [local_meta]
     if pp > 1:
         per_stage = [None] * pp
-        dist.all_gather_object(per_stage, local, group=pp_group)
+        dist.all_gather_object(per_stage, local_meta, group=pp_group)
     num_chunks = max(v for stage in per_stage for *_, v, _ in stage) + 1 if any(per_stage) else 0
     out: list[ParamMeta] = []
     seen: set[str] = set()
@@ -178,6 +180,13 @@ def gather_param_metadata(model_chunks, adapter) -> list[ParamMeta]:
                 seen.add(name)
                 out.append(ParamMeta(name, shape, getattr(torch, dtype), s, v, dim))
     return out
+
+
+def gather_param_metadata(model_chunks, adapter) -> list[ParamMeta]:
+    """Every parameter of the whole model (all stages) in the global stream order (collective over
+    the pipeline group)."""
+    _, tp, _, pp_group, pp, _ = _parallel()
+    return _gather_metadata(_local_metadata(_local_params(model_chunks, adapter), tp), pp_group, pp)
 
 
 def plan_export(
@@ -210,7 +219,83 @@ def plan_export(
     return groups
 
 
+@dataclass(frozen=True)
+class ExportPlan:
+    """The whole stream, known on every rank before any tensor moves: parameters and conversion groups."""
+
+    metas: tuple[ParamMeta, ...]
+    groups: tuple[ExportGroup, ...]
+
+    def manifest(self, dtype: torch.dtype | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(hf_name, shape, dtype) of every tensor the stream yields, in stream order (`dtype`: the
+        stream's cast, if any)."""
+        return [(n, s, dtype or d) for g in self.groups for n, s, d in g.hf]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.hf_nbytes for g in self.groups)
+
+
+# A few recent plans, reused while the model's parameters (names, shapes, dtypes, TP sharding) and the
+# adapter are the same: the pre-pass pickles metadata across the pipeline and converts every group on
+# meta tensors, which at a weight sync per step costs as much as copying a small model's bytes.
+_PLAN_CACHE: list[tuple[object, object, tuple, ExportPlan]] = []
+_PLAN_CACHE_SIZE = 4
+
+
+def export_plan(model_chunks, adapter, group_key: Callable[[str], str] | None = None) -> ExportPlan:
+    """Metadata pre-pass + conversion plan (collective over the pipeline group), cached per model.
+
+    A cached plan is used only when every pipeline stage has one for its unchanged parameters (one
+    integer all-reduce decides), so stages never disagree about running the pre-pass."""
+    return _plan(_local_params(model_chunks, adapter), adapter, group_key)
+
+
+def _plan(local_params, adapter, group_key) -> ExportPlan:
+    _, tp, _, pp_group, pp, _ = _parallel()
+    local = _local_metadata(local_params, tp)
+    sig = tuple(local)
+    hit = next((plan for a, k, s, plan in _PLAN_CACHE if a is adapter and k is group_key and s == sig), None)
+    if pp > 1:
+        flag = torch.tensor([0 if hit is None else 1], dtype=torch.int32, device=_comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=pp_group)
+        if not flag.item():
+            hit = None
+    if hit is not None:
+        return hit
+    metas = _gather_metadata(local, pp_group, pp)
+    plan = ExportPlan(tuple(metas), tuple(plan_export(metas, adapter, group_key)))
+    _PLAN_CACHE.insert(0, (adapter, group_key, sig, plan))
+    del _PLAN_CACHE[_PLAN_CACHE_SIZE:]
+    return plan
+
+
 # ----------------------------------------------------------------------------- the stream
+
+
+class _Buffers:
+    """Receive buffers for one stream. With `reuse` a buffer returns to a free list (per shape, dtype,
+    device) once the group it served has been consumed, so the repeated shapes of a layer stack are
+    allocated once per stream instead of once per tensor (fresh CPU buffers cost page faults)."""
+
+    def __init__(self, reuse: bool):
+        self.reuse = reuse
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.used: list[tuple[tuple, torch.Tensor]] = []
+
+    def empty(self, shape, dtype, device) -> torch.Tensor:
+        if not self.reuse:
+            return torch.empty(shape, dtype=dtype, device=device)
+        key = (tuple(shape), dtype, torch.device(device))
+        free = self.free.get(key)
+        buf = free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+        self.used.append((key, buf))
+        return buf
+
+    def release(self) -> None:
+        for key, buf in self.used:
+            self.free.setdefault(key, []).append(buf)
+        self.used.clear()
 
 
 def _comm_device() -> torch.device:
@@ -235,26 +320,36 @@ def export_hf_weights(
     dst: str = "rank0",
     dtype: torch.dtype | None = None,
     group_key: Callable[[str], str] | None = None,
+    plan: ExportPlan | None = None,
+    reuse_buffers: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for the whole model on the destination rank(s); see the module doc.
 
     Collective: every rank of the model must iterate it to the end (non-destinations yield nothing).
     `dtype` casts the yielded tensors (e.g. to the engine's dtype); None keeps the parameters' dtype.
+    `plan`: an `export_plan` already computed on every rank (skips the pre-pass). `reuse_buffers`:
+    received tensors live in buffers reused later in the stream, so a yielded tensor is valid only
+    until the next item is requested — for consumers that copy each tensor as it arrives.
     """
     if dst not in DESTINATIONS:
         raise ValueError(f"dst={dst!r}: use one of {DESTINATIONS}")
+    return _stream(model_chunks, adapter, None, plan, dst, dtype, group_key, reuse_buffers)
+
+
+def _stream(model_chunks, adapter, local, plan, dst, dtype, group_key, reuse_buffers):
     tp_group, tp, tp_rank, pp_group, pp, pp_rank = _parallel()
     dp_rank, cp_rank = _replica_ranks()
     if cp_rank != 0 or (dst == "rank0" and dp_rank != 0):
         return  # identical replicas; another rank streams this model
-    metas = gather_param_metadata(model_chunks, adapter)
-    groups = plan_export(metas, adapter, group_key)
-    params = {n: p for chunk in _local_params(model_chunks, adapter) for n, p in chunk}
+    local = local or _local_params(model_chunks, adapter)
+    groups = (plan or _plan(local, adapter, group_key)).groups
+    params = {n: p for chunk in local for n, p in chunk}
     everywhere = dst == "all"
     is_dst = everywhere or (tp_rank == 0 and pp_rank == 0)
     dev = _comm_device()
     tp_root = dist.get_global_rank(tp_group, 0) if tp > 1 else None
     pp_first = dist.get_global_rank(pp_group, 0) if pp > 1 else None
+    bufs = _Buffers(reuse_buffers)
 
     for grp in groups:
         full: dict[str, torch.Tensor] = {}
@@ -263,51 +358,54 @@ def export_hf_weights(
             if m.stage == pp_rank:
                 t = params[m.name].detach()
                 if m.tp_dim is not None:
-                    t = _gather_tp(t, m.tp_dim, tp_group, tp, tp_rank, tp_root, everywhere)
+                    t = _gather_tp(t, m.tp_dim, tp_group, tp, tp_rank, tp_root, everywhere, bufs)
             if pp > 1 and (everywhere or (m.stage != 0 and tp_rank == 0)):
-                t = _move_stage(t, m, pp_group, pp_rank, pp_first, everywhere, dev)
+                t = _move_stage(t, m, pp_group, pp_rank, pp_first, everywhere, dev, bufs)
             if is_dst:
                 full[m.name] = t
-        if not is_dst:
-            continue
-        hf = adapter.mcore_to_hf(full)
-        del full
-        for name, _, _ in grp.hf:
-            t = hf.pop(name)
-            yield name, (t if dtype is None else t.to(dtype))
+        if is_dst:
+            hf = adapter.mcore_to_hf(full)
+            del full
+            for name, _, _ in grp.hf:
+                t = hf.pop(name)
+                yield name, (t if dtype is None else t.to(dtype))
+        bufs.release()
 
 
-def _gather_tp(t, dim, group, tp, tp_rank, tp_root, everywhere):
+def _gather_tp(t, dim, group, tp, tp_rank, tp_root, everywhere, bufs: _Buffers):
     """Full tensor on TP rank 0 (or on every TP rank when `everywhere`); None elsewhere."""
-    t = t.contiguous()
+    t = t.contiguous()  # parameters are: no copy
     receiving = everywhere or tp_rank == 0
     full = parts = None
+    full_shape = (*t.shape[:dim], t.shape[dim] * tp, *t.shape[dim + 1 :])
     if receiving:
         if dim == 0:  # shards are contiguous slices of the full tensor: receive in place, no concat
-            full = t.new_empty((t.shape[0] * tp, *t.shape[1:]))
+            full = bufs.empty(full_shape, t.dtype, t.device)
             parts = list(full.chunk(tp, dim=0))
         else:
-            parts = [torch.empty_like(t) for _ in range(tp)]
+            parts = [bufs.empty(t.shape, t.dtype, t.device) for _ in range(tp)]
     if everywhere:
         dist.all_gather(parts, t, group=group)
     else:
         dist.gather(t, parts, dst=tp_root, group=group)
         if tp_rank != 0:
             return None
-    return full if full is not None else torch.cat(parts, dim=dim)
+    if full is None:
+        full = torch.cat(parts, dim=dim, out=bufs.empty(full_shape, t.dtype, t.device))
+    return full
 
 
-def _move_stage(t, m: ParamMeta, group, pp_rank, pp_first, everywhere, dev):
+def _move_stage(t, m: ParamMeta, group, pp_rank, pp_first, everywhere, dev, bufs: _Buffers):
     """Bring the owning stage's full tensor to pipeline stage 0 (or to every stage)."""
     if everywhere:
-        buf = t.contiguous() if pp_rank == m.stage else torch.empty(m.shape, dtype=m.dtype, device=dev)
+        buf = t.contiguous() if pp_rank == m.stage else bufs.empty(m.shape, m.dtype, dev)
         dist.broadcast(buf, src=dist.get_global_rank(group, m.stage), group=group)
         return buf
     if pp_rank == m.stage:
         dist.send(t.contiguous(), dst=pp_first, group=group)
         return None
     if pp_rank == 0:
-        buf = torch.empty(m.shape, dtype=m.dtype, device=dev)
+        buf = bufs.empty(m.shape, m.dtype, dev)
         dist.recv(buf, src=dist.get_global_rank(group, m.stage), group=group)
         return buf
     return None
@@ -324,13 +422,12 @@ def export_hf_buckets(
 def export_manifest(model_chunks, adapter, group_key=None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(hf_name, shape, dtype) of every tensor the stream will yield, in stream order — known before any
     tensor moves, so a consumer can validate a whole update up front (collective over the pipeline)."""
-    groups = plan_export(gather_param_metadata(model_chunks, adapter), adapter, group_key)
-    return [h for g in groups for h in g.hf]
+    return export_plan(model_chunks, adapter, group_key).manifest()
 
 
 def export_nbytes(model_chunks, adapter, group_key=None) -> int:
     """Total HF bytes the stream will carry (collective over the pipeline group)."""
-    return sum(g.hf_nbytes for g in plan_export(gather_param_metadata(model_chunks, adapter), adapter, group_key))
+    return export_plan(model_chunks, adapter, group_key).nbytes
 
 
 def drain(stream: Iterable) -> int:
@@ -349,23 +446,47 @@ def _all_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
+UPDATE_MODES = ("in_place", "staged")
+
+
 def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
-                   bucketed: bool = True, dst: str = "rank0", dtype: torch.dtype | None = None) -> None:
+                   bucketed: bool | None = None, mode: str | None = None, dst: str = "rank0",
+                   dtype: torch.dtype | None = None) -> None:
     """Export into `engine.update_weights` on the destination rank(s) (collective over all ranks).
 
-    `engine` may be None on ranks that hold none. `bucketed=False` hands the engine plain
-    (name, tensor) pairs (an in-process engine needs no packing). If the engine raises, the stream is
-    still run to its end (so no rank hangs in a collective) and every rank raises."""
+    `engine` may be None on ranks that hold none. An in-process engine (`engine.in_process`, e.g.
+    `HFRolloutEngine`) copies each tensor into its parameters as it arrives: it gets the plain stream
+    (in reused receive buffers), the stream's manifest (`expected=`, validated before the first copy)
+    and `mode` — "in_place" by default (one copy per tensor; a stream that breaks marks the engine
+    unusable until a complete update), or "staged" (all or nothing, one extra copy of the model).
+    Other engines (SGLang) get byte-bounded buckets of `bucket_bytes`. `bucketed` forces either form.
+    If the engine raises, the stream is still run to its end (so no rank hangs in a collective) and
+    every rank raises."""
+    in_process = bool(getattr(engine, "in_process", False))
+    if mode is not None and mode not in UPDATE_MODES:
+        raise ValueError(f"mode={mode!r}: use one of {UPDATE_MODES}")
+    if mode is not None and engine is not None and not in_process:
+        raise ValueError(f"mode={mode!r} applies to in-process engines only; {type(engine).__name__} "
+                         "updates from buckets (leave mode unset)")
+    if dst not in DESTINATIONS:
+        raise ValueError(f"dst={dst!r}: use one of {DESTINATIONS}")
+    local = _local_params(model_chunks, adapter)
+    plan = _plan(local, adapter, None)  # collective: every rank, whatever its engine
+    if bucketed is None:
+        bucketed = not in_process
+    # reused receive buffers only for a consumer that copies each tensor before asking for the next
+    stream = _stream(model_chunks, adapter, local, plan, dst, dtype, None, in_process and not bucketed)
     if bucketed:
-        stream = export_hf_buckets(model_chunks, adapter, bucket_bytes, dst=dst, dtype=dtype)
-    else:
-        stream = export_hf_weights(model_chunks, adapter, dst=dst, dtype=dtype)
+        stream = iter_buckets(stream, bucket_bytes)
     err = None
     if engine is None:
         drain(stream)
     else:
         try:
-            engine.update_weights(stream)
+            if in_process:
+                engine.update_weights(stream, mode=mode or "in_place", expected=plan.manifest(dtype))
+            else:
+                engine.update_weights(stream)
         except Exception as e:  # noqa: BLE001 — finish the collective first
             err = e
             drain(stream)

@@ -56,23 +56,28 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 
 
 def pack_bucket(named_tensors: Iterable[NamedTensor]) -> Bucket:
-    """Copy the tensors into one flat buffer per dtype (on the first tensor's device)."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    offsets: dict[torch.dtype, int] = {}
+    """Copy the tensors into one flat buffer per dtype (on the first tensor's device).
+
+    Each tensor is copied exactly once, straight into its slice of a buffer sized up front (no
+    per-tensor flatten or concatenation copies, non-contiguous sources included)."""
+    items: list[NamedTensor] = []
+    sizes: dict[torch.dtype, int] = {}
     metas: list[TensorMeta] = []
     device = None
     for name, t in named_tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"weight {name!r} is a {type(t).__name__}, expected a torch.Tensor")
         device = t.device if device is None else device
-        flat = t.detach().reshape(-1).to(device)
-        off = offsets.get(t.dtype, 0)
-        metas.append(TensorMeta(name, tuple(t.shape), t.dtype, off, flat.numel()))
-        by_dtype.setdefault(t.dtype, []).append(flat)
-        offsets[t.dtype] = off + flat.numel()
+        off = sizes.get(t.dtype, 0)
+        metas.append(TensorMeta(name, tuple(t.shape), t.dtype, off, t.numel()))
+        items.append((name, t))
+        sizes[t.dtype] = off + t.numel()
     if not metas:
         raise ValueError("cannot pack an empty bucket")
-    buffers = {dt: torch.cat(parts) if len(parts) > 1 else parts[0].clone() for dt, parts in by_dtype.items()}
+    buffers = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
+    with torch.no_grad():
+        for m, (_, t) in zip(metas, items):
+            buffers[m.dtype][m.offset : m.offset + m.numel].view(m.shape).copy_(t.detach())
     return Bucket(buffers=buffers, metas=metas)
 
 

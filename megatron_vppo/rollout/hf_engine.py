@@ -14,12 +14,22 @@ what the trainer expects (see engine.py for the conventions):
     is in the batch, on the micro-batch size, or on the device;
   * finished rows are dropped from the batch (KV cache rows selected away).
 
-`update_weights` stages every incoming tensor (validated name, shape, dtype) before touching the
-model, then copies all of them in place (`param.copy_`: same storage, no reload), so an error in
-the middle of a stream leaves the previous weights complete and `weight_version` unchanged.
+`update_weights` copies the stream into the parameters in place (`param.copy_`: same storage, no
+reload), in one of two modes, both validating every name, shape and dtype:
+
+  * "staged" (the default for direct calls): every tensor is first copied aside, then all are
+    committed; an error anywhere leaves the previous weights complete and `weight_version` unchanged.
+    Costs a second copy of the model in fresh memory.
+  * "in_place" (what the trainer's sync uses, via `checkpoint.export.push_to_engine`): the caller
+    passes the stream's manifest (`expected=`, from `export_plan(...).manifest()`), which is checked
+    against the model before the first copy; each tensor is then copied straight into its parameter.
+    If the stream breaks or ends early the engine is marked unusable — `generate` / `score` raise an
+    error naming the failed update — until a later complete update succeeds. Never silently
+    half-updated; `weight_version` bumps only when an update completes.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Sequence
 
@@ -45,6 +55,7 @@ _NAME_RULES = (
 )
 
 
+@functools.lru_cache(maxsize=65536)  # a sync looks every name up again
 def canonical_param_name(name: str) -> str:
     """Module-parameter name for an HF weight name in either transformers spelling."""
     for pat, repl in _NAME_RULES:
@@ -116,6 +127,10 @@ class HFRolloutEngine:
     not depend on it. `record_logits=True` attaches each step's logits to the outputs (tests).
     """
 
+    # Takes plain (name, tensor) streams and copies each tensor as it arrives, so `push_to_engine`
+    # hands it the unbucketed stream, the manifest and an update mode.
+    in_process = True
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -136,6 +151,8 @@ class HFRolloutEngine:
         self.record_logits = record_logits
         self.weight_version = 0
         self._released_to: torch.device | None = None
+        self._broken: str | None = None  # why the weights are incomplete (a failed in-place update)
+        self._checked: tuple | None = None  # (manifest, require_complete, plan): the last manifest that fit
         self._params = dict(model.named_parameters(remove_duplicate=False))
 
     @classmethod
@@ -152,6 +169,8 @@ class HFRolloutEngine:
         return next(self.model.parameters()).device
 
     def _check_usable(self):
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         if self._released_to is not None:
             raise RuntimeError("the rollout engine's memory is released; call resume_memory() before generating")
 
@@ -318,23 +337,117 @@ class HFRolloutEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, stream: WeightStream, *, require_complete: bool = True) -> None:
-        """Stage, validate, then copy in place. All or nothing; see the module docstring.
+    def update_weights(
+        self,
+        stream: WeightStream,
+        *,
+        mode: str = "staged",
+        expected: Sequence[tuple[str, Sequence[int], torch.dtype]] | None = None,
+        require_complete: bool = True,
+    ) -> None:
+        """Load HF-named weights in place; `mode` "staged" or "in_place" (see the module docstring).
 
-        `require_complete=False` allows a partial update (only the named tensors change)."""
+        `expected`: (name, shape, dtype) of every tensor the stream will carry, checked against the
+        model before anything is copied (required for "in_place"). `require_complete=False` allows a
+        partial update (only the named tensors change; an unusable engine stays unusable)."""
+        if mode == "in_place":
+            if expected is None:
+                raise ValueError("update_weights(mode='in_place') needs the stream's manifest (expected=[(name, "
+                                 "shape, dtype), ...], e.g. export_plan(...).manifest()) to validate it before "
+                                 "the first copy; pass it, or use mode='staged'")
+            self._update_in_place(stream, self._check_manifest(expected, require_complete), require_complete)
+        elif mode == "staged":
+            if expected is not None:
+                self._check_manifest(expected, require_complete)
+            self._update_staged(stream, require_complete)
+        else:
+            raise ValueError(f"mode={mode!r}: use 'staged' or 'in_place'")
+
+    def _resolve(self, name: str, shape, dtype) -> torch.nn.Parameter:
+        """The parameter a weight name feeds, after checking shape and dtype kind."""
+        key = canonical_param_name(name)
+        p = self._params.get(key)
+        if p is None:
+            raise KeyError(
+                f"weight {name!r} (as {key!r}) is not a parameter of the rollout model; "
+                "is the stream for another model or config?"
+            )
+        if tuple(shape) != tuple(p.shape):
+            raise ValueError(f"weight {name!r} has shape {tuple(shape)}, the model's is {tuple(p.shape)}")
+        if p.is_floating_point() != dtype.is_floating_point:
+            raise TypeError(f"weight {name!r} has dtype {dtype}, incompatible with the model's {p.dtype}")
+        return p
+
+    def _missing(self, covered: set[int]) -> list[str]:
+        return sorted(n for n, p in self._params.items() if id(p) not in covered)
+
+    def _check_manifest(self, expected, require_complete: bool) -> dict[str, tuple]:
+        """{name: (param, shape, dtype)} for a manifest that fits the model; raises before any copy.
+        The trainer sends the same manifest every step: a repeat is recognised, not re-checked."""
+        expected = tuple((name, tuple(shape), dtype) for name, shape, dtype in expected)
+        if self._checked is not None and self._checked[:2] == (expected, require_complete):
+            return self._checked[2]
+        plan: dict[str, tuple] = {}
+        for name, shape, dtype in expected:
+            if name in plan:
+                raise ValueError(f"the update's manifest lists {name!r} twice")
+            plan[name] = (self._resolve(name, shape, dtype), torch.Size(shape), dtype)
+        if require_complete:
+            missing = self._missing({id(p) for p, _, _ in plan.values()})
+            if missing:
+                raise ValueError(
+                    f"the update's manifest is without {len(missing)} parameter(s), e.g. {missing[:3]}; "
+                    "no weight was changed (pass require_complete=False for a partial update)"
+                )
+        self._checked = (expected, require_complete, plan)
+        return plan
+
+    def _update_in_place(self, stream: WeightStream, plan: dict[str, tuple], complete: bool) -> None:
+        version = self.weight_version + 1
+        written: dict[int, str] = {}  # id(param) -> the name that wrote it (tied weights share one)
+        seen: set[str] = set()
+        try:
+            with torch.no_grad():
+                for name, t in iter_named_tensors(stream):
+                    entry = plan.get(name)
+                    if entry is None:
+                        raise KeyError(f"weight {name!r} is not in the update's manifest")
+                    p, shape, dtype = entry
+                    if name in seen:
+                        raise ValueError(f"weight {name!r} arrived twice in one update")
+                    if t.shape != shape or t.dtype != dtype:
+                        raise ValueError(f"weight {name!r} arrived as {tuple(t.shape)} {t.dtype}; the manifest "
+                                         f"announced {tuple(shape)} {dtype}")
+                    seen.add(name)
+                    first = written.get(id(p))
+                    if first is None:
+                        p.copy_(t)
+                        written[id(p)] = name
+                    elif not torch.equal(p, t.to(device=p.device, dtype=p.dtype)):
+                        raise ValueError(f"tied weights {first!r} and {name!r} arrived with different values; "
+                                         "a tied model can hold only one")
+            if len(seen) != len(plan):
+                missing = [n for n in plan if n not in seen]
+                raise ValueError(f"weight stream ended after {len(seen)} of {len(plan)} tensors, without "
+                                 f"{missing[:3]}")
+        except BaseException as e:
+            if written:  # the previous weights are gone: refuse to generate with a mix
+                self._broken = (
+                    f"the rollout engine's weights are incomplete: an in-place update_weights (to version "
+                    f"{version}) failed after {len(written)} of {len(plan)} tensors were copied "
+                    f"({type(e).__name__}: {e}). Run a complete update_weights (e.g. the trainer's weight "
+                    "sync) before generating or scoring."
+                )
+            raise
+        if complete:
+            self._broken = None
+        self.weight_version = version
+
+    def _update_staged(self, stream: WeightStream, require_complete: bool) -> None:
         staged: dict[int, tuple[str, torch.nn.Parameter, torch.Tensor]] = {}
         for name, t in iter_named_tensors(stream):
+            p = self._resolve(name, t.shape, t.dtype)
             key = canonical_param_name(name)
-            p = self._params.get(key)
-            if p is None:
-                raise KeyError(
-                    f"weight {name!r} (as {key!r}) is not a parameter of the rollout model; "
-                    "is the stream for another model or config?"
-                )
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"weight {name!r} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
-            if p.is_floating_point() != t.is_floating_point():
-                raise TypeError(f"weight {name!r} has dtype {t.dtype}, incompatible with the model's {p.dtype}")
             new = t.detach().to(device=p.device, dtype=p.dtype, copy=True)
             prev = staged.get(id(p))
             if prev is not None and prev[0] != key and not torch.equal(prev[2], new):
@@ -344,7 +457,7 @@ class HFRolloutEngine:
                 )
             staged[id(p)] = (key, p, new)
         if require_complete:
-            missing = sorted(n for n, p in self._params.items() if id(p) not in staged)
+            missing = self._missing(set(staged))
             if missing:
                 raise ValueError(
                     f"weight stream ended without {len(missing)} parameter(s), e.g. {missing[:3]}; "
@@ -353,6 +466,8 @@ class HFRolloutEngine:
         with torch.no_grad():
             for _, p, new in staged.values():
                 p.copy_(new)
+        if require_complete:
+            self._broken = None
         self.weight_version += 1
 
     # ------------------------------------------------------------------ memory

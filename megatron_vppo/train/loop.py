@@ -109,9 +109,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
         rewards_seen.append(rewards.flatten())
         if use_ds:
             gid = torch.arange(len(groups)).repeat_interleave(cfg.rollout.group_size)
-            keep = dynamic_sampling_keep(rewards.flatten(), gid)
-            kept_ids = sorted({int(gid[i]) for i in keep.nonzero().flatten().tolist()}) \
-                if keep.dtype == torch.bool else sorted({int(gid[i]) for i in keep.tolist()})
+            kept_ids = sorted({int(gid[i]) for i in dynamic_sampling_keep(rewards.flatten(), gid).tolist()})
         else:
             kept_ids = list(range(len(groups)))
         metrics["rollout/groups_dropped"] += len(groups) - len(kept_ids)

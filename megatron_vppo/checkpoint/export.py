@@ -24,7 +24,11 @@ model-chunk order (virtual stage v of pipeline stage p for v, then p), parameter
 inside a chunk, and the adapter's order inside a group.
 
 At TP1 on the destination stage the yielded tensors may alias the live parameters (no copy is made);
-clone a tensor you keep past the next optimizer step.
+clone a tensor you keep past the next optimizer step. The pre-pass result (`export_plan`) is cached
+while the parameters are unchanged, and its manifest lets a consumer validate a whole update before
+the first tensor moves. `push_to_engine` feeds an in-process engine the plain stream with reused
+receive buffers (it copies each tensor into its parameter as it arrives: in-place mode) and other
+engines byte-bounded buckets.
 
 Also here: the HF checkpoint writer (`save_hf_checkpoint`, `export_hf_checkpoint`) and the model
 load / save helpers the conversion and scoring tools share (`load_model` for an HF directory or a

@@ -84,8 +84,8 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from megatron_vppo.checkpoint.export import (drain, export_hf_weights, export_plan, load_model, model_dims,
-                                                 push_to_engine, read_model_config)
+    from megatron_vppo.checkpoint.export import drain, export_hf_weights, export_plan, push_to_engine
+    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import destroy_distributed, init_distributed
     from megatron_vppo.rollout.hf_engine import HFRolloutEngine

@@ -101,7 +101,7 @@ def test_roundtrip_tied_tp2pp2_to_tp2(tiny_model_dir_tied, tmp_path):
 
 
 def _tp1_logits(rank, world, ckpt, hf):
-    from megatron_vppo.checkpoint.export import load_model, model_dims, read_model_config
+    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor, collate
     from megatron_vppo.distributed import init_distributed

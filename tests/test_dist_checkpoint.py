@@ -382,3 +382,38 @@ def test_unstepped_distributed_optimizer_saves_and_resumes(tmp_path):
     straight = run_distributed(_save_unstepped_then_train, 2, d)
     resumed = run_distributed(_resume_unstepped_then_train, 2, d)
     assert straight[0] == pytest.approx(resumed[0], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- a module with bad sharding
+
+
+def _save_bad_sharding(rank, world, ckpt_dir):
+    """A module whose sharded_state_dict forgets its TP group: every TP rank claims the main replica of
+    the same replicated tensor. Every rank must raise (Megatron alone checks on rank 0 and hangs the rest)."""
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.utils import sharded_state_dict_default
+
+    from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError, save_checkpoint
+
+    _allow_children()
+    init_parallel(tp=2)
+    gpt = build_tiny_gpt(seed=1)
+
+    class Bad(MegatronModule):
+        def __init__(self):
+            super().__init__(config=gpt.config)
+            self.proj = torch.nn.Linear(4, 4)
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            return sharded_state_dict_default(self.proj, f"{prefix}proj.", sharded_offsets, metadata)
+
+    try:
+        save_checkpoint(ckpt_dir, 1, [Bad()])
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_bad_sharding_fails_every_rank_without_hanging(tmp_path):
+    errors = run_distributed(_save_bad_sharding, 2, str(tmp_path / "ck"), timeout=120)
+    assert all(e is not None and "main replica" in e and "tp_group" in e for e in errors), errors

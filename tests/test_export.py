@@ -16,7 +16,7 @@ BUCKETS = (1024, 1024 * 1024, None)
 
 
 def _load(hf_dir, tp, pp, vpp=None):
-    from megatron_vppo.checkpoint.export import load_model, model_dims, read_model_config
+    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import init_distributed
 

@@ -1,6 +1,5 @@
 """Qwen2.5-VL pieces against transformers: M-RoPE ids, config mapping, weight adapter, loader
 errors, and the language model on text-only / left-padded / tied / 5.x-named checkpoints."""
-import json
 import shutil
 
 import pytest

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def hf_to_mcore(hf: str, out: str, tp: int, pp: int, overwrite: bool = False) -> None:
     """Per-rank body of `hf-to-mcore` (call on every rank of a tp*pp*dp world)."""
-    from megatron_vppo.checkpoint.export import load_model, model_dims, read_model_config, save_model_checkpoint
+    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config, save_model_checkpoint
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import init_distributed
 
@@ -39,7 +39,8 @@ def hf_to_mcore(hf: str, out: str, tp: int, pp: int, overwrite: bool = False) ->
 def mcore_to_hf(ckpt: str, out: str, tp: int = 1, pp: int = 1, hf_config: str | None = None,
                 overwrite: bool = False) -> None:
     """Per-rank body of `mcore-to-hf`."""
-    from megatron_vppo.checkpoint.export import export_hf_checkpoint, load_model, model_dims, read_model_config
+    from megatron_vppo.checkpoint.export import export_hf_checkpoint
+    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import init_distributed
 
@@ -125,7 +126,7 @@ def launch(rank_main, args, world: int) -> int:
 
 def _check_before_launch(args) -> None:
     """Fail on bad inputs in the launcher, before any process or process group starts."""
-    from megatron_vppo.checkpoint.export import model_dims, read_model_config
+    from megatron_vppo.checkpoint.model_checkpoint import model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import layout_from_config
     from megatron_vppo.parallel_layout import validate_layout

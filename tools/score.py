@@ -64,7 +64,7 @@ def score(args) -> None:
     """Per-rank body: load, encode this rank's data, score, rank 0 writes."""
     import torch.distributed as dist
 
-    from megatron_vppo.checkpoint.export import load_model, model_dims, read_model_config
+    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.distributed import init_distributed

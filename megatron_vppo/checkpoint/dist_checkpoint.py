@@ -396,7 +396,7 @@ def _check_plain(obj: Any, where: str = "train_state") -> None:
     )
 
 
-def _all_ok(ok: bool) -> bool:
+def all_ranks_ok(ok: bool) -> bool:
     """True iff `ok` on every rank (so one rank's failure stops all of them without a hang)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return ok
@@ -466,7 +466,7 @@ def save_checkpoint(
             (tmp / RNG_SUBDIR).mkdir()
     except OSError as e:
         ok, err = False, f"cannot create {tmp}: {e}"
-    if not _all_ok(ok):
+    if not all_ranks_ok(ok):
         raise CheckpointError(err or f"rank 0 could not create {tmp}; check that {root} is writable")
 
     layout = current_layout(len(model_chunks))
@@ -474,6 +474,7 @@ def save_checkpoint(
     rng_state = get_rng_state()  # before anything below could draw random numbers
     try:
         sharded = _model_sharded_state_dict(model_chunks)
+        check_sharding(sharded)  # collective, so a bad module fails every rank instead of hanging them
         if optimizer is not None:
             # An optimizer that never stepped (every group so far dropped by dynamic sampling) has no
             # torch-Adam state yet; give it the zero state a fresh optimizer would use.
@@ -500,7 +501,7 @@ def save_checkpoint(
             raise
         ok, err = False, f"rank {rank}: {_first_line(e)}"
         logger.exception("checkpoint save failed on rank %d", rank)
-    if not _all_ok(ok):
+    if not all_ranks_ok(ok):
         raise CheckpointError(
             f"saving {final} failed ({err or 'on another rank; see its log'}); the partial directory "
             f"{tmp} is ignored on resume and removed by the next successful save"
@@ -544,7 +545,7 @@ def save_checkpoint(
         except Exception as e:  # noqa: BLE001
             ok, err = False, f"{type(e).__name__}: {e}"
             logger.exception("checkpoint finalize failed")
-    if not _all_ok(ok):
+    if not all_ranks_ok(ok):
         raise CheckpointError(f"finalizing {final} failed on rank 0 ({err}); {tmp} is left as a partial save")
     logger.info("saved checkpoint %s", final)
     return final
@@ -723,3 +724,31 @@ def load_checkpoint(
         scheduler_loaded=sched_loaded,
         rng_restored=rng_restored,
     )
+
+
+def check_sharding(sharded: dict) -> None:
+    """Collective: every tensor shard of a sharded state dict must have exactly one main replica
+    across all ranks. Megatron checks this on rank 0 only, inside `dist_checkpointing.save`, where a
+    failure leaves the other ranks blocked in a collective; checking first makes every rank raise the
+    same clear error instead."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    mine = [(t.key, tuple(t.global_offset)) for t in nested_values(sharded)
+            if isinstance(t, ShardedTensor) and is_main_replica(t.replica_id)]
+    every = [mine]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+    count: dict = {}
+    for part in every:
+        for k in part:
+            count[k] = count.get(k, 0) + 1
+    dup = sorted(k for k, n in count.items() if n > 1)
+    if dup:
+        key, offset = dup[0]
+        raise CheckpointError(
+            f"{len(dup)} checkpoint shard(s) are claimed as the main replica by several ranks, e.g. {key!r} at "
+            f"offset {offset} ({count[dup[0]]} ranks): the module's sharded_state_dict gives TP-replicated "
+            "tensors the same replica_id on every TP rank; pass tp_group to sharded_state_dict_default there"
+        )

@@ -134,13 +134,8 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
     def sync(**kw):  # the trainer's call (train.loop.sync_engine_weights), plus overrides
         push_to_engine(m.chunks, m.adapter, engine, **{"bucket_bytes": 512 * MiB, "dst": "replica", **kw})
 
-    def sync_no_mode():
-        with torch._C.DisableTorchFunction():
-            sync()
-
     res["export"] = _median_time(lambda: drain(export_hf_weights(m.chunks, m.adapter)), repeats, dist.barrier)
     res["sync"] = _median_time(sync, repeats, dist.barrier)
-    res["sync_no_mode"] = _median_time(sync_no_mode, repeats, dist.barrier)
     res["staged"] = _median_time(lambda: sync(mode="staged"), repeats, dist.barrier)
     res["buckets"] = {}
     for label, b in BUCKETS:
@@ -191,10 +186,10 @@ def table(results: dict, layers: int, repeats: int, command: str) -> str:
         "buffers).",
         "",
         "| layout | memcpy GB/s | memcpy into fresh buffer GB/s | gloo send/recv GB/s (MB crossing ranks) "
-        "| export GB/s (ratio) | **sync** GB/s (ratio) | sync, CPU-adapter mode off (ratio) "
+        "| export GB/s (ratio) | **sync** GB/s (ratio) "
         "| staged mode (ratio) | in-place from 512 MiB buckets (ratio) | transport floor (ratio) "
         "| messages x gloo latency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         mc = r["memcpy"]
@@ -206,7 +201,7 @@ def table(results: dict, layers: int, repeats: int, command: str) -> str:
         else:
             gloo, floor, lat = "—", cell(mc), "—"
         lines.append(f"| {name} | {gbps(mc):.2f} | {gbps(r['memcpy_fresh']):.2f} | {gloo} | {cell(r['export'])} "
-                     f"| **{cell(r['sync'])}** | {cell(r['sync_no_mode'])} | {cell(r['staged'])} "
+                     f"| **{cell(r['sync'])}** | {cell(r['staged'])} "
                      f"| {cell(r['buckets']['512 MiB (default)'])} | {floor} | {lat} |")
     lines += ["", "Bucket-size sweep (export + pack + in-place engine update; the form the SGLang engines get; "
               "ratio to memcpy):", "",
@@ -220,26 +215,23 @@ def table(results: dict, layers: int, repeats: int, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-READING = """Reading the numbers (the machine is shared: repeated runs of this table moved TP1's sync ratio
-between 0.44 and 0.50 and TP2's between 0.05 and 0.09).
+READING = """Reading the numbers (the machine is shared; repeated runs move the ratios by a few hundredths).
 
-* TP1 is at the target's edge: 0.44-0.50 as the trainer runs on CPU, 0.51-0.59 with the CPU adapter's
-  torch-function mode off (`megatron_cpu` wraps every torch call on CPU runs to redirect CUDA devices;
-  GPU runs do not have it). The sync is the export (views of the trainer's parameters, plus the
-  adapter's contiguous copies of the q/k/v splits) and one `param.copy_` per tensor straight into the
-  engine's parameters: about two memcpys of work, with no per-tensor allocation on the engine side.
-  The rest is ~100 tensors' worth of Python and torch-call overhead, a fixed cost that a larger model
-  amortises. The staged mode (the engine's all-or-nothing mode) and bucket packing each add a copy into
-  freshly allocated memory, which runs at the fresh-buffer memcpy speed (first-touch page faults):
-  0.08-0.12.
+* TP1: the sync is the export (views of the trainer's parameters; the weight adapter returns the q/k/v
+  and gate/up splits as views, not copies) and one `param.copy_` per tensor straight into the engine's
+  parameters, with no per-tensor allocation on the engine side, run outside the CPU adapter's
+  CUDA->CPU redirect mode (`megatron_cpu.without_device_redirect`: that mode wraps every torch call on
+  CPU runs and cost ~20 % of the sync; GPU runs never have it). What remains above one memcpy is
+  ~100 tensors' worth of Python and per-call overhead, a fixed cost that a larger model amortises.
+  The staged mode (the engine's all-or-nothing mode) and bucket packing each add a copy into freshly
+  allocated memory, which runs at the fresh-buffer memcpy speed (first-touch page faults).
 * TP2 and PP2 do not meet 0.5, and cannot over this transport: gloo moves bytes between processes
   through loopback TCP (a kernel copy out and a copy in). The transport floor column is the best
   possible sync with it — the crossing bytes sent once as one message at the measured gloo speed, plus
-  one copy into the engine — 0.24-0.37, already below 0.5 before any per-tensor work. The measured
-  sync is further below that floor because the stream moves one message per tensor (per-message
-  latency is small: last column) and the weight adapter re-lays out the gathered fused tensors (QKV,
-  gate/up) into new tensors at TP > 1; two processes also share two busy cores here. On GPUs the same
-  stream runs over NCCL, where these transfers are not the bottleneck."""
+  one copy into the engine — already below 0.5 before any per-tensor work. The measured sync is
+  further below that floor because the stream moves one message per tensor and the weight adapter
+  re-lays out the gathered fused tensors (QKV, gate/up) at TP > 1; two processes also share two cores
+  here. On GPUs the same stream runs over NCCL, where these transfers are not the bottleneck."""
 
 
 def write_section(doc: Path, section: str) -> None:

@@ -182,3 +182,14 @@ def apply_cpu_adapter(force: bool = False) -> bool:
 
 def cpu_adapter_active() -> bool:
     return _APPLIED
+
+
+def without_device_redirect():
+    """Context in which torch calls skip the CUDA->CPU redirect mode (a no-op where it is not active).
+
+    For hot loops of our own code that never name a CUDA device — the weight sync copies every
+    parameter, and the mode's per-call dispatch costs ~20 % of it on CPU. Megatron code must not run
+    inside it."""
+    import contextlib
+
+    return torch._C.DisableTorchFunction() if _MODE is not None else contextlib.nullcontext()

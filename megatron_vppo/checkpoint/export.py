@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from megatron_vppo.checkpoint.dist_checkpoint import all_ranks_ok
 from megatron_vppo.checkpoint.hf_load import global_param_names
+from megatron_vppo.megatron_cpu import without_device_redirect
 from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets, iter_named_tensors
 
 DESTINATIONS = ("rank0", "replica", "all")
@@ -476,19 +477,20 @@ def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = 
     if bucketed:
         stream = iter_buckets(stream, bucket_bytes)
     err = None
-    if engine is None:
-        drain(stream)
-    else:
-        try:
-            if in_process:
-                engine.update_weights(stream, mode=mode or "in_place", expected=plan.manifest(dtype))
-            else:
-                engine.update_weights(stream)
-        except Exception as e:  # noqa: BLE001 — finish the collective first
-            err = e
+    with without_device_redirect():  # our own copy loop: the CPU adapter's per-call redirect is overhead
+        if engine is None:
             drain(stream)
         else:
-            drain(stream)  # an engine that stopped early still owes the other ranks their collectives
+            try:
+                if in_process:
+                    engine.update_weights(stream, mode=mode or "in_place", expected=plan.manifest(dtype))
+                else:
+                    engine.update_weights(stream)
+            except Exception as e:  # noqa: BLE001 — finish the collective first
+                err = e
+                drain(stream)
+            else:
+                drain(stream)  # an engine that stopped early still owes the other ranks their collectives
     if not all_ranks_ok(err is None):
         if err is not None:
             raise err

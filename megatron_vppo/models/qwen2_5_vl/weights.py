@@ -270,7 +270,8 @@ class Qwen25VLWeights:
 
             for k, v in vision_mcore_to_hf(vision, self.vision_cfg, self.tp).items():
                 out[HF_VISION + k] = v
-        out = {k: v.contiguous() for k, v in out.items()}
+        # Views, not copies (QKV / gate-up splits are strided): consumers copy once into their own
+        # storage (engine parameters, bucket buffers); the HF writer makes its tensors contiguous.
         if spelling == "v5":
             out = {hf_name_v5(k): v for k, v in out.items()}
         elif spelling != "v4":

@@ -27,6 +27,7 @@ setup(
         "psutil",
         "transformers>=5.23,<6",
         "datasets",
+        "pyarrow",  # imported directly (data/); also what `datasets` stores tables in
         "tokenizers",
         "safetensors",
         "pillow",

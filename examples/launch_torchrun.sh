@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Multi-node torchrun launch of `megatron-vppo train CONFIG [key=value ...]`.
 # Set on every node: NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT, GPUS_PER_NODE if not 29500 / 8).
+# It stays in the caller's directory, so relative paths in CONFIG, its data/output keys and the overrides
+# resolve where the user typed them; the checkout goes on PYTHONPATH so an uninstalled tree runs too.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: examples/launch_torchrun.sh CONFIG.yaml [section.key=value ...]}
 shift
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron's TP/SP communication-overlap ordering
 exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${GPUS_PER_NODE:-8}" \
   --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \

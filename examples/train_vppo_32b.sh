@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # Qwen2.5-VL-32B VPPO on 32 GPUs (4 nodes x 8): on each node
 #   NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> examples/train_vppo_32b.sh [section.key=value ...]
-exec "$(dirname "$0")/launch_torchrun.sh" examples/configs/qwen2_5_vl_32b_vppo.yaml "$@"
+exec "$(dirname "$0")/launch_torchrun.sh" "$(dirname "$0")/configs/qwen2_5_vl_32b_vppo.yaml" "$@"

@@ -71,16 +71,20 @@ def _train(rest: list[str]) -> int:
     return 0
 
 
+COMMANDS = ("train", "demo", "eval", "convert", "tune", "score", "generate")
+_TOOL_SCRIPTS = {"convert": "convert_checkpoint", "score": "score", "generate": "generate"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="megatron-vppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "demo", "eval", "convert", "tune", "score", "generate"])
+    parser.add_argument("command", choices=COMMANDS)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in parser._actions[-1].choices:
+    if command not in COMMANDS:
         parser.error(f"unknown command '{command}'")
 
     if command == "train":
@@ -94,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_vppo.train.evaluate import main as eval_main
 
         return eval_main(rest) or 0
-    tool = {"convert": "convert_checkpoint", "tune": "tune_parallelism",
-            "score": "score", "generate": "generate"}[command]
-    return _run_tool(tool, rest)
+    if command == "tune":  # lives in the package, so it works from an installed wheel without tools/
+        from megatron_vppo.tuning.cli import main as tune_main
+
+        return tune_main(rest)
+    return _run_tool(_TOOL_SCRIPTS[command], rest)
 
 
 if __name__ == "__main__":

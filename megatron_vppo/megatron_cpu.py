@@ -190,6 +190,4 @@ def without_device_redirect():
     For hot loops of our own code that never name a CUDA device — the weight sync copies every
     parameter, and the mode's per-call dispatch costs ~20 % of it on CPU. Megatron code must not run
     inside it."""
-    import contextlib
-
     return torch._C.DisableTorchFunction() if _MODE is not None else contextlib.nullcontext()

@@ -56,15 +56,16 @@ def validate_layout(
             f"tp={layout.tp} does not divide num_attention_heads={num_attention_heads};"
             f" pick tp from {divisors(num_attention_heads)}"
         )
-    if num_query_groups % layout.tp and layout.tp % num_query_groups:
-        raise LayoutError(
-            f"tp={layout.tp} and num_key_value_heads={num_query_groups}: one must divide the other"
-        )
+    # Megatron-Core splits the KV heads (query groups) over TP; it cannot replicate them.
     if layout.tp > num_query_groups:
-        # Megatron-Core shards query groups over TP; it cannot replicate KV heads.
         raise LayoutError(
             f"tp={layout.tp} > num_key_value_heads={num_query_groups}: Megatron-Core cannot replicate"
-            f" KV heads across tensor-parallel ranks; use tp <= {num_query_groups}"
+            f" KV heads across tensor-parallel ranks; pick tp from {divisors(num_query_groups)}"
+        )
+    if num_query_groups % layout.tp:
+        raise LayoutError(
+            f"tp={layout.tp} does not divide num_key_value_heads={num_query_groups};"
+            f" pick tp from {divisors(num_query_groups)}"
         )
     if vision_num_heads is not None and vision_num_heads % layout.tp:
         raise LayoutError(

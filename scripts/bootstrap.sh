@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3.11}"
 VENV=.venv
-TORCH_PIN="torch==2.13.0"
+# The +cpu build: PyPI's plain torch==2.13.0 on Linux is the CUDA build (several GiB of nvidia-* wheels).
+TORCH_PIN="torch==2.13.0+cpu"
+TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
 STAMP="$VENV/.bootstrap-stamp"
 want="$(cat requirements-cpu.txt setup.py | sha256sum | cut -c1-16) $TORCH_PIN"
 
@@ -25,13 +27,16 @@ constraint="$(mktemp)"
 trap 'rm -f "$constraint"' EXIT
 echo "$TORCH_PIN" > "$constraint"
 
-echo "[bootstrap] $TORCH_PIN (CPU) first, so nothing later pulls a CUDA build"
-"${PIP[@]}" "$TORCH_PIN"
+echo "[bootstrap] $TORCH_PIN first, so nothing later pulls a CUDA build"
+if ! "${PIP[@]}" "$TORCH_PIN"; then  # no local wheel or mirror has it: PyTorch's CPU index does
+  echo "[bootstrap] retrying $TORCH_PIN from $TORCH_CPU_INDEX"
+  "${PIP[@]}" "$TORCH_PIN" --extra-index-url "$TORCH_CPU_INDEX"
+fi
 echo "[bootstrap] requirements-cpu.txt"
 "${PIP[@]}" -r requirements-cpu.txt -c "$constraint"
 echo "[bootstrap] megatron_vppo (editable)"
 "${PIP[@]}" -e . --no-deps --no-build-isolation -c "$constraint"
 
-"$VENV/bin/python" -c "import torch, megatron_vppo; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+"$VENV/bin/python" -c "import torch, megatron_vppo; assert torch.__version__.startswith('2.13.0') and torch.version.cuda is None, torch.__version__"
 echo "$want" > "$STAMP"
 echo "[bootstrap] done"

@@ -286,3 +286,12 @@ def test_skip_stats_round_trip():
     s.add_skip("corrupt_image")
     assert SkipStats.from_state_dict(s.state_dict()) == s
     assert "corrupt_image=2" in s.summary() and s.n_skipped == 2
+
+
+@pytest.mark.timeout(60)
+def test_drop_last_with_less_than_one_batch_is_a_clear_error(mixed_dataset):
+    """6 usable rows, batch 8, drop_last: every epoch's only batch would be dropped, forever."""
+    batches = PromptBatches(mixed_dataset, 8, seed=1, drop_last=True)
+    with pytest.raises(RuntimeError, match="6 usable rows, fewer than one batch of 8"):
+        next(batches)
+    assert len(next(PromptBatches(mixed_dataset, 8, seed=1, drop_last=False))) == 8  # spans the epoch boundary

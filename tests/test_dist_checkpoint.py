@@ -278,6 +278,27 @@ def test_corrupt_checkpoint_error_names_dir_and_fix(runs, tmp_path):
     assert errs[2] is not None and "train.resume" in errs[2] and "resume=auto" in errs[2]
 
 
+def _load_one_rank_rng_missing(rank, world, path):
+    from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError, load_checkpoint
+
+    ddp, opt, sched = _fresh(2, False, seed=5)
+    try:
+        load_checkpoint(path, ddp, opt, sched)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_rank_local_load_error_fails_every_rank_without_hanging(runs, tmp_path):
+    """Only rank 1's RNG file is gone: rank 1 names it, rank 0 must raise too instead of waiting for
+    rank 1 in the final barrier."""
+    ck = _copy_as(runs["tp2_dir"] / "step_0000002", tmp_path / "c" / "step_0000002", 2)
+    (ck / "rng" / "rank_00001.pt").unlink()
+    errs = run_distributed(_load_one_rank_rng_missing, 2, str(ck), timeout=180)
+    assert errs[1] is not None and "rank_00001.pt is missing" in errs[1] and "Fix" in errs[1]
+    assert errs[0] is not None and "another rank" in errs[0] and str(ck) in errs[0]
+
+
 def _crash_during_save(rank, world, ckpt_dir):
     """Rank 1 fails while writing step 2: every rank gets CheckpointError (no hang), step 1 stays latest."""
     import megatron_vppo.checkpoint.dist_checkpoint as dc
@@ -417,3 +438,43 @@ def _save_bad_sharding(rank, world, ckpt_dir):
 def test_bad_sharding_fails_every_rank_without_hanging(tmp_path):
     errors = run_distributed(_save_bad_sharding, 2, str(tmp_path / "ck"), timeout=120)
     assert all(e is not None and "main replica" in e and "tp_group" in e for e in errors), errors
+
+
+# --------------------------------------------------------------------------- re-saving a step
+
+
+def _resave_with_failing_rename(rank, world, ckpt_dir):
+    """Save step 1, then save step 1 again with the final rename failing: the first save must still
+    be there under its own name (not hidden under a .tmp name the next prune deletes)."""
+    import os
+
+    import megatron_vppo.checkpoint.dist_checkpoint as dc
+
+    ddp, opt, sched = _fresh(1, False, seed=0)
+    first = dc.save_checkpoint(ckpt_dir, 1, ddp, opt, sched)
+    marker = (first / "COMPLETE").read_text()
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in Path(src).name and ".tmp-replaced-" not in Path(src).name:
+            raise OSError("rename failed (simulated)")
+        return real_rename(src, dst)
+
+    os.rename = rename
+    try:
+        dc.save_checkpoint(ckpt_dir, 1, ddp, opt, sched)
+        err = None
+    except dc.CheckpointError as e:
+        err = str(e)
+    finally:
+        os.rename = real_rename
+    latest = dc.find_latest_complete(ckpt_dir)
+    return dict(err=err, latest=str(latest), marker_kept=latest is not None
+                and (latest / "COMPLETE").read_text() == marker)
+
+
+def test_failed_resave_keeps_the_previous_checkpoint(tmp_path):
+    d = tmp_path / "ck"
+    (res,) = run_distributed(_resave_with_failing_rename, 1, str(d), timeout=180)
+    assert res["err"] is not None and "rename failed" in res["err"]
+    assert Path(res["latest"]).name == "step_0000001" and res["marker_kept"]

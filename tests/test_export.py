@@ -131,6 +131,45 @@ def test_engine_error_mid_stream_raises_everywhere_without_hanging(tiny_model_di
     assert {n: (tuple(t.shape), t.dtype) for n, t in ref.items()} == {n: (s, d) for n, s, d in manifest}
 
 
+class _AdapterFailingOnData:
+    """The model's adapter, except that converting real (not meta) tensors fails from the `after`-th
+    group on: the meta-tensor plan passes, the stream breaks on the destination rank only."""
+
+    def __init__(self, adapter, after):
+        self._adapter, self._after, self._calls = adapter, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+    def mcore_to_hf(self, tensors):
+        if any(t.device.type != "meta" for t in tensors.values()):
+            self._calls += 1
+            if self._calls > self._after:
+                raise MemoryError("cast ran out of memory (simulated)")
+        return self._adapter.mcore_to_hf(tensors)
+
+
+def _failing_conversion_worker(rank, world, hf_dir, tp, pp):
+    from megatron_vppo.checkpoint.export import push_to_engine
+
+    m = _load(hf_dir, tp, pp)
+    adapter = _AdapterFailingOnData(m.adapter, after=2)
+    engine = _FailingEngine(after=10**9) if rank == 0 else None  # consumes everything it is given
+    try:
+        push_to_engine(m.chunks, adapter, engine, bucket_bytes=1024)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_conversion_error_mid_stream_raises_everywhere_without_hanging(tiny_model_dir, tp, pp):
+    """Only the destination converts; its failure must not leave the other ranks in a gather / recv."""
+    errs = run_distributed(_failing_conversion_worker, tp * pp, str(tiny_model_dir), tp, pp, timeout=180)
+    assert "out of memory (simulated)" in errs[0] and "run to its end" in errs[0]
+    assert all(e is not None and "failed on another rank" in e for e in errs[1:]), errs
+
+
 def test_save_hf_checkpoint_shards_and_is_atomic(tiny_model_dir, tmp_path):
     from megatron_vppo.checkpoint.export import save_hf_checkpoint
     from megatron_vppo.checkpoint.hf_load import SafetensorsDir
@@ -225,3 +264,29 @@ def test_push_to_engine_in_place_equals_checkpoint(tiny_model_dir, tmp_path, tp,
     assert all("failed on another rank" in r["err"] for r in results[1:])
     assert "incomplete" in r0["unusable"] and "complete update_weights" in r0["unusable"]
     assert r0["version_after"] == 2
+
+
+def test_publish_failure_keeps_the_previous_directory(tmp_path, monkeypatch):
+    """overwrite=True moves the old directory aside first; if the new one cannot take its place, the
+    old one must come back under its own name."""
+    import os
+    from pathlib import Path
+
+    from megatron_vppo.checkpoint import export
+
+    out, tmp = tmp_path / "out", tmp_path / ".out.tmp-1"
+    for d, text in ((out, "old"), (tmp, "new")):
+        d.mkdir()
+        (d / "model.safetensors").write_text(text)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src) == tmp:
+            raise OSError("rename failed (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        export._publish(tmp, out, overwrite=True)
+    assert (out / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out"]

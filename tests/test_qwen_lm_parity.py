@@ -340,12 +340,12 @@ def test_loader_and_model_errors(tiny_model_dir, tmp_path):
 
 def test_local_spec_and_te_refusal_on_cpu(tiny_model_dir):
     from megatron_vppo.config import ModelConfig
-    from megatron_vppo.models.qwen2_5_vl.layer_specs import lm_layer_spec, te_usable
+    from megatron_vppo.models.qwen2_5_vl.layer_specs import lm_layer_spec, te_available
     from megatron_vppo.models.qwen2_5_vl.packed_attention import PackedSeqAttention
 
     spec = lm_layer_spec(lm_transformer_config(tiny_model_dir, ModelConfig(transformer_impl="local")))
     assert spec.submodules.self_attention.submodules.core_attention is PackedSeqAttention
-    if not te_usable():
+    if not te_available():
         with pytest.raises(ValueError, match="Transformer Engine"):
             lm_transformer_config(tiny_model_dir, ModelConfig(transformer_impl="transformer_engine"))
         assert lm_transformer_config(tiny_model_dir, ModelConfig()).transformer_impl == "local"
@@ -356,11 +356,13 @@ def test_local_spec_and_te_refusal_on_cpu(tiny_model_dir):
 def test_te_spec_and_fp8_recipe(tiny_model_dir, recipe):
     pytest.importorskip("transformer_engine")
     from megatron_vppo.config import ModelConfig
-    from megatron_vppo.models.qwen2_5_vl.layer_specs import fp8_recipe, lm_layer_spec
+    from megatron.core.fp8_utils import get_fp8_recipe
+
+    from megatron_vppo.models.qwen2_5_vl.layer_specs import lm_layer_spec
 
     c = lm_transformer_config(
         tiny_model_dir, ModelConfig(transformer_impl="transformer_engine", fp8="hybrid", fp8_recipe=recipe)
     )
     assert c.transformer_impl == "transformer_engine" and c.fp8 == "hybrid"
     assert lm_layer_spec(c) is not None
-    assert fp8_recipe(c) is not None
+    assert get_fp8_recipe(c) is not None

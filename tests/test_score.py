@@ -107,5 +107,5 @@ def test_score_bad_input_is_a_clear_error(tiny_model_dir, tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     import score
 
-    with pytest.raises(score.ScoreInputError, match="missing.png"):
-        score.read_rows(bad)
+    with pytest.raises(score.InputRowError, match="missing.png"):
+        score.read_rows(bad, score.FIELDS)

@@ -173,5 +173,7 @@ def test_task_subset_and_errors(tmp_path):
     assert {make_sample(0, "train", i, tasks=("bars",)).task for i in range(10)} == {"bars"}
     with pytest.raises(ValueError, match="unknown synthetic task"):
         make_sample(0, "train", 0, tasks=("maze",))
+    with pytest.raises(ValueError, match="no synthetic task selected"):
+        make_sample(0, "train", 0, tasks=())
     with pytest.raises(ValueError, match="fmt"):
         write_synthetic_dataset(tmp_path, 1, 1, fmt="csv")

@@ -129,6 +129,18 @@ def test_tool_json_and_exit_codes(tmp_path):
     assert bad.returncode == 2 and "error:" in bad.stderr
 
 
+def test_megatron_vppo_tune_needs_no_tools_dir(monkeypatch, tmp_path, capsys):
+    """`megatron-vppo tune` runs the package's tuner, so an installed wheel (no tools/) has it too."""
+    from megatron_vppo import cli
+
+    monkeypatch.setattr(cli, "_TOOLS", tmp_path / "no_tools_here")
+    assert cli.main(["tune", "--model", str(SPEC_7B), "--gpus", "8", "--gpu-mem-gib", "80", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["tp"] * r["pp"] * r["dp"] * r["cp"] == 8 for r in rows)
+    assert cli.main(["tune", "--model", str(SPEC_7B), "--gpus", "6", "--gpu-mem-gib", "80"]) == 2
+    assert "error: no parallel layout" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- measured memory
 #
 # Each rank: warm up the runtime with a throwaway step of a minimal model (thread pools, allocator

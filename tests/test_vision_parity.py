@@ -298,15 +298,8 @@ class _PG:
 def test_packed_attention_matches_per_segment_sdpa(causal):
     """thd with 3 segments, GQA (4 heads, 2 groups): equals SDPA run on each segment alone."""
     from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_vppo.models.qwen2_5_vl.packed_attention import PackedSeqAttention
-
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                            use_cpu_initialization=True, attention_dropout=0.0)
-    mask_type = AttnMaskType.causal if causal else AttnMaskType.no_mask
-    attn = PackedSeqAttention(cfg, 1, mask_type, "self", pg_collection=_PG()).eval()
+    attn = _packed_attn(causal)
     g = torch.Generator().manual_seed(0)
     lens = [5, 1, 7]
     t = sum(lens)
@@ -320,3 +313,59 @@ def test_packed_attention_matches_per_segment_sdpa(causal):
         ks, vs = (x[a:b].transpose(0, 1).repeat_interleave(2, dim=0) for x in (k, v))
         ref.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1).reshape(b - a, -1))
     assert (out - torch.cat(ref)).abs().max() <= 1e-6
+
+
+def _packed_attn(causal):
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_vppo.models.qwen2_5_vl.packed_attention import PackedSeqAttention
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                            use_cpu_initialization=True, attention_dropout=0.0)
+    mask_type = AttnMaskType.causal if causal else AttnMaskType.no_mask
+    return PackedSeqAttention(cfg, 1, mask_type, "self", pg_collection=_PG()).eval()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_attention_padded_storage(causal):
+    """cu_seqlens_padded: real rows equal SDPA over each segment's real tokens; pad rows stay finite."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = _packed_attn(causal)
+    g = torch.Generator().manual_seed(1)
+    real, stored = [3, 1, 6], [4, 4, 8]
+    t = sum(stored)
+    q, k, v = (torch.randn(t, h, 8, generator=g) for h in (4, 2, 2))
+    cu = F.pad(torch.tensor(real).cumsum(0), (1, 0)).int()
+    cu_pad = F.pad(torch.tensor(stored).cumsum(0), (1, 0)).int()
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                          cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad)
+    out = attn(q, k, v, None, packed_seq_params=psp)
+    assert out.shape == (t, 32) and torch.isfinite(out).all()
+    for a, n in zip(cu_pad[:-1].tolist(), real):
+        qs = q[a:a + n].transpose(0, 1)
+        ks, vs = (x[a:a + n].transpose(0, 1).repeat_interleave(2, dim=0) for x in (k, v))
+        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1).reshape(n, -1)
+        assert (out[a:a + n] - ref).abs().max() <= 1e-6
+
+
+def test_packed_attention_cost_follows_segments_not_tokens(monkeypatch):
+    """Many short windows (the vision tower's case) must not build a tokens x tokens score matrix:
+    with 200 windows of 16 tokens that would be 3200² entries per head instead of 200·16²."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = _packed_attn(causal=False)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(q.shape[-2] * k.shape[-2] * q.shape[0])
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    n, w = 200, 16
+    q, k, v = (torch.randn(n * w, h, 8) for h in (4, 2, 2))
+    cu = torch.arange(0, n * w + 1, w, dtype=torch.int32)
+    attn(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu))
+    assert seen and max(seen) <= n * w * w

@@ -294,3 +294,36 @@ def test_k3_vs_exact_kl_correlation_metric():
     assert metrics["dependency/k3_vs_kl_corr"] == pytest.approx(want, abs=1e-9)
     assert metrics["dependency/k3_vs_kl_corr"] < 0.9999
     assert metrics["dependency/mean"] == pytest.approx(float(kl.mean()), abs=1e-9)
+
+
+# ------------------------------------------------------------------------ micro-batch placement
+
+
+def test_forward_step_hands_the_model_its_own_device():
+    """Micro-batches are collated on the host; the model (and the loss on its logits) lives on the
+    accelerator. `_forward_step` must move the micro-batch to the model's device — a 'meta' parameter
+    stands in for a GPU here. Grids stay on the host: the model reads them as metadata."""
+    from megatron_vppo.train.passes import _forward_step
+    from megatron_vppo.train.rl_batch import Trajectory, collate
+
+    t = Trajectory(group=0, input_ids=torch.arange(6), response_start=3, pixel_values=torch.zeros(4, 1176),
+                   image_grid_thw=torch.tensor([[1, 2, 2]]))
+    mb = collate([t], rows=2, seq_len=8, pad_id=0)
+    mb.per_token["old_logp"] = mb.to_positions([torch.zeros(3)])
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
+
+        def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+            seen.update(input_ids=input_ids.device.type, attention_mask=attention_mask.device.type,
+                        pixel_values=pixel_values.device.type, image_grid_thw=image_grid_thw.device.type)
+            return torch.empty(2, 8, 5, device="meta")
+
+    logits, loss_fn = _forward_step(lambda mb, logits: mb, iter([mb]), Probe())
+    got = loss_fn(logits)
+    assert seen == {"input_ids": "meta", "attention_mask": "meta", "pixel_values": "meta", "image_grid_thw": "cpu"}
+    assert {got.labels.device.type, got.loss_mask.device.type, got.per_token["old_logp"].device.type} == {"meta"}
+    assert mb.input_ids.device.type == "cpu", "the host copy is left as it was"

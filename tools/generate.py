@@ -10,7 +10,8 @@ file's folder). Output: N lines per input, in input order, each
      response token], "text": str, "finish_reason": "stop" | "length"}
 Inputs are split over ranks (strided) and gathered on rank 0, which writes the file atomically
 (temp file + rename). Sample seeds depend on (S, input index, sample index) only, so the output
-does not depend on K or on the batch size. Generation stops at the model's EOS ids.
+does not depend on K or on the batch size. Generation stops at the model's EOS ids and, as in
+training rollouts, never samples image / video pad tokens.
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from jsonl_io import InputRowError, read_rows, write_jsonl_atomic  # noqa: E402
 
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams  # noqa: E402
 
@@ -49,31 +51,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e})")
-            if "problem" not in row:
-                raise SystemExit(f'{path}:{lineno}: missing "problem"; each line needs {{"problem", "images"}}')
-            rows.append(row)
-    return rows
-
-
-def resolve_image(p: str, base: Path) -> str:
-    q = Path(p)
-    if not q.is_absolute() and not q.exists() and (base / q).exists():
-        q = base / q
-    if not q.exists():
-        raise SystemExit(f"image {p!r} not found (also tried relative to {base})")
-    return str(q)
-
-
 def stop_ids(model_dir: Path, processor) -> tuple[int, ...]:
     ids = set()
     gc = model_dir / "generation_config.json"
@@ -83,21 +60,6 @@ def stop_ids(model_dir: Path, processor) -> tuple[int, ...]:
     if processor.eos_token_id is not None:
         ids.add(processor.eos_token_id)
     return tuple(sorted(int(i) for i in ids))
-
-
-def write_atomic(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_engine(args, rank: int):
@@ -127,6 +89,12 @@ def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    try:
+        rows = read_rows(args.data)  # on every rank, before any collective: a bad row stops all alike
+    except (InputRowError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
     if world > 1:
         import datetime
 
@@ -135,8 +103,6 @@ def main(argv=None):
 
     from megatron_vppo.data.processor import VLProcessor
 
-    data_path = Path(args.data)
-    rows = read_jsonl(data_path)
     processor = VLProcessor.from_pretrained(args.model)
     sampling = SamplingParams(
         temperature=args.temperature,
@@ -145,12 +111,14 @@ def main(argv=None):
         max_new_tokens=args.max_new_tokens,
         stop_token_ids=stop_ids(Path(args.model), processor),
         seed=args.seed,
+        # as in training rollouts: a response holding an image pad would claim an image it has not
+        banned_token_ids=processor.multimodal_token_ids,
     )
 
     mine = list(range(rank, len(rows), world))
     requests, starts = [], []
     for i in mine:
-        images = [resolve_image(p, data_path.parent) for p in rows[i].get("images") or []]
+        images = rows[i]["images"]
         enc = processor.encode(rows[i]["problem"], images)
         requests.append(
             RolloutRequest(
@@ -168,16 +136,13 @@ def main(argv=None):
     local = {}
     for i, req, start, samples in zip(mine, requests, starts, outputs):
         local[i] = [
-            json.dumps(
-                dict(
-                    input_ids=list(req.prompt_ids) + list(o.token_ids),
-                    response_start=start,
-                    log_probs=list(o.log_probs),
-                    text=processor.tokenizer.decode(o.token_ids, skip_special_tokens=True),
-                    finish_reason=o.finish_reason,
-                )
+            dict(
+                input_ids=list(req.prompt_ids) + list(o.token_ids),
+                response_start=start,
+                log_probs=list(o.log_probs),
+                text=processor.tokenizer.decode(o.token_ids, skip_special_tokens=True),
+                finish_reason=o.finish_reason,
             )
-            + "\n"
             for o in samples
         ]
 
@@ -188,14 +153,15 @@ def main(argv=None):
             for part in gathered:
                 local.update(part)
     if rank == 0:
-        write_atomic(Path(args.out), [line for i in range(len(rows)) for line in local[i]])
+        write_jsonl_atomic(args.out, [rec for i in range(len(rows)) for rec in local[i]])
         print(f"wrote {len(rows) * args.num_samples} samples for {len(rows)} inputs to {args.out}")
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if hasattr(engine, "shutdown"):
         engine.shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

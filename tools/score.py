@@ -18,7 +18,6 @@ on the last pipeline stage (the trainer's code, `megatron_vppo.train.scoring`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,37 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from convert_checkpoint import launch, run_rank  # noqa: E402
+from jsonl_io import InputRowError, read_rows, write_jsonl_atomic  # noqa: E402
 
-
-class ScoreInputError(ValueError):
-    pass
-
-
-def read_rows(path) -> list[dict]:
-    rows = []
-    base = Path(path).resolve().parent
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ScoreInputError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            missing = [k for k in ("problem", "response") if not isinstance(row.get(k), str)]
-            if missing:
-                raise ScoreInputError(f'{path}:{lineno}: missing string field(s) {missing}; each line needs '
-                                      '{"problem", "images": [paths], "response"}')
-            images = []
-            for p in row.get("images") or []:
-                q = Path(p)
-                if not q.is_absolute() and not q.exists():
-                    q = base / q
-                if not q.exists():
-                    raise ScoreInputError(f"{path}:{lineno}: image {p!r} not found (also tried {base / p})")
-                images.append(str(q))
-            rows.append({"problem": row["problem"], "images": images, "response": row["response"]})
-    return rows
+FIELDS = ("problem", "response")  # plus "images"
 
 
 def score(args) -> None:
@@ -74,23 +45,17 @@ def score(args) -> None:
     cfg = read_model_config(args.model, args.hf_config)
     parallel = ParallelConfig(tp=args.tp, pp=args.pp)
     init_distributed(parallel, **model_dims(cfg))
-    rows = read_rows(args.data)
+    rows = read_rows(args.data, FIELDS)
     m = load_model(args.model, parallel, hf_files=args.hf_config)
     if m.hf_files is None:
-        raise ScoreInputError(f"{args.model}: no tokenizer / processor files; pass --hf-config DIR")
+        raise FileNotFoundError(f"{args.model}: no tokenizer / processor files; pass --hf-config DIR")
     proc = VLProcessor.from_pretrained(m.hf_files)
     samples = [proc.encode(r["problem"], r["images"], response=r["response"]) for r in rows]
     pad = proc.pad_token_id if proc.pad_token_id is not None else 0
     out = score_samples(m.chunks, samples, vocab_size=text_arch(cfg).vocab_size, pad_id=pad,
                         micro_batch_size=args.micro_batch, temperature=args.temperature)
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-        dst = Path(args.out)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            for rec in out:
-                f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, dst)
+        write_jsonl_atomic(args.out, out)
 
 
 def _user_errors():
@@ -98,7 +63,7 @@ def _user_errors():
     from megatron_vppo.checkpoint.export import ExportError
     from megatron_vppo.parallel_layout import LayoutError
 
-    return (ScoreInputError, ExportError, CheckpointError, LayoutError, FileNotFoundError, ValueError)
+    return (InputRowError, ExportError, CheckpointError, LayoutError, FileNotFoundError, ValueError)
 
 
 def _rank_main(args) -> int:

@@ -68,7 +68,7 @@ def tas_alpha_global(seq_dep: Tensor, valid: Tensor, beta_min: float, group=None
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     count, norm_sum = stats[0], stats[1]
     mu = norm_sum / count.clamp(min=1.0)
-    alpha = _alpha(s, base, base + span, mu, beta_min)
+    alpha = beta_min + (1.0 - beta_min) * norm / (mu + MU_EPS)
     degenerate = degenerate_range | (count < 2)
     return torch.where(valid & ~degenerate, alpha, torch.ones_like(alpha))
 

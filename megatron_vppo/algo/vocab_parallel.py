@@ -148,11 +148,13 @@ def vocab_parallel_kl(logits_p: Tensor, logits_q: Tensor, group=None, temperatur
     """
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"logits_p {tuple(logits_p.shape)} and logits_q {tuple(logits_q.shape)} must match")
+    # In place on the two private fp32 copies: at V/TP columns per token every extra buffer counts.
     zp = _scaled(_flat(logits_p), temperature, vocab_size, group)
     zq = _scaled(_flat(logits_q), temperature, vocab_size, group)
-    logp = zp - _log_normaliser(zp, group).unsqueeze(-1)
-    logq = zq - _log_normaliser(zq, group).unsqueeze(-1)
-    p = torch.exp(logp)
-    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    logp = zp.sub_(_log_normaliser(zp, group).unsqueeze(-1))
+    diff = zq.sub_(_log_normaliser(zq, group).unsqueeze(-1)).neg_().add_(logp)  # log p - log q
+    p = logp.exp_()
+    # p = 0 on padded columns, where diff is -inf + inf = nan.
+    kl = torch.where(p > 0, diff.mul_(p), 0.0).sum(-1)
     _all_reduce(kl, dist.ReduceOp.SUM, group)
     return kl.reshape(logits_p.shape[:-1])

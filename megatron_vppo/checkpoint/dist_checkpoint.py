@@ -534,14 +534,16 @@ def save_checkpoint(
             if final.exists():  # re-saving a step (e.g. after resuming before it): replace it
                 old = root / f"{name}.tmp-replaced-{nonce}"
                 os.rename(final, old)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                if old is not None:  # the next prune would delete it under its .tmp name: restore it
+                    os.rename(old, final)
+                raise
             _fsync_dir(root)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-            if keep_last > 0:
-                prune_checkpoints(root, keep_last, protect=final)
-            else:
-                prune_checkpoints(root, 0)
+            prune_checkpoints(root, keep_last, protect=final)
         except Exception as e:  # noqa: BLE001
             ok, err = False, f"{type(e).__name__}: {e}"
             logger.exception("checkpoint finalize failed")
@@ -674,11 +676,16 @@ def load_checkpoint(
             raise
         raise _corrupt(p, _first_line(e)) from e
 
+    # From here on a failure can be local to one rank (one pipeline stage's chunk, one rank's RNG
+    # file): agree on it before the next collective, or the other ranks block there forever.
+    err = None
     for i, chunk in enumerate(model_chunks):
         try:
             _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
         except Exception as e:  # noqa: BLE001
-            raise _corrupt(p, f"model chunk {i} does not match the checkpoint ({e})") from e
+            err = _corrupt(p, f"model chunk {i} does not match the checkpoint ({e})")
+            break
+    _raise_on_any_rank(err, p)
 
     if want_opt:
         with torch.no_grad():  # it copies into views of the (grad-requiring) main params
@@ -698,19 +705,21 @@ def load_checkpoint(
     if load_rng:
         same = _same_model_parallel(saved_layout, now_layout) and saved_layout.get("world_size") == world
         rng_file = p / RNG_SUBDIR / f"rank_{rank:05d}.pt"
+        err = None
         if not same:
             logger.warning(
                 "%s was saved at layout %s, this run is %s: RNG states not restored (fresh seeds)",
                 p, saved_layout, now_layout,
             )
         elif not rng_file.is_file():
-            raise _corrupt(p, f"{rng_file} is missing")
+            err = _corrupt(p, f"{rng_file} is missing")
         else:
             try:
                 set_rng_state(torch.load(rng_file, weights_only=True))
+                rng_restored = True
             except Exception as e:  # noqa: BLE001
-                raise _corrupt(p, f"{rng_file} is unreadable ({e})") from e
-            rng_restored = True
+                err = _corrupt(p, f"{rng_file} is unreadable ({e})")
+        _raise_on_any_rank(err, p)
 
     train_state = dict(state.get("train_state") or {})
     _barrier()
@@ -724,6 +733,12 @@ def load_checkpoint(
         scheduler_loaded=sched_loaded,
         rng_restored=rng_restored,
     )
+
+
+def _raise_on_any_rank(err: CheckpointError | None, path: Path) -> None:
+    """Collective: raise `err` here, or a pointer to the failing rank's log on every other rank."""
+    if not all_ranks_ok(err is None):
+        raise err or _corrupt(path, "loading failed on another rank (see its log)")
 
 
 def check_sharding(sharded: dict) -> None:

@@ -30,9 +30,8 @@ the first tensor moves. `push_to_engine` feeds an in-process engine the plain st
 receive buffers (it copies each tensor into its parameter as it arrives: in-place mode) and other
 engines byte-bounded buckets.
 
-Also here: the HF checkpoint writer (`save_hf_checkpoint`, `export_hf_checkpoint`) and the model
-load / save helpers the conversion and scoring tools share (`load_model` for an HF directory or a
-Megatron checkpoint, `save_model_checkpoint` for a self-contained, layout-free model checkpoint).
+Also here: the HF checkpoint writer (`save_hf_checkpoint`, `export_hf_checkpoint`) and the atomic
+directory publishing it shares with `model_checkpoint.save_model_checkpoint`.
 """
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_vppo.checkpoint.dist_checkpoint import all_ranks_ok
+from megatron_vppo.checkpoint.dist_checkpoint import _fsync_dir, all_ranks_ok
 from megatron_vppo.checkpoint.hf_load import global_param_names
 from megatron_vppo.megatron_cpu import without_device_redirect
 from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets, iter_named_tensors
@@ -356,6 +355,10 @@ def _stream(model_chunks, adapter, local, plan, dst, dtype, group_key, reuse_buf
     tp_root = dist.get_global_rank(tp_group, 0) if tp > 1 else None
     pp_first = dist.get_global_rank(pp_group, 0) if pp > 1 else None
     bufs = _Buffers(reuse_buffers)
+    # A conversion that fails on this rank (out of memory in a cast, an adapter bug the meta-tensor
+    # plan missed) must not end the generator early: the other ranks are still in this stream's
+    # gathers / sends and would block forever. Stop yielding, keep moving tensors, raise at the end.
+    failed: BaseException | None = None
 
     for grp in groups:
         full: dict[str, torch.Tensor] = {}
@@ -369,13 +372,26 @@ def _stream(model_chunks, adapter, local, plan, dst, dtype, group_key, reuse_buf
                 t = _move_stage(t, m, pp_group, pp_rank, pp_first, everywhere, dev, bufs)
             if is_dst:
                 full[m.name] = t
-        if is_dst:
-            hf = adapter.mcore_to_hf(full)
+        if is_dst and failed is None:
+            try:
+                hf = adapter.mcore_to_hf(full)
+            except Exception as e:  # noqa: BLE001 — raised after the collectives, below
+                failed, hf = e, None
             del full
-            for name, _, _ in grp.hf:
-                t = hf.pop(name)
-                yield name, (t if dtype is None else t.to(dtype))
+            for name, _, _ in grp.hf if hf is not None else ():
+                try:
+                    t = hf.pop(name)
+                    t = t if dtype is None else t.to(dtype)
+                except Exception as e:  # noqa: BLE001
+                    failed = e
+                    break
+                yield name, t
         bufs.release()
+    if failed is not None:
+        raise ExportError(
+            f"converting the weight stream to HF layout failed on this rank ({type(failed).__name__}: "
+            f"{failed}); the stream was run to its end so the other ranks are not left waiting"
+        ) from failed
 
 
 def _gather_tp(t, dim, group, tp, tp_rank, tp_root, everywhere, bufs: _Buffers):
@@ -517,14 +533,28 @@ def copy_side_files(src_dir, dst_dir) -> list[str]:
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename a finished temporary directory to `out` (replacing an old one only if allowed)."""
+    """Rename a finished temporary directory to `out` (replacing an old one only if allowed).
+
+    Its files are flushed to disk first: a rename that reaches the disk before the data would leave a
+    complete-looking directory of empty files after a power loss."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
     old = None
     if out.exists():
         if not overwrite:
             raise ExportError(f"{out} already exists; choose another --out or pass overwrite=True")
         old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:  # put the user's previous directory back rather than leave it hidden
+            os.rename(old, out)
+        raise
+    _fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

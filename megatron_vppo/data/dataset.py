@@ -409,8 +409,7 @@ class PromptBatches:
                 "num_rows": len(self.dataset), "pass_stats": self.pass_stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "shuffle", "num_rows"):
-            mine = self.seed if key == "seed" else self.shuffle if key == "shuffle" else len(self.dataset)
+        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("num_rows", len(self.dataset))):
             if key in state and state[key] != mine:
                 raise ValueError(f"data position was saved with {key}={state[key]!r} but this run has {key}={mine!r}; "
                                  f"resume with the same data and data seed, or start the data position afresh")
@@ -444,6 +443,11 @@ class PromptBatches:
                 if self.offset >= n:
                     self._end_pass()
                     if self.drop_last:
+                        if self.last_pass_stats.kept < self.batch_size:  # every epoch's only batch is short
+                            raise RuntimeError(
+                                f"{self.dataset.path} has {self.last_pass_stats.kept} usable rows, fewer than one "
+                                f"batch of {self.batch_size}, and drop_last=True drops it every epoch; use a "
+                                f"smaller batch, more data, or drop_last=False")
                         batch = []
                     continue
                 idx = int(self.order(self.epoch)[self.offset])

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-IMAGE_PLACEHOLDER = "<image>"
+from megatron_vppo.data.dataset import IMAGE_PLACEHOLDER
 SYSTEM_PROMPT = "You are a helpful assistant."
 INSTRUCTION = (
     "\n\nYou first think through the reasoning process as an internal monologue, enclosed within "

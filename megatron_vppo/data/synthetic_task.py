@@ -191,6 +191,8 @@ _MAKERS = {"count": _count, "bars": _bars, "area": _area}
 
 def make_sample(seed: int, split: str, index: int, tasks: tuple[str, ...] = TASKS) -> Sample:
     """Sample `index` of `split`; the same arguments always give the same image, text and answer."""
+    if not tasks:
+        raise ValueError(f"no synthetic task selected; choose one or more of {TASKS}")
     for t in tasks:
         if t not in _MAKERS:
             raise ValueError(f"unknown synthetic task {t!r}; choose from {TASKS}")

@@ -43,6 +43,7 @@ from megatron_vppo.rollout.buckets import (
     Bucket,
     WeightStream,
     iter_buckets,
+    tensor_nbytes,
     unpack_bucket,
 )
 from megatron_vppo.rollout.engine import (
@@ -196,10 +197,13 @@ def collapse_image_pads(prompt_ids: Sequence[int], image_token_id: int) -> list[
 def _as_buckets(stream: WeightStream, bucket_bytes: int | None) -> Iterator[Bucket]:
     """Buckets as they come; loose (name, tensor) pairs are packed to `bucket_bytes`."""
     loose: list = []
+    loose_bytes = 0
 
     def pack_loose():
+        nonlocal loose_bytes
         yield from iter_buckets(loose, bucket_bytes)
         loose.clear()
+        loose_bytes = 0
 
     for item in stream:
         if isinstance(item, Bucket):
@@ -207,7 +211,8 @@ def _as_buckets(stream: WeightStream, bucket_bytes: int | None) -> Iterator[Buck
             yield item
         else:
             loose.append(item)
-            if bucket_bytes and sum(t.numel() * t.element_size() for _, t in loose) >= bucket_bytes:
+            loose_bytes += tensor_nbytes(item[1])  # a running total: re-summing is quadratic in tensors
+            if bucket_bytes and loose_bytes >= bucket_bytes:
                 yield from pack_loose()
     yield from pack_loose()
 

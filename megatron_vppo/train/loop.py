@@ -22,16 +22,11 @@ from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_images_and_process, perturb_pixel_values
 from megatron_vppo.rollout.engine import SamplingParams
 from megatron_vppo.train import passes
+from megatron_vppo.train.optimizer import current_lr
 from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
 from megatron_vppo.train.rollout_step import encode_prompts, sample_groups, to_trajectories
 
 log = logging.getLogger("megatron_vppo.train")
-
-# (metric, label) shown first in the one-line step summary.
-SUMMARY_KEYS = [("reward/mean", "reward"), ("val/accuracy", "val_acc"), ("actor/loss", "loss"),
-                ("actor/pg_loss", "pg"), ("dependency/mean", "dep"), ("tgf/kept_token_frac", "kept"),
-                ("actor/grad_norm", "gnorm"), ("rollout/attempts", "attempts"),
-                ("data/rows_skipped", "bad_rows"), ("time/step_s", "s/step")]
 
 
 @dataclass
@@ -71,7 +66,7 @@ def _pass_shape(trainer: Trainer, trajs) -> passes.PassShape:
     tp = ps.get_tensor_model_parallel_world_size()
     return passes.PassShape(
         micro_batch_size=trainer.cfg.train.micro_batch_size,
-        seq_len=padded_length(trajs, 8 * tp),
+        seq_len=padded_length(trajs, tp),
         pad_id=trainer.processor.pad_token_id,
         vocab_size=trainer.vocab_size,
         temperature=trainer.cfg.rollout.temperature,
@@ -266,7 +261,7 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
     tokens = max(totals.pop("token_frac", 0.0), 1.0)  # Σ valid tokens (numerators were divided by 1)
     out = {f"actor/{k}": v / tokens for k, v in totals.items()}
     out["actor/grad_norm"] = grad_norms[-1] if grad_norms else float("nan")
-    out["actor/lr"] = float(trainer.optimizer.param_groups[0]["lr"])
+    out["actor/lr"] = current_lr(trainer.optimizer)
     return out
 
 
@@ -364,7 +359,8 @@ def train(cfg: RunConfig) -> dict:
     try:
         if trainer.step == 0 and cfg.train.val_every > 0:
             last = validate(trainer)
-            trainer.logger.log(0, last) if trainer.logger else None
+            if trainer.logger:
+                trainer.logger.log(0, last)
         bar = progress(total=total, desc="rl steps", unit="step", leave=True)
         bar.update(min(trainer.step, total))
         while trainer.step < total:
@@ -377,7 +373,7 @@ def train(cfg: RunConfig) -> dict:
             if trainer.logger:
                 trainer.logger.log(trainer.step, metrics)
             if dist.get_rank() == 0:
-                log.info(format_step_summary(trainer.step, total, metrics, SUMMARY_KEYS))
+                log.info(format_step_summary(trainer.step, total, metrics))
             bar.update(1)
             last = metrics
             maybe_save(trainer)

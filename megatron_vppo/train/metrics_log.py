@@ -29,16 +29,20 @@ PLOT_PANELS: list[tuple[str, tuple[str, ...]]] = [
     ("kept-token fraction", ("tgf/kept_token_frac", "vppo/kept_token_fraction")),
 ]
 
-# Keys shown first (in this order) by format_step_summary; any other numeric key follows.
+# Keys shown first (in this order) by format_step_summary, the trainer's console line; any other
+# numeric key follows, up to max_items in all.
 SUMMARY_KEYS: list[tuple[str, str]] = [
     ("reward/mean", "reward"),
     ("val/accuracy", "val_acc"),
+    ("actor/loss", "loss"),
     ("actor/pg_loss", "pg_loss"),
     ("dependency/mean", "dep"),
     ("tgf/kept_token_frac", "kept"),
     ("actor/grad_norm", "gnorm"),
-    ("actor/lr", "lr"),
+    ("rollout/attempts", "attempts"),
+    ("data/rows_skipped", "bad_rows"),
     ("time/step_s", "s/step"),
+    ("actor/lr", "lr"),
 ]
 
 

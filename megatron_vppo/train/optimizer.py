@@ -128,24 +128,6 @@ def build_scheduler(optimizer, optim_cfg: OptimConfig, total_steps: int):
     )
 
 
-def expected_lr(optim_cfg: OptimConfig, total_steps: int, step: int) -> float:
-    """The lr `build_scheduler` gives at 0-based optimizer step `step` (docs/tests; pure math)."""
-    import math
-
-    lr, w = optim_cfg.lr, optim_cfg.warmup_steps
-    if w > 0 and step <= w:
-        return lr / w + (lr - lr / w) * step / w
-    if optim_cfg.lr_schedule == "constant":
-        return lr
-    t = max(total_steps, w + 1)
-    if step > t:
-        return 0.0
-    ratio = (step - w) / (t - w)
-    if optim_cfg.lr_schedule == "linear":
-        return lr * (1.0 - ratio)
-    return lr * 0.5 * (math.cos(math.pi * ratio) + 1.0)
-
-
 def build_optimizer(
     model_chunks: Sequence[torch.nn.Module],
     optim_cfg: OptimConfig,

@@ -57,7 +57,8 @@ def _micro_batches(trajs: list[Trajectory], shape: PassShape, views=None,
 
 
 def _forward_step(loss_fn, data_iterator, model):
-    mb: MicroBatch = next(data_iterator)
+    # Micro-batches are collated on the host; the model (and so the loss) lives on the accelerator.
+    mb: MicroBatch = next(data_iterator).to(next(model.parameters()).device)
     logits = model(
         input_ids=mb.input_ids,
         attention_mask=mb.attention_mask,
@@ -107,47 +108,42 @@ def gather_data_parallel(items: list) -> list:
 # ----------------------------------------------------------------------------- dependency pass
 
 
-def _dependency_loss(shape: PassShape, exact_kl: bool, mb: MicroBatch, logits: torch.Tensor):
+def _token_scores_loss(shape: PassShape, paired: bool, exact_kl: bool, mb: MicroBatch, logits: torch.Tensor):
+    """Sampled-token log-probs (paired: of both views, and the exact KL) at label positions, [b, s]
+    each. Left on the device, so the schedule is not stalled; `dependency_pass` copies them afterwards."""
     tp_group = ps.get_tensor_model_parallel_group()
     logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
+    if not paired:
+        return logits.new_zeros(()), {"old": logp}
     b = logits.shape[0] // 2
-    n = mb.num_real
-    res = {"old": mb.from_positions(logp[:b])[:n], "aug": mb.from_positions(logp[b:])[:n]}
+    res = {"old": logp[:b], "aug": logp[b:]}
     if exact_kl:
-        kl = vocab_parallel_kl(logits[:b], logits[b:], tp_group, shape.temperature, shape.vocab_size)
-        res["kl"] = mb.from_positions(kl)[:n]
+        res["kl"] = vocab_parallel_kl(logits[:b], logits[b:], tp_group, shape.temperature, shape.vocab_size)
     return logits.new_zeros(()), res
-
-
-def _old_logp_loss(shape: PassShape, mb: MicroBatch, logits: torch.Tensor):
-    tp_group = ps.get_tensor_model_parallel_group()
-    logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
-    return logits.new_zeros(()), {"old": mb.from_positions(logp)[: mb.num_real]}
 
 
 @torch.no_grad()
 def dependency_pass(model_chunks, trajs: list[Trajectory], shape: PassShape,
                     perturbed_pixels: list | None, *, exact_kl: bool = False) -> list[dict]:
-    """Per trajectory {"old": [n], "aug": [n], ("kl": [n])} for this rank's `trajs`.
+    """Per trajectory {"old": [n], "aug": [n], ("kl": [n])} for this rank's `trajs`, host tensors.
 
     `perturbed_pixels` None runs the original view only (DAPO/GRPO): {"old": [n]}.
     """
     for m in model_chunks:
         m.eval()
-    if perturbed_pixels is None:
-        mbs = _micro_batches(trajs, shape, multiple_of=_schedule_multiple(model_chunks))
-        loss_fn, rows = partial(_old_logp_loss, shape), shape.micro_batch_size
-    else:
-        mbs = _micro_batches(trajs, shape, views=perturbed_pixels,
-                             multiple_of=_schedule_multiple(model_chunks))
-        loss_fn, rows = partial(_dependency_loss, shape, exact_kl), 2 * shape.micro_batch_size
-    stored = _run_schedule(model_chunks, mbs, loss_fn, shape, rows, forward_only=True)
+    paired = perturbed_pixels is not None
+    mbs = _micro_batches(trajs, shape, views=perturbed_pixels, multiple_of=_schedule_multiple(model_chunks))
+    rows = 2 * shape.micro_batch_size if paired else shape.micro_batch_size
+    stored = _run_schedule(model_chunks, mbs, partial(_token_scores_loss, shape, paired, exact_kl), shape, rows,
+                           forward_only=True)
     results = None
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         results = []
-        for res in stored:
-            keys = list(res)
-            results.extend({k: res[k][j] for k in keys} for j in range(len(res[keys[0]])))
+        for mb, res in zip(mbs, stored):  # the last stage stores micro-batches in order
+            # One copy to the host per micro-batch. Host tensors also matter for correctness: the results
+            # travel to other ranks pickled, and a pickled GPU tensor is rebuilt on the sender's device.
+            per_key = {k: mb.from_positions(v.cpu()) for k, v in res.items()}
+            results.extend(dict(zip(per_key, row)) for row in zip(*per_key.values()))
     return _from_last_stage(results)
 
 
@@ -180,9 +176,8 @@ def _policy_loss(shape: PassShape, ls: LossSettings, mb: MicroBatch, logits: tor
     with torch.no_grad():  # full-vocabulary entropy, reduced over the TP group (a metric only)
         ent = vocab_parallel_entropy(logits.detach(), tp_group, shape.temperature, shape.vocab_size)
     count = mb.loss_mask.sum().to(torch.int)
-    sums = {k: float(v) for k, v in metrics.items()}
-    sums["entropy"] = float((ent * mb.loss_mask).sum())
-    sums["loss"] = float(numerator.detach())
+    # Tensors, not floats: a float() here would stall the host once per metric per micro-batch.
+    sums = dict(metrics, entropy=(ent * mb.loss_mask).sum(), loss=numerator.detach())
     return numerator, count, sums
 
 
@@ -208,7 +203,8 @@ def policy_update_pass(model_chunks, trajs: list[Trajectory], shape: PassShape, 
     stored = _run_schedule(model_chunks, mbs, partial(_policy_loss, shape, ls), shape,
                            shape.micro_batch_size, forward_only=False)
     totals: dict[str, float] = {}
-    for res in stored or []:
-        for key, v in res.items():
-            totals[key] = totals.get(key, 0.0) + v
+    if stored:
+        keys = sorted(stored[0])
+        summed = torch.stack([torch.stack([res[k].double() for k in keys]) for res in stored]).sum(0)
+        totals = dict(zip(keys, summed.tolist()))  # one device-to-host copy per mini-batch
     return _from_last_stage(totals)

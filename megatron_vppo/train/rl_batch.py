@@ -10,7 +10,7 @@ response_start - 1 + j.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -40,8 +40,13 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def padded_length(trajs: list[Trajectory], multiple: int) -> int:
-    return round_up(max(int(t.input_ids.numel()) for t in trajs), multiple)
+# Micro-batch lengths are a multiple of SEQ_MULTIPLE·TP: sequence parallel splits them over TP ranks.
+SEQ_MULTIPLE = 8
+
+
+def padded_length(trajs: list[Trajectory], tp: int) -> int:
+    """The fixed micro-batch length for `trajs`: the longest, rounded up to SEQ_MULTIPLE·tp."""
+    return round_up(max(int(t.input_ids.numel()) for t in trajs), SEQ_MULTIPLE * tp)
 
 
 def responses_to_matrix(values: list[Tensor], dtype=torch.float64) -> tuple[Tensor, Tensor]:
@@ -53,10 +58,6 @@ def responses_to_matrix(values: list[Tensor], dtype=torch.float64) -> tuple[Tens
         out[i, : v.numel()] = v.to(dtype)
         mask[i, : v.numel()] = 1
     return out, mask
-
-
-def matrix_to_responses(matrix: Tensor, trajs: list[Trajectory]) -> list[Tensor]:
-    return [matrix[i, : t.response_len].clone() for i, t in enumerate(trajs)]
 
 
 @dataclass
@@ -72,6 +73,17 @@ class MicroBatch:
     response_starts: list[int]
     response_lens: list[int]
     per_token: dict = field(default_factory=dict)  # position-level tensors [b, s] delivered to the loss
+
+    def to(self, device) -> "MicroBatch":
+        """The tensors the model and the loss read, on `device`. `image_grid_thw` stays on the host: the
+        model reads it as metadata (`.tolist()`) to lay out positions and vision windows."""
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
+                       loss_mask=move(self.loss_mask), attention_mask=move(self.attention_mask),
+                       pixel_values=move(self.pixel_values),
+                       per_token={k: move(v) for k, v in self.per_token.items()})
 
     def to_positions(self, values: list[Tensor], dtype=torch.float32) -> Tensor:
         out = torch.zeros(self.loss_mask.shape, dtype=dtype)

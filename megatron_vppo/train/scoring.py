@@ -13,9 +13,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_vppo.train.rl_batch import Trajectory, round_up, shard
-
-SEQ_MULTIPLE = 8
+from megatron_vppo.train.rl_batch import Trajectory, padded_length, shard
 
 
 def to_trajectory(sample: dict, group: int = 0) -> Trajectory:
@@ -76,8 +74,8 @@ def score_trajectories(
     if not trajs:
         return []
     longest = max(int(t.input_ids.numel()) for t in trajs)
-    if seq_len is None:  # a multiple of 8·TP, so sequence parallel can split it too
-        seq_len = round_up(longest, SEQ_MULTIPLE * _tp_size())
+    if seq_len is None:
+        seq_len = padded_length(trajs, _tp_size())
     elif seq_len < longest:
         raise ValueError(f"seq_len={seq_len} is shorter than the longest sample ({longest} tokens)")
     shape = PassShape(micro_batch_size=micro_batch_size, seq_len=seq_len, pad_id=pad_id,

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from megatron_vppo.tuning.memory import KERNELS, Workload
+from megatron_vppo.tuning.memory import EXACT_KL_FP32_TEMPORARIES, KERNELS, Workload
 from megatron_vppo.tuning.model_spec import ModelSpecError, load_model_spec
 from megatron_vppo.tuning.search import TuningError, precision_for, tune
 from megatron_vppo.tuning.throughput import GPU_TYPES
@@ -89,7 +89,7 @@ def run(argv: list[str] | None = None) -> tuple[int, str]:
             global_batch=args.global_batch,
             images_per_sample=args.images_per_sample,
             max_pixels=args.max_pixels,
-            nograd_fp32_temporaries=4 if args.dependency_estimator == "exact_kl" else 0,
+            nograd_fp32_temporaries=EXACT_KL_FP32_TEMPORARIES if args.dependency_estimator == "exact_kl" else 0,
         )
         prec = precision_for(args.dtype, args.fp8, not args.no_distributed_optimizer)
         cands = tune(

@@ -29,12 +29,15 @@ With full recomputation a layer keeps only its input (h / t_sp) and one layer is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning.model_spec import ModelSpec
 
 GIB = 2**30
+# fp32 [tokens, V/TP] temporaries the exact-KL dependency estimator adds to the no-grad pass (both views'
+# log-softmax and the KL terms; an upper bound worked out from the code, not measured).
+EXACT_KL_FP32_TEMPORARIES = 4
 
 
 @dataclass(frozen=True)
@@ -110,11 +113,8 @@ class Workload:
     global_batch: int = 128 * 8  # trajectories per optimizer step (mini-batch 128 prompts x G=8)
     images_per_sample: int = 1
     max_pixels: int = 1003520
-    nograd_micro_batch: int | None = None  # micro-batch of the paired no-grad pass (default: micro_batch)
-    # Extra fp32 [tokens, V/TP] tensors beyond the one working copy of the vocab-parallel log-prob:
-    # 0 for the project's loss (entropy bonus from log-probs, softmax recomputed in backward);
-    # the exact-KL dependency estimator holds ~3 more (both views' log-softmax, p, p*(logp-logq)).
-    loss_fp32_temporaries: int = 0
+    # Extra fp32 [tokens, V/TP] tensors of the no-grad pass beyond the one working copy of the vocab-parallel
+    # log-prob: 0 for the sampled_k3 dependency; the exact-KL estimator's count is set by the CLI.
     nograd_fp32_temporaries: int = 0
     with_vision: bool = True
     nograd_pass: bool = True  # VPPO's paired no-grad pass (False: a plain training step)
@@ -340,25 +340,20 @@ def estimate_memory(
             sm.activations += inflight * kernels.norm_saved * spec.hidden / tsp * e * tokens / cp
             # Logits of one micro-batch: the loss keeps them (act dtype) and works on one private fp32
             # copy (the vocab-parallel log-prob recomputes the softmax in backward rather than keeping
-            # it); the gradient is cast back to act dtype for the output GEMM's backward.
-            logit_bytes = e + 4 * (1 + wl.loss_fp32_temporaries) + (e if e != 4 else 0)
+            # it; the entropy bonus comes from log-probs); the gradient is cast back to act dtype for
+            # the output GEMM's backward.
+            logit_bytes = e + 4 + (e if e != 4 else 0)
             logits = tokens * v_local * logit_bytes / cp
             wgrad = 0 if kernels.grad_accum_fusion else v_local * spec.hidden * prec.param_bytes
             dgrad = tokens * spec.hidden * e / cp
             sm.logits = logits + wgrad + dgrad
         if last and wl.nograd_pass:
-            nmb = wl.nograd_micro_batch or mb
             # Both views' logits (act dtype) + the fp32 working copy of the log-prob reduction.
             nograd_bytes = e + 4 * (1 + wl.nograd_fp32_temporaries)
             # + the final norm's input and output (full h) that stay alive while the logits exist.
-            sm.nograd = 2 * nmb * wl.seq_len * (v_local * nograd_bytes + 2 * spec.hidden * e) / cp
+            sm.nograd = 2 * mb * wl.seq_len * (v_local * nograd_bytes + 2 * spec.hidden * e) / cp
         dynamic = max(sm.train_dynamic, sm.nograd)
         sm.overhead = kernels.fixed_overhead_gib * GIB + kernels.fragmentation * dynamic
         sm.rollout = rollout_mem_fraction * gpu_mem_gib * GIB
         est.stages.append(sm)
     return est
-
-
-def with_kernels(name: str, **changes) -> Kernels:
-    """A preset with some fields changed (e.g. with_kernels('te', fixed_overhead_gib=3.0))."""
-    return replace(KERNELS[name], **changes)

@@ -100,18 +100,11 @@ class ModelSpec:
         emb = self.vocab * self.hidden
         return self.layers * (ls + lr) + emb * (1 if self.tie else 2) + self.hidden + vs + vr
 
-    def lm_nonembedding_params(self) -> int:
-        ls, lr = self.lm_layer_params()
-        return self.layers * (ls + lr)
-
     def patches_per_image(self, max_pixels: int) -> int:
         """Patches of the largest image the processor emits (before the 2x2 merge): the processor
         resizes to <= max_pixels in multiples of patch*merge, one temporal patch per still image."""
         unit = (self.patch * self.merge) ** 2
         return (max_pixels // unit) * self.merge**2
-
-    def image_tokens(self, max_pixels: int) -> int:
-        return self.patches_per_image(max_pixels) // self.merge**2
 
 
 def _as_int(v, key: str, where: str) -> int:

@@ -114,15 +114,13 @@ def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
 
 def resolve_transformer_impl(model: ModelConfig) -> str:
     """'auto' -> transformer_engine when TE and CUDA are present, else local."""
+    from megatron_vppo.distributed import te_available
+
     impl = model.transformer_impl
     if impl == "auto":
-        from megatron_vppo.models.qwen2_5_vl.layer_specs import te_usable
-
-        return "transformer_engine" if te_usable() else "local"
+        return "transformer_engine" if te_available() else "local"
     if impl == "transformer_engine":
-        from megatron_vppo.models.qwen2_5_vl.layer_specs import te_usable
-
-        if not te_usable():
+        if not te_available():
             raise ValueError(
                 "model.transformer_impl=transformer_engine needs Transformer Engine and a GPU;"
                 " use transformer_impl=local (or auto) on CPU"

@@ -96,11 +96,6 @@ class Qwen25VLModel(MegatronModule):
             base = {k: getattr(config, k) for k in INHERITED_KEYS if hasattr(config, k)}
             self.vision_model = Qwen25VisionModel(dict(self.hf_config["vision_config"]), base)
 
-    @property
-    def sequence_multiple(self) -> int:
-        """Batch sequence lengths must be a multiple of this (TP size under sequence parallel)."""
-        return self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
-
     # Megatron's schedules call these on every model chunk.
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -153,7 +148,7 @@ class Qwen25VLModel(MegatronModule):
             raise ValueError(
                 f"sequence parallel splits the sequence over tp={tp} ranks: sequence length"
                 f" {input_ids.shape[1]} must be a multiple of {tp}; right-pad the batch"
-                f" (pad token, attention_mask 0) to a multiple of `model.sequence_multiple`"
+                f" (pad token, attention_mask 0) to a multiple of {tp}"
             )
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)

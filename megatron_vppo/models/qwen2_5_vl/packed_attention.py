@@ -2,11 +2,10 @@
 
 Megatron-Core's local `DotProductAttention` refuses `PackedSeqParams`; only Transformer Engine handles
 them. This module is a drop-in `core_attention` for a `ModuleSpec` that does: with `thd` packing it
-builds a block-diagonal mask from `cu_seqlens` (causal inside each segment when the mask type is
-causal) and calls `F.scaled_dot_product_attention` on this TP rank's heads; without packing it honours
-Megatron's boolean `attention_mask` (True = masked out) or a causal mask. The vision tower's window /
-full attention and the language model's packed batches both use it. The [t, t] mask costs t² bools:
-fine on CPU and for tests; GPU runs use Transformer Engine's attention instead.
+runs the `cu_seqlens` segments as one padded batch through `F.scaled_dot_product_attention` (causal
+inside each segment when the mask type is causal), so cost follows segments x longest², not tokens²;
+without packing it honours Megatron's boolean `attention_mask` (True = masked out) or a causal mask.
+The vision tower's window / full attention (on GPU too) and the language model's local layers use it.
 """
 from __future__ import annotations
 
@@ -26,32 +25,27 @@ from megatron.core.utils import divide
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
 
-def block_diagonal_mask(
-    cu_q: torch.Tensor,
-    cu_kv: torch.Tensor,
-    causal: bool,
-    cu_q_padded: torch.Tensor | None = None,
-    cu_kv_padded: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[tq, tk] bool, True where query i may attend key j: same segment, key inside the segment's real
-    length, and (causal) key position <= query position within the segment.
+def segment_rows(starts: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [n, L], valid [n, L]), L the largest size: `x[rows]` turns packed [t, ...] into padded
+    [n, L, ...]; past its end a segment repeats its last row, which `valid` (and the mask) drop."""
+    pos = torch.arange(int(sizes.max()), device=sizes.device)
+    valid = pos[None, :] < sizes[:, None]
+    return starts[:, None] + torch.minimum(pos[None, :], (sizes - 1).clamp(min=0)[:, None]), valid
 
-    `cu_*_padded` (when given) are the segments' storage offsets; `cu_*` their real lengths."""
-    off_q = cu_q if cu_q_padded is None else cu_q_padded
-    off_kv = cu_kv if cu_kv_padded is None else cu_kv_padded
-    pos_q = torch.arange(int(off_q[-1]), device=off_q.device)
-    pos_k = torch.arange(int(off_kv[-1]), device=off_kv.device)
-    seg_q = torch.bucketize(pos_q, off_q[1:].long(), right=True)
-    seg_k = torch.bucketize(pos_k, off_kv[1:].long(), right=True)
-    rel_q = pos_q - off_q.long()[seg_q]
-    rel_k = pos_k - off_kv.long()[seg_k]
-    len_k = (cu_kv[1:] - cu_kv[:-1]).long()[seg_k]
-    allowed = (seg_q[:, None] == seg_k[None, :]) & (rel_k < len_k)[None, :]
+
+def segment_mask(real_kv: torch.Tensor, size_kv: torch.Tensor, len_q: int, len_kv: int, causal: bool):
+    """[n, 1, Lq, Lk] bool, True where query i of a segment may attend its key j: j below the
+    segment's real key count and, if causal, j <= i.
+
+    A query row with nothing to attend (a segment of real length 0) would give NaN; it sees its
+    segment's stored keys instead."""
+    k = torch.arange(len_kv, device=real_kv.device)
+    allowed = (k[None, :] < real_kv[:, None])[:, None, :].expand(-1, len_q, -1)
     if causal:
-        allowed &= rel_k[None, :] <= rel_q[:, None]
-    # A padding query row with nothing to attend would give NaN; let it see its segment instead.
+        q = torch.arange(len_q, device=real_kv.device)
+        allowed = allowed & (k[None, :] <= q[:, None])
     empty = ~allowed.any(dim=-1, keepdim=True)
-    return allowed | (empty & (seg_q[:, None] == seg_k[None, :]))
+    return (allowed | (empty & (k[None, :] < size_kv[:, None])[:, None, :]))[:, None]
 
 
 class PackedSeqAttention(MegatronModule):
@@ -95,26 +89,42 @@ class PackedSeqAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("PackedSeqAttention does not take an attention_bias")
         causal = (attn_mask_type or self.attn_mask_type) in _CAUSAL
-        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if thd:
-            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._packed(query, key, value, packed_seq_params, causal)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        if self.heads_per_rank != self.groups_per_rank:
-            rep = self.heads_per_rank // self.groups_per_rank
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-
         mask, is_causal = None, False
-        if thd:
-            p = packed_seq_params
-            mask = block_diagonal_mask(
-                p.cu_seqlens_q, p.cu_seqlens_kv, causal, p.cu_seqlens_q_padded, p.cu_seqlens_kv_padded
-            )
-        elif attention_mask is not None:
+        if attention_mask is not None:
             mask = ~attention_mask.bool()  # Megatron: True = masked out; SDPA: True = attend
         elif causal:
             is_causal = True
+        out = self._sdpa(q, k, v, mask, is_causal).permute(2, 0, 1, 3)  # [s, b, h, d]
+        return out.reshape(out.size(0), out.size(1), -1)
 
+    def _packed(self, query, key, value, p: PackedSeqParams, causal: bool) -> torch.Tensor:
+        """[t, heads, d] -> [t, heads*d]. The segments run as one padded batch [n, heads, L, d]: memory
+        and work grow with n·L², not t² (the vision tower packs thousands of windows per batch)."""
+        off_q = p.cu_seqlens_q if p.cu_seqlens_q_padded is None else p.cu_seqlens_q_padded
+        off_kv = p.cu_seqlens_kv if p.cu_seqlens_kv_padded is None else p.cu_seqlens_kv_padded
+        keep = off_q[1:] > off_q[:-1]  # a segment without stored queries has no output rows
+
+        def starts_sizes(off):
+            off = off.long()
+            return off[:-1][keep], (off[1:] - off[:-1])[keep]
+
+        rows_q, valid_q = segment_rows(*starts_sizes(off_q))
+        start_kv, size_kv = starts_sizes(off_kv)
+        rows_kv, _ = segment_rows(start_kv, size_kv)
+        mask = segment_mask(starts_sizes(p.cu_seqlens_kv)[1], size_kv, rows_q.shape[1], rows_kv.shape[1], causal)
+        q, k, v = (x[r].transpose(1, 2) for x, r in ((query, rows_q), (key, rows_kv), (value, rows_kv)))
+        out = self._sdpa(q, k, v, mask, False).transpose(1, 2)[valid_q]  # [n, h, L, d] -> [t, h, d]
+        return out.reshape(out.size(0), -1)
+
+    def _sdpa(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        """SDPA on [b, heads, s, d] with this rank's KV groups repeated to its query heads."""
+        if self.heads_per_rank != self.groups_per_rank:
+            rep = self.heads_per_rank // self.groups_per_rank
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             rng = tensor_parallel.get_cuda_rng_tracker().fork()
@@ -124,8 +134,5 @@ class PackedSeqAttention(MegatronModule):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
             )
-        out = out.permute(2, 0, 1, 3)  # [s, b, h, d]
-        if thd:
-            return out.reshape(out.size(0), -1)
-        return out.reshape(out.size(0), out.size(1), -1)
+        return out
 

@@ -106,6 +106,14 @@ class TrainConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Spec §1.2: binary accuracy of the last \\boxed{} answer (mathruler, as the paper's reward)."""
+    method: str = "mathruler"  # mathruler | math_verify
+    extraction: str = "lenient"  # lenient | mathruler (exact parity with the reference extraction)
+    timeout_s: float = 10.0  # per-call grading deadline; a timed-out answer scores 0
+
+
+@dataclass
 class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -114,6 +122,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 def _nearest(key: str, options: list[str]) -> str:
@@ -214,6 +223,8 @@ _CHOICES = {
     ("rollout", "engine"): {"hf", "sglang"},
     ("rollout", "sglang_mode"): {"colocated", "disaggregated"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
+    ("reward", "method"): {"mathruler", "math_verify"},
+    ("reward", "extraction"): {"lenient", "mathruler"},
 }
 
 

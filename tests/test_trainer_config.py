@@ -183,3 +183,14 @@ def test_eval_cli_bad_paths(tmp_path, tiny_model_dir):
     assert res.returncode == 2 and f"--model {tmp_path} has no config.json" in res.stderr
     res = _cli("eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "x.jsonl"))
     assert res.returncode == 2 and "x.jsonl does not exist" in res.stderr
+
+
+def test_reward_config_selects_the_grader_and_rejects_unknown_methods():
+    from megatron_vppo.config import ConfigError, load_config
+
+    cfg = load_config(None, ["reward.method=math_verify", "reward.timeout_s=3"])
+    assert (cfg.reward.method, cfg.reward.timeout_s, cfg.reward.extraction) == ("math_verify", 3.0, "lenient")
+    with pytest.raises(ConfigError, match="reward.method"):
+        load_config(None, ["reward.method=exact_match"])
+    with pytest.raises(ConfigError, match="did you mean 'method'"):
+        load_config(None, ["reward.methd=mathruler"])

@@ -144,7 +144,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         val_prompts = encode_prompts(processor, [rec for rec, _ in rows if rec is not None])
 
     trainer = Trainer(cfg=cfg, processor=processor, model_chunks=ddp_chunks, optimizer=optimizer,
-                      scheduler=scheduler, engine=None, grader=Grader(), train_batches=batches,
+                      scheduler=scheduler, engine=None, grader=Grader(cfg.reward.method, cfg.reward.timeout_s, extraction=cfg.reward.extraction), train_batches=batches,
                       val_prompts=val_prompts, hf_config=hf_config, adapter=adapter,
                       vocab_size=arch.vocab_size)
 

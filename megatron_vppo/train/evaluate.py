@@ -28,7 +28,7 @@ def per_prompt_accuracy(groups: list[dict]) -> list[float]:
 def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                    max_new_tokens: int = 256, seed: int = 0, limit: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
-                   device: str | None = None) -> dict:
+                   device: str | None = None, reward_method: str = "mathruler") -> dict:
     """Single-process evaluation of an HF directory on a ViRL39K-schema dataset."""
     import torch
 
@@ -61,7 +61,7 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                               stop_token_ids=(processor.eos_token_id,), seed=seed,
                               banned_token_ids=processor.multimodal_token_ids)
-    with Grader() as grader:
+    with Grader(reward_method) as grader:
         groups = generate_and_grade(engine, processor.tokenizer, grader, prompts, list(range(len(prompts))),
                                     n=k, sampling=sampling, seed_parts=(seed, -1))
     return {"model": str(model_dir), "data": str(data), "k": k, "temperature": temperature,
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-pixels", type=int, default=None, help="image resize bounds (default: the model's processor)")
     ap.add_argument("--max-pixels", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    ap.add_argument("--reward-method", choices=["mathruler", "math_verify"], default="mathruler",
+                    help="answer grading (the trainer's reward.method)")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     args = ap.parse_args(argv)
     if args.k < 1:
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     res = evaluate_model(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
-                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device)
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device,
+                         reward_method=args.reward_method)
     if not args.json:
         width = max(len(k) for k in res)
         for key, val in res.items():

@@ -87,16 +87,11 @@ def make_trajectories(model_dir: Path, n: int, response_len: int):
 
 
 def build_trainer(model_dir: Path, tp: int, micro_batch_size: int, n_traj: int):
-    """Process groups, model, HF weights, DDP + Megatron Adam + scheduler, as train/build.py."""
-    from megatron_vppo.checkpoint.hf_load import load_hf_weights
+    """Process groups, model, HF weights, DDP + Megatron Adam + scheduler: the trainer's build_policy."""
     from megatron_vppo.config import ParallelConfig, RunConfig
     from megatron_vppo.data.processor import VLProcessor
-    from megatron_vppo.distributed import init_distributed
-    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, text_arch
-    from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
-    from megatron_vppo.models.qwen2_5_vl.weights import Qwen25VLWeights
+    from megatron_vppo.train.build import build_policy
     from megatron_vppo.train.loop import Trainer
-    from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
     cfg = RunConfig()
     cfg.parallel = ParallelConfig(tp=tp)
@@ -105,21 +100,11 @@ def build_trainer(model_dir: Path, tp: int, micro_batch_size: int, n_traj: int):
     cfg.train.micro_batch_size = micro_batch_size
     cfg.train.mini_batch_prompts = n_traj  # one optimizer step per RL step
     cfg.rollout.group_size = 1
-    hf = load_hf_config(model_dir)
-    arch = text_arch(hf)
-    init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
-                     num_query_groups=arch.num_key_value_heads, num_layers=arch.num_layers,
-                     vision_num_heads=hf["vision_config"]["num_heads"], seed=RUN_SEED)
-    chunks = build_model_chunks(hf, cfg.model, cfg.parallel)
-    adapter = Qwen25VLWeights(hf, tp, cfg.model.vocab_pad_multiple)
-    load_hf_weights(chunks, model_dir, adapter)
-    for c in chunks:
-        c.config.calculate_per_token_loss = True
-    ddp, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, 1000)
-    attach_to_model_config(ddp, optimizer)
-    return Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=ddp,
-                   optimizer=optimizer, scheduler=scheduler, engine=None, grader=None, train_batches=None,
-                   val_prompts=[], hf_config=hf, adapter=adapter, vocab_size=arch.vocab_size, step=STEP)
+    pol = build_policy(cfg, model_dir, total_steps=1000)
+    return Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
+                   optimizer=pol.optimizer, scheduler=pol.scheduler, engine=None, grader=None,
+                   train_batches=None, val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
+                   vocab_size=pol.arch.vocab_size, step=STEP)
 
 
 def _pass_inputs(trainer, trajs):

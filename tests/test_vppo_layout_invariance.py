@@ -106,35 +106,20 @@ class GradCapture:
 
 
 def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vpp: int | None = None):
-    """Process groups, model, HF weights, DDP + optimizer exactly as train/build.py does."""
-    from megatron_vppo.checkpoint.hf_load import load_hf_weights
+    """Process groups, model, HF weights, DDP + optimizer: the trainer's own build_policy."""
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
-    from megatron_vppo.distributed import init_distributed
-    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, text_arch
-    from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
-    from megatron_vppo.models.qwen2_5_vl.weights import Qwen25VLWeights
+    from megatron_vppo.train.build import build_policy
     from megatron_vppo.train.loop import Trainer
-    from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
-    hf = load_hf_config(model_dir)
-    arch = text_arch(hf)
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
     cfg.model.path = str(model_dir)
-    init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
-                     num_query_groups=arch.num_key_value_heads, num_layers=arch.num_layers,
-                     vision_num_heads=hf["vision_config"]["num_heads"], seed=cfg.train.seed)
-    chunks = build_model_chunks(hf, cfg.model, cfg.parallel)
-    adapter = Qwen25VLWeights(hf, tp, cfg.model.vocab_pad_multiple)
-    load_hf_weights(chunks, model_dir, adapter)
-    for c in chunks:
-        c.config.calculate_per_token_loss = True
-    ddp, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, 1)
-    attach_to_model_config(ddp, optimizer)
-    proxy = GradCapture(optimizer, ddp, adapter, really_step)
-    trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=ddp,
-                      optimizer=proxy, scheduler=scheduler, engine=None, grader=None, train_batches=None,
-                      val_prompts=[], hf_config=hf, adapter=adapter, vocab_size=arch.vocab_size, step=STEP)
+    pol = build_policy(cfg, model_dir, total_steps=1)
+    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, really_step)
+    trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
+                      optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
+                      val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
+                      vocab_size=pol.arch.vocab_size, step=STEP)
     return trainer, proxy
 
 

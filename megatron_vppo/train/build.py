@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -94,39 +95,59 @@ def build_engine(cfg: RunConfig, model_dir: Path):
     return HFRolloutEngine.from_pretrained(model_dir, device=device, dtype=dtype)
 
 
-def build_trainer(cfg: RunConfig) -> Trainer:
-    from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, resolve_resume
+@dataclass
+class Policy:
+    """The trained model as every pass sees it: DDP-wrapped chunks with their optimizer."""
+    model_chunks: list
+    optimizer: object
+    scheduler: object
+    adapter: object
+    hf_config: dict
+    arch: object
+
+
+def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None) -> Policy:
+    """Process groups, this rank's model chunks with the HF weights, DDP + Megatron Adam + LR schedule
+    hooked into Megatron's schedules. The trainer, the benchmarks and the tests all build it here."""
     from megatron_vppo.checkpoint.hf_load import load_hf_weights
-    from megatron_vppo.data.dataset import PromptBatches, PromptDataset
-    from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.distributed import init_distributed
     from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, text_arch
     from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
     from megatron_vppo.models.qwen2_5_vl.weights import Qwen25VLWeights
-    from megatron_vppo.reward.grade import Grader
-    from megatron_vppo.train.metrics_log import MetricsLogger
     from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
-    model_dir = check_paths(cfg)
     hf_config = load_hf_config(model_dir)
     arch = text_arch(hf_config)
-    vision_heads = (hf_config.get("vision_config") or {}).get("num_heads")
-    _single_process_rendezvous()
     init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
                      num_query_groups=arch.num_key_value_heads, num_layers=arch.num_layers,
-                     vision_num_heads=vision_heads, seed=cfg.train.seed)
-
-    processor = VLProcessor.from_pretrained(model_dir, min_pixels=cfg.data.min_pixels,
-                                            max_pixels=cfg.data.max_pixels)
+                     vision_num_heads=(hf_config.get("vision_config") or {}).get("num_heads"),
+                     seed=cfg.train.seed)
     chunks = build_model_chunks(hf_config, cfg.model, cfg.parallel)
-    tp = ps.get_tensor_model_parallel_world_size()
-    adapter = Qwen25VLWeights(hf_config, tp, cfg.model.vocab_pad_multiple)
+    adapter = Qwen25VLWeights(hf_config, ps.get_tensor_model_parallel_world_size(), cfg.model.vocab_pad_multiple)
     load_hf_weights(chunks, model_dir, adapter)
     for chunk in chunks:
         # J's denominator is the global valid-token count: Megatron divides summed grads by it.
         chunk.config.calculate_per_token_loss = True
-    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, _optimizer_steps(cfg))
+    steps = _optimizer_steps(cfg) if total_steps is None else total_steps
+    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, steps)
     attach_to_model_config(ddp_chunks, optimizer)
+    return Policy(ddp_chunks, optimizer, scheduler, adapter, hf_config, arch)
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, resolve_resume
+    from megatron_vppo.data.dataset import PromptBatches, PromptDataset
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.reward.grade import Grader
+    from megatron_vppo.train.metrics_log import MetricsLogger
+
+    model_dir = check_paths(cfg)
+    _single_process_rendezvous()
+    policy = build_policy(cfg, model_dir)
+    ddp_chunks, optimizer, scheduler = policy.model_chunks, policy.optimizer, policy.scheduler
+    hf_config, adapter, arch = policy.hf_config, policy.adapter, policy.arch
+    processor = VLProcessor.from_pretrained(model_dir, min_pixels=cfg.data.min_pixels,
+                                            max_pixels=cfg.data.max_pixels)
 
     def count_tokens(problem, images):
         return int(processor.encode(problem, images)["input_ids"].numel())

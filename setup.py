@@ -1,7 +1,7 @@
 """megatron_vppo: a Megatron-Core trainer for VPPO RL on Qwen2.5-VL.
 
 CPU development: `scripts/bootstrap.sh` (or `make test`) pins torch 2.13.0 first and installs
-requirements-cpu.txt against it. GPU extras: `pip install -e .[gpu]` on a CUDA torch.
+requirements-cpu.txt against it. GPU: `pip install -r requirements-gpu.txt && pip install -e . --no-deps` (the locked stack; `[gpu]` names its pins).
 """
 import os
 
@@ -25,7 +25,7 @@ setup(
         "numpy",
         "packaging",
         "psutil",
-        "transformers>=5.23,<6",
+        "transformers==5.19.0",
         "datasets",
         "pyarrow",  # imported directly (data/); also what `datasets` stores tables in
         "tokenizers",
@@ -39,7 +39,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "sglang[all]>=0.5"],
+        # Same pins as requirements-gpu.in (tests/test_gpu_stack.py checks); the full lock is requirements-gpu.txt.
+        "gpu": ["sglang==0.5.23", "transformer-engine[pytorch]==2.20.2", "megatron-core==0.16.1"],
         "test": ["pytest", "pytest-timeout"],
         "viz": ["tensorboard", "matplotlib"],
     },

@@ -115,8 +115,11 @@ def _pass_inputs(trainer, trajs):
 
 
 def _timed(fn) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU: time the kernels too
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 

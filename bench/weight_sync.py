@@ -53,12 +53,17 @@ def build_model(out: Path, layers: int) -> Path:
 
 
 def _median_time(fn, repeats: int, barrier=None) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU: wait for the copies
     times = []
     for _ in range(repeats):
         if barrier:
             barrier()
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         if barrier:
             barrier()
         times.append(time.perf_counter() - t0)
@@ -93,12 +98,13 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
     parallel = ParallelConfig(tp=tp, pp=pp)
     init_distributed(parallel, **model_dims(read_model_config(hf_dir)))
     m = load_model(hf_dir, parallel)
-    engine = HFRolloutEngine.from_pretrained(hf_dir) if rank == 0 else None
+    device = next(m.chunks[0].parameters()).device  # cuda on GPU machines: memcpy is then device-to-device
+    engine = HFRolloutEngine.from_pretrained(hf_dir, device=device) if rank == 0 else None
     plan = export_plan(m.chunks, m.adapter)
-    res = {"bytes": plan.nbytes, "crossing": crossing_bytes(plan, tp, pp)}
+    res = {"bytes": plan.nbytes, "crossing": crossing_bytes(plan, tp, pp), "device": str(device)}
 
     if rank == 0:
-        src = torch.randn(plan.nbytes // 4)
+        src = torch.randn(plan.nbytes // 4, device=device)
         dst = torch.empty_like(src)
         dst.copy_(src)  # warm the pages
         res["memcpy"] = _median_time(lambda: dst.copy_(src), max(repeats, 5))
@@ -107,7 +113,7 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
         res["memcpy_fresh"] = _median_time(lambda: torch.empty_like(src).copy_(src), max(repeats, 5))
         del src, dst
     if world > 1:  # the transport: rank 1 sends the crossing bytes to rank 0 in one message
-        buf = torch.ones(max(res["crossing"] // 4, 1))
+        buf = torch.ones(max(res["crossing"] // 4, 1), device=device)
 
         def p2p():
             if rank == 1:
@@ -119,7 +125,7 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
         res["gloo"] = _median_time(p2p, repeats, dist.barrier)
         del buf
         # per-message cost: the stream sends one message per tensor that crosses ranks
-        tiny = torch.ones(1)
+        tiny = torch.ones(1, device=device)
 
         def pings(k=50):
             for _ in range(k):

@@ -1,7 +1,7 @@
 """Per-token log-probs of given responses under the trainer's Megatron model.
 
     torchrun --nproc-per-node K tools/score.py --model DIR --data IN.jsonl --out OUT.jsonl \
-        --tp N --pp M [--micro-batch B] [--temperature T] [--hf-config DIR]
+        --tp N --pp M [--micro-batch B] [--temperature T] [--dtype fp32|bf16|fp16] [--hf-config DIR]
 
 DIR is a Hugging Face directory or a Megatron checkpoint (tools/convert_checkpoint.py hf-to-mcore,
 or a trainer step_NNNNNNN dir with --hf-config naming the HF directory it came from); the kind is
@@ -36,7 +36,7 @@ def score(args) -> None:
     import torch.distributed as dist
 
     from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
-    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.config import ModelConfig, ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.distributed import init_distributed
     from megatron_vppo.models.qwen2_5_vl.config import text_arch
@@ -46,7 +46,7 @@ def score(args) -> None:
     parallel = ParallelConfig(tp=args.tp, pp=args.pp)
     init_distributed(parallel, **model_dims(cfg))
     rows = read_rows(args.data, FIELDS)
-    m = load_model(args.model, parallel, hf_files=args.hf_config)
+    m = load_model(args.model, parallel, ModelConfig(dtype=args.dtype), hf_files=args.hf_config)
     if m.hf_files is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer / processor files; pass --hf-config DIR")
     proc = VLProcessor.from_pretrained(m.hf_files)
@@ -79,6 +79,8 @@ def parse_args(argv=None):
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--micro-batch", type=int, default=1, help="samples per pipeline micro-batch")
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="the model's compute dtype (log-probs are reduced in fp32 either way)")
     ap.add_argument("--hf-config", default=None, help="HF directory with config + tokenizer (trainer checkpoints)")
     args = ap.parse_args(argv)
     if args.temperature <= 0:

@@ -37,6 +37,14 @@ class ModelConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Importance weights π_old / π_rollout on the policy loss (docs/rollout_correction.md)."""
+    level: str = "none"  # none | token | sequence
+    mode: str = "truncate"  # truncate (TIS) | mask (MIS)
+    cap: float = 2.0  # C >= 1: truncate caps w at C; mask drops w outside [1/C, C]
+
+
+@dataclass
 class VPPOConfig:
     """Spec §3–§6 and the recipe table of §7."""
     algorithm: str = "vppo"  # vppo | dapo | grpo
@@ -50,6 +58,8 @@ class VPPOConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float = 3.0
+    # trainer π_old vs the engine's sampling log-probs (old_logp_source=trainer only)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -103,6 +113,11 @@ class TrainConfig:
     save_every: int = 10
     keep_last: int = 3
     resume: str = "auto"  # auto | never | PATH
+    # π_old: "trainer" = the paired no-grad pass; "engine" = the engine's sampling log-probs, and the
+    # perturbed view scored by the engine (one prefill), no trainer pass at all
+    old_logp_source: str = "trainer"  # trainer | engine
+    # engine mode: every N steps also run the trainer's pass and log how well the dependency agrees (0 = never)
+    check_old_logp_every: int = 0
 
 
 @dataclass
@@ -220,6 +235,7 @@ _CHOICES = {
     ("vppo", "dependency_estimator"): {"sampled_k3", "exact_kl"},
     ("vppo", "tas_scope"): {"global", "official"},
     ("vppo", "perturbation"): {"pixel", "image"},
+    ("train", "old_logp_source"): {"trainer", "engine"},
     ("rollout", "engine"): {"hf", "sglang"},
     ("rollout", "sglang_mode"): {"colocated", "disaggregated"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
@@ -238,6 +254,26 @@ def validate_choices(cfg: RunConfig) -> None:
         raise ConfigError(f"vppo.top_k_ratio={cfg.vppo.top_k_ratio} must be in (0, 1]")
     if not 0.0 <= cfg.vppo.beta_min <= 1.0:
         raise ConfigError(f"vppo.beta_min={cfg.vppo.beta_min} must be in [0, 1]")
+    _validate_old_logp_source(cfg)
+
+
+def _validate_old_logp_source(cfg: RunConfig) -> None:
+    from megatron_vppo.algo.rollout_correction import check_correction
+
+    rc = cfg.vppo.rollout_correction
+    try:
+        check_correction(rc.level, rc.mode, rc.cap)
+    except ValueError as e:
+        raise ConfigError(f"vppo.{e}") from None
+    if cfg.train.check_old_logp_every < 0:
+        raise ConfigError(f"train.check_old_logp_every={cfg.train.check_old_logp_every} must be >= 0 (0 = never)")
+    if cfg.train.old_logp_source == "engine":
+        if rc.level != "none":
+            raise ConfigError("vppo.rollout_correction applies with train.old_logp_source=trainer only (in engine "
+                              "mode π_old is the engine's own log-prob); set vppo.rollout_correction.level=none")
+        if cfg.vppo.dependency_estimator == "exact_kl":
+            raise ConfigError("vppo.dependency_estimator=exact_kl needs full distributions, which only the trainer's "
+                              "pass has; use train.old_logp_source=trainer or vppo.dependency_estimator=sampled_k3")
 
 
 def to_dict(cfg: Any) -> dict:

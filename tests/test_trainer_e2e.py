@@ -367,3 +367,55 @@ def test_eval_cli_prints_table_and_json_matching_trainer_validation(assets, tp2_
     table = {ln.split()[0]: ln.split()[1] for ln in lines[:-1] if ln.split() and ln.split()[0] in res}
     assert float(table["accuracy@2"]) == pytest.approx(res["accuracy@2"], abs=1e-4)
     assert int(table["prompts"]) == n_val
+
+
+# ------------------------------------------------------------------ π_old source and rollout correction
+
+
+@pytest.fixture(scope="module")
+def old_logp_runs(assets):
+    """Two steps at TP1 for each (old_logp_source, algorithm); trainer-mode VPPO with token-level TIS,
+    engine-mode VPPO with the fidelity check every step."""
+    out = {}
+    for source, algo in (("trainer", "vppo"), ("engine", "vppo"), ("trainer", "dapo"), ("engine", "dapo")):
+        d = assets["root"] / f"src_{source}_{algo}"
+        extra = [f"train.old_logp_source={source}", f"vppo.algorithm={algo}", "train.total_steps=2",
+                 "train.save_every=100", "train.val_every=0", f"train.output_dir={d}"]
+        if source == "engine" and algo == "vppo":
+            extra.append("train.check_old_logp_every=1")
+        if source == "trainer" and algo == "vppo":
+            extra += ["vppo.rollout_correction.level=token", "vppo.rollout_correction.mode=truncate",
+                      "vppo.rollout_correction.cap=2.0"]
+        run(torchrun(1) + cli("train", str(assets["config"]), *extra), assets["root"] / f"src_{source}_{algo}.log")
+        out[source, algo] = metrics(d)
+    return out
+
+
+def test_old_logp_source_engine_matches_trainer(old_logp_runs):
+    """Same weights and seeds -> the same rollouts; the engine's π_old (sampling log-probs + one prefill of
+    the perturbed view) gives the trainer's dependency, TGF mask and loss to float tolerance (fp32 CPU)."""
+    for algo in ("vppo", "dapo"):
+        t, e = old_logp_runs["trainer", algo], old_logp_runs["engine", algo]
+        for s in (1, 2):
+            assert "actor/skipped" not in t[s] and "actor/skipped" not in e[s]
+            assert t[s]["reward/mean"] == e[s]["reward/mean"]
+            assert t[s]["response/trajectories"] == e[s]["response/trajectories"]
+        for k in ("actor/loss", "actor/pg_loss") + (("dependency/mean", "tgf/kept_token_frac") if algo == "vppo" else ()):
+            assert e[1][k] == pytest.approx(t[1][k], abs=1e-5, rel=1e-4), (algo, k)
+    chk = old_logp_runs["engine", "vppo"]
+    for s in (1, 2):
+        assert chk[s]["old_logp_check/dependency_corr"] >= 0.999
+        assert chk[s]["old_logp_check/tgf_agreement"] >= 0.99
+        assert chk[s]["old_logp_check/logp_abs_diff_max"] <= 1e-4
+    assert "rollout_correction/k3_kl" not in chk[1]  # engine mode: π_old is the engine's, nothing to correct
+
+
+def test_rollout_correction_metrics_through_the_trainer(old_logp_runs):
+    rows = old_logp_runs["trainer", "vppo"]
+    for s in (1, 2):
+        r = rows[s]
+        assert 0.0 <= r["rollout_correction/logp_abs_diff_mean"] <= r["rollout_correction/logp_abs_diff_max"] <= 1e-4
+        assert r["rollout/logp_abs_diff_max"] == r["rollout_correction/logp_abs_diff_max"]
+        assert 0.0 <= r["rollout_correction/k3_kl"] < 1e-8
+        assert r["rollout_correction/token_frac_corrected"] == 0.0  # fp32: |Δ| ~1e-6, nowhere near cap 2
+        assert r["rollout_correction/weight_mean"] == pytest.approx(1.0, abs=1e-4)

@@ -95,6 +95,12 @@ class RolloutEngine(Protocol):
         """Per request, `n` samples (outer list in request order, inner in sample order)."""
         ...
 
+    def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0
+              ) -> list[list[float]]:
+        """Log-probs of each given response's tokens under its prompt (+ the request's pixel_values,
+        e.g. a perturbed view), prefill only, in the convention above (old_logp_source=engine)."""
+        ...
+
     def update_weights(self, stream: WeightStream) -> None:
         """Load HF-named weights from (name, tensor) pairs or `Bucket`s; all or nothing."""
         ...

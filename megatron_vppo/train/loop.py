@@ -17,14 +17,16 @@ from PIL import Image
 
 from megatron_vppo.algo.advantages import dynamic_sampling_keep, grpo_advantages
 from megatron_vppo.algo.dependency import sampled_k3
+from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weights
 from megatron_vppo.algo.vppo import compute_shaping
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_images_and_process, perturb_pixel_values
-from megatron_vppo.rollout.engine import SamplingParams
+from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
 from megatron_vppo.train import passes
 from megatron_vppo.train.optimizer import current_lr
 from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
-from megatron_vppo.train.rollout_step import encode_prompts, sample_groups, to_trajectories
+from megatron_vppo.train.rollout_step import (all_gather_world, encode_prompts, is_engine_rank, sample_groups,
+                                              to_trajectories)
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -171,19 +173,59 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
 
 
 def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
+    """Per-token π_old ("old", and "aug"/"kl" for vppo) of every trajectory, on every rank, from the
+    source `train.old_logp_source` names."""
+    if trainer.cfg.train.old_logp_source == "engine":
+        return engine_score_step_batch(trainer, trajs)
+    return trainer_score_step_batch(trainer, trajs)
+
+
+def _my_perturbed_views(trainer: Trainer, trajs) -> tuple[list[int], list]:
+    """This DP rank's trajectory indices and their perturbed views (seeded by trajectory index, so
+    both π_old sources perturb exactly the same patches)."""
+    cfg = trainer.cfg
+    idx = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    views = perturbed_views([trajs[i] for i in idx], trainer.processor, cfg.train.seed, trainer.step,
+                            idx[0] if idx else 0, cfg.vppo.perturb_prob, cfg.vppo.perturbation)
+    return idx, views
+
+
+def trainer_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     """The paired no-grad pass on this DP rank's shard; every rank gets all trajectories' results."""
     cfg = trainer.cfg
     _, use_vppo, _ = _algo_settings(cfg)
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    idx = shard(list(range(len(trajs))), dp_rank, dp)
-    mine = [trajs[i] for i in idx]
-    views = None
     if use_vppo:
-        views = perturbed_views(mine, trainer.processor, cfg.train.seed, trainer.step, idx[0] if idx else 0,
-                                cfg.vppo.perturb_prob, cfg.vppo.perturbation)
-    res = passes.dependency_pass(trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
+        idx, views = _my_perturbed_views(trainer, trajs)
+    else:
+        idx, views = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()), None
+    res = passes.dependency_pass(trainer.model_chunks, [trajs[i] for i in idx], _pass_shape(trainer, trajs), views,
                                  exact_kl=use_vppo and cfg.vppo.dependency_estimator == "exact_kl")
     return passes.gather_data_parallel(res)
+
+
+def engine_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
+    """π_old from the rollout engine: its sampling log-probs for the original view, and for vppo one
+    engine prefill of each image trajectory's perturbed view. No trainer forward at all.
+
+    A text-only trajectory has nothing to perturb: its aug is its old, exactly (dependency 0), as in the
+    trainer's pass. Each replica's engine scores its DP shard; every rank gets all results."""
+    _, use_vppo, _ = _algo_settings(trainer.cfg)
+    res = [{"old": t.rollout_log_probs.float()} for t in trajs]
+    if not use_vppo:
+        return res
+    idx, views = _my_perturbed_views(trainer, trajs)
+    scored = []
+    if is_engine_rank():
+        todo = [(i, v) for i, v in zip(idx, views) if trajs[i].has_image]
+        items = [(RolloutRequest(trajs[i].input_ids[: trajs[i].response_start].tolist(), v, trajs[i].image_grid_thw),
+                  trajs[i].input_ids[trajs[i].response_start:].tolist()) for i, v in todo]
+        lps = trainer.engine.score(items, temperature=trainer.cfg.rollout.temperature) if items else []
+        scored = [(i, lp) for (i, _), lp in zip(todo, lps)]
+    for i, lp in all_gather_world(scored):
+        res[i]["aug"] = torch.tensor(lp, dtype=torch.float32)
+    for r in res:
+        r.setdefault("aug", r["old"])
+    return res
 
 
 def minibatch_index_lists(cfg: RunConfig, n_traj: int) -> list[list[int]]:
@@ -216,16 +258,48 @@ def shape_step(trainer: Trainer, trajs, scored: list[dict]):
     minibatches = minibatch_index_lists(cfg, len(trajs))
     mbs, micro = official_scopes(cfg, minibatches) if cfg.vppo.tas_scope == "official" else (None, None)
     shaping = compute_shaping(old, aug, mask, adv, cfg.vppo, kl=kl, minibatches=mbs, microbatches=micro)
+    weights, metrics = rollout_correction(cfg, trajs, old, mask)
     per_traj = []
     for i, t in enumerate(trajs):
         n = t.response_len
         per_traj.append({"old_logp": old[i, :n].float(), "tgf_mask": shaping.tgf_mask[i, :n].float(),
-                         "advantage": float(shaping.shaped_advantages[i])})
-    metrics = dict(shaping.metrics)
+                         "is_weight": weights[i, :n].float(), "advantage": float(shaping.shaped_advantages[i])})
+    metrics.update(shaping.metrics)
     metrics["advantage/abs_mean"] = float(adv.abs().mean())
     if kl is not None and aug is not None:  # how well the single-sample k3 tracks the exact KL
         metrics["dependency/k3_vs_kl_corr"] = _masked_corr(sampled_k3(old, aug, mask), kl, mask)
     return per_traj, minibatches, metrics
+
+
+def rollout_correction(cfg: RunConfig, trajs, old, mask):
+    """([B, T] importance weights π_old / π_rollout, mismatch metrics). Engine mode: π_old is the
+    engine's own log-prob, so the weights are 1 and there is no mismatch to report."""
+    rc = cfg.vppo.rollout_correction
+    if cfg.train.old_logp_source == "engine" or any(t.rollout_log_probs is None for t in trajs):
+        return mask.clone(), {}
+    rollout, _ = responses_to_matrix([t.rollout_log_probs for t in trajs])
+    corr = rollout_weights(old, rollout, mask, level=rc.level, mode=rc.mode, cap=rc.cap)
+    metrics = mismatch_metrics(old, rollout, mask, corr if rc.level != "none" else None)
+    metrics["rollout/logp_abs_diff_max"] = metrics.get("rollout_correction/logp_abs_diff_max", 0.0)
+    return corr.weights, metrics
+
+
+def check_old_logp(trainer: Trainer, trajs, scored: list[dict], shaped: tuple) -> dict:
+    """Engine mode, every `train.check_old_logp_every` steps: the trainer's paired pass on the same
+    batch, and how well the engine-derived dependency and TGF mask agree with the trainer's."""
+    ref = trainer_score_step_batch(trainer, trajs)
+    ref_traj = shape_step(trainer, trajs, ref)[0]
+    mine = shaped[0]
+    old_e, mask = responses_to_matrix([r["old"] for r in scored])
+    old_t, _ = responses_to_matrix([r["old"] for r in ref])
+    out = {"old_logp_check/logp_abs_diff_max": float(((old_e - old_t).abs() * mask).max())}
+    if "aug" in scored[0]:
+        dep_e = sampled_k3(old_e, responses_to_matrix([r["aug"] for r in scored])[0], mask)
+        dep_t = sampled_k3(old_t, responses_to_matrix([r["aug"] for r in ref])[0], mask)
+        out["old_logp_check/dependency_corr"] = _masked_corr(dep_e, dep_t, mask)
+        agree = torch.cat([(a["tgf_mask"] == b["tgf_mask"]).float() for a, b in zip(mine, ref_traj)])
+        out["old_logp_check/tgf_agreement"] = float(agree.mean())
+    return out
 
 
 def _masked_corr(a, b, mask) -> float:
@@ -289,9 +363,17 @@ def rl_step(trainer: Trainer) -> dict:
                     trainer.step)
         metrics["actor/skipped"] = 1.0
         return metrics
-    _engine_memory(trainer, resident=False)
-    scored = score_step_batch(trainer, trajs)
-    per_traj, minibatches, shaping_metrics = shape_step(trainer, trajs, scored)
+    engine_mode = trainer.cfg.train.old_logp_source == "engine"
+    if not engine_mode:
+        _engine_memory(trainer, resident=False)
+    scored = score_step_batch(trainer, trajs)  # engine mode: the engine scores, so it stays resident until here
+    if engine_mode:
+        _engine_memory(trainer, resident=False)
+    shaped = shape_step(trainer, trajs, scored)
+    per_traj, minibatches, shaping_metrics = shaped
+    every = trainer.cfg.train.check_old_logp_every
+    if engine_mode and every > 0 and trainer.step % every == 0:
+        metrics.update(check_old_logp(trainer, trajs, scored, shaped))
     t2 = time.perf_counter()
     metrics.update(shaping_metrics)
     metrics.update(update_policy(trainer, trajs, per_traj, minibatches))
@@ -304,19 +386,9 @@ def rl_step(trainer: Trainer) -> dict:
         "reward/kept_mean": sum(t.reward for t in trajs) / len(trajs),
         "response/len_mean": float(lens.mean()),
         "response/trajectories": len(trajs),
-        "rollout/logp_abs_diff_max": _rollout_consistency(trajs, scored),
         "time/rollout_s": t1 - t0, "time/passes_s": t2 - t1, "time/update_s": t3 - t2, "time/sync_s": t4 - t3,
     })
     return metrics
-
-
-def _rollout_consistency(trajs, scored) -> float:
-    """max |trainer old_logp - engine log-prob| over the step (engine/trainer mismatch gauge)."""
-    worst = 0.0
-    for t, r in zip(trajs, scored):
-        if t.rollout_log_probs is not None and t.rollout_log_probs.numel():
-            worst = max(worst, float((r["old"].double() - t.rollout_log_probs.double()).abs().max()))
-    return worst
 
 
 # ------------------------------------------------------------------------------ weights, eval

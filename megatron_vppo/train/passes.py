@@ -167,6 +167,7 @@ def _policy_loss(shape: PassShape, ls: LossSettings, mb: MicroBatch, logits: tor
         mb.per_token["advantage"],
         mb.loss_mask,
         mb.per_token["tgf_mask"],
+        is_weights=mb.per_token["is_weight"],
         clip_low=ls.clip_low,
         clip_high=ls.clip_high,
         dual_clip=ls.dual_clip,
@@ -185,7 +186,8 @@ def policy_update_pass(model_chunks, trajs: list[Trajectory], shape: PassShape, 
                        per_traj: list[dict]) -> dict[str, float]:
     """Forward+backward over this rank's share of one mini-batch; gradients land in the DDP buffers.
 
-    per_traj[i] holds "old_logp" [n], "tgf_mask" [n] and the scalar "advantage" (shaped Â).
+    per_traj[i] holds "old_logp" [n], "tgf_mask" [n], "is_weight" [n] (rollout correction;
+    absent = ones) and the scalar "advantage" (shaped Â).
     Returns summed metrics (numerators; the caller divides by the global token count).
     """
     for m in model_chunks:
@@ -196,6 +198,7 @@ def policy_update_pass(model_chunks, trajs: list[Trajectory], shape: PassShape, 
         rows = [per_traj[i] for i in idx]
         mb.per_token["old_logp"] = mb.to_positions([r["old_logp"] for r in rows])
         mb.per_token["tgf_mask"] = mb.to_positions([r["tgf_mask"] for r in rows])
+        mb.per_token["is_weight"] = mb.to_positions([r.get("is_weight", torch.ones_like(r["old_logp"])) for r in rows])
         adv = torch.zeros(shape.micro_batch_size, 1)
         for j, r in enumerate(rows):
             adv[j, 0] = float(r["advantage"])

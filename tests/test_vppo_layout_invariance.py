@@ -105,16 +105,17 @@ class GradCapture:
         return getattr(self._opt, name)
 
 
-def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vpp: int | None = None):
+def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vpp: int | None = None,
+                  sp: bool = False, overlap: bool | None = None):
     """Process groups, model, HF weights, DDP + optimizer: the trainer's own build_policy."""
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.train.build import build_policy
     from megatron_vppo.train.loop import Trainer
 
-    cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sp=sp)
     cfg.model.path = str(model_dir)
-    pol = build_policy(cfg, model_dir, total_steps=1)
+    pol = build_policy(cfg, model_dir, total_steps=1, overlap=overlap)
     proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, really_step)
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                       optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,

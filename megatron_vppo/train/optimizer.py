@@ -92,6 +92,24 @@ def wrap_ddp(
     return wrapped
 
 
+def cast_params(model_chunks: Sequence[torch.nn.Module], dtype: torch.dtype) -> int:
+    """Give every floating parameter the model dtype, in place (what Megatron's Float16Module does with
+    `module.bfloat16()`); returns how many were cast.
+
+    Torch norms (Megatron's WrappedTorchNorm on the local spec, a plain `torch.nn.RMSNorm`) create
+    fp32 weights whatever `params_dtype` says. A bf16 model with a few fp32 params breaks Megatron-Core
+    0.16.1's distributed optimizer: it lists each param group's fp32 shards before its bf16 ones but
+    indexes its state by the original order, so `sharded_state_dict` (checkpoint save) pairs params
+    with another param's Adam state and fails. The norms' fp32 main copies live in the optimizer."""
+    n = 0
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                n += 1
+    return n
+
+
 def build_scheduler(optimizer, optim_cfg: OptimConfig, total_steps: int):
     """Megatron's OptimizerParamScheduler for `lr_schedule` with `warmup_steps` linear warmup.
 
@@ -146,7 +164,8 @@ def build_optimizer(
 
     `model_chunks`: unwrapped Megatron modules (e.g. GPTModel, or Float16Module(GPTModel) for bf16),
     one per virtual pipeline stage on this rank. `model_dtype`: the dtype the model's params are in
-    ('fp32' | 'bf16' | 'fp16'); for bf16/fp16 the optimizer keeps fp32 main params.
+    ('fp32' | 'bf16' | 'fp16'); for bf16/fp16 the optimizer keeps fp32 main params. Floating params
+    of another dtype are cast to it first (`cast_params`).
     Returns (ddp_chunks, optimizer, scheduler); train and checkpoint through `ddp_chunks`.
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -154,6 +173,7 @@ def build_optimizer(
     dtype = _as_dtype(model_dtype)
     if not model_chunks:
         raise ValueError("build_optimizer: model_chunks is empty; pass this rank's model chunks")
+    cast_params(model_chunks, dtype)
     ddp_chunks = wrap_ddp(
         model_chunks, use_distributed_optimizer=optim_cfg.use_distributed_optimizer, overlap=overlap
     )

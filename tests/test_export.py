@@ -321,7 +321,7 @@ def _main_params(optimizer, chunks, adapter) -> dict:
     return {n: full[n].view(p.shape) for p, n in names.items()}
 
 
-def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap):
+def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap, pp=1, vpp=None):
     from test_vppo_layout_invariance import build_trainer, run_config
 
     from megatron_vppo.checkpoint.export import export_hf_weights
@@ -335,7 +335,9 @@ def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap):
     forced = []
     real_sync = optim_mod.force_param_sync
     optim_mod.force_param_sync = lambda chunks: forced.append(real_sync(chunks)) or forced[-1]
-    trainer, proxy = build_trainer(model_dir, 1, 1, cfg, overlap=overlap)
+    if pp > 1:  # interleaved: every DP rank's micro-batches must split into groups of pp
+        cfg.train.micro_batch_size = 1
+    trainer, proxy = build_trainer(model_dir, 1, pp, cfg, overlap=overlap, vpp=vpp)
     chunks, adapter = trainer.model_chunks, trainer.adapter
     scored = loop.score_step_batch(trainer, trajs)
     per_traj, minibatches, _ = loop.shape_step(trainer, trajs, scored)
@@ -347,9 +349,11 @@ def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap):
         stale = max(float((live[n].float() - main[n]).abs().max()) for n in main)
         n_forced = len(forced)
         exported = {n: t.clone() for n, t in export_hf_weights(chunks, adapter, dst="all")}
-        expected = adapter.mcore_to_hf({n: main[n].to(live[n].dtype) for n in main})
+        expected = adapter.mcore_to_hf({n: main[n].to(live[n].dtype) for n in main})  # this stage's
         rounds.append(dict(stale=stale, forced=forced[n_forced:], exported=exported, expected=expected))
-    return dict(deferred=chunks[0].ddp_config.overlap_param_gather, rounds=rounds)
+    config = chunks[0].module.config
+    return dict(deferred=chunks[0].ddp_config.overlap_param_gather, rounds=rounds,
+                aligned=chunks[0].ddp_config.align_param_gather, param_sync_func=config.param_sync_func is not None)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -373,3 +377,28 @@ def test_export_after_dp2_step_sees_the_updated_params(tiny_model_dir, dtype):
     for i in range(2):
         _check_equal(list(results[1]["rounds"][i]["exported"].items()), results[0]["rounds"][i]["exported"],
                      f"{dtype} round {i} rank 1 vs rank 0")
+
+
+def test_export_after_dp2_step_with_interleaved_pipeline(tmp_path):
+    """PP2 x VPP2 x DP2 with overlapped param gathers: the interleaved schedule launches the chunks'
+    all-gathers itself (align_param_gather + param_sync_func, as Megatron-LM pairs them); after the
+    steps every stage still exports exactly its optimizer's main params."""
+    from test_vppo_layout_invariance import make_trajectories
+
+    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+
+    hf_dir = make_tiny_model(tmp_path / "tiny4", seed=1, tokenizer="bpe", text_config={"num_hidden_layers": 4})
+    # one mini-batch of two whole GRPO groups: 2 trajectories, 2 micro-batches per DP rank
+    all_trajs = make_trajectories(hf_dir)
+    trajs = [all_trajs[i] for i in (0, 1, 3, 4)]
+    results = run_distributed(_dp2_step_export_worker, 4, str(hf_dir), trajs, "fp32", True, 2, 2)
+    ref = load_file(str(hf_dir / "model.safetensors"))
+    for rank, res in enumerate(results):
+        assert res["deferred"] and res["aligned"] and res["param_sync_func"]
+        for i, rnd in enumerate(res["rounds"]):
+            assert rnd["stale"] > 0, f"rank {rank} round {i}: the step did not leave stale shards"
+            assert set(rnd["exported"]) == set(ref)
+            got = [(n, rnd["exported"][n]) for n in rnd["expected"]]  # this stage's tensors
+            _check_equal(got, rnd["expected"], f"pp2 vpp2 rank {rank} round {i}")
+            assert rnd["forced"] == [True]
+    assert set().union(*(r["rounds"][0]["expected"] for r in results)) == set(ref)

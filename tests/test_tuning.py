@@ -129,6 +129,19 @@ def test_tool_json_and_exit_codes(tmp_path):
     assert bad.returncode == 2 and "error:" in bad.stderr
 
 
+def test_tuner_offers_no_context_parallel_layouts():
+    """The trainer refuses cp > 1 (nothing splits sequences over CP ranks yet), so the tuner must not
+    recommend one; every layout it offers passes the trainer's own validation."""
+    from megatron_vppo.parallel_layout import validate_layout
+
+    spec = load_model_spec(SPEC_32B)
+    cands = tune(spec, 32, 80.0, PAPER_32B)
+    assert cands and all(c.layout.cp == 1 for c in cands)
+    for c in cands:
+        validate_layout(c.layout, world_size=32, num_attention_heads=spec.heads, num_query_groups=spec.kv_heads,
+                        num_layers=spec.layers, vision_num_heads=spec.vision_heads, te_available=True)
+
+
 def test_megatron_vppo_tune_needs_no_tools_dir(monkeypatch, tmp_path, capsys):
     """`megatron-vppo tune` runs the package's tuner, so an installed wheel (no tools/) has it too."""
     from megatron_vppo import cli

@@ -106,9 +106,11 @@ class Policy:
     arch: object
 
 
-def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None) -> Policy:
+def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
+                 overlap: bool | None = None) -> Policy:
     """Process groups, this rank's model chunks with the HF weights, DDP + Megatron Adam + LR schedule
-    hooked into Megatron's schedules. The trainer, the benchmarks and the tests all build it here."""
+    hooked into Megatron's schedules. The trainer, the benchmarks and the tests all build it here.
+    `overlap`: DDP communication overlap (None: on with CUDA, as the trainer runs; tests force it)."""
     from megatron_vppo.checkpoint.hf_load import load_hf_weights
     from megatron_vppo.distributed import init_distributed
     from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, text_arch
@@ -129,7 +131,7 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None) -> P
         # J's denominator is the global valid-token count: Megatron divides summed grads by it.
         chunk.config.calculate_per_token_loss = True
     steps = _optimizer_steps(cfg) if total_steps is None else total_steps
-    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, steps)
+    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, steps, overlap=overlap)
     attach_to_model_config(ddp_chunks, optimizer)
     return Policy(ddp_chunks, optimizer, scheduler, adapter, hf_config, arch)
 
@@ -198,11 +200,13 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
 def maybe_save(trainer: Trainer, force: bool = False) -> None:
     from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
+    from megatron_vppo.train.optimizer import force_param_sync
 
     cfg = trainer.cfg
     due = cfg.train.save_every > 0 and trainer.step % cfg.train.save_every == 0
     if not (due or force or trainer.step == cfg.train.total_steps):
         return
+    force_param_sync(trainer.model_chunks)  # the saved weights must be the stepped ones on every DP shard
     save_checkpoint(_ckpt_dir(cfg), trainer.step, trainer.model_chunks, trainer.optimizer, trainer.scheduler,
                     train_state={"data": trainer.train_batches.state_dict()}, config=to_dict(cfg),
                     keep_last=cfg.train.keep_last)

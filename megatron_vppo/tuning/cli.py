@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0 when it releases its memory between rollouts)")
     p.add_argument("--dependency-estimator", default="sampled_k3", choices=["sampled_k3", "exact_kl"],
                    help="exact_kl keeps both views' full log-softmax in the no-grad pass (~4 more fp32 copies)")
-    p.add_argument("--te", action="store_true", help="Transformer Engine available: also try context parallel")
     p.add_argument("--kernels", default="te", choices=sorted(KERNELS),
                    help="activation-storage profile: te (GPU) or local (CPU, Megatron local spec)")
     p.add_argument("--no-distributed-optimizer", action="store_true")
@@ -95,7 +94,7 @@ def run(argv: list[str] | None = None) -> tuple[int, str]:
         cands = tune(
             spec, args.gpus, args.gpu_mem_gib, wl,
             recompute=args.recompute, prec=prec, kernels=KERNELS[args.kernels], gpu=GPU_TYPES[args.gpu_type],
-            rollout_mem_fraction=args.rollout_mem_fraction, te=args.te,
+            rollout_mem_fraction=args.rollout_mem_fraction,
         )
     except (ModelSpecError, TuningError) as e:
         return 2, f"error: {e}"

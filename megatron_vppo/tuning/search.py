@@ -2,8 +2,11 @@
 
 Legality comes from `parallel_layout.validate_layout` (the trainer's own rules). On top of it the
 batch must split into whole micro-batches per DP rank (and, with interleaving, into groups of `pp`
-micro-batches, as Megatron's interleaved schedule requires); CP needs the sequence split into 2*cp
-chunks (TE's load-balanced causal CP). Those three are workload rules, kept here.
+micro-batches, as Megatron's interleaved schedule requires); CP would need the sequence split into
+2*cp chunks (TE's load-balanced causal CP). Those are workload rules, kept here.
+
+No CP layouts are offered: the trainer refuses cp > 1 until packed sequences split each sequence over
+the CP ranks (`validate_layout`). The memory and throughput models still take a `Layout.cp`.
 """
 from __future__ import annotations
 
@@ -99,38 +102,37 @@ def workload_rule(layout: Layout, wl: Workload) -> str | None:
     return None
 
 
-def enumerate_layouts(spec: ModelSpec, n_gpus: int, wl: Workload, te: bool = False) -> tuple[list[Layout], Counter]:
-    """All legal layouts for exactly `n_gpus`; also a count of why the others were rejected."""
+def enumerate_layouts(spec: ModelSpec, n_gpus: int, wl: Workload) -> tuple[list[Layout], Counter]:
+    """All legal layouts for exactly `n_gpus` (cp = 1: see the module doc); also a count of why the
+    others were rejected."""
     out: list[Layout] = []
     why: Counter = Counter()
     for tp in divisors(n_gpus):
         for pp in divisors(n_gpus // tp):
-            for cp in divisors(n_gpus // (tp * pp)) if te else [1]:
-                dp = n_gpus // (tp * pp * cp)
-                vpps = [None]
-                if pp > 1 and spec.layers % pp == 0:
-                    vpps += [v for v in divisors(spec.layers // pp) if v > 1]
-                for vpp in vpps:
-                    for sp in (False, True) if tp > 1 else (False,):
-                        lay = Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sp=sp)
-                        try:
-                            validate_layout(
-                                lay,
-                                world_size=n_gpus,
-                                num_attention_heads=spec.heads,
-                                num_query_groups=spec.kv_heads,
-                                num_layers=spec.layers,
-                                vision_num_heads=spec.vision_heads if wl.with_vision else None,
-                                te_available=te,
-                            )
-                        except LayoutError as e:
-                            why[str(e).split(";")[0]] += 1
-                            continue
-                        rule = workload_rule(lay, wl)
-                        if rule:
-                            why[rule] += 1
-                            continue
-                        out.append(lay)
+            dp = n_gpus // (tp * pp)
+            vpps = [None]
+            if pp > 1 and spec.layers % pp == 0:
+                vpps += [v for v in divisors(spec.layers // pp) if v > 1]
+            for vpp in vpps:
+                for sp in (False, True) if tp > 1 else (False,):
+                    lay = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, sp=sp)
+                    try:
+                        validate_layout(
+                            lay,
+                            world_size=n_gpus,
+                            num_attention_heads=spec.heads,
+                            num_query_groups=spec.kv_heads,
+                            num_layers=spec.layers,
+                            vision_num_heads=spec.vision_heads if wl.with_vision else None,
+                        )
+                    except LayoutError as e:
+                        why[str(e).split(";")[0]] += 1
+                        continue
+                    rule = workload_rule(lay, wl)
+                    if rule:
+                        why[rule] += 1
+                        continue
+                    out.append(lay)
     return out, why
 
 
@@ -172,13 +174,12 @@ def tune(
     kernels: Kernels = KERNELS["te"],
     gpu: GpuType = GPU_TYPES["h100"],
     rollout_mem_fraction: float = 0.0,
-    te: bool = False,
 ) -> list[Candidate]:
     """Every legal layout for `n_gpus`, fitting ones first by tokens/s/GPU, then the rest by memory."""
     check_request(n_gpus, gpu_mem_gib, wl, rollout_mem_fraction)
     if recompute not in ("auto", "none", "full"):
         raise TuningError(f"--recompute {recompute!r}: use auto, none or full")
-    layouts, why = enumerate_layouts(spec, n_gpus, wl, te=te)
+    layouts, why = enumerate_layouts(spec, n_gpus, wl)
     if not layouts:
         reasons = "; ".join(f"{r} ({n}x)" for r, n in why.most_common(4))
         raise TuningError(

@@ -317,7 +317,8 @@ def test_forward_step_hands_the_model_its_own_device():
             super().__init__()
             self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
 
-        def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids=None,
+                    packed_seq_params=None):
             seen.update(input_ids=input_ids.device.type, attention_mask=attention_mask.device.type,
                         pixel_values=pixel_values.device.type, image_grid_thw=image_grid_thw.device.type)
             return torch.empty(2, 8, 5, device="meta")

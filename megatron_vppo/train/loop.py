@@ -70,6 +70,7 @@ def _pass_shape(trainer: Trainer, trajs) -> passes.PassShape:
         pad_id=trainer.processor.pad_token_id,
         vocab_size=trainer.vocab_size,
         temperature=trainer.cfg.rollout.temperature,
+        max_tokens=trainer.cfg.train.max_tokens_per_micro_batch,
     )
 
 
@@ -175,7 +176,8 @@ def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     cfg = trainer.cfg
     _, use_vppo, _ = _algo_settings(cfg)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    idx = shard(list(range(len(trajs))), dp_rank, dp)
+    idx = passes.data_parallel_shard(list(range(len(trajs))), trajs, cfg.train.max_tokens_per_micro_batch,
+                                     dp_rank, dp)
     mine = [trajs[i] for i in idx]
     views = None
     if use_vppo:
@@ -246,7 +248,7 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
     grad_norms = []
     for _epoch in range(cfg.train.ppo_epochs):
         for mb in minibatches:
-            idx = shard(mb, dp_rank, dp)
+            idx = passes.data_parallel_shard(mb, trajs, cfg.train.max_tokens_per_micro_batch, dp_rank, dp)
             for chunk in trainer.model_chunks:
                 chunk.zero_grad_buffer()
             trainer.optimizer.zero_grad()

@@ -156,7 +156,7 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
     for i, t in enumerate(trajs):
         gen = make_generator(run_seed, step, offset + i)
         if mode == "pixel" or not t.has_image:
-            views.append(perturb_pixel_values(t.pixel_values, t.image_grid_thw, gen, ip.image_mean,
+            views.append(perturb_pixel_values(t.pixels(), t.image_grid_thw, gen, ip.image_mean,
                                               ip.image_std, prob))
             continue
         images = t.extra.get("images")
@@ -180,7 +180,9 @@ def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
                                      dp_rank, dp)
     mine = [trajs[i] for i in idx]
     views = None
-    if use_vppo:
+    if use_vppo and not ps.is_pipeline_first_stage(ignore_virtual=True):
+        views = [None] * len(mine)  # paired, but only the first stage embeds (and so perturbs) images
+    elif use_vppo:
         views = perturbed_views(mine, trainer.processor, cfg.train.seed, trainer.step, idx[0] if idx else 0,
                                 cfg.vppo.perturb_prob, cfg.vppo.perturbation)
     res = passes.dependency_pass(trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,

@@ -101,6 +101,8 @@ def _micro_batches(model_chunks, trajs: list[Trajectory], shape: PassShape, view
     lengths = [round_up(max(sum(trajs[i].num_tokens for i in g), 1), SEQ_MULTIPLE * tp) for g in groups]
     if ps.get_pipeline_model_parallel_world_size() > 1:  # p2p between stages needs one shape per schedule
         lengths = [max(lengths)] * len(groups)
+    # Only a chunk with the vision tower (first stage) reads pixels: other stages never process or move them.
+    with_pixels = any(getattr(_unwrap(m), "vision_model", None) is not None for m in model_chunks)
     out = []
     for idx, length in zip(groups, lengths):
         part = [trajs[i] for i in idx]
@@ -108,8 +110,9 @@ def _micro_batches(model_chunks, trajs: list[Trajectory], shape: PassShape, view
         def make(override=None):
             if shape.max_tokens is None:
                 return collate(part, rows=shape.micro_batch_size, seq_len=shape.seq_len, pad_id=shape.pad_id,
-                               pixel_values_override=override)
-            return collate_packed(part, seq_len=length, pad_id=shape.pad_id, pixel_values_override=override)
+                               pixel_values_override=override, with_pixels=with_pixels)
+            return collate_packed(part, seq_len=length, pad_id=shape.pad_id, pixel_values_override=override,
+                                  with_pixels=with_pixels)
 
         mb = make()
         if views is not None:

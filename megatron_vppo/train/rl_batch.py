@@ -36,6 +36,13 @@ class Trajectory:
     rollout_log_probs: Tensor | None = None
     extra: dict = field(default_factory=dict)
     position_ids: Tensor | None = None  # [3, n] M-RoPE ids, cached for the step (`ensure_positions`)
+    pixel_source: object | None = None  # pixels on demand: anything with `.pixel_values` (an EncodedPrompt)
+
+    def pixels(self) -> Tensor | None:
+        """The original view's pixels; from `pixel_source` (processed there once) when not held here."""
+        if self.pixel_values is None and self.pixel_source is not None:
+            return self.pixel_source.pixel_values
+        return self.pixel_values
 
     @property
     def num_tokens(self) -> int:
@@ -166,11 +173,14 @@ def _check(t: Trajectory, room: int) -> int:
     return n
 
 
-def _images(trajs, pixel_values_override):
+def _images(trajs, pixel_values_override, with_pixels: bool = True):
+    """(pixels, grids) of the micro-batch's images in order. Without `with_pixels` (a stage that does
+    not embed) only the grids: the pixels are neither fetched nor processed."""
     pixels, grids = [], []
     for i, t in enumerate(trajs):
         if t.has_image:
-            pixels.append(t.pixel_values if pixel_values_override is None else pixel_values_override[i])
+            if with_pixels:
+                pixels.append(t.pixels() if pixel_values_override is None else pixel_values_override[i])
             grids.append(t.image_grid_thw)
     return (torch.cat(pixels) if pixels else None), (torch.cat(grids) if grids else None)
 
@@ -182,6 +192,7 @@ def collate(
     seq_len: int,
     pad_id: int,
     pixel_values_override: list[Tensor | None] | None = None,
+    with_pixels: bool = True,
 ) -> MicroBatch:
     """Right-pad `trajs` into a [rows, seq_len] micro-batch (rows >= len(trajs)).
 
@@ -205,7 +216,7 @@ def collate(
             position_ids[:, i, :n] = t.position_ids
     labels = torch.zeros_like(input_ids)
     labels[:, :-1] = input_ids[:, 1:]
-    pixels, grids = _images(trajs, pixel_values_override)
+    pixels, grids = _images(trajs, pixel_values_override, with_pixels)
     return MicroBatch(
         input_ids=input_ids,
         labels=labels,
@@ -228,6 +239,7 @@ def collate_packed(
     seq_len: int,
     pad_id: int,
     pixel_values_override: list[Tensor | None] | None = None,
+    with_pixels: bool = True,
 ) -> MicroBatch:
     """Concatenate `trajs` into one [1, seq_len] packed (thd) sequence; the rest is one filler segment.
 
@@ -258,7 +270,7 @@ def collate_packed(
         position_ids[:, 0, off:] = torch.arange(seq_len - off)
         bounds.append(seq_len)
     sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-    pixels, grids = _images(trajs, pixel_values_override)
+    pixels, grids = _images(trajs, pixel_values_override, with_pixels)
     return MicroBatch(
         input_ids=input_ids,
         labels=labels,

@@ -184,11 +184,11 @@ def bench_memory(model_dir: Path, args) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trajectories", type=int, default=32)
+    ap.add_argument("--trajectories", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=4096, help="token budget per packed micro-batch (per view)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="rows per padded micro-batch")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per layout (median of ratios)")
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--memory-max-tokens", type=int, default=512,
                     help="token budget of the memory run's packed micro-batches (real Qwen vocabulary)")

@@ -353,13 +353,30 @@ PACKED_LAYOUTS = {
     "packed-PP2": (2, 1, 2, 300),
     "packed-DP2": (2, 1, 1, 260),
     "packed-TP2xPP2": (4, 2, 2, 300),
+    "packed-TP2-SP": (2, 2, 1, 300),  # sequence parallel splits each packed sequence over the TP ranks
 }
 
 
-def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget):
+def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
     cfg = run_config(4)
     cfg.train.max_tokens_per_micro_batch = budget
-    trainer, proxy = build_trainer(model_dir, tp, pp, cfg)
+    if not sp:
+        trainer, proxy = build_trainer(model_dir, tp, pp, cfg)
+        return train_side_step(trainer, proxy, trajs)
+    # build_trainer with sequence parallel on
+    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.train.build import build_policy
+    from megatron_vppo.train.loop import Trainer
+
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, sp=True)
+    cfg.model.path = str(model_dir)
+    pol = build_policy(cfg, model_dir, total_steps=1)
+    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter)
+    trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
+                      optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
+                      val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
+                      vocab_size=pol.arch.vocab_size, step=STEP)
     return train_side_step(trainer, proxy, trajs)
 
 
@@ -377,5 +394,5 @@ def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs
         counts = [len(pack_by_tokens([lengths[i] for i in shard_by_tokens([0, 1, 2, 3], lengths[:4], r, 2)],
                                      budget)) for r in range(2)]
         assert counts[0] != counts[1], counts
-    results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, tp, pp, budget)
+    results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, tp, pp, budget, name.endswith("SP"))
     check_same(results, reference, name)

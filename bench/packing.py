@@ -101,7 +101,8 @@ def bench_time(model_dir: Path, args) -> dict:
     views = loop.perturbed_views(trajs, trainer.processor, RUN_SEED, STEP, 0, trainer.cfg.vppo.perturb_prob)
     real = sum(t.num_tokens for t in trajs)
     out = {"trajectories": len(trajs), "real_tokens": real,
-           "response_len_min": min(t.response_len for t in trajs), "response_len_max": max(t.response_len for t in trajs),
+           "response_len_min": min(t.response_len for t in trajs),
+           "response_len_max": max(t.response_len for t in trajs),
            "response_len_median": sorted(t.response_len for t in trajs)[len(trajs) // 2],
            "text_only": sum(not t.has_image for t in trajs)}
     out["real_token_fraction_padded"] = real / _computed_tokens(trainer, trajs, padded)

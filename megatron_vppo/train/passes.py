@@ -75,7 +75,8 @@ def _dp_max(n: int, device) -> int:
     return int(t.item())
 
 
-def micro_batch_groups(trajs: list[Trajectory], shape: PassShape, multiple_of: int = 1, device="cpu") -> list[list[int]]:
+def micro_batch_groups(trajs: list[Trajectory], shape: PassShape, multiple_of: int = 1,
+                       device="cpu") -> list[list[int]]:
     """Indices of `trajs` per micro-batch: chunks of micro_batch_size, or first-fit-decreasing bins of
     `max_tokens`. At least one; topped up with empty groups to the data-parallel maximum and then to
     a multiple of `multiple_of` (the interleaved schedule needs a multiple of the pipeline size)."""

@@ -3,9 +3,8 @@
 What `tools/score.py` runs, and what the trainer calls to re-score rollouts (the consistency gate):
 encoded samples -> `Trajectory`s -> padded (or, with a token budget, packed thd) micro-batches through
 Megatron's pipeline schedule (`train.passes.dependency_pass` with the original view only), where the
-last stage reduces the
-vocab-parallel logits to sampled-token log-probs (`algo.vocab_parallel`) — so TP, PP and DP all work
-and nothing of vocabulary size leaves the last stage. Data parallel ranks score contiguous shards;
+last stage reduces the vocab-parallel logits to sampled-token log-probs (`algo.vocab_parallel`) — so
+TP, PP and DP all work and nothing of vocabulary size leaves the last stage. Data parallel ranks score contiguous shards;
 results come back in input order on every rank.
 """
 from __future__ import annotations

@@ -105,6 +105,9 @@ class TrainConfig:
     prompts_per_step: int = 384
     mini_batch_prompts: int = 128
     micro_batch_size: int = 4
+    # Set: every pass packs trajectories (thd, no padding) first-fit decreasing into micro-batches of at
+    # most this many tokens per view, DP shards balanced by tokens; micro_batch_size is then unused.
+    max_tokens_per_micro_batch: int | None = None
     ppo_epochs: int = 1
     total_steps: int = 200
     val_every: int = 5

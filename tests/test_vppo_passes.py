@@ -174,8 +174,10 @@ def test_perturbed_views_deterministic_and_image_only(tiny_model_dir, trajs, vie
 # ------------------------------------------------------------------------ interleaved pipeline
 
 
-def _vpp_worker(rank, world, model_dir, trajs, pp, vpp):
-    trainer, proxy = build_trainer(model_dir, 1, pp, run_config(4), vpp=vpp)
+def _vpp_worker(rank, world, model_dir, trajs, pp, vpp, max_tokens=None):
+    cfg = run_config(4)
+    cfg.train.max_tokens_per_micro_batch = max_tokens
+    trainer, proxy = build_trainer(model_dir, 1, pp, cfg, vpp=vpp)
     return train_side_step(trainer, proxy, trajs)
 
 
@@ -195,6 +197,9 @@ def test_interleaved_pipeline_small_shard_matches_single_process(four_layer_mode
     vpp = run_distributed(_vpp_worker, 2, str(four_layer_model_dir), trajs, 2, 2)
     ref = run_distributed(_vpp_worker, 1, str(four_layer_model_dir), trajs, 1, None)[0]
     check_same(vpp, ref, "PP2xVPP2")
+    # Packed micro-batches (300 tokens: two or one trajectory each) under the interleaved schedule.
+    packed = run_distributed(_vpp_worker, 2, str(four_layer_model_dir), trajs, 2, 2, 300)
+    check_same(packed, ref, "PP2xVPP2-packed")
 
 
 # ------------------------------------------------------------------------ optimizer-step protocol
@@ -317,7 +322,8 @@ def test_forward_step_hands_the_model_its_own_device():
             super().__init__()
             self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
 
-        def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids=None,
+                    packed_seq_params=None):
             seen.update(input_ids=input_ids.device.type, attention_mask=attention_mask.device.type,
                         pixel_values=pixel_values.device.type, image_grid_thw=image_grid_thw.device.type)
             return torch.empty(2, 8, 5, device="meta")

@@ -72,6 +72,7 @@ def _pass_shape(trainer: Trainer, trajs) -> passes.PassShape:
         pad_id=trainer.processor.pad_token_id,
         vocab_size=trainer.vocab_size,
         temperature=trainer.cfg.rollout.temperature,
+        max_tokens=trainer.cfg.train.max_tokens_per_micro_batch,
     )
 
 
@@ -157,7 +158,7 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
     for i, t in enumerate(trajs):
         gen = make_generator(run_seed, step, offset + i)
         if mode == "pixel" or not t.has_image:
-            views.append(perturb_pixel_values(t.pixel_values, t.image_grid_thw, gen, ip.image_mean,
+            views.append(perturb_pixel_values(t.pixels(), t.image_grid_thw, gen, ip.image_mean,
                                               ip.image_std, prob))
             continue
         images = t.extra.get("images")
@@ -180,25 +181,28 @@ def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     return trainer_score_step_batch(trainer, trajs)
 
 
-def _my_perturbed_views(trainer: Trainer, trajs) -> tuple[list[int], list]:
-    """This DP rank's trajectory indices and their perturbed views (seeded by trajectory index, so
-    both π_old sources perturb exactly the same patches)."""
+def _perturbed_views_of(trainer: Trainer, trajs, idx: list[int]) -> list:
+    """Perturbed views of trajs[idx] (contiguous indices), seeded by trajectory index: both π_old
+    sources and every sharding perturb exactly the same patches."""
     cfg = trainer.cfg
-    idx = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    views = perturbed_views([trajs[i] for i in idx], trainer.processor, cfg.train.seed, trainer.step,
-                            idx[0] if idx else 0, cfg.vppo.perturb_prob, cfg.vppo.perturbation)
-    return idx, views
+    return perturbed_views([trajs[i] for i in idx], trainer.processor, cfg.train.seed, trainer.step,
+                           idx[0] if idx else 0, cfg.vppo.perturb_prob, cfg.vppo.perturbation)
 
 
 def trainer_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     """The paired no-grad pass on this DP rank's shard; every rank gets all trajectories' results."""
     cfg = trainer.cfg
     _, use_vppo, _ = _algo_settings(cfg)
-    if use_vppo:
-        idx, views = _my_perturbed_views(trainer, trajs)
-    else:
-        idx, views = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()), None
-    res = passes.dependency_pass(trainer.model_chunks, [trajs[i] for i in idx], _pass_shape(trainer, trajs), views,
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    idx = passes.data_parallel_shard(list(range(len(trajs))), trajs, cfg.train.max_tokens_per_micro_batch,
+                                     dp_rank, dp)
+    mine = [trajs[i] for i in idx]
+    views = None
+    if use_vppo and not ps.is_pipeline_first_stage(ignore_virtual=True):
+        views = [None] * len(mine)  # paired, but only the first stage embeds (and so perturbs) images
+    elif use_vppo:
+        views = _perturbed_views_of(trainer, trajs, idx)
+    res = passes.dependency_pass(trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
                                  exact_kl=use_vppo and cfg.vppo.dependency_estimator == "exact_kl")
     return passes.gather_data_parallel(res)
 
@@ -213,7 +217,8 @@ def engine_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     res = [{"old": t.rollout_log_probs.float()} for t in trajs]
     if not use_vppo:
         return res
-    idx, views = _my_perturbed_views(trainer, trajs)
+    idx = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    views = _perturbed_views_of(trainer, trajs, idx) if is_engine_rank() else []
     scored = []
     if is_engine_rank():
         todo = [(i, v) for i, v in zip(idx, views) if trajs[i].has_image]
@@ -320,7 +325,7 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
     grad_norms = []
     for _epoch in range(cfg.train.ppo_epochs):
         for mb in minibatches:
-            idx = shard(mb, dp_rank, dp)
+            idx = passes.data_parallel_shard(mb, trajs, cfg.train.max_tokens_per_micro_batch, dp_rank, dp)
             for chunk in trainer.model_chunks:
                 chunk.zero_grad_buffer()
             trainer.optimizer.zero_grad()

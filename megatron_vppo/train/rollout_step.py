@@ -9,7 +9,7 @@ Sampling seeds come from (run seed, step, prompt index), never from which rank s
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,21 +30,35 @@ def derived_seed(*parts: int) -> int:
 
 @dataclass
 class EncodedPrompt:
-    """A dataset record after the processor: what the engine and the trainer both need."""
+    """A dataset record after the processor: what the engine and the trainer both need.
+
+    Token ids and grids are made on every rank (cheap); the pixels only on first access, once (every
+    trajectory of the prompt shares this object): on the engine ranks that generate for the prompt
+    and the first pipeline stage that embeds it — not on ranks that never look at an image."""
     prompt_ids: list[int]
-    pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     answer: str
     index: int  # dataset row, for logs
-    images: list | None = None  # the PIL images, for the `image` perturbation mode
+    images: list | None = None  # the PIL images (pixels on demand; the `image` perturbation mode)
+    processor: object = field(default=None, repr=False)
+    _pixels: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        if self._pixels is None and self.images:
+            self._pixels, grid = self.processor.process_images(self.images)
+            if not torch.equal(grid, self.image_grid_thw):  # the geometry used for the tokens must hold
+                raise RuntimeError(f"image processor grids {grid.tolist()} differ from the prompt's "
+                                   f"{self.image_grid_thw.tolist()}")
+        return self._pixels
 
 
 def encode_prompts(processor, records: list[dict]) -> list[EncodedPrompt]:
     out = []
     for rec in records:
-        enc = processor.encode(rec["problem"], rec["images"])
-        out.append(EncodedPrompt(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"],
-                                 rec["answer"], int(rec.get("index", -1)), list(rec["images"] or [])))
+        enc = processor.encode(rec["problem"], rec["images"], pixels=False)
+        out.append(EncodedPrompt(enc["input_ids"].tolist(), enc["image_grid_thw"], rec["answer"],
+                                 int(rec.get("index", -1)), list(rec["images"] or []), processor))
     return out
 
 
@@ -93,7 +107,7 @@ def to_trajectories(prompts: list[EncodedPrompt], groups: list[dict]) -> list[Tr
             ids = torch.tensor(p.prompt_ids + list(token_ids), dtype=torch.long)
             trajs.append(Trajectory(
                 group=g_index, input_ids=ids, response_start=len(p.prompt_ids),
-                pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw, reward=float(reward),
+                pixel_source=p, image_grid_thw=p.image_grid_thw, reward=float(reward),
                 rollout_log_probs=torch.tensor(log_probs, dtype=torch.float32),
                 extra={"finish_reason": finish, "prompt_index": p.index, "images": p.images},
             ))

@@ -103,6 +103,7 @@ class TrainConfig:
     save_every: int = 10
     keep_last: int = 3
     resume: str = "auto"  # auto | never | PATH
+    existing_output: str = "refuse"  # refuse | move_aside: a fresh run into a dir holding another run
 
 
 @dataclass
@@ -225,6 +226,7 @@ _CHOICES = {
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
     ("reward", "extraction"): {"lenient", "mathruler"},
+    ("train", "existing_output"): {"refuse", "move_aside"},
 }
 
 

@@ -556,6 +556,23 @@ def _restore_adam_steps(optimizer) -> None:
                     st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype)
 
 
+def _group_hparams(optimizer) -> list[dict]:
+    """The param groups' hyperparameters as this run built them (lr bounds, betas, eps, weight decay,
+    multipliers): everything but the params and Adam's step."""
+    return [{k: v for k, v in g.items() if k not in ("params", "step")} for g in optimizer.param_groups]
+
+
+def _set_group_hparams(optimizer, hparams: list[dict]) -> None:
+    """After a load: torch's load_state_dict replaced the param groups' hyperparameters with the saved
+    ones (Megatron's per-group max_lr included, which its LR schedule reads); this run's config wins,
+    so a changed optim.lr or Adam beta takes effect. The checkpoint supplies the state only."""
+    groups = optimizer.param_groups
+    if len(groups) != len(hparams):
+        return
+    for g, h in zip(groups, hparams):
+        g.update(h)
+
+
 def _optimizer_metadata() -> dict:
     return {"distrib_optim_sharding_type": OPTIMIZER_SHARDING_TYPE}
 
@@ -695,13 +712,15 @@ def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state
         # Non-sharded entries go to common.pt (written by rank 0).
         sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         sharded["train_state"] = {**(train_state or {}), "step": int(step)}
-        with _in_process_results_queue():
+        with _in_process_results_queue(), _rank0_writes_reported() as rank0_error:
             dist_checkpointing.save(
                 sharded,
                 str(tmp / DIST_SUBDIR),
                 sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
                 async_sharded_save=False,
             )
+        if rank0_error:
+            raise rank0_error[0]
         rng_path = tmp / RNG_SUBDIR / f"rank_{rank:05d}.pt"
         tmp_rng = rng_path.with_suffix(".part")
         torch.save(rng_state, tmp_rng)
@@ -852,6 +871,46 @@ def _signals_held():
 
 
 @contextlib.contextmanager
+def _rank0_writes_reported():
+    """Let a rank-0-only write that fails inside `dist_checkpointing.save` (common.pt, metadata.json —
+    e.g. on a full disk) be reported after the save instead of raised in the middle of it.
+
+    Megatron-Core 0.16.1 writes those on rank 0 around its collective sharded save; raising there
+    leaves every other rank blocked in that collective. Here the first such error is recorded in the
+    yielded list, rank 0 goes on through the collective part (whose own write failures torch DCP
+    reports on every rank), and the caller raises it afterwards, where failures are agreed on by all
+    ranks. Scoped to the call; restored afterwards.
+    """
+    errors: list = []
+    try:
+        from megatron.core.dist_checkpointing import serialization as ser
+    except ImportError:
+        yield errors
+        return
+
+    def recorded(fn):
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 — re-raised by the caller after the collective part
+                errors.append(e)
+        return call
+
+    common = ser.get_default_save_common_strategy()
+    patched = [(common, "save_common", common.save_common), (ser, "save_config", ser.save_config)]
+    for obj, name, fn in patched:
+        setattr(obj, name, recorded(fn))
+    try:
+        yield errors
+    finally:
+        for obj, name, fn in patched:
+            if obj is common:
+                delattr(obj, name)  # back to the class's method
+            else:
+                setattr(obj, name, fn)
+
+
+@contextlib.contextmanager
 def _in_process_results_queue():
     """Let a synchronous torch_dist save collect its writers' results in a plain in-process queue.
 
@@ -989,9 +1048,11 @@ def load_checkpoint(
     _raise_on_any_rank(err, p)
 
     if want_opt:
+        hparams = _group_hparams(optimizer)
         with torch.no_grad():  # it copies into views of the (grad-requiring) main params
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer)
+        _set_group_hparams(optimizer, hparams)
     elif optimizer is not None:
         optimizer.reload_model_params()
 

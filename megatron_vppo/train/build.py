@@ -140,9 +140,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.reward.grade import Grader
     from megatron_vppo.train.metrics_log import MetricsLogger
-    from megatron_vppo.train.resume import (
-        apply_optimizer_settings, check_output_dir, check_resume_config, move_previous_run,
-    )
+    from megatron_vppo.train.resume import check_output_dir, check_resume_config, move_previous_run
 
     model_dir = check_paths(cfg)
     # Never start over another run's files (read-only check on every rank; rank 0 moves them aside
@@ -183,7 +181,6 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         # Weights, optimizer, scheduler and RNG states from the checkpoint; the step and the data
         # position from its train_state, so the next batch is the one the stopped run would have drawn.
         loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler, verify=False)
-        apply_optimizer_settings(optimizer, cfg.optim)
         trainer.step = loaded.step
         if "data" in loaded.train_state:
             batches.load_state_dict(loaded.train_state["data"])

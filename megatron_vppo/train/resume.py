@@ -4,8 +4,9 @@ ignored:
 * a run that starts from step 0 refuses an output directory holding another run's checkpoints or
   metrics (or, with `train.existing_output=move_aside`, moves them to `previous_runs/<time>/` first);
 * a resumed run prints every setting that differs from its checkpoint's config snapshot; each either
-  takes effect (the LR schedule is rebuilt from the new values, Adam's betas are set after the load,
-  everything else is read from the config as the run goes) or is refused with the reason.
+  takes effect (the LR schedule and the optimizer's hyperparameters are this config's — the
+  checkpoint supplies only state and step counts —, everything else is read from the config as the
+  run goes) or is refused with the reason.
 
 The checkpoint itself is chosen and verified by `checkpoint.dist_checkpoint.select_resume`.
 """
@@ -112,8 +113,8 @@ REFUSED = {
 SCHEDULE_KEYS = {"optim.lr", "optim.lr_schedule", "optim.warmup_steps", "optim.weight_decay",
                  "train.total_steps", "train.prompts_per_step", "train.mini_batch_prompts", "train.ppo_epochs"}
 NOTES = {
-    "optim.adam_beta1": "set in the optimizer after its state is loaded",
-    "optim.adam_beta2": "set in the optimizer after its state is loaded",
+    "optim.adam_beta1": "the optimizer keeps this config's hyperparameters, the checkpoint's state",
+    "optim.adam_beta2": "the optimizer keeps this config's hyperparameters, the checkpoint's state",
     "model.path": "tokenizer, processor and architecture come from the new path, the weights from the checkpoint",
     "data.train": "the new file is read from the saved data position (its row count must match)",
 }
@@ -181,11 +182,3 @@ def check_resume_config(saved: dict | None, cfg: RunConfig, ckpt: Path, rank: in
               f"with a new train.output_dir"
         )
     return changes
-
-
-def apply_optimizer_settings(optimizer, optim_cfg) -> None:
-    """After loading optimizer state: torch's load_state_dict restores the saved param groups' Adam
-    betas; the config's win (lr and weight decay are set by the rebuilt schedule every step)."""
-    for group in optimizer.param_groups:
-        if "betas" in group:
-            group["betas"] = (optim_cfg.adam_beta1, optim_cfg.adam_beta2)

@@ -76,7 +76,8 @@ def _train(rest: list[str]) -> int:
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        print(f"megatron-vppo train: {err.strerror}", file=sys.stderr)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"megatron-vppo train: {err.strerror}{where}", file=sys.stderr)
         return 1
     except Exception as err:
         from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError

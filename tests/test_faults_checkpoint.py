@@ -203,6 +203,13 @@ def test_format_v1_checkpoint_without_digests_is_checked_for_truncation(tmp_path
     with pytest.raises(dc.CheckpointError, match=r"step_0000002 does not verify: dist/.*is truncated"):
         dc.verify_checkpoint(root / "step_0000002")
     assert dc.select_resume("auto", root).name == "step_0000001"
+    shard = max((root / "step_0000001" / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(b"")
+    with pytest.raises(dc.CheckpointError) as err:  # none verifies: say so, never start fresh over them
+        dc.select_resume("auto", root)
+    msg = str(err.value)
+    assert msg.startswith(f"resume=auto: no checkpoint under {root} verifies: step_0000002 (")
+    assert "step_0000001 (" in msg and "train.resume" in msg and "train.existing_output=move_aside" in msg
 
 
 def _save_two(rank, world, ckpt_dir):

@@ -186,7 +186,17 @@ class MetricsLogger:
                 logger.info("TensorBoard disabled (%s); metrics.jsonl is still written", e)
             else:
                 purge = None if resume_step is None else resume_step + 1
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
+                self._tb_do(lambda: setattr(self, "_tb", SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                                                       purge_step=purge)))
+
+    def _tb_do(self, fn) -> None:
+        """TensorBoard is a mirror: a failure there (a full disk included) turns it off with a warning
+        instead of stopping the run; metrics.jsonl stays the record."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            logger.warning("TensorBoard disabled (%s); metrics.jsonl is still written", e)
+            self._tb = None
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Write one step's metrics (flushed immediately); returns the row as written."""
@@ -201,10 +211,12 @@ class MetricsLogger:
         except OSError as e:
             raise _no_space(e, self.path) from None
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and _is_scalar(v):
-                    self._tb.add_scalar(k, v, global_step=int(step))
-            self._tb.flush()
+            def mirror():
+                for k, v in row.items():
+                    if k != "step" and _is_scalar(v):
+                        self._tb.add_scalar(k, v, global_step=int(step))
+                self._tb.flush()
+            self._tb_do(mirror)
         return row
 
     def close(self) -> None:
@@ -212,7 +224,7 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
+            self._tb_do(self._tb.close)
             self._tb = None
 
     def __enter__(self) -> "MetricsLogger":

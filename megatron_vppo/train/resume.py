@@ -67,7 +67,7 @@ def check_output_dir(cfg: RunConfig) -> bool:
         return False
     if cfg.train.existing_output == "move_aside":
         return True
-    if resume == "never":
+    if resume in ("never", ""):
         why, fixes = "train.resume=never starts a fresh run", "continue that run with train.resume=auto, "
     elif resume == "auto":
         why, fixes = "it has no complete checkpoint to continue, so this run would start fresh", ""

@@ -221,6 +221,49 @@ def _save_two(rank, world, ckpt_dir):
         dc.save_checkpoint(ckpt_dir, step, ddp, opt, sched)
 
 
+# ------------------------------------------------------------------------ 8: a signal to one rank
+
+
+def _sigterm_rank0_during_save(rank, world, ckpt_dir):
+    """Rank 0 gets a real SIGTERM while the save is in progress (tensor files written); rank 1 gets
+    none. Both must finish the save and then stop together."""
+    import threading
+
+    from megatron_vppo.checkpoint import dist_checkpoint as dc
+
+    os.environ["MEGATRON_VPPO_TEST_SAVE_DELAY_S"] = "3"
+    root = Path(ckpt_dir)
+    ddp, opt, sched = _fresh(2, seed=0)
+    train_steps(ddp, opt, sched, 1)
+
+    def send_when_writing():
+        deadline = time.monotonic() + 120
+        while not list(root.glob("step_0000001.tmp-*/rng/rank_00001.pt")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if rank == 0:
+        threading.Thread(target=send_when_writing, daemon=True).start()
+    try:
+        dc.save_checkpoint(root, 1, ddp, opt, sched)
+        return {"interrupted": None}
+    except dc.SaveInterrupted as e:
+        return {"interrupted": str(e), "signum": e.signum, "handler_restored":
+                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)}
+
+
+def test_signal_to_one_rank_during_a_save_stops_every_rank_after_it(tmp_path):
+    root = tmp_path / "ck"
+    res = run_distributed(_sigterm_rank0_during_save, 2, str(root), timeout=180)
+    for r in res:
+        assert r["interrupted"] is not None and r["interrupted"].startswith("SIGTERM during the checkpoint save")
+        assert r["signum"] == signal.SIGTERM and r["handler_restored"]
+    from megatron_vppo.checkpoint.dist_checkpoint import verify_checkpoint
+
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]
+    verify_checkpoint(root / "step_0000001")
+
+
 # ------------------------------------------------------------------------------ 9: a full disk
 
 
@@ -490,8 +533,8 @@ def test_sigint_during_a_save_finishes_it_then_exits_nonzero(base_run):
 
 def test_trainer_on_a_full_disk(base_run, small_disk):
     """The step-2 save hits a full disk: one line, partial save gone, exit 1. Resuming on the still-full
-    disk starts (loads, verifies, cuts metrics.jsonl in place). With space freed, the resumed run logs
-    step 2 exactly as the run that hit the full disk did, and saves it."""
+    disk starts (loads, verifies, cuts metrics.jsonl in place, TensorBoard turns itself off). With space
+    freed, the resumed run logs step 2 exactly as the run that hit the full disk did, and saves it."""
     from megatron_vppo.checkpoint.dist_checkpoint import verify_checkpoint
 
     size = sum(p.stat().st_size for p in (base_run["out"] / "checkpoints" / "step_0000001").rglob("*")
@@ -512,7 +555,8 @@ def test_trainer_on_a_full_disk(base_run, small_disk):
     assert "resumed from" in text and "step_0000001 at step 1" in text
     assert sorted(_metrics(out)) == [1]  # the step-2 line went without needing space
 
-    filler.unlink()
+    filler.unlink()  # free space: the filler goes and the disk grows to hold two checkpoints
+    subprocess.run(["mount", "-o", f"remount,size={3 * size // 1024 + 256}k", str(disk)], check=True)
     _run(cmd, base_run["root"] / "item9_resumed.log", 0)
     rows = _metrics(out)
     assert sorted(rows) == [1, 2]

@@ -203,7 +203,8 @@ def find_latest_complete(ckpt_dir: str | Path) -> Path | None:
 
 def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
     """TrainConfig.resume -> a checkpoint path or None: 'auto' (latest complete, None if none),
-    'never' (None), or an explicit checkpoint directory (must be complete)."""
+    'never' (None), or an explicit checkpoint directory (must be complete). Markers and meta.json
+    only, no process group; the trainer uses `select_resume`, which also verifies the files."""
     if resume in ("never", "", None):
         return None
     if resume == "auto":

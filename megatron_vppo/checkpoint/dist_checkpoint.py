@@ -23,9 +23,11 @@ truncated shard fails loudly instead of loading. `select_resume("auto", ...)` wa
 checkpoint that verifies and logs every one it skipped and why. Checkpoints of format version 1 (no
 digests) are checked for truncated shards only (file sizes against torch DCP's storage index).
 
-Signals. SIGINT / SIGTERM that arrive during `save_checkpoint` are held until the save has finished
-(or failed and been cleaned up); then `SaveInterrupted` (a KeyboardInterrupt) is raised on every rank
-that got one, naming the checkpoint, so the caller exits non-zero with a complete checkpoint behind it.
+Signals. SIGINT / SIGTERM that arrive during `save_checkpoint` are held until the save has finished;
+then the ranks agree and every rank raises `SaveInterrupted` (a KeyboardInterrupt) naming the
+checkpoint, so the run exits non-zero with a complete checkpoint behind it (a save that fails raises
+its CheckpointError instead, its partial directory removed). Writer processes forked meanwhile inherit
+the holding handler, so a Ctrl-C sent to the whole process group does not kill them half-way.
 Test hook: `MEGATRON_VPPO_TEST_SAVE_DELAY_S=<seconds>` sleeps that long inside the save, after the
 tensor files are written and before they are hashed and published, so a test can deliver a real
 signal to a real save (unset in normal use).

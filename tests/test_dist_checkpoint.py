@@ -141,14 +141,14 @@ def test_tp2_resume_matches_uninterrupted(runs):
     meta = json.loads((ck / "meta.json").read_text())
     assert meta["complete"] and meta["step"] == 2 and (ck / "COMPLETE").is_file()
     assert meta["layout"]["tp"] == 2 and meta["layout"]["world_size"] == 2
-    assert meta["optimizer"] == {"distributed": False, "sharding_type": "per_parameter"}
+    assert meta["optimizer"] == {"distributed": False, "sharding_type": "per_parameter", "state": "saved"}
     assert meta["config"]["optim"]["lr"] == OptimConfig().lr  # RunConfig snapshot
 
 
 def test_dp2_distributed_optimizer_resume_matches_uninterrupted(runs):
     _check_resume(runs["dp2"])
     meta = json.loads((runs["dp2_dir"] / "step_0000002" / "meta.json").read_text())
-    assert meta["optimizer"] == {"distributed": True, "sharding_type": "dp_reshardable"}
+    assert meta["optimizer"] == {"distributed": True, "sharding_type": "dp_reshardable", "state": "saved"}
 
 
 def test_bf16_dp2_distributed_optimizer_resume(tmp_path):
@@ -386,29 +386,31 @@ def test_pp2_checkpoint_loads_at_tp1(tmp_path):
 # --------------------------------------------------------------------------- optimizer never stepped
 
 
-def _save_unstepped_then_train(rank, world, ckpt_dir):
-    """DP2 distributed optimizer saved before its first step (all groups so far filtered out by dynamic
-    sampling), then two training steps."""
+def _save_unstepped_then_train(rank, world, ckpt_dir, dist_opt):
+    """DP2 optimizer saved before its first step (all groups so far filtered out by dynamic sampling),
+    then two training steps."""
     from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
 
-    model, opt, sched = _fresh(1, True, seed=5)
+    model, opt, sched = _fresh(1, dist_opt, seed=5)
     save_checkpoint(ckpt_dir, 0, model, opt, sched)
     return train_steps(model, opt, sched, 2, **_dp(1))
 
 
-def _resume_unstepped_then_train(rank, world, ckpt_dir):
+def _resume_unstepped_then_train(rank, world, ckpt_dir, dist_opt):
     from megatron_vppo.checkpoint.dist_checkpoint import find_latest_complete, load_checkpoint
 
-    model, opt, sched = _fresh(1, True, seed=77)
-    load_checkpoint(find_latest_complete(ckpt_dir), model, opt, sched)
-    return train_steps(model, opt, sched, 2, **_dp(1))
+    model, opt, sched = _fresh(1, dist_opt, seed=77)
+    loaded = load_checkpoint(find_latest_complete(ckpt_dir), model, opt, sched)
+    return loaded.optimizer_loaded, train_steps(model, opt, sched, 2, **_dp(1))
 
 
-def test_unstepped_distributed_optimizer_saves_and_resumes(tmp_path):
+@pytest.mark.parametrize("dist_opt", [True, False], ids=["distributed", "per_parameter"])
+def test_unstepped_optimizer_saves_and_resumes(tmp_path, dist_opt):
     d = str(tmp_path / "ck")
-    straight = run_distributed(_save_unstepped_then_train, 2, d)
-    resumed = run_distributed(_resume_unstepped_then_train, 2, d)
-    assert straight[0] == pytest.approx(resumed[0], abs=1e-6)
+    straight = run_distributed(_save_unstepped_then_train, 2, d, dist_opt)
+    resumed = run_distributed(_resume_unstepped_then_train, 2, d, dist_opt)
+    assert resumed[0][0]
+    assert straight[0] == pytest.approx(resumed[0][1], abs=1e-6)
 
 
 # --------------------------------------------------------------------------- a module with bad sharding

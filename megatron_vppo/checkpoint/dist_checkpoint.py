@@ -576,6 +576,14 @@ def _set_group_hparams(optimizer, hparams: list[dict]) -> None:
         g.update(h)
 
 
+def _never_stepped(optimizer) -> bool:
+    """No torch-optimizer state on this rank yet (no step has run)."""
+    from megatron.core.optimizer import ChainedOptimizer
+
+    opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    return all(not any(st for st in getattr(getattr(o, "optimizer", None), "state", {}).values()) for o in opts)
+
+
 def _optimizer_metadata() -> dict:
     return {"distrib_optim_sharding_type": OPTIMIZER_SHARDING_TYPE}
 
@@ -701,11 +709,15 @@ def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state
 
     layout = current_layout(len(model_chunks))
     is_dist_opt = optimizer is not None and _is_distributed_optimizer(optimizer)
+    # A per-parameter optimizer that never stepped holds no state; Megatron would save it without the
+    # moments (and without the zero step) that a load then asks for. Its state is a fresh optimizer's:
+    # record that instead of saving it.
+    opt_unstepped = optimizer is not None and not is_dist_opt and all_ranks_ok(_never_stepped(optimizer))
     rng_state = get_rng_state()  # before anything below could draw random numbers
     try:
         sharded = _model_sharded_state_dict(model_chunks)
         check_sharding(sharded)  # collective, so a bad module fails every rank instead of hanging them
-        if optimizer is not None:
+        if optimizer is not None and not opt_unstepped:
             # An optimizer that never stepped (every group so far dropped by dynamic sampling) has no
             # torch-Adam state yet; give it the zero state a fresh optimizer would use.
             _prepare_for_load(optimizer)
@@ -763,6 +775,7 @@ def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state
                 else {
                     "distributed": is_dist_opt,
                     "sharding_type": OPTIMIZER_SHARDING_TYPE if is_dist_opt else "per_parameter",
+                    "state": "never_stepped" if opt_unstepped else "saved",
                 },
                 "scheduler": scheduler is not None,
                 "config": _config_snapshot(config),
@@ -1024,8 +1037,10 @@ def load_checkpoint(
                 f"tp/pp/vpp, or load with load_optimizer=False (weights only; Adam moments restart)"
             )
 
+    # A never-stepped optimizer was saved as such: a freshly built one is already in that state.
+    read_opt = want_opt and saved_opt.get("state") != "never_stepped"
     sharded = _model_sharded_state_dict(model_chunks)
-    if want_opt:
+    if read_opt:
         _prepare_for_load(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, is_loading=True, metadata=_optimizer_metadata()
@@ -1050,7 +1065,7 @@ def load_checkpoint(
             break
     _raise_on_any_rank(err, p)
 
-    if want_opt:
+    if read_opt:
         hparams = _group_hparams(optimizer)
         with torch.no_grad():  # it copies into views of the (grad-requiring) main params
             optimizer.load_state_dict(state["optimizer"])

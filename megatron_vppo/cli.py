@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import runpy
 import sys
@@ -68,6 +69,23 @@ def _train(rest: list[str]) -> int:
             kind = "config" if isinstance(err, ConfigError) else "parallel layout"
             print(f"megatron-vppo train: {kind} error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # SaveInterrupted: a signal held until a save finished
+        signum = getattr(err, "signum", 2)
+        print(f"megatron-vppo train: interrupted: {err or 'SIGINT'}", file=sys.stderr)
+        return 128 + signum
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"megatron-vppo train: {err.strerror}{where}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError
+
+        if not isinstance(err, CheckpointError):
+            raise
+        print(f"megatron-vppo train: checkpoint error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -121,6 +121,7 @@ class TrainConfig:
     old_logp_source: str = "trainer"  # trainer | engine
     # engine mode: every N steps also run the trainer's pass and log how well the dependency agrees (0 = never)
     check_old_logp_every: int = 0
+    existing_output: str = "refuse"  # refuse | move_aside: a fresh run into a dir holding another run
 
 
 @dataclass
@@ -244,6 +245,7 @@ _CHOICES = {
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
     ("reward", "extraction"): {"lenient", "mathruler"},
+    ("train", "existing_output"): {"refuse", "move_aside"},
 }
 
 

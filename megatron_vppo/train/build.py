@@ -137,13 +137,18 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
-    from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, resolve_resume
+    from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, read_meta, select_resume
     from megatron_vppo.data.dataset import PromptBatches, PromptDataset
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.reward.grade import Grader
     from megatron_vppo.train.metrics_log import MetricsLogger
+    from megatron_vppo.train.resume import check_output_dir, check_resume_config, move_previous_run
 
     model_dir = check_paths(cfg)
+    # Never start over another run's files (read-only check on every rank; rank 0 moves them aside
+    # when asked to, before the rendezvous the other ranks wait in).
+    if check_output_dir(cfg) and int(os.environ.get("RANK", "0")) == 0:
+        move_previous_run(Path(cfg.train.output_dir))
     _single_process_rendezvous()
     policy = build_policy(cfg, model_dir)
     ddp_chunks, optimizer, scheduler = policy.model_chunks, policy.optimizer, policy.scheduler
@@ -171,11 +176,13 @@ def build_trainer(cfg: RunConfig) -> Trainer:
                       val_prompts=val_prompts, hf_config=hf_config, adapter=adapter,
                       vocab_size=arch.vocab_size)
 
-    resume = resolve_resume(cfg.train.resume, _ckpt_dir(cfg))
+    # The newest checkpoint that verifies (checksums), newer ones that do not are skipped and logged.
+    resume = select_resume(cfg.train.resume, _ckpt_dir(cfg))
     if resume is not None:
+        check_resume_config(read_meta(resume).get("config"), cfg, resume, dist.get_rank())
         # Weights, optimizer, scheduler and RNG states from the checkpoint; the step and the data
         # position from its train_state, so the next batch is the one the stopped run would have drawn.
-        loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler)
+        loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler, verify=False)
         trainer.step = loaded.step
         if "data" in loaded.train_state:
             batches.load_state_dict(loaded.train_state["data"])

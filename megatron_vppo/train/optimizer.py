@@ -147,8 +147,10 @@ def build_scheduler(optimizer, optim_cfg: OptimConfig, total_steps: int):
         end_wd=optim_cfg.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # On resume the checkpoint supplies only the step count; lr, schedule, warmup and weight decay
+        # are this config's, so a changed optim.lr takes effect (train/resume.py reports the change).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 

@@ -149,8 +149,9 @@ def load_table(path: str | os.PathLike, split: str | None = None):
         base = p
     else:
         suffix = "".join(p.suffixes[-1:]).lower()
-        readers = {".parquet": lambda: (datasets.Dataset.from_parquet(str(p)), Counter()), ".jsonl": lambda: _from_json(p),
-                   ".json": lambda: _from_json(p), ".arrow": lambda: (_from_arrow(p), Counter())}
+        readers = {".parquet": lambda: (datasets.Dataset.from_parquet(str(p)), Counter()),
+                   ".jsonl": lambda: _from_json(p), ".json": lambda: _from_json(p),
+                   ".arrow": lambda: (_from_arrow(p), Counter())}
         if suffix not in readers:
             raise DataError(f"{p}: unknown data format {suffix!r}; use .parquet, .jsonl, .json, .arrow or a "
                             f"save_to_disk directory")

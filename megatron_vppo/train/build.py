@@ -137,32 +137,17 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None) -> P
     return Policy(ddp_chunks, optimizer, scheduler, adapter, hf_config, arch)
 
 
-def require_grader(grader) -> None:
-    """The grading package must import where grading runs (engine ranks); every rank learns the
-    verdict, so all stop together with the same one-line GraderImportError."""
-    from megatron_vppo.reward.grade import GraderImportError
-    from megatron_vppo.train.rollout_step import all_gather_world
-
-    problem = None
-    if is_engine_rank():
-        try:
-            grader.require()
-        except GraderImportError as e:
-            problem = str(e)
-    problems = [p for p in all_gather_world([problem]) if p]
-    if problems:
-        grader.close()
-        raise GraderImportError(problems[0])
-
-
 def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, resolve_resume
     from megatron_vppo.data.dataset import PromptBatches, PromptDataset
     from megatron_vppo.data.processor import VLProcessor
-    from megatron_vppo.reward.grade import Grader
+    from megatron_vppo.reward.grade import Grader, GraderImportError, import_problem
     from megatron_vppo.train.metrics_log import MetricsLogger
 
     model_dir = check_paths(cfg)
+    problem = import_problem(cfg.reward.method)  # every rank, before the model loads: a reward of 0 is no default
+    if problem:
+        raise GraderImportError(problem)
     _single_process_rendezvous()
     policy = build_policy(cfg, model_dir)
     ddp_chunks, optimizer, scheduler = policy.model_chunks, policy.optimizer, policy.scheduler
@@ -190,7 +175,6 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         val_prompts = encode_prompts(processor, [rec for rec, _ in rows if rec is not None])
 
     grader = Grader(cfg.reward.method, cfg.reward.timeout_s, extraction=cfg.reward.extraction)
-    require_grader(grader)
     trainer = Trainer(cfg=cfg, processor=processor, model_chunks=ddp_chunks, optimizer=optimizer,
                       scheduler=scheduler, engine=None, grader=grader, train_batches=batches,
                       val_prompts=val_prompts, hf_config=hf_config, adapter=adapter,

@@ -36,19 +36,33 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
 
     Raises DataError when no row is usable (an accuracy of nothing is not 0 and not NaN),
     GraderImportError / GraderFailure when the grader cannot be trusted (the accuracy would read 0)."""
-    import torch
-
-    from megatron_vppo.data.dataset import DataError, PromptDataset
-    from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.reward.grade import Grader
-    from megatron_vppo.rollout.engine import SamplingParams
-    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
-    from megatron_vppo.train.rollout_step import encode_prompts, generate_and_grade, grading_errors
 
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json there; pass an HF Qwen2.5-VL directory")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: evaluate at least one prompt (omit the limit for all rows)")
+    grader = Grader(reward_method)
+    try:
+        grader.require()  # before any model loads: a grader that cannot import would score every answer 0
+        return _evaluate(grader, model_dir, data, k=k, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, seed=seed, limit=limit, min_pixels=min_pixels,
+                         max_pixels=max_pixels, device=device, max_grader_error_rate=max_grader_error_rate,
+                         keys=keys)
+    finally:
+        grader.close()
+
+
+def _evaluate(grader, model_dir, data, *, k, temperature, top_p, max_new_tokens, seed, limit, min_pixels,
+              max_pixels, device, max_grader_error_rate, keys) -> dict:
+    import torch
+
+    from megatron_vppo.data.dataset import DataError, PromptDataset
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.rollout.engine import SamplingParams
+    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
+    from megatron_vppo.train.rollout_step import encode_prompts, generate_and_grade, grading_errors
+
     processor = VLProcessor.from_pretrained(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
     dataset = PromptDataset(data, **(keys or {}))
     records, skipped = [], Counter(dataset.load_skipped)
@@ -72,10 +86,8 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                               stop_token_ids=(processor.eos_token_id,), seed=seed,
                               banned_token_ids=processor.multimodal_token_ids)
-    with Grader(reward_method) as grader:
-        grader.require()  # a grader that cannot import would score every answer 0
-        groups = generate_and_grade(engine, processor.tokenizer, grader, prompts, list(range(len(prompts))),
-                                    n=k, sampling=sampling, seed_parts=(seed, -1))
+    groups = generate_and_grade(engine, processor.tokenizer, grader, prompts, list(range(len(prompts))),
+                                n=k, sampling=sampling, seed_parts=(seed, -1))
     errors = grading_errors(groups, max_grader_error_rate, f"eval of {data}")
     return {"model": str(model_dir), "data": str(data), "k": k, "temperature": temperature,
             "prompts": len(groups), f"accuracy@{k}": accuracy_at_k(groups),

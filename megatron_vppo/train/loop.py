@@ -257,8 +257,9 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
             sums = passes.policy_update_pass(trainer.model_chunks, [trajs[i] for i in idx], shape, ls,
                                              [per_traj[i] for i in idx])
             # Non-finite loss/grad: skipped on every rank; non-finite weights after the update: stop.
-            ok, grad_norm, nonfinite = guarded_step(trainer.optimizer, trainer.model_chunks, sums, step=trainer.step,
-                                         state=guard, max_in_a_row=cfg.train.max_nonfinite_steps)
+            ok, grad_norm, nonfinite = guarded_step(trainer.optimizer, trainer.model_chunks, sums,
+                                                    step=trainer.step, state=guard,
+                                                    max_in_a_row=cfg.train.max_nonfinite_steps)
             if ok:  # Megatron's protocol: a skipped (fp16 overflow) step does not advance the schedule
                 trainer.scheduler.step(increment=1)
             summed = _sum_over_data_parallel(sums)  # collective: every rank calls it, skipped or not

@@ -12,13 +12,15 @@ optimizer state) again. Every decision is one all-reduced flag, so all ranks dec
 Cost: one pass of `isfinite` over the local gradient/parameter shards per step (elementwise, in chunks,
 no host sync until the single flag) — small next to a forward/backward of the same weights.
 
-Test-only fault hook: `MEGATRON_VPPO_TEST_CORRUPT_OPTIMIZER=STEP` fills the Adam moments with NaN just
-before the first optimizer update of RL step STEP (a corrupted optimizer state, as a bad restore or a
-memory fault would leave it); tests/test_faults_run.py drives it. Unset, it does nothing.
+Test-only fault hook: `MEGATRON_VPPO_TEST_CORRUPT_OPTIMIZER=STEP[@RANK]` fills the Adam moments with
+NaN just before the first optimizer update of RL step STEP, on every rank or only on global rank RANK
+(a corrupted optimizer state, as a bad restore or a memory fault would leave it);
+tests/test_faults_run.py drives it. Unset, it does nothing.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Iterable
 
@@ -82,6 +84,11 @@ def _inner_optimizers(optimizer) -> list:
     return [getattr(o, "optimizer", None) for o in opts if getattr(o, "optimizer", None) is not None]
 
 
+def _loss_scaled(optimizer) -> bool:
+    opts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(getattr(o, "grad_scaler", None) is not None for o in opts)
+
+
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     """Adam moments and, for mixed precision, the fp32 main params (what a checkpoint stores)."""
     out = []
@@ -105,7 +112,10 @@ def check_finite(model_chunks, optimizer=None, *, what: str, step: int) -> None:
 
 def _corrupt_optimizer_for_test(optimizer, step: int, state: dict) -> None:
     want = os.environ.get(CORRUPT_ENV)
-    if not want or int(want) != step or state.get("corrupted"):
+    if not want or state.get("corrupted"):
+        return
+    at_step, _, rank = want.partition("@")
+    if int(at_step) != step or (rank and dist.is_initialized() and int(rank) != dist.get_rank()):
         return
     n = 0
     for inner in _inner_optimizers(optimizer):
@@ -124,8 +134,10 @@ def guarded_step(optimizer, ddp_chunks, loss_sums: dict, *, step: int, state: di
     `state` persists across steps (the in-a-row counter). `loss_sums` are this rank's loss numerators
     (empty off the last pipeline stage)."""
     _corrupt_optimizer_for_test(optimizer, step, state)
-    local_bad = _any_nonfinite(_grad_tensors(ddp_chunks))
-    loss_bad = any(not torch.isfinite(torch.tensor(float(v))) for v in loss_sums.values())
+    # fp16 loss scaling overflows on purpose while it finds its scale: Megatron skips those steps itself
+    # (ok=False) and they are not faults, so only the loss is checked there.
+    local_bad = False if _loss_scaled(optimizer) else _any_nonfinite(_grad_tensors(ddp_chunks))
+    loss_bad = any(not math.isfinite(float(v)) for v in loss_sums.values())
     if any_rank(loss_bad or bool(local_bad)):
         state["in_a_row"] = state.get("in_a_row", 0) + 1
         state["skipped_total"] = state.get("skipped_total", 0) + 1
@@ -135,7 +147,8 @@ def guarded_step(optimizer, ddp_chunks, loss_sums: dict, *, step: int, state: di
             raise NonFiniteError(
                 f"step {step}: {state['in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
                 f"(train.max_nonfinite_steps={max_in_a_row}); stopping. The weights are those of the last good "
-                f"step; resume from the last checkpoint with a lower optim.lr or tighter optim.grad_clip")
+                f"step; resume from the last checkpoint (train.resume=auto) with a lower optim.lr, a tighter "
+                f"optim.grad_clip or smaller loss coefficients (vppo.entropy_coef)")
         return False, None, True
     ok, grad_norm, _ = optimizer.step()
     if any_rank(_any_nonfinite(_param_tensors(ddp_chunks))):

@@ -1,5 +1,7 @@
 """Typed run configuration: dataclasses are the one source of defaults; YAML and `key=value`
 overrides are checked against them, and an unknown key is an error that names the nearest valid key.
+Every numeric value is range-checked at load (`RANGES`), and a YAML syntax error is one line with
+file:line:column — a bad setting fails before anything is built, never after the model loads.
 """
 from __future__ import annotations
 

@@ -256,6 +256,27 @@ def test_error_messages_name_options_that_exist():
 # ------------------------------------------------------------------------ item 3: non-finite values
 
 
+def test_nonfinite_check_agrees_with_elementwise_isfinite():
+    """The guard's fast test (a sum per tensor, exact check only where the sum is not finite) gives
+    torch.isfinite's verdict, including finite values whose sum overflows and Inf - Inf."""
+    import torch
+
+    from megatron_vppo.train.nonfinite import _any_nonfinite
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [[torch.randn(1000, generator=gen)], [torch.full((1000,), 3e38)],
+             [torch.tensor([float("inf"), -float("inf")])], [torch.zeros(0), torch.arange(3)],
+             [torch.randn(64, generator=gen).bfloat16()]]
+    for dtype, bad in ((torch.float32, float("nan")), (torch.bfloat16, float("inf")), (torch.float64, -float("inf"))):
+        t = torch.randn(5000, generator=gen).to(dtype)
+        t[4321] = bad
+        cases.append([torch.randn(10, generator=gen), t])
+    for tensors in cases:
+        truth = any(not torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+        assert _any_nonfinite(tensors) == truth, tensors
+
+
+
 def test_nan_optimizer_state_stops_before_save_and_the_run_resumes(assets, tmp_path):
     """NaN Adam moments at step 2 (the issue's repro), on data-parallel rank 1 only of a DP2 run: the
     update makes that rank's weights NaN, and both ranks stop (one all-reduced flag, no hang) with one

@@ -9,8 +9,9 @@ Per optimizer step (`guarded_step`):
 Before every save and every engine update `check_finite` checks the weights (and, for a save, the
 optimizer state) again. Every decision is one all-reduced flag, so all ranks decide alike.
 
-Cost: one pass of `isfinite` over the local gradient/parameter shards per step (elementwise, in chunks,
-no host sync until the single flag) — small next to a forward/backward of the same weights.
+Cost: one sum per tensor over the local gradient shards before the step and the parameters after it
+(the elementwise `isfinite` runs only on a tensor whose sum is not finite) and one host sync per
+check — a reduction pass over the weights, small next to a forward/backward of the same weights.
 
 Test-only fault hook: `MEGATRON_VPPO_TEST_CORRUPT_OPTIMIZER=STEP[@RANK]` fills the Adam moments with
 NaN just before the first optimizer update of RL step STEP, on every rank or only on global rank RANK
@@ -39,21 +40,27 @@ class NonFiniteError(RunAbort):
     """Non-finite values the run cannot continue past."""
 
 
-def _any_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | bool:
-    bad = None
-    for t in tensors:
-        if t is None or t.numel() == 0 or not t.is_floating_point():
-            continue
-        flat = t.detach().reshape(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            part = ~torch.isfinite(flat[start:start + _CHUNK]).all()
-            bad = part if bad is None else (bad | part.to(bad.device))
-    return False if bad is None else bad
+def _exact_nonfinite(t: torch.Tensor) -> bool:
+    flat = t.detach().reshape(-1)
+    return any(bool((~torch.isfinite(flat[i:i + _CHUNK])).any()) for i in range(0, flat.numel(), _CHUNK))
+
+
+def _any_nonfinite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Any NaN/Inf element? A sum per tensor is the fast test (a NaN or Inf element always makes it
+    non-finite; one reduction, no temporary); only a tensor whose sum is not finite — a real NaN/Inf,
+    or finite values whose sum overflowed — gets the exact elementwise check."""
+    tensors = [t for t in tensors if t is not None and t.numel() and t.is_floating_point()]
+    if not tensors:
+        return False
+    sums = torch.stack([t.detach().sum(dtype=torch.float32).to(tensors[0].device) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return False
+    return any(_exact_nonfinite(t) for t, s in zip(tensors, sums.tolist()) if not math.isfinite(s))
 
 
 def any_rank(flag) -> bool:
     """True when `flag` is true on any rank (one all-reduce of one number)."""
-    value = float(flag) if not isinstance(flag, torch.Tensor) else flag.float().item()
+    value = float(flag)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         t = torch.tensor([value], dtype=torch.float32, device=device)
@@ -138,7 +145,7 @@ def guarded_step(optimizer, ddp_chunks, loss_sums: dict, *, step: int, state: di
     # (ok=False) and they are not faults, so only the loss is checked there.
     local_bad = False if _loss_scaled(optimizer) else _any_nonfinite(_grad_tensors(ddp_chunks))
     loss_bad = any(not math.isfinite(float(v)) for v in loss_sums.values())
-    if any_rank(loss_bad or bool(local_bad)):
+    if any_rank(loss_bad or local_bad):
         state["in_a_row"] = state.get("in_a_row", 0) + 1
         state["skipped_total"] = state.get("skipped_total", 0) + 1
         log.warning("step %d: non-finite loss or gradient; optimizer step skipped (%d in a row, limit "

@@ -49,6 +49,8 @@ def _train(rest: list[str]) -> int:
     one line with exit code 2, before any process group could hang on it (every rank finds the same
     mistake; rank 0 prints it)."""
     from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.data.dataset import DataError
+    from megatron_vppo.errors import RunAbort
     from megatron_vppo.parallel_layout import LayoutError
 
     if not rest or "=" in rest[0]:
@@ -64,9 +66,9 @@ def _train(rest: list[str]) -> int:
         from megatron_vppo.train.loop import train
 
         train(cfg)
-    except (ConfigError, LayoutError) as err:
+    except (ConfigError, LayoutError, DataError) as err:
         if os.environ.get("RANK", "0") == "0":
-            kind = "config" if isinstance(err, ConfigError) else "parallel layout"
+            kind = {ConfigError: "config", LayoutError: "parallel layout"}.get(type(err), "data")
             print(f"megatron-vppo train: {kind} error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # SaveInterrupted: a signal held until a save finished
@@ -79,6 +81,9 @@ def _train(rest: list[str]) -> int:
         where = f" ({err.filename})" if err.filename else ""
         print(f"megatron-vppo train: {err.strerror}{where}", file=sys.stderr)
         return 1
+    except RunAbort as err:  # decided on every rank alike (non-finite values, grader failures)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron-vppo train: error: {err}", file=sys.stderr)
     except Exception as err:
         from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError
 

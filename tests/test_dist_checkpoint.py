@@ -192,7 +192,7 @@ def _dist_opt_tp_change(rank, world, dp2_dir):
 def test_distributed_optimizer_tp_change_is_refused_with_fix(runs):
     res = run_distributed(_dist_opt_tp_change, 2, str(runs["dp2_dir"]))
     err = res[0]["err"]
-    assert err is not None and "step_0000002" in err and "load_optimizer=False" in err and "tp=1" in err
+    assert err is not None and "step_0000002" in err and "train.load_optimizer=false" in err and "tp=1" in err
     assert not res[0]["optimizer_loaded"]
     assert torch.allclose(res[0]["logits"], runs["dp2"][0]["saved_logits"], atol=1e-5, rtol=0)
 

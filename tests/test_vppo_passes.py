@@ -232,7 +232,8 @@ def test_skipped_optimizer_step_does_not_advance_the_schedule(monkeypatch):
     monkeypatch.setattr(loop.passes, "policy_update_pass", lambda *a, **k: {"loss": 0.0, "token_frac": 1.0})
     trajs = [SimpleNamespace(input_ids=torch.zeros(4, dtype=torch.long))] * 2
     trainer = SimpleNamespace(cfg=run_config(4), model_chunks=[], optimizer=SkippingOptimizer(),
-                              scheduler=Scheduler(), processor=SimpleNamespace(pad_token_id=0), vocab_size=8)
+                              scheduler=Scheduler(), processor=SimpleNamespace(pad_token_id=0), vocab_size=8,
+                              step=1, state={})
     loop.update_policy(trainer, trajs, [{}, {}], [[0], [1]])
     assert calls["opt"] == 2
     assert calls["sched"] == 0, "a skipped optimizer step must not advance the learning-rate schedule"

@@ -37,7 +37,7 @@ TP/PP/VPP layout loads at any other. Optimizer state: the non-distributed optimi
 per parameter in the same global coordinates and reshards across TP/PP/DP like the model; the
 distributed optimizer's `dp_reshardable` format stores its flat grad-buffer shards and reshards across
 DP only — loading it at another TP/PP/VPP raises CheckpointError naming the fix (resume at the saved
-layout, or `load_optimizer=False` to restart the optimizer moments). RNG states are restored only at
+layout, or `train.load_optimizer=false` to restart the optimizer moments). RNG states are restored only at
 the saved layout and world size (another layout keeps the freshly seeded RNG and logs it).
 
 Saving is synchronous. Megatron's torch_dist writer forks writer processes (so the calling process
@@ -1025,7 +1025,7 @@ def load_checkpoint(
             raise CheckpointError(
                 f"checkpoint {p} holds {kind(saved_opt.get('distributed'))} optimizer state but this run "
                 f"uses the {kind(is_dist_now)} optimizer. Fix: set optim.use_distributed_optimizer="
-                f"{str(bool(saved_opt.get('distributed'))).lower()}, or load with load_optimizer=False "
+                f"{str(bool(saved_opt.get('distributed'))).lower()}, or set train.load_optimizer=false "
                 f"(weights only; Adam moments restart)"
             )
         if is_dist_now and not _same_model_parallel(saved_layout, now_layout):
@@ -1034,7 +1034,7 @@ def load_checkpoint(
                 f"checkpoint {p}: distributed-optimizer state ({OPTIMIZER_SHARDING_TYPE}) reshards over "
                 f"data parallel only; it was saved at tp={s.get('tp')} pp={s.get('pp')} vpp={s.get('vpp')} "
                 f"and this run is tp={n['tp']} pp={n['pp']} vpp={n['vpp']}. Fix: resume at the saved "
-                f"tp/pp/vpp, or load with load_optimizer=False (weights only; Adam moments restart)"
+                f"tp/pp/vpp, or set train.load_optimizer=false (weights only; Adam moments restart)"
             )
 
     # A never-stepped optimizer was saved as such: a freshly built one is already in that state.

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_vppo.config import ConfigError, RunConfig, to_dict
+from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.train.loop import Trainer, sync_engine_weights
 from megatron_vppo.train.rollout_step import encode_prompts, is_engine_rank
 
@@ -45,6 +46,8 @@ def check_paths(cfg: RunConfig) -> Path:
         if path and not Path(path).exists():
             raise ConfigError(f"data.{key}={path!r} does not exist; pass a .parquet/.jsonl/.json/.arrow file "
                               f"or a directory written by Dataset.save_to_disk")
+        if path:
+            check_data_file(path, f"data.{key}")
     return model_dir
 
 
@@ -140,7 +143,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, read_meta, select_resume
     from megatron_vppo.data.dataset import PromptBatches, PromptDataset
     from megatron_vppo.data.processor import VLProcessor
-    from megatron_vppo.reward.grade import Grader
+    from megatron_vppo.reward.grade import Grader, GraderImportError, import_problem
     from megatron_vppo.train.metrics_log import MetricsLogger
     from megatron_vppo.train.resume import check_output_dir, check_resume_config, move_previous_run
 
@@ -149,6 +152,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     # when asked to, before the rendezvous the other ranks wait in).
     if check_output_dir(cfg) and int(os.environ.get("RANK", "0")) == 0:
         move_previous_run(Path(cfg.train.output_dir))
+    problem = import_problem(cfg.reward.method)  # every rank, before the model loads: a reward of 0 is no default
+    if problem:
+        raise GraderImportError(problem)
     _single_process_rendezvous()
     policy = build_policy(cfg, model_dir)
     ddp_chunks, optimizer, scheduler = policy.model_chunks, policy.optimizer, policy.scheduler
@@ -159,20 +165,25 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     def count_tokens(problem, images):
         return int(processor.encode(problem, images)["input_ids"].numel())
 
-    train_ds = PromptDataset(cfg.data.train, count_prompt_tokens=count_tokens,
+    keys = {"problem_key": cfg.data.problem_key, "images_key": cfg.data.images_key, "answer_key": cfg.data.answer_key}
+    train_ds = PromptDataset(cfg.data.train, count_prompt_tokens=count_tokens, **keys,
                              max_prompt_length=cfg.rollout.max_prompt_length if cfg.data.filter_overlong_prompts else None)
     batches = PromptBatches(train_ds, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     val_prompts = []
     if cfg.data.val:
-        val_ds = PromptDataset(cfg.data.val)
+        val_ds = PromptDataset(cfg.data.val, **keys)
         rows = [val_ds.get(i) for i in range(len(val_ds))]
         skipped = Counter(reason for rec, reason in rows if rec is None)
         if skipped:
             log.warning("data.val %s: skipped %d bad row(s) %s", cfg.data.val, sum(skipped.values()), dict(skipped))
+        if len(rows) == sum(skipped.values()):
+            raise DataError(f"data.val {cfg.data.val}: no usable rows (skipped {dict(skipped)}); fix the file, "
+                            f"or set data.val='' to train without validation")
         val_prompts = encode_prompts(processor, [rec for rec, _ in rows if rec is not None])
 
+    grader = Grader(cfg.reward.method, cfg.reward.timeout_s, extraction=cfg.reward.extraction)
     trainer = Trainer(cfg=cfg, processor=processor, model_chunks=ddp_chunks, optimizer=optimizer,
-                      scheduler=scheduler, engine=None, grader=Grader(cfg.reward.method, cfg.reward.timeout_s, extraction=cfg.reward.extraction), train_batches=batches,
+                      scheduler=scheduler, engine=None, grader=grader, train_batches=batches,
                       val_prompts=val_prompts, hf_config=hf_config, adapter=adapter,
                       vocab_size=arch.vocab_size)
 
@@ -182,12 +193,14 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         check_resume_config(read_meta(resume).get("config"), cfg, resume, dist.get_rank())
         # Weights, optimizer, scheduler and RNG states from the checkpoint; the step and the data
         # position from its train_state, so the next batch is the one the stopped run would have drawn.
-        loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler, verify=False)
+        loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler, verify=False,
+                                 load_optimizer=cfg.train.load_optimizer)
         trainer.step = loaded.step
-        if "data" in loaded.train_state:
+        if "data" in loaded.train_state and cfg.data.resume_position:
             batches.load_state_dict(loaded.train_state["data"])
         else:
-            log.warning("%s holds no data position; the data order restarts from the beginning", resume)
+            log.warning("%s: the data order restarts from the beginning (%s)", resume,
+                        "data.resume_position=false" if cfg.data.resume_position is False else "no data position saved")
         # Bad rows already met (and logged) before the checkpoint are not news after it.
         trainer.state["data_log"] = {"epoch": batches.epoch, "skipped": dict(batches.pass_stats.skipped)}
         log.info("resumed from %s at step %d (optimizer %s, rng %s)", resume, trainer.step,
@@ -208,12 +221,14 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 def maybe_save(trainer: Trainer, force: bool = False) -> None:
     from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
     from megatron_vppo.train.optimizer import force_param_sync
+    from megatron_vppo.train.nonfinite import check_finite
 
     cfg = trainer.cfg
     due = cfg.train.save_every > 0 and trainer.step % cfg.train.save_every == 0
     if not (due or force or trainer.step == cfg.train.total_steps):
         return
     force_param_sync(trainer.model_chunks)  # the saved weights must be the stepped ones on every DP shard
+    check_finite(trainer.model_chunks, trainer.optimizer, what="checkpoint save", step=trainer.step)
     save_checkpoint(_ckpt_dir(cfg), trainer.step, trainer.model_chunks, trainer.optimizer, trainer.scheduler,
                     train_state={"data": trainer.train_batches.state_dict()}, config=to_dict(cfg),
                     keep_last=cfg.train.keep_last)

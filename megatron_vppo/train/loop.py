@@ -23,10 +23,11 @@ from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_images_and_process, perturb_pixel_values
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
 from megatron_vppo.train import passes
+from megatron_vppo.train.nonfinite import check_finite, guarded_step
 from megatron_vppo.train.optimizer import current_lr
 from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
-from megatron_vppo.train.rollout_step import (all_gather_world, encode_prompts, is_engine_rank, sample_groups,
-                                              to_trajectories)
+from megatron_vppo.train.rollout_step import (all_gather_world, encode_prompts, grading_errors, is_engine_rank,
+                                              sample_groups, to_trajectories)
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -92,7 +93,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
     use_ds, _, _ = _algo_settings(cfg)
     want = cfg.train.prompts_per_step
     kept_groups, prompts_all, metrics = [], [], {"rollout/groups_sampled": 0, "rollout/groups_dropped": 0}
-    rewards_seen = []
+    rewards_seen, groups_seen = [], []
     for attempt in range(cfg.rollout.max_dynamic_sampling_retries + 1):
         records = next(trainer.train_batches)
         prompts = encode_prompts(trainer.processor, records)
@@ -103,6 +104,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
             seed_parts=(cfg.train.seed, trainer.step, attempt),
         )
         metrics["rollout/groups_sampled"] += len(groups)
+        groups_seen.extend(groups)
         rewards = torch.tensor([[o[3] for o in g["outputs"]] for g in groups], dtype=torch.float64)
         rewards_seen.append(rewards.flatten())
         if use_ds:
@@ -119,6 +121,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
     kept_groups = kept_groups[:want]
     all_r = torch.cat(rewards_seen)
     metrics["reward/mean"] = float(all_r.mean())
+    metrics.update(grading_errors(groups_seen, cfg.reward.max_error_rate, f"step {trainer.step}"))
     metrics["rollout/attempts"] = attempt + 1
     metrics.update(data_metrics(trainer.train_batches, trainer.step, trainer.state.setdefault("data_log", {})))
     return to_trajectories(prompts_all, kept_groups), metrics
@@ -322,7 +325,8 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
     shape = _pass_shape(trainer, trajs)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     totals: dict[str, float] = {}
-    grad_norms = []
+    grad_norms, skipped = [], 0
+    guard = trainer.state.setdefault("nonfinite", {})
     for _epoch in range(cfg.train.ppo_epochs):
         for mb in minibatches:
             idx = passes.data_parallel_shard(mb, trajs, cfg.train.max_tokens_per_micro_batch, dp_rank, dp)
@@ -331,16 +335,26 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
             trainer.optimizer.zero_grad()
             sums = passes.policy_update_pass(trainer.model_chunks, [trajs[i] for i in idx], shape, ls,
                                              [per_traj[i] for i in idx])
-            ok, grad_norm, _ = trainer.optimizer.step()
+            # Non-finite loss/grad: skipped on every rank; non-finite weights after the update: stop.
+            ok, grad_norm, nonfinite = guarded_step(trainer.optimizer, trainer.model_chunks, sums,
+                                                    step=trainer.step, state=guard,
+                                                    max_in_a_row=cfg.train.max_nonfinite_steps)
             if ok:  # Megatron's protocol: a skipped (fp16 overflow) step does not advance the schedule
                 trainer.scheduler.step(increment=1)
+            summed = _sum_over_data_parallel(sums)  # collective: every rank calls it, skipped or not
+            if nonfinite:  # skipped by the guard: its NaN sums stay out of the step's metrics
+                skipped += 1
+                continue
             grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
-            for k, v in _sum_over_data_parallel(sums).items():
+            for k, v in summed.items():
                 totals[k] = totals.get(k, 0.0) + v
     tokens = max(totals.pop("token_frac", 0.0), 1.0)  # Σ valid tokens (numerators were divided by 1)
     out = {f"actor/{k}": v / tokens for k, v in totals.items()}
-    out["actor/grad_norm"] = grad_norms[-1] if grad_norms else float("nan")
+    if grad_norms:
+        out["actor/grad_norm"] = grad_norms[-1]
     out["actor/lr"] = current_lr(trainer.optimizer)
+    out["actor/nonfinite_skipped"] = skipped
+    out["actor/nonfinite_skipped_total"] = guard.get("skipped_total", 0)
     return out
 
 
@@ -403,6 +417,7 @@ def sync_engine_weights(trainer: Trainer) -> None:
     """Stream HF-layout weights from the sharded trainer into each replica's engine (collective)."""
     from megatron_vppo.checkpoint.export import push_to_engine
 
+    check_finite(trainer.model_chunks, what="engine weight update", step=trainer.step)
     push_to_engine(trainer.model_chunks, trainer.adapter, trainer.engine,
                    bucket_bytes=trainer.cfg.rollout.bucket_bytes, dst="replica")
 
@@ -421,7 +436,11 @@ def validate(trainer: Trainer) -> dict:
     groups = sample_groups(trainer.engine, trainer.processor.tokenizer, trainer.grader, trainer.val_prompts,
                            n=cfg.train.val_k, sampling=_sampling(cfg, trainer.processor, 1.0, cfg.train.seed),
                            seed_parts=(cfg.train.seed, -1))
-    return {"val/accuracy": accuracy_at_k(groups)}
+    errors = grading_errors(groups, cfg.reward.max_error_rate, f"validation at step {trainer.step}")
+    out = {"val/accuracy": accuracy_at_k(groups)}
+    if errors["reward/grader_errors"]:
+        out["val/grader_errors"] = errors["reward/grader_errors"]
+    return out
 
 
 def train(cfg: RunConfig) -> dict:

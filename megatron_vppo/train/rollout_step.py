@@ -74,7 +74,9 @@ def all_gather_world(items: list) -> list:
 def generate_and_grade(engine, tokenizer, grader, prompts: list[EncodedPrompt], ids: list[int], *, n: int,
                        sampling: SamplingParams, seed_parts: tuple[int, ...]) -> list[dict]:
     """`n` graded samples for each prompt in `ids`:
-    [{"prompt": i, "outputs": [(token_ids, log_probs, finish_reason, reward), ...]}, ...]."""
+    [{"prompt": i, "outputs": [(token_ids, log_probs, finish_reason, reward), ...], "grader_errors": e,
+      "grader_error": an error's text or None}, ...] — the error counts travel with the groups, so
+    every rank sees the same totals."""
     if not ids:
         return []
     reqs = [RolloutRequest(prompts[i].prompt_ids, prompts[i].pixel_values, prompts[i].image_grid_thw,
@@ -82,9 +84,12 @@ def generate_and_grade(engine, tokenizer, grader, prompts: list[EncodedPrompt], 
     groups = []
     for i, samples in zip(ids, engine.generate(reqs, n, sampling)):
         texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in samples]
+        errors_before = grader.errors
         rewards = grader.batch_score(texts, [prompts[i].answer] * len(samples))
         groups.append({"prompt": i, "outputs": [(o.token_ids, o.log_probs, o.finish_reason, r)
-                                                for o, r in zip(samples, rewards)]})
+                                                for o, r in zip(samples, rewards)],
+                       "grader_errors": grader.errors - errors_before,
+                       "grader_error": grader.last_error if grader.errors > errors_before else None})
     return groups
 
 
@@ -97,6 +102,17 @@ def sample_groups(engine, tokenizer, grader, prompts: list[EncodedPrompt], *, n:
     mine = generate_and_grade(engine, tokenizer, grader, prompts, ids, n=n, sampling=sampling,
                               seed_parts=seed_parts) if is_engine_rank() else []
     return sorted(all_gather_world(mine), key=lambda g: g["prompt"])
+
+
+def grading_errors(groups: list[dict], max_rate: float, where: str) -> dict:
+    """Grader exceptions over these groups as metrics; GraderFailure when their share passes `max_rate`."""
+    from megatron_vppo.reward.grade import check_error_rate
+
+    errors = sum(g.get("grader_errors", 0) for g in groups)
+    graded = sum(len(g["outputs"]) for g in groups)
+    example = next((g["grader_error"] for g in groups if g.get("grader_error")), None)
+    rate = check_error_rate(errors, graded, max_rate, where, example)
+    return {"reward/grader_errors": errors, "reward/grader_error_rate": rate}
 
 
 def to_trajectories(prompts: list[EncodedPrompt], groups: list[dict]) -> list[Trajectory]:

@@ -62,8 +62,14 @@ class RolloutConfig:
     max_prompt_length: int = 4096
     max_response_length: int = 2048
     bucket_bytes: int = 512 * 1024 * 1024
-    sglang_mode: str = "colocated"  # colocated | disaggregated
-    sglang_mem_fraction: float = 0.5
+    # SGLang runs colocated (an engine per replica on the GPUs of its first pipeline stage; see
+    # docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
+    # it generates; it gives it all back while the trainer runs. The trainer turns it into SGLang's
+    # mem_fraction_static from the memory free when the engine starts; the tuner's --rollout-share.
+    engine_gpu_share: float = 0.5
+    # Keep a CPU copy of the engine's weights across release/resume (host memory: one model copy per
+    # engine GPU). Off: the trainer's weight sync after each resume reloads them anyway.
+    engine_weights_cpu_backup: bool = False
     max_dynamic_sampling_retries: int = 4
 
 
@@ -221,7 +227,6 @@ _CHOICES = {
     ("vppo", "tas_scope"): {"global", "official"},
     ("vppo", "perturbation"): {"pixel", "image"},
     ("rollout", "engine"): {"hf", "sglang"},
-    ("rollout", "sglang_mode"): {"colocated", "disaggregated"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
     ("reward", "extraction"): {"lenient", "mathruler"},
@@ -238,6 +243,8 @@ def validate_choices(cfg: RunConfig) -> None:
         raise ConfigError(f"vppo.top_k_ratio={cfg.vppo.top_k_ratio} must be in (0, 1]")
     if not 0.0 <= cfg.vppo.beta_min <= 1.0:
         raise ConfigError(f"vppo.beta_min={cfg.vppo.beta_min} must be in [0, 1]")
+    if not 0.0 < cfg.rollout.engine_gpu_share < 1.0:
+        raise ConfigError(f"rollout.engine_gpu_share={cfg.rollout.engine_gpu_share} must be in (0, 1)")
 
 
 def to_dict(cfg: Any) -> dict:

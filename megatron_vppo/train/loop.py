@@ -326,8 +326,12 @@ def sync_engine_weights(trainer: Trainer) -> None:
     """Stream HF-layout weights from the sharded trainer into each replica's engine (collective)."""
     from megatron_vppo.checkpoint.export import push_to_engine
 
+    cfg = trainer.cfg
+    # A colocated SGLang engine at TP > 1 reads one payload per TP rank, each packed on that rank's own
+    # GPU (rollout/sglang_weights.py): every rank needs the full tensors, not only the replica's first.
+    dst = "all" if cfg.rollout.engine == "sglang" and cfg.parallel.tp > 1 else "replica"
     push_to_engine(trainer.model_chunks, trainer.adapter, trainer.engine,
-                   bucket_bytes=trainer.cfg.rollout.bucket_bytes, dst="replica")
+                   bucket_bytes=cfg.rollout.bucket_bytes, dst=dst)
 
 
 def validate(trainer: Trainer) -> dict:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create/refresh .venv with the pinned CPU stack. Idempotent: a stamp keyed by the hash of
-# requirements-cpu.txt and setup.py makes a second run a no-op (well under a second).
+# requirements-cpu.txt, setup.py and the SGLang file list makes a second run a no-op (well under a second).
 #   PYTHON=python3.11 scripts/bootstrap.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,8 @@ STAMP="$VENV/.bootstrap-stamp"
 # SGLang's source for the CPU contract tests (tests/sglang_source.py): `import sglang` needs its CUDA
 # stack, so only the few pure-Python files those tests run are unpacked from the pinned wheel.
 SGLANG_PIN="sglang==0.5.23"
-SGLANG_SRC="$VENV/sglang-src/${SGLANG_PIN#sglang==}"
-want="$(cat requirements-cpu.txt setup.py | sha256sum | cut -c1-16) $TORCH_PIN $SGLANG_PIN"
+SGLANG_SRC_DIR="$VENV/sglang-src/${SGLANG_PIN#sglang==}"
+want="$(cat requirements-cpu.txt setup.py tests/sglang_source.py | sha256sum | cut -c1-16) $TORCH_PIN $SGLANG_PIN"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -x "$VENV/bin/python" ]]; then
   exit 0
@@ -41,25 +41,9 @@ echo "[bootstrap] requirements-cpu.txt"
 echo "[bootstrap] megatron_vppo (editable)"
 "${PIP[@]}" -e . --no-deps --no-build-isolation -c "$constraint"
 
-if [[ ! -f "$SGLANG_SRC/.complete" ]]; then
-  echo "[bootstrap] $SGLANG_PIN source files for the contract tests (wheel download ~39 MB, ~10 s; ~0.6 MB kept)"
-  wheels="$(mktemp -d)"
-  "$VENV/bin/python" -m pip download --quiet --no-deps --only-binary=:all: "$SGLANG_PIN" -d "$wheels"
-  "$VENV/bin/python" - "$wheels" "$SGLANG_SRC" <<'PY'
-import sys, zipfile
-from pathlib import Path
-sys.path.insert(0, "tests")
-from sglang_source import FILES
-wheel = next(Path(sys.argv[1]).glob("sglang-*.whl"))
-out = Path(sys.argv[2])
-with zipfile.ZipFile(wheel) as z:
-    for f in FILES:
-        (out / f).parent.mkdir(parents=True, exist_ok=True)
-        (out / f).write_bytes(z.read(f))
-(out / ".complete").write_text(wheel.name + "\n")
-PY
-  rm -rf "$wheels"
-fi
+echo "[bootstrap] $SGLANG_PIN source files for the contract tests (wheel download ~39 MB, 5-10 s; 0.8 MB kept)"
+rm -rf "$SGLANG_SRC_DIR"
+scripts/fetch_sglang_source.sh "$VENV/bin/python" "$SGLANG_PIN" "$SGLANG_SRC_DIR"
 
 "$VENV/bin/python" -c "import torch, megatron_vppo; assert torch.__version__.startswith('2.13.0') and torch.version.cuda is None, torch.__version__"
 echo "$want" > "$STAMP"

@@ -145,6 +145,10 @@ def engine_groups(tp: int):
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine if first_stage else None)
     lists = sorted({tuple(r) for r in every if r is not None})
+    for r in lists:  # SGLang puts TP rank i on GPU base_gpu_id + i: the trainer's TP ranks must sit there too
+        if list(r) != list(range(r[0], r[0] + len(r))):
+            raise ValueError(f"the tensor-parallel group {list(r)} is not consecutive ranks, so its GPUs are not "
+                             "the colocated SGLang engine's base_gpu_id..+tp; use Megatron's default rank order")
     groups = [dist.new_group(list(r), backend="gloo", timeout=GLOO_TIMEOUT) for r in lists]  # all ranks, same order
     for ranks, g in zip(lists, groups):
         if dist.get_rank() in ranks:

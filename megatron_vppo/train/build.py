@@ -90,6 +90,9 @@ def build_engine(cfg: RunConfig, model_dir: Path):
             raise ConfigError(str(e)) from None
         if not is_engine_rank():
             return SGLangTPPeer(group, src, cfg.rollout.bucket_bytes)
+        if device.index + cfg.parallel.tp > torch.cuda.device_count():
+            raise ConfigError(f"parallel.tp={cfg.parallel.tp} spans more GPUs than this node has from GPU {device.index}; "
+                              "the colocated SGLang engine's TP ranks must share a node (lower parallel.tp)")
         log.info("SGLang engine: TP %d from GPU %d, mem_fraction_static %.3f (engine_gpu_share %.2f)",
                  cfg.parallel.tp, device.index, frac, cfg.rollout.engine_gpu_share)
         return SGLangRolloutEngine.launch(

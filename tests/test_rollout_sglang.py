@@ -119,6 +119,45 @@ def test_weight_update_group_broadcasts_over_gloo():
         assert torch.equal(t, torch.arange(6, dtype=torch.float32))
 
 
+def _groups_worker(rank, world_size, tp, pp):
+    import torch.distributed as dist
+
+    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.distributed import destroy_distributed, init_distributed
+    from megatron_vppo.rollout.sglang_weights import engine_groups
+    from megatron_vppo.train.rollout_step import all_gather_world, is_engine_rank
+
+    init_distributed(ParallelConfig(tp=tp, pp=pp), num_attention_heads=4, num_query_groups=2, num_layers=2)
+    try:
+        group, src = engine_groups(tp)
+        members = dist.get_process_group_ranks(group) if group is not None else None
+        gathered = all_gather_world([rank] if is_engine_rank() else [])
+        return {"src": src, "members": members, "engine": is_engine_rank(), "gathered": gathered}
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 2), (1, 2)])
+def test_engine_groups_are_the_stage0_tp_groups(tp, pp):
+    """Each replica's engine rank and its TP peers on pipeline stage 0 share one gloo group led by the
+    engine rank; later stages host nothing."""
+    from dist_helpers import run_distributed
+
+    world = 4
+    got = run_distributed(_groups_worker, world, tp, pp, timeout=300)
+    stage0 = [r for r in range(world) if (r // (world // pp)) == 0]  # Megatron order: pp is the slowest dim
+    engines = [r for r in range(world) if got[r]["engine"]]
+    for r, g in enumerate(got):
+        assert g["gathered"] == engines  # every rank receives every engine rank's list, in rank order
+        if r not in stage0:
+            assert g["src"] is None and g["members"] is None
+        elif tp == 1:
+            assert g["src"] == r and g["members"] is None and g["engine"]
+        else:
+            lead = r - r % tp
+            assert g["src"] == lead and g["members"] == list(range(lead, lead + tp)) and g["engine"] == (r == lead)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 

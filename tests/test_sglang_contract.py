@@ -377,3 +377,4 @@ def test_a_rank_whose_stream_breaks_fails_every_rank_without_a_hang(mode):
     want = "engine TP rank 1: ValueError: conversion failed" if mode == "raise" else "ended early on engine TP ranks"
     assert want in engine["error"] and want in peer["error"]
     assert engine["broken"] and engine["log"][-1] == "end"  # the session was closed
+

@@ -28,6 +28,7 @@ FILES = (
     "sglang/srt/entrypoints/http_server.py",
     "sglang/srt/managers/scheduler_components/weight_updater.py",
     "sglang/srt/managers/tp_worker.py",
+    "sglang/srt/utils/patch_torch.py",
     "sglang/srt/model_executor/model_runner_components/weight_updater.py",
     *(f"sglang/srt/arg_groups/fields/{f}.py" for f in ("device", "exec_", "model", "parallel", "schedule", "serving")),
 )
@@ -167,6 +168,16 @@ def install() -> types.SimpleNamespace:
                                  normalize_payloads=common.normalize_serialized_named_tensor_payloads,
                                  FlattenedTensorBucket=tb.FlattenedTensorBucket,
                                  FlattenedTensorMetadata=tb.FlattenedTensorMetadata)
+
+
+def torch_reduction_patch():
+    """SGLang's `monkey_patch_torch_reductions` (CUDA/ROCm path: `_is_npu` False), with its helpers."""
+    mod = exec_defs("sglang/srt/utils/patch_torch.py", {
+        "monkey_patch_torch_reductions", "_REDUCE_TENSOR_ARG_DEVICE_INDEX", "_reduce_tensor_modified",
+        "_rebuild_cuda_tensor_modified", "_device_to_uuid", "_device_from_maybe_uuid", "_modify_tuple"},
+        "sglang_srt_utils_patch_torch_defs")
+    mod._is_npu = False
+    return mod.monkey_patch_torch_reductions
 
 
 def flattened_bucket_loader():

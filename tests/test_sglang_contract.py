@@ -378,3 +378,30 @@ def test_a_rank_whose_stream_breaks_fails_every_rank_without_a_hang(mode):
     assert want in engine["error"] and want in peer["error"]
     assert engine["broken"] and engine["log"][-1] == "end"  # the session was closed
 
+
+
+def test_sglangs_torch_reduction_patch_is_scoped_to_serialization():
+    """SGLang's producer-side patch breaks CPU tensor pickling process-wide; the engine applies it only
+    while it serializes, so the trainer's own torch.multiprocessing users keep working."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    from megatron_vppo.rollout.sglang_engine import uuid_cuda_reductions
+    from torch.multiprocessing import reductions
+
+    patch = sgl_src.torch_reduction_patch()
+
+    def pickle_cpu_tensor():
+        ForkingPickler(io.BytesIO()).dump(torch.zeros(2))
+
+    pickle_cpu_tensor()
+    original = reductions.reduce_tensor
+    with uuid_cuda_reductions(patch):
+        assert reductions.reduce_tensor is not original
+        with pytest.raises(IndexError):
+            pickle_cpu_tensor()
+    assert reductions.reduce_tensor is original and not hasattr(reductions, "_reduce_tensor_original")
+    pickle_cpu_tensor()
+    with uuid_cuda_reductions(patch):  # applies again after being undone
+        assert reductions.reduce_tensor is not original
+    assert reductions.reduce_tensor is original

@@ -234,18 +234,38 @@ def _check_result(res, what: str):
         raise RuntimeError(f"SGLang {what} failed: {getattr(res, 'message', res)}")
 
 
+@contextlib.contextmanager
+def uuid_cuda_reductions(monkey_patch_torch_reductions: Callable[[], None]):
+    """SGLang's producer-side torch reduction patch, only while payloads are serialized. It sends a CUDA
+    tensor with its device UUID, which the receiving rank maps to its own device index; but it is
+    process-wide and breaks every CPU tensor pickled by torch.multiprocessing afterwards (it rewrites a
+    7th reduction argument CPU tensors do not have). SGLang calls it only in its own worker processes and
+    in its producer helper, never in the Engine's host process, so undoing it here is safe."""
+    from torch.multiprocessing import reductions
+
+    was_patched = hasattr(reductions, "_reduce_tensor_original")
+    monkey_patch_torch_reductions()
+    try:
+        yield
+    finally:
+        if not was_patched:
+            reductions.reduce_tensor = reductions._reduce_tensor_original
+            reductions.rebuild_cuda_tensor = reductions._rebuild_cuda_tensor_original
+            del reductions._reduce_tensor_original, reductions._rebuild_cuda_tensor_original
+            reductions.init_reductions()
+
+
 def serialize_payload(payload: dict) -> bytes:
-    """One flattened-bucket payload, serialized the way SGLang's own helper does it: its torch
-    reduction patch first (CUDA tensors travel with the device UUID, which the receiving rank maps
-    to its own device index), then `MultiprocessingSerializer`; metadata as SGLang's
-    `FlattenedTensorMetadata`, one of the few classes its `SafeUnpickler` lets through."""
+    """One flattened-bucket payload, serialized the way SGLang's own helper does it: under its torch
+    reduction patch (`uuid_cuda_reductions`), by `MultiprocessingSerializer`, with the metadata as
+    SGLang's `FlattenedTensorMetadata`, one of the few classes its `SafeUnpickler` lets through."""
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
-    monkey_patch_torch_reductions()
     metas = [m if isinstance(m, FlattenedTensorMetadata) else FlattenedTensorMetadata(**m) for m in payload["metadata"]]
-    return MultiprocessingSerializer.serialize({"flattened_tensor": payload["flattened_tensor"], "metadata": metas})
+    with uuid_cuda_reductions(monkey_patch_torch_reductions):
+        return MultiprocessingSerializer.serialize({"flattened_tensor": payload["flattened_tensor"], "metadata": metas})
 
 
 def run_in_session(begin: Callable[[], Any], end: Callable[[], Any], body: Callable[[], Any]) -> None:

@@ -80,6 +80,11 @@ def build_engine(cfg: RunConfig, model_dir: Path):
         from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine, SGLangTPPeer
         from megatron_vppo.rollout.sglang_weights import engine_groups, mem_fraction_static, min_free_bytes
 
+        first_gpu = device.index - ps.get_tensor_model_parallel_rank()  # SGLang's base_gpu_id for this group
+        if first_gpu < 0 or first_gpu + cfg.parallel.tp > torch.cuda.device_count():  # same verdict on every rank
+            raise ConfigError(f"parallel.tp={cfg.parallel.tp}: the tensor-parallel group does not sit on GPUs "
+                              f"{max(first_gpu, 0)}..{first_gpu + cfg.parallel.tp - 1} of one node, where the colocated "
+                              "SGLang engine puts its TP ranks; keep parallel.tp within a node's GPUs")
         group, src = engine_groups(cfg.parallel.tp)  # collective over every rank
         if src is None:
             return None
@@ -90,9 +95,6 @@ def build_engine(cfg: RunConfig, model_dir: Path):
             raise ConfigError(str(e)) from None
         if not is_engine_rank():
             return SGLangTPPeer(group, src, cfg.rollout.bucket_bytes)
-        if device.index + cfg.parallel.tp > torch.cuda.device_count():
-            raise ConfigError(f"parallel.tp={cfg.parallel.tp} spans more GPUs than this node has from GPU {device.index}; "
-                              "the colocated SGLang engine's TP ranks must share a node (lower parallel.tp)")
         log.info("SGLang engine: TP %d from GPU %d, mem_fraction_static %.3f (engine_gpu_share %.2f)",
                  cfg.parallel.tp, device.index, frac, cfg.rollout.engine_gpu_share)
         return SGLangRolloutEngine.launch(

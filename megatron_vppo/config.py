@@ -75,8 +75,14 @@ class RolloutConfig:
     max_prompt_length: int = 4096
     max_response_length: int = 2048
     bucket_bytes: int = 512 * 1024 * 1024
-    sglang_mode: str = "colocated"  # colocated | disaggregated
-    sglang_mem_fraction: float = 0.5
+    # SGLang runs colocated (an engine per replica on the GPUs of its first pipeline stage; see
+    # docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
+    # it generates; it gives it all back while the trainer runs. The trainer turns it into SGLang's
+    # mem_fraction_static from the memory free when the engine starts; the tuner's --rollout-share.
+    engine_gpu_share: float = 0.5
+    # Keep a CPU copy of the engine's weights across release/resume (host memory: one model copy per
+    # engine GPU). Off: the trainer's weight sync after each resume reloads them anyway.
+    engine_weights_cpu_backup: bool = False
     max_dynamic_sampling_retries: int = 4
 
 
@@ -272,7 +278,6 @@ _CHOICES = {
     ("vppo", "perturbation"): {"pixel", "image"},
     ("train", "old_logp_source"): {"trainer", "engine"},
     ("rollout", "engine"): {"hf", "sglang"},
-    ("rollout", "sglang_mode"): {"colocated", "disaggregated"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
     ("reward", "extraction"): {"lenient", "mathruler"},
@@ -355,7 +360,8 @@ RANGES: dict[tuple[str, str], Range] = {
     ("rollout", "top_p"): Range(0.0, 1.0, lo_open=True), ("rollout", "top_k"): _at_least(-1, "-1 or 0: no top-k"),
     ("rollout", "max_prompt_length"): _at_least(1), ("rollout", "max_response_length"): _at_least(1),
     ("rollout", "bucket_bytes"): _at_least(1),
-    ("rollout", "sglang_mem_fraction"): Range(0.0, 1.0, lo_open=True, hi_open=True),
+    ("rollout", "engine_gpu_share"): Range(0.0, 0.95, lo_open=True,
+                                          why="the colocated engine's share of the GPU memory free at its start"),
     ("rollout", "max_dynamic_sampling_retries"): _at_least(0),
     ("data", "min_pixels"): _at_least(1), ("data", "max_pixels"): _at_least(1),
     ("optim", "lr"): Range(0.0, 1.0, lo_open=True, hi_open=True,

@@ -16,7 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron_vppo.config import ConfigError, RunConfig, to_dict
 from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.train.loop import Trainer, sync_engine_weights
-from megatron_vppo.train.rollout_step import encode_prompts, is_engine_rank
+from megatron_vppo.train.rollout_step import cpu_world_group, encode_prompts, is_engine_rank
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -66,32 +66,54 @@ _SGLANG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def build_engine(cfg: RunConfig, model_dir: Path):
-    """This replica's rollout engine (called on engine ranks only).
+    """This rank's part of its replica's rollout engine (collective: call it on every rank).
 
-    hf: the in-process transformers engine on this rank's device. sglang colocated: an
-    `sglang.Engine` in this process on this rank's GPU(s), its tensor-parallel size the trainer's, its
-    weights replaced by the trainer's before the first rollout (so model.path only seeds the shapes).
+    hf: the in-process transformers engine on engine ranks, None elsewhere. sglang (colocated): on
+    each replica's engine rank an `sglang.Engine` whose TP ranks sit on the GPUs of the trainer's TP
+    group of pipeline stage 0; on the other ranks of that group an `SGLangTPPeer` (it packs the
+    weight payload its GPU's engine rank reads); None on later stages. Its memory budget is
+    `rollout.engine_gpu_share` of the GPU, turned into SGLang's mem_fraction_static from the memory
+    free now, after the model and optimizer (docs/sglang.md). The weights are replaced by the trainer's
+    before the first rollout, so model.path only seeds the architecture.
     """
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.rollout.engine == "sglang":
-        if cfg.rollout.sglang_mode != "colocated":
-            raise ConfigError(
-                "rollout.sglang_mode=disaggregated needs SGLang server URLs, which the trainer config does not "
-                "take yet; use rollout.sglang_mode=colocated (or SGLangServerEngine from your own script)")
         if device.type != "cuda":
             raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")
-        from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
+        from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine, SGLangTPPeer
+        from megatron_vppo.rollout.sglang_weights import engine_groups, mem_fraction_static, min_free_bytes
 
-        return SGLangRolloutEngine(
+        first_gpu = device.index - ps.get_tensor_model_parallel_rank()  # SGLang's base_gpu_id for this group
+        if first_gpu < 0 or first_gpu + cfg.parallel.tp > torch.cuda.device_count():  # same verdict on every rank
+            raise ConfigError(f"parallel.tp={cfg.parallel.tp}: the tensor-parallel group does not sit on GPUs "
+                              f"{max(first_gpu, 0)}..{first_gpu + cfg.parallel.tp - 1} of one node, where the colocated "
+                              "SGLang engine puts its TP ranks; keep parallel.tp within a node's GPUs")
+        group, src = engine_groups(cfg.parallel.tp)  # collective over every rank
+        if src is None:
+            return None
+        try:  # the same inputs on every member, so every member refuses together
+            frac = mem_fraction_static(cfg.rollout.engine_gpu_share,
+                                       torch.cuda.get_device_properties(device).total_memory, min_free_bytes(group))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not is_engine_rank():
+            return SGLangTPPeer(group, src, cfg.rollout.bucket_bytes)
+        log.info("SGLang engine: TP %d from GPU %d, mem_fraction_static %.3f (engine_gpu_share %.2f)",
+                 cfg.parallel.tp, device.index, frac, cfg.rollout.engine_gpu_share)
+        return SGLangRolloutEngine.launch(
             str(model_dir),
             tp_size=cfg.parallel.tp,
-            mem_fraction_static=cfg.rollout.sglang_mem_fraction,
+            mem_fraction_static=frac,
             dtype=_SGLANG_DTYPE[cfg.model.dtype],
             base_gpu_id=device.index,
             random_seed=cfg.train.seed,
-            enable_memory_saver=True,
+            enable_weights_cpu_backup=cfg.rollout.engine_weights_cpu_backup,
             bucket_bytes=cfg.rollout.bucket_bytes,
+            weight_group=group,
+            weight_src=src,
         )
+    if not is_engine_rank():
+        return None
     from megatron_vppo.rollout.hf_engine import HFRolloutEngine
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
@@ -207,8 +229,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
                  "restored" if loaded.optimizer_loaded else "fresh",
                  "restored" if loaded.rng_restored else "fresh")
 
-    if is_engine_rank():
-        trainer.engine = build_engine(cfg, model_dir)
+    group = cpu_world_group()  # created now, on every rank: idle ranks wait for rollouts on it
+    trainer.engine = build_engine(cfg, model_dir)
+    dist.barrier(group=group)  # an engine start takes minutes: the other ranks wait in gloo, not NCCL
     sync_engine_weights(trainer)  # the engine starts from the trainer's weights (resume included)
 
     rank = dist.get_rank()

@@ -418,8 +418,12 @@ def sync_engine_weights(trainer: Trainer) -> None:
     from megatron_vppo.checkpoint.export import push_to_engine
 
     check_finite(trainer.model_chunks, what="engine weight update", step=trainer.step)
+    cfg = trainer.cfg
+    # A colocated SGLang engine at TP > 1 reads one payload per TP rank, each packed on that rank's own
+    # GPU (rollout/sglang_weights.py): every rank needs the full tensors, not only the replica's first.
+    dst = "all" if cfg.rollout.engine == "sglang" and cfg.parallel.tp > 1 else "replica"
     push_to_engine(trainer.model_chunks, trainer.adapter, trainer.engine,
-                   bucket_bytes=trainer.cfg.rollout.bucket_bytes, dst="replica")
+                   bucket_bytes=cfg.rollout.bucket_bytes, dst=dst)
 
 
 def validate(trainer: Trainer) -> dict:

@@ -62,12 +62,28 @@ def encode_prompts(processor, records: list[dict]) -> list[EncodedPrompt]:
     return out
 
 
+_CPU_GROUP: list = []
+
+
+def cpu_world_group():
+    """A gloo group over every rank (None when the default group is gloo already). Ranks with no
+    engine wait here while the engine ranks generate — for minutes — in a socket wait, not in an
+    NCCL collective that spins on the GPU and runs into NCCL's timeout. Created collectively on first
+    use: call it once on every rank at start-up (train/build.py does)."""
+    if not _CPU_GROUP or _CPU_GROUP[0][0] is not dist.group.WORLD:
+        from megatron_vppo.rollout.sglang_weights import GLOO_TIMEOUT
+
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=GLOO_TIMEOUT)
+        _CPU_GROUP[:] = [(dist.group.WORLD, group)]
+    return _CPU_GROUP[0][1]
+
+
 def all_gather_world(items: list) -> list:
-    """Every rank's list, concatenated in rank order (non-engine ranks contribute [])."""
+    """Every rank's list, concatenated in rank order (non-engine ranks contribute []); over gloo."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return items
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
+    dist.all_gather_object(parts, items, group=cpu_world_group())
     return [x for p in parts for x in p]
 
 

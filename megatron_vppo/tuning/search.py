@@ -38,7 +38,8 @@ class Candidate:
 
     @property
     def fits(self) -> bool:
-        return self.mem_gib <= self.gpu_mem_gib
+        """Both phases fit, and the engine's share holds its weights plus one full-length sequence."""
+        return self.mem_gib <= self.gpu_mem_gib and all(s.rollout_fits for s in self.memory.stages)
 
     def as_dict(self) -> dict:
         lay = self.layout
@@ -66,7 +67,7 @@ class Candidate:
         )
 
 
-def check_request(n_gpus: int, gpu_mem_gib: float, wl: Workload, rollout_mem_fraction: float) -> None:
+def check_request(n_gpus: int, gpu_mem_gib: float, wl: Workload, rollout_share: float) -> None:
     bad = []
     for name, v in (
         ("--gpus", n_gpus),
@@ -79,8 +80,8 @@ def check_request(n_gpus: int, gpu_mem_gib: float, wl: Workload, rollout_mem_fra
             bad.append(f"{name}={v!r} must be positive")
     if wl.images_per_sample < 0 or wl.max_pixels <= 0:
         bad.append(f"images per sample ({wl.images_per_sample}) must be >= 0 and max pixels ({wl.max_pixels}) > 0")
-    if not 0.0 <= rollout_mem_fraction < 1.0:
-        bad.append(f"--rollout-mem-fraction={rollout_mem_fraction} must be in [0, 1)")
+    if not 0.0 <= rollout_share < 1.0:
+        bad.append(f"--rollout-share={rollout_share} must be in [0, 1)")
     if bad:
         raise TuningError("; ".join(bad))
     if wl.global_batch % wl.micro_batch:
@@ -146,14 +147,14 @@ def evaluate(
     prec: Precision,
     kernels: Kernels,
     gpu: GpuType,
-    rollout_mem_fraction: float,
+    rollout_share: float,
 ) -> Candidate:
     choices = ["none", "full"] if recompute == "auto" else [recompute]
     cand = None
     for rc in choices:
         mem = estimate_memory(
             spec, layout, wl, prec=prec, kernels=kernels, recompute=rc,
-            gpu_mem_gib=gpu_mem_gib, rollout_mem_fraction=rollout_mem_fraction,
+            gpu_mem_gib=gpu_mem_gib, rollout_share=rollout_share,
         )
         thr = estimate_throughput(spec, layout, wl, gpu=gpu, prec=prec, recompute=rc)
         m = wl.global_batch // (wl.micro_batch * layout.dp)
@@ -173,10 +174,10 @@ def tune(
     prec: Precision = Precision(),
     kernels: Kernels = KERNELS["te"],
     gpu: GpuType = GPU_TYPES["h100"],
-    rollout_mem_fraction: float = 0.0,
+    rollout_share: float = 0.0,
 ) -> list[Candidate]:
     """Every legal layout for `n_gpus`, fitting ones first by tokens/s/GPU, then the rest by memory."""
-    check_request(n_gpus, gpu_mem_gib, wl, rollout_mem_fraction)
+    check_request(n_gpus, gpu_mem_gib, wl, rollout_share)
     if recompute not in ("auto", "none", "full"):
         raise TuningError(f"--recompute {recompute!r}: use auto, none or full")
     layouts, why = enumerate_layouts(spec, n_gpus, wl)
@@ -189,7 +190,7 @@ def tune(
         )
     cands = [
         evaluate(spec, lay, wl, gpu_mem_gib=gpu_mem_gib, recompute=recompute, prec=prec, kernels=kernels,
-                 gpu=gpu, rollout_mem_fraction=rollout_mem_fraction)
+                 gpu=gpu, rollout_share=rollout_share)
         for lay in layouts
     ]
     fit = sorted((c for c in cands if c.fits), key=lambda c: (-c.throughput.tokens_per_s_per_gpu, c.mem_gib))

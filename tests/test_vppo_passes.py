@@ -334,3 +334,54 @@ def test_forward_step_hands_the_model_its_own_device():
     assert seen == {"input_ids": "meta", "attention_mask": "meta", "pixel_values": "meta", "image_grid_thw": "cpu"}
     assert {got.labels.device.type, got.loss_mask.device.type, got.per_token["old_logp"].device.type} == {"meta"}
     assert mb.input_ids.device.type == "cpu", "the host copy is left as it was"
+
+
+# ------------------------------------------------------------------------------ rollout correction
+
+
+def _correction_worker(rank, world, model_dir, trajs):
+    """DAPO updates (no entropy term) on the same weights with the engine's log-probs set to
+    π_old / 2 on every token: no correction, TIS (w = 2 everywhere, inside cap 3), MIS with cap 1.5
+    (every token outside [1/1.5, 1.5]: all dropped)."""
+    import math
+
+    from megatron_vppo.config import RolloutCorrectionConfig
+    from megatron_vppo.train import loop
+
+    cfg = run_config(4, algorithm="dapo")
+    trainer, proxy = build_trainer(model_dir, 1, 1, cfg, really_step=False)
+    scored = loop.score_step_batch(trainer, trajs)
+    for t, r in zip(trajs, scored):
+        t.rollout_log_probs = r["old"].float() - math.log(2.0)
+    out = {}
+    for name, rc in (("none", RolloutCorrectionConfig()),
+                     ("tis", RolloutCorrectionConfig(level="token", mode="truncate", cap=3.0)),
+                     ("mis", RolloutCorrectionConfig(level="token", mode="mask", cap=1.5))):
+        trainer.cfg.vppo.rollout_correction = rc
+        proxy.grads.clear()
+        per_traj, minibatches, metrics = loop.shape_step(trainer, trajs, scored)
+        upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
+        out[name] = {"grads": [dict(g) for g in proxy.grads], "minibatches": minibatches,
+                     "metrics": {**metrics, **upd}}
+    return out
+
+
+def test_rollout_correction_weights_reach_the_policy_gradient(tiny_model_dir, trajs):
+    """The correction weights travel through shape_step -> policy_update_pass -> the loss: w = 2 on every
+    token doubles the policy-gradient loss and every gradient; MIS dropping every token zeroes them."""
+    import copy
+
+    res = run_distributed(_correction_worker, 1, str(tiny_model_dir), copy.deepcopy(trajs))[0]
+    none, tis, mis = res["none"], res["tis"], res["mis"]
+    assert tis["metrics"]["rollout_correction/weight_mean"] == pytest.approx(2.0, rel=1e-5)
+    assert mis["metrics"]["rollout_correction/token_frac_corrected"] == 1.0
+    assert none["metrics"]["actor/pg_loss"] != 0.0
+    assert tis["metrics"]["actor/pg_loss"] == pytest.approx(2 * none["metrics"]["actor/pg_loss"], rel=1e-5)
+    assert mis["metrics"]["actor/pg_loss"] == 0.0
+    for step in range(len(none["minibatches"])):
+        g_none, g_tis, g_mis = (_merged_grads([r], step) for r in (none, tis, mis))
+        assert set(g_none) == set(g_tis) == set(g_mis)
+        for k in g_none:
+            assert torch.allclose(g_tis[k], 2 * g_none[k], rtol=1e-4, atol=1e-9), k
+            assert float(g_mis[k].abs().max()) == 0.0, k
+        assert max(float(g.abs().max()) for g in g_none.values()) > 0

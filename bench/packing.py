@@ -44,34 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from vppo_passes import RUN_SEED, STEP, _single_process_env, make_model, side_by_side  # noqa: E402
+from vppo_passes import (RUN_SEED, STEP, _single_process_env, make_model, make_trajectories,  # noqa: E402
+                         side_by_side)
 
 
 def make_skewed_trajectories(model_dir: Path, n: int, seed: int = 0):
     """n trajectories: image prompts of two sizes and a text-only one; responses 16..1024 tokens, log-uniform."""
-    import numpy as np
-    from PIL import Image
-
-    from megatron_vppo.data.processor import VLProcessor
-    from megatron_vppo.train.rl_batch import Trajectory
-
-    proc = VLProcessor.from_pretrained(model_dir)
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((112, 168), (168, 112))]
-    special = set(proc.tokenizer.all_special_ids) | {proc.image_token_id, proc.video_token_id}
-    vocab = [i for i in range(min(len(proc.tokenizer), 5000)) if i not in special]
-    prompts = [("How many shapes are in <image>?", [images[0]]), ("<image> What colour is it?", [images[1]]),
-               ("What is 4 + 3?", [])]
-    trajs = []
-    for i in range(n):
-        problem, imgs = prompts[i % 3]
-        length = int(round(16 * math.exp(rng.uniform(0, math.log(1024 / 16)))))
-        resp = [vocab[j] for j in rng.integers(0, len(vocab), length)]
-        enc = proc.encode(problem, imgs, response=resp)
-        trajs.append(Trajectory(group=i % 3, input_ids=enc["input_ids"], response_start=enc["response_start"],
-                                pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
-                                reward=float((i // 3) % 2)))
-    return trajs
+    return make_trajectories(model_dir, n, lambda rng: int(round(16 * math.exp(rng.uniform(0, math.log(1024 / 16))))),
+                             seed)
 
 
 def _build(model_dir: Path, micro_batch_size: int, n_traj: int):

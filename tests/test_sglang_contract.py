@@ -196,6 +196,36 @@ def test_generate_request_survives_sglangs_image_normalisation():
     assert isinstance(_normalised_image_data(old, 8).image_data[2][0], list)
 
 
+def test_score_request_is_a_prefill_only_request_sglang_accepts():
+    """old_logp_source=engine with SGLang: prompt + response in, no new tokens, input log-probs from the
+    response on; images survive SGLang's normalisation; the result's ids are checked against the response."""
+    from megatron_vppo.rollout.sglang_engine import parse_score_output, score_request
+
+    pv, grid = torch.randn(24, 1176), torch.tensor([[1, 4, 6]])
+    items = [(RolloutRequest([1, 2, 3]), [7, 8]), (RolloutRequest([4, 5], pv, grid), [9])]
+    kw = score_request(items)
+    assert kw["input_ids"] == [[1, 2, 3, 7, 8], [4, 5, 9]] and kw["logprob_start_len"] == [3, 2]
+    assert all(p == {"max_new_tokens": 0} for p in kw["sampling_params"]) and kw["return_logprob"] is True
+    obj = _normalised_image_data(kw["image_data"], 2)
+    assert obj.modalities[0] is None and obj.image_data[1][0]["pixel_values"] is pv
+    engine = sgl_src.method_params("sglang/srt/entrypoints/engine.py", "Engine")
+    assert set(kw) <= set(engine["generate"]), set(kw) - set(engine["generate"])
+    io = sgl_src.read("sglang/srt/managers/io_struct.py")
+    assert "logprob_start_len: Optional[Union[List[int], int]]" in io  # a per-request list is allowed
+    # SGLang's input_token_logprobs entries: (logprob, token_id, text), one per position from the start
+    out = {"meta_info": {"input_token_logprobs": [(-0.5, 7, None), (-1.25, 8, None)]}}
+    assert parse_score_output(out, [7, 8]) == [-0.5, -1.25]
+    with pytest.raises(RuntimeError, match="do not cover"):
+        parse_score_output(out, [7, 9])
+    with pytest.raises(RuntimeError, match="do not cover"):
+        parse_score_output({"meta_info": {"input_token_logprobs": [(None, 8, None)]}}, [8])
+
+
+def test_sglang_scoring_refuses_a_temperature_it_does_not_apply():
+    with pytest.raises(ValueError, match="rollout.temperature=1.0 or train.old_logp_source=trainer"):
+        _engine().score([(RolloutRequest([1, 2]), [3])], temperature=0.7)
+
+
 # ----------------------------------------------------------------------------- the engine's API
 
 

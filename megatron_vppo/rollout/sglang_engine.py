@@ -130,6 +130,33 @@ def expand_requests(
     return kwargs
 
 
+def score_request(items: Sequence[tuple[RolloutRequest, Sequence[int]]]) -> dict:
+    """`Engine.generate` keyword arguments that score given responses: prompt + response as the input,
+    no new tokens (SGLang's prefill-only path), log-probs of the input from the response onward."""
+    input_ids, image_data, starts = [], [], []
+    for req, resp in items:
+        input_ids.append(list(req.prompt_ids) + list(resp))
+        image_data.append(to_sglang_image_data(req))
+        starts.append(len(req.prompt_ids))
+    kwargs: dict[str, Any] = dict(input_ids=input_ids, sampling_params=[{"max_new_tokens": 0}] * len(items),
+                                  return_logprob=True, logprob_start_len=starts)
+    if any(image_data):
+        kwargs["image_data"] = image_data
+    return kwargs
+
+
+def parse_score_output(out: dict, response: Sequence[int]) -> list[float]:
+    """The response tokens' log-probs from one prefill-only result's `input_token_logprobs`
+    ((logprob, token_id, text) per input position from logprob_start_len on); the ids must match."""
+    entries = (out.get("meta_info") or {}).get("input_token_logprobs") or []
+    tail = entries[len(entries) - len(response):] if response else []
+    if len(tail) != len(response) or [int(e[1]) for e in tail] != [int(t) for t in response] or \
+            any(e[0] is None for e in tail):
+        raise RuntimeError(f"SGLang returned {len(entries)} input log-probs that do not cover the {len(response)} "
+                           f"response tokens (was logprob_start_len honoured?)")
+    return [float(e[0]) for e in tail]
+
+
 def parse_sglang_output(out: dict) -> RolloutOutput:
     """One SGLang result dict -> RolloutOutput (ids and log-probs from meta_info)."""
     meta = out.get("meta_info", {})
@@ -372,6 +399,21 @@ class SGLangRolloutEngine:
         kwargs = expand_requests(requests, n, sampling, self.use_sampling_seed)
         out = self._engine.generate(**kwargs)
         return group_outputs(out if isinstance(out, list) else [out], len(requests), n)
+
+    def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0) -> list[list[float]]:
+        """Prefill-only log-probs of given responses (old_logp_source=engine). SGLang 0.5.23 computes
+        input log-probs from unscaled logits, which is the project's convention only at temperature 1."""
+        self._check_usable()
+        if temperature != 1.0:
+            raise ValueError(f"SGLang scores prompts at temperature 1 only (asked {temperature}); with "
+                             f"rollout.engine=sglang use rollout.temperature=1.0 or train.old_logp_source=trainer")
+        if not items:
+            return []
+        out = self._engine.generate(**score_request(items))
+        out = out if isinstance(out, list) else [out]
+        if len(out) != len(items):
+            raise RuntimeError(f"SGLang returned {len(out)} results for {len(items)} scoring requests")
+        return [parse_score_output(o, resp) for o, (_, resp) in zip(out, items)]
 
     def update_weights(self, stream: WeightStream) -> None:
         """All engine TP ranks' payloads per bucket, in one session for the whole stream (collective

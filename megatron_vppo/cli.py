@@ -84,6 +84,7 @@ def _train(rest: list[str]) -> int:
     except RunAbort as err:  # decided on every rank alike (non-finite values, grader failures)
         if os.environ.get("RANK", "0") == "0":
             print(f"megatron-vppo train: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:
         from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError
 

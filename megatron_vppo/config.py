@@ -54,7 +54,7 @@ class VPPOConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | sglang
+    engine: str = "hf"  # hf | sglang | vllm (megatron_vppo.rollout.ENGINES)
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 0.99
@@ -65,6 +65,8 @@ class RolloutConfig:
     sglang_mode: str = "colocated"  # colocated | disaggregated
     sglang_mem_fraction: float = 0.5
     max_dynamic_sampling_retries: int = 4
+    # Engine-specific settings, validated by the engine (vllm: rollout/vllm_engine.py VLLMEngineArgs).
+    engine_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -220,7 +222,7 @@ _CHOICES = {
     ("vppo", "dependency_estimator"): {"sampled_k3", "exact_kl"},
     ("vppo", "tas_scope"): {"global", "official"},
     ("vppo", "perturbation"): {"pixel", "image"},
-    ("rollout", "engine"): {"hf", "sglang"},
+    ("rollout", "engine"): {"hf", "sglang", "vllm"},
     ("rollout", "sglang_mode"): {"colocated", "disaggregated"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
@@ -234,6 +236,11 @@ def validate_choices(cfg: RunConfig) -> None:
         if value not in allowed:
             shown = sorted(str(a) for a in allowed)
             raise ConfigError(f"{section}.{key}={value!r} is not one of {shown}")
+    if not isinstance(cfg.rollout.engine_args, dict):
+        raise ConfigError(f"rollout.engine_args must be a mapping, got {cfg.rollout.engine_args!r}")
+    from megatron_vppo.rollout import check_engine_args
+
+    check_engine_args(cfg.rollout.engine, cfg.rollout.engine_args)
     if not 0.0 < cfg.vppo.top_k_ratio <= 1.0:
         raise ConfigError(f"vppo.top_k_ratio={cfg.vppo.top_k_ratio} must be in (0, 1]")
     if not 0.0 <= cfg.vppo.beta_min <= 1.0:

@@ -65,11 +65,17 @@ _SGLANG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def build_engine(cfg: RunConfig, model_dir: Path):
     """This replica's rollout engine (called on engine ranks only).
 
-    hf: the in-process transformers engine on this rank's device. sglang colocated: an
+    The class comes from `rollout.ENGINES[rollout.engine]`; one with `from_config` builds itself (vllm:
+    in this process, see rollout/vllm_engine.py). hf: the in-process transformers engine on this rank's device. sglang colocated: an
     `sglang.Engine` in this process on this rank's GPU(s), its tensor-parallel size the trainer's, its
     weights replaced by the trainer's before the first rollout (so model.path only seeds the shapes).
     """
+    from megatron_vppo.rollout import ENGINES
+
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    engine_cls = ENGINES[cfg.rollout.engine]
+    if hasattr(engine_cls, "from_config"):  # engines that read their own settings (rollout.engine_args)
+        return engine_cls.from_config(cfg, model_dir, device)
     if cfg.rollout.engine == "sglang":
         if cfg.rollout.sglang_mode != "colocated":
             raise ConfigError(

@@ -301,7 +301,7 @@ def run_assets(model_dir, tmp_path_factory):
     model = warm_start(Path(model_dir), train, root / "model_sft", steps=40, batch_size=8, lr=2e-3, seed=0)
     config = root / "run.yaml"
     config.write_text(RUN_CONFIG.format(model=model, train=train))
-    return {"root": root, "config": config}
+    return {"root": root, "config": config, "train": train}
 
 
 def _train(cmd_prefix: list[str], config: Path, out: Path, *overrides: str, timeout: float = 600) -> dict[int, dict]:
@@ -339,3 +339,43 @@ def test_trainer_tp2_pp2_feeds_the_vllm_engine(run_assets):
                   run_assets["config"], run_assets["root"] / "tp2pp2", "parallel.tp=2", "parallel.pp=2",
                   "train.total_steps=2")
     _check_consistent(rows, 2)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def test_generate_tool_and_eval_with_vllm(model_dir, processor, hf_model, run_assets, tmp_path, test_images):
+    """`tools/generate.py --engine vllm` writes samples whose log-probs a transformers forward
+    reproduces; `megatron-vppo eval --engine vllm` grades k samples per prompt through the engine."""
+    import subprocess
+
+    test_images[0].save(tmp_path / "a.png")
+    rows = [{"problem": "How many red circles are in the image?", "images": ["a.png"]},
+            {"problem": "What is 3 + 4?", "images": []}]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "tools/generate.py", "--engine", "vllm", "--model", str(model_dir),
+                        "--data", str(data), "--out", str(out), "--num-samples", "2", "--seed", "7",
+                        "--temperature", "0.9", "--max-new-tokens", "6"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 4
+    for i, rec in enumerate(recs):
+        row = rows[i // 2]
+        imgs = [tmp_path / im for im in row["images"]]
+        enc = processor.encode(row["problem"], imgs)
+        assert rec["input_ids"][:rec["response_start"]] == enc["input_ids"].tolist()
+        req = RolloutRequest(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"])
+        resp = rec["input_ids"][rec["response_start"]:]
+        ref = hf_log_probs(hf_model, processor, req, resp, 0.9)
+        assert float((ref - torch.tensor(rec["log_probs"], dtype=torch.float64)).abs().max()) <= TOL
+
+    from megatron_vppo.train.evaluate import evaluate_model
+
+    res = evaluate_model(str(model_dir), str(run_assets["train"]), k=2, max_new_tokens=6, limit=3,
+                         min_pixels=3136, max_pixels=12544, engine="vllm")
+    assert res["prompts"] == 3 and 0.0 <= res["accuracy@2"] <= 1.0

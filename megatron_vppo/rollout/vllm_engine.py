@@ -237,7 +237,18 @@ class VLLMRolloutEngine:
         else:
             kwargs.update(kv_cache_memory_bytes=int(self.args.kv_cache_gib * 2**30))
         kwargs.update(self.args.llm_kwargs)
-        llm = vllm.LLM(**kwargs)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if cuda and sub:  # the child sees only this rank's GPU (vLLM's single worker takes device 0)
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[torch.cuda.current_device()]
+        try:
+            llm = vllm.LLM(**kwargs)
+        finally:
+            if cuda and sub:
+                if visible is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = visible
         self._subproc = sub
         if not sub:
             _LIVE_IN_PROCESS[0] += 1

@@ -12,8 +12,9 @@ processors built on them) work. torchvision's compiled ops stay unavailable, as 
 reports (`torchvision.extension._has_ops()` is False; calling one raises torchvision's own error).
 
 A no-op when torchvision is absent, already imported, or its extension loads (a CPU torchvision
-from PyTorch's index, any GPU machine). Applied once, from `megatron_vppo/__init__.py`, so every
-process that imports this package is covered before transformers can import torchvision.
+from PyTorch's index, any GPU machine). `install()` runs from `megatron_vppo/__init__.py`, so every
+process that imports this package is covered before transformers can import torchvision; it only
+adds an import hook, and the check (which needs torch) runs when torchvision is first imported.
 """
 from __future__ import annotations
 
@@ -57,3 +58,26 @@ def ensure_torchvision_importable() -> bool:
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _LIB = lib
     return True
+
+
+class _BeforeTorchvision:
+    """sys.meta_path entry: on the first `import torchvision`, apply the workaround, step aside."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            uninstall()
+            ensure_torchvision_importable()
+        return None  # the normal finders import it
+
+
+_HOOK = _BeforeTorchvision()
+
+
+def install() -> None:
+    if "torchvision" not in sys.modules and _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
+
+
+def uninstall() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)

@@ -60,8 +60,9 @@ def make_model(out: Path, *, tokenizer: str, hidden: int, layers: int, vision_hi
     )
 
 
-def make_trajectories(model_dir: Path, n: int, response_len: int):
-    """n trajectories: image prompts of two sizes and a text-only one, random response tokens."""
+def make_trajectories(model_dir: Path, n: int, response_len, seed: int = 0):
+    """n trajectories: image prompts of two sizes and a text-only one, random response tokens.
+    `response_len` is a length, or a function of the numpy generator drawing one per trajectory."""
     import numpy as np
     from PIL import Image
 
@@ -69,7 +70,7 @@ def make_trajectories(model_dir: Path, n: int, response_len: int):
     from megatron_vppo.train.rl_batch import Trajectory
 
     proc = VLProcessor.from_pretrained(model_dir)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((112, 168), (168, 112))]
     special = set(proc.tokenizer.all_special_ids) | {proc.image_token_id, proc.video_token_id}
     vocab = [i for i in range(min(len(proc.tokenizer), 5000)) if i not in special]
@@ -78,7 +79,8 @@ def make_trajectories(model_dir: Path, n: int, response_len: int):
     trajs = []
     for i in range(n):
         problem, imgs = prompts[i % 3]
-        resp = [vocab[j] for j in rng.integers(0, len(vocab), response_len)]
+        length = response_len(rng) if callable(response_len) else response_len
+        resp = [vocab[j] for j in rng.integers(0, len(vocab), length)]
         enc = proc.encode(problem, imgs, response=resp)
         trajs.append(Trajectory(group=i % 3, input_ids=enc["input_ids"], response_start=enc["response_start"],
                                 pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],

@@ -9,6 +9,10 @@ shift
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron's TP/SP communication-overlap ordering
+# SGLang (0.5.23, `_set_envs_and_config`) sets these in the engine ranks' processes when unset; NCCL
+# communicators whose ranks disagree on them break, so every rank gets the same values up front.
+export NCCL_CUMEM_ENABLE=0
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${GPUS_PER_NODE:-8}" \
   --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
   -m megatron_vppo.cli train "$CONFIG" "$@"

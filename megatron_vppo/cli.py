@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import runpy
 import sys
@@ -48,6 +49,8 @@ def _train(rest: list[str]) -> int:
     one line with exit code 2, before any process group could hang on it (every rank finds the same
     mistake; rank 0 prints it)."""
     from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.data.dataset import DataError
+    from megatron_vppo.errors import RunAbort
     from megatron_vppo.parallel_layout import LayoutError
 
     if not rest or "=" in rest[0]:
@@ -63,11 +66,31 @@ def _train(rest: list[str]) -> int:
         from megatron_vppo.train.loop import train
 
         train(cfg)
-    except (ConfigError, LayoutError) as err:
+    except (ConfigError, LayoutError, DataError) as err:
         if os.environ.get("RANK", "0") == "0":
-            kind = "config" if isinstance(err, ConfigError) else "parallel layout"
+            kind = {ConfigError: "config", LayoutError: "parallel layout"}.get(type(err), "data")
             print(f"megatron-vppo train: {kind} error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # SaveInterrupted: a signal held until a save finished
+        signum = getattr(err, "signum", 2)
+        print(f"megatron-vppo train: interrupted: {err or 'SIGINT'}", file=sys.stderr)
+        return 128 + signum
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"megatron-vppo train: {err.strerror}{where}", file=sys.stderr)
+        return 1
+    except RunAbort as err:  # decided on every rank alike (non-finite values, grader failures)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron-vppo train: error: {err}", file=sys.stderr)
+    except Exception as err:
+        from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError
+
+        if not isinstance(err, CheckpointError):
+            raise
+        print(f"megatron-vppo train: checkpoint error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

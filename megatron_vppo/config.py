@@ -1,10 +1,13 @@
 """Typed run configuration: dataclasses are the one source of defaults; YAML and `key=value`
 overrides are checked against them, and an unknown key is an error that names the nearest valid key.
+Every numeric value is range-checked at load (`RANGES`), and a YAML syntax error is one line with
+file:line:column — a bad setting fails before anything is built, never after the model loads.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,14 @@ class ModelConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Importance weights π_old / π_rollout on the policy loss (docs/rollout_correction.md)."""
+    level: str = "none"  # none | token | sequence
+    mode: str = "truncate"  # truncate (TIS) | mask (MIS)
+    cap: float = 2.0  # C >= 1: truncate caps w at C; mask drops w outside [1/C, C]
+
+
+@dataclass
 class VPPOConfig:
     """Spec §3–§6 and the recipe table of §7."""
     algorithm: str = "vppo"  # vppo | dapo | grpo
@@ -50,6 +61,8 @@ class VPPOConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float = 3.0
+    # trainer π_old vs the engine's sampling log-probs (old_logp_source=trainer only)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -62,8 +75,14 @@ class RolloutConfig:
     max_prompt_length: int = 4096
     max_response_length: int = 2048
     bucket_bytes: int = 512 * 1024 * 1024
-    sglang_mode: str = "colocated"  # colocated | disaggregated
-    sglang_mem_fraction: float = 0.5
+    # SGLang runs colocated (an engine per replica on the GPUs of its first pipeline stage; see
+    # docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
+    # it generates; it gives it all back while the trainer runs. The trainer turns it into SGLang's
+    # mem_fraction_static from the memory free when the engine starts; the tuner's --rollout-share.
+    engine_gpu_share: float = 0.5
+    # Keep a CPU copy of the engine's weights across release/resume (host memory: one model copy per
+    # engine GPU). Off: the trainer's weight sync after each resume reloads them anyway.
+    engine_weights_cpu_backup: bool = False
     max_dynamic_sampling_retries: int = 4
     # Engine-specific settings, validated by the engine (vllm: rollout/vllm_engine.py VLLMEngineArgs).
     engine_args: dict = field(default_factory=dict)
@@ -77,6 +96,10 @@ class DataConfig:
     max_pixels: int = 1003520
     shuffle: bool = True
     filter_overlong_prompts: bool = True
+    problem_key: str = "problem"  # column names of the ViRL39K schema, for tables that name them otherwise
+    images_key: str = "images"
+    answer_key: str = "answer"
+    resume_position: bool = True  # false: on resume, start the data order afresh instead of at the saved position
 
 
 @dataclass
@@ -97,6 +120,9 @@ class TrainConfig:
     prompts_per_step: int = 384
     mini_batch_prompts: int = 128
     micro_batch_size: int = 4
+    # Set: every pass packs trajectories (thd, no padding) first-fit decreasing into micro-batches of at
+    # most this many tokens per view, DP shards balanced by tokens; micro_batch_size is then unused.
+    max_tokens_per_micro_batch: int | None = None
     ppo_epochs: int = 1
     total_steps: int = 200
     val_every: int = 5
@@ -105,6 +131,14 @@ class TrainConfig:
     save_every: int = 10
     keep_last: int = 3
     resume: str = "auto"  # auto | never | PATH
+    # π_old: "trainer" = the paired no-grad pass; "engine" = the engine's sampling log-probs, and the
+    # perturbed view scored by the engine (one prefill), no trainer pass at all
+    old_logp_source: str = "trainer"  # trainer | engine
+    # engine mode: every N steps also run the trainer's pass and log how well the dependency agrees (0 = never)
+    check_old_logp_every: int = 0
+    existing_output: str = "refuse"  # refuse | move_aside: a fresh run into a dir holding another run
+    load_optimizer: bool = True  # false: on resume, load the weights only (Adam moments and schedule restart)
+    max_nonfinite_steps: int = 3  # consecutive optimizer steps skipped for a non-finite loss/grad before the run stops
 
 
 @dataclass
@@ -113,6 +147,7 @@ class RewardConfig:
     method: str = "mathruler"  # mathruler | math_verify
     extraction: str = "lenient"  # lenient | mathruler (exact parity with the reference extraction)
     timeout_s: float = 10.0  # per-call grading deadline; a timed-out answer scores 0
+    max_error_rate: float = 0.05  # a step (or eval) whose grader raised on more than this fraction of answers stops
 
 
 @dataclass
@@ -194,22 +229,43 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': {_yaml_error('the value', e)}; quote it") from None
     return data
 
 
+def _yaml_error(where: str, err: Exception) -> ConfigError:
+    """A YAML syntax error as one line: file:line:column and what the parser expected."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None and where != "the value" else where
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+    return ConfigError(f"{at}: YAML syntax error: {what or err}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file + `key=value` overrides -> a RunConfig whose every value has been range-checked."""
     import yaml
 
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise _yaml_error(str(path), e) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
     cfg = from_dict(RunConfig, data)
     validate_choices(cfg)
+    validate_ranges(cfg)
     return cfg
 
 
@@ -222,11 +278,12 @@ _CHOICES = {
     ("vppo", "dependency_estimator"): {"sampled_k3", "exact_kl"},
     ("vppo", "tas_scope"): {"global", "official"},
     ("vppo", "perturbation"): {"pixel", "image"},
+    ("train", "old_logp_source"): {"trainer", "engine"},
     ("rollout", "engine"): {"hf", "sglang", "vllm"},
-    ("rollout", "sglang_mode"): {"colocated", "disaggregated"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
     ("reward", "extraction"): {"lenient", "mathruler"},
+    ("train", "existing_output"): {"refuse", "move_aside"},
 }
 
 
@@ -241,10 +298,113 @@ def validate_choices(cfg: RunConfig) -> None:
     from megatron_vppo.rollout import check_engine_args
 
     check_engine_args(cfg.rollout.engine, cfg.rollout.engine_args)
-    if not 0.0 < cfg.vppo.top_k_ratio <= 1.0:
-        raise ConfigError(f"vppo.top_k_ratio={cfg.vppo.top_k_ratio} must be in (0, 1]")
-    if not 0.0 <= cfg.vppo.beta_min <= 1.0:
-        raise ConfigError(f"vppo.beta_min={cfg.vppo.beta_min} must be in [0, 1]")
+    if cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and cfg.vppo.algorithm == "vppo":
+        raise ConfigError("train.old_logp_source=engine has the engine score the perturbed pixel view, which "
+                          "rollout.engine=vllm cannot take (vLLM preprocesses raw images itself); use "
+                          "train.old_logp_source=trainer or rollout.engine=hf")
+    _validate_old_logp_source(cfg)
+
+
+def _validate_old_logp_source(cfg: RunConfig) -> None:
+    from megatron_vppo.algo.rollout_correction import check_correction
+
+    rc = cfg.vppo.rollout_correction
+    try:
+        check_correction(rc.level, rc.mode, rc.cap)
+    except ValueError as e:
+        raise ConfigError(f"vppo.{e}") from None
+    if cfg.train.old_logp_source == "engine":
+        if rc.level != "none":
+            raise ConfigError("vppo.rollout_correction applies with train.old_logp_source=trainer only (in engine "
+                              "mode π_old is the engine's own log-prob); set vppo.rollout_correction.level=none")
+        if cfg.vppo.dependency_estimator == "exact_kl":
+            raise ConfigError("vppo.dependency_estimator=exact_kl needs full distributions, which only the trainer's "
+                              "pass has; use train.old_logp_source=trainer or vppo.dependency_estimator=sampled_k3")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric field; `why` says what breaks outside it."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def contains(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def text(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        lo = f"{'(' if self.lo_open else '['}{self.lo}"
+        return f"{lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+def _at_least(lo: float, why: str = "") -> Range:
+    return Range(lo=lo, why=why)
+
+
+def _above(lo: float, why: str = "") -> Range:
+    return Range(lo=lo, lo_open=True, why=why)
+
+
+_PROB = Range(0.0, 1.0)
+_BETA = Range(0.0, 1.0, hi_open=True, why="Adam's bias correction divides by 1 - beta^t")
+
+# Every int/float field of RunConfig has an entry (tests/test_faults_run.py checks it), checked at load.
+RANGES: dict[tuple[str, str], Range] = {
+    ("parallel", "tp"): _at_least(1), ("parallel", "pp"): _at_least(1), ("parallel", "vpp"): _at_least(1),
+    ("parallel", "cp"): _at_least(1), ("parallel", "dp"): _at_least(1),
+    ("model", "vocab_pad_multiple"): _at_least(1),
+    ("vppo", "top_k_ratio"): Range(0.0, 1.0, lo_open=True), ("vppo", "beta_min"): _PROB,
+    ("vppo", "entropy_coef"): _at_least(0.0), ("vppo", "perturb_prob"): _PROB,
+    ("vppo", "clip_low"): Range(0.0, 1.0, hi_open=True, why="the ratio's lower bound 1 - clip_low must stay > 0"),
+    ("vppo", "clip_high"): _at_least(0.0),
+    ("vppo", "dual_clip"): _above(1.0, "the dual-clip bound c must exceed 1 (spec: 3.0)"),
+    ("rollout", "group_size"): _at_least(2, "GRPO advantages compare answers within a group"),
+    ("rollout", "temperature"): _above(0.0, "RL samples; greedy rollouts make every group's answers identical"),
+    ("rollout", "top_p"): Range(0.0, 1.0, lo_open=True), ("rollout", "top_k"): _at_least(-1, "-1 or 0: no top-k"),
+    ("rollout", "max_prompt_length"): _at_least(1), ("rollout", "max_response_length"): _at_least(1),
+    ("rollout", "bucket_bytes"): _at_least(1),
+    ("rollout", "engine_gpu_share"): Range(0.0, 0.95, lo_open=True,
+                                          why="the colocated engine's share of the GPU memory free at its start"),
+    ("rollout", "max_dynamic_sampling_retries"): _at_least(0),
+    ("data", "min_pixels"): _at_least(1), ("data", "max_pixels"): _at_least(1),
+    ("optim", "lr"): Range(0.0, 1.0, lo_open=True, hi_open=True,
+                           why="Adam moves every weight by about lr per step; fine-tuning uses 1e-7..1e-3"),
+    ("optim", "warmup_steps"): _at_least(0), ("optim", "weight_decay"): _at_least(0.0),
+    ("optim", "adam_beta1"): _BETA, ("optim", "adam_beta2"): _BETA,
+    ("optim", "grad_clip"): _at_least(0.0, "0 turns clipping off"),
+    ("train", "seed"): _at_least(0), ("train", "prompts_per_step"): _at_least(1),
+    ("train", "mini_batch_prompts"): _at_least(1), ("train", "micro_batch_size"): _at_least(1),
+    ("train", "ppo_epochs"): _at_least(1), ("train", "total_steps"): _at_least(1),
+    ("train", "val_every"): _at_least(0, "0 turns validation off"), ("train", "val_k"): _at_least(1),
+    ("train", "save_every"): _at_least(0, "0 saves at the last step only"),
+    ("train", "keep_last"): _at_least(0, "0 keeps every checkpoint"),
+    ("train", "max_nonfinite_steps"): _at_least(1),
+    ("train", "check_old_logp_every"): _at_least(0, "0 never checks"),
+    ("train", "max_tokens_per_micro_batch"): _at_least(1, "unset (null) pads micro-batches instead of packing"),
+    ("reward", "timeout_s"): _at_least(0.0, "0 grades without a deadline"), ("reward", "max_error_rate"): _PROB,
+}
+
+
+def validate_ranges(cfg: RunConfig) -> None:
+    """One line per bad value, naming the key and its allowed range, before anything is built."""
+    for (section, key), allowed in RANGES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        if not allowed.contains(value):
+            why = f" ({allowed.why})" if allowed.why else ""
+            raise ConfigError(f"{section}.{key}={value!r} is out of range: allowed {allowed.text()}{why}")
+    if cfg.data.min_pixels > cfg.data.max_pixels:
+        raise ConfigError(f"data.min_pixels={cfg.data.min_pixels} > data.max_pixels={cfg.data.max_pixels}; "
+                          f"lower data.min_pixels or raise data.max_pixels")
 
 
 def to_dict(cfg: Any) -> dict:

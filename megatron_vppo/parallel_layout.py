@@ -88,9 +88,16 @@ def validate_layout(
             )
     if layout.sp and layout.tp == 1:
         raise LayoutError("sequence_parallel needs tp > 1 (it splits activations over the TP group)")
-    if layout.cp > 1 and not te_available:
+    if layout.cp > 1:
+        # Megatron would build CP groups, but nothing here splits a sequence over them: the passes
+        # feed every CP rank the whole padded batch (no per-rank sequence chunks, no packed THD
+        # batches with cu_seqlens), so each rank would count every token cp times.
+        missing = "sequence splitting over CP ranks (packed sequences)"
+        if not te_available:
+            missing += " and Transformer Engine attention (GPU)"
         raise LayoutError(
-            f"cp={layout.cp}: context parallel needs Transformer Engine attention (GPU); set cp=1 on CPU"
+            f"cp={layout.cp}: context parallel is not supported yet — the trainer lacks {missing}; "
+            f"set parallel.cp=1 (long sequences: raise parallel.tp with parallel.sp=true, or model.recompute=true)"
         )
 
 

@@ -171,6 +171,10 @@ def count_tokens(problem, images):
 def test_bad_rows_are_skipped_and_counted(tmp_path, good_rows, caplog):
     rows, expected = _bad_rows(tmp_path, good_rows)
     _write_jsonl(tmp_path / "rows.jsonl", rows)
+    with open(tmp_path / "rows.jsonl", "ab") as f:  # a latin-1 encoded row: valid JSON, not UTF-8
+        f.write('{"problem": "<image>Caf\u00e9?", "images": ["ok.png"], "answer": "1"}\n'.encode("latin-1"))
+    rows.append(None)
+    expected["non_utf8_text"] = 1
     ds = PromptDataset(tmp_path / "rows.jsonl", count_prompt_tokens=count_tokens, max_prompt_length=100)
     batches = PromptBatches(ds, batch_size=4, max_epochs=1, shuffle=False)
     with caplog.at_level(logging.INFO, logger="megatron_vppo.data.dataset"):

@@ -141,14 +141,14 @@ def test_tp2_resume_matches_uninterrupted(runs):
     meta = json.loads((ck / "meta.json").read_text())
     assert meta["complete"] and meta["step"] == 2 and (ck / "COMPLETE").is_file()
     assert meta["layout"]["tp"] == 2 and meta["layout"]["world_size"] == 2
-    assert meta["optimizer"] == {"distributed": False, "sharding_type": "per_parameter"}
+    assert meta["optimizer"] == {"distributed": False, "sharding_type": "per_parameter", "state": "saved"}
     assert meta["config"]["optim"]["lr"] == OptimConfig().lr  # RunConfig snapshot
 
 
 def test_dp2_distributed_optimizer_resume_matches_uninterrupted(runs):
     _check_resume(runs["dp2"])
     meta = json.loads((runs["dp2_dir"] / "step_0000002" / "meta.json").read_text())
-    assert meta["optimizer"] == {"distributed": True, "sharding_type": "dp_reshardable"}
+    assert meta["optimizer"] == {"distributed": True, "sharding_type": "dp_reshardable", "state": "saved"}
 
 
 def test_bf16_dp2_distributed_optimizer_resume(tmp_path):
@@ -192,7 +192,7 @@ def _dist_opt_tp_change(rank, world, dp2_dir):
 def test_distributed_optimizer_tp_change_is_refused_with_fix(runs):
     res = run_distributed(_dist_opt_tp_change, 2, str(runs["dp2_dir"]))
     err = res[0]["err"]
-    assert err is not None and "step_0000002" in err and "load_optimizer=False" in err and "tp=1" in err
+    assert err is not None and "step_0000002" in err and "train.load_optimizer=false" in err and "tp=1" in err
     assert not res[0]["optimizer_loaded"]
     assert torch.allclose(res[0]["logits"], runs["dp2"][0]["saved_logits"], atol=1e-5, rtol=0)
 
@@ -282,21 +282,26 @@ def _load_one_rank_rng_missing(rank, world, path):
     from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError, load_checkpoint
 
     ddp, opt, sched = _fresh(2, False, seed=5)
-    try:
-        load_checkpoint(path, ddp, opt, sched)
-    except CheckpointError as e:
-        return str(e)
-    return None
+    errs = []
+    for verify in (False, True):
+        try:
+            load_checkpoint(path, ddp, opt, sched, verify=verify)
+            errs.append(None)
+        except CheckpointError as e:
+            errs.append(str(e))
+    return errs
 
 
 def test_rank_local_load_error_fails_every_rank_without_hanging(runs, tmp_path):
-    """Only rank 1's RNG file is gone: rank 1 names it, rank 0 must raise too instead of waiting for
-    rank 1 in the final barrier."""
+    """Only rank 1's RNG file is gone. Unverified: rank 1 names it, rank 0 must raise too instead of
+    waiting for rank 1 in the final barrier. Verified (the default): every rank names it up front."""
     ck = _copy_as(runs["tp2_dir"] / "step_0000002", tmp_path / "c" / "step_0000002", 2)
     (ck / "rng" / "rank_00001.pt").unlink()
     errs = run_distributed(_load_one_rank_rng_missing, 2, str(ck), timeout=180)
-    assert errs[1] is not None and "rank_00001.pt is missing" in errs[1] and "Fix" in errs[1]
-    assert errs[0] is not None and "another rank" in errs[0] and str(ck) in errs[0]
+    assert errs[1][0] is not None and "rank_00001.pt is missing" in errs[1][0] and "Fix" in errs[1][0]
+    assert errs[0][0] is not None and "another rank" in errs[0][0] and str(ck) in errs[0][0]
+    for r in (0, 1):
+        assert "does not verify: rng/rank_00001.pt is missing" in errs[r][1] and str(ck) in errs[r][1]
 
 
 def _crash_during_save(rank, world, ckpt_dir):
@@ -326,10 +331,11 @@ def test_crash_during_save_leaves_previous_checkpoint_latest(tmp_path):
     d = tmp_path / "ck"
     res = run_distributed(_crash_during_save, 2, str(d))
     for r in res:
-        assert r["err"] is not None and "step_0000002" in r["err"]
+        assert r["err"] is not None and "step_0000002" in r["err"] and "disk full (simulated)" in r["err"]
+        assert "no space left" not in r["err"]  # the disk is not full: no such claim
         assert Path(r["latest"]).name == "step_0000001"
-    names = sorted(p.name for p in d.iterdir())
-    assert names[0] == "step_0000001" and names[1].startswith("step_0000002.tmp-") and len(names) == 2
+    # The failed save removed its partial directory.
+    assert sorted(p.name for p in d.iterdir()) == ["step_0000001"]
 
 
 # --------------------------------------------------------------------------- pipeline layout change
@@ -380,29 +386,31 @@ def test_pp2_checkpoint_loads_at_tp1(tmp_path):
 # --------------------------------------------------------------------------- optimizer never stepped
 
 
-def _save_unstepped_then_train(rank, world, ckpt_dir):
-    """DP2 distributed optimizer saved before its first step (all groups so far filtered out by dynamic
-    sampling), then two training steps."""
+def _save_unstepped_then_train(rank, world, ckpt_dir, dist_opt):
+    """DP2 optimizer saved before its first step (all groups so far filtered out by dynamic sampling),
+    then two training steps."""
     from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
 
-    model, opt, sched = _fresh(1, True, seed=5)
+    model, opt, sched = _fresh(1, dist_opt, seed=5)
     save_checkpoint(ckpt_dir, 0, model, opt, sched)
     return train_steps(model, opt, sched, 2, **_dp(1))
 
 
-def _resume_unstepped_then_train(rank, world, ckpt_dir):
+def _resume_unstepped_then_train(rank, world, ckpt_dir, dist_opt):
     from megatron_vppo.checkpoint.dist_checkpoint import find_latest_complete, load_checkpoint
 
-    model, opt, sched = _fresh(1, True, seed=77)
-    load_checkpoint(find_latest_complete(ckpt_dir), model, opt, sched)
-    return train_steps(model, opt, sched, 2, **_dp(1))
+    model, opt, sched = _fresh(1, dist_opt, seed=77)
+    loaded = load_checkpoint(find_latest_complete(ckpt_dir), model, opt, sched)
+    return loaded.optimizer_loaded, train_steps(model, opt, sched, 2, **_dp(1))
 
 
-def test_unstepped_distributed_optimizer_saves_and_resumes(tmp_path):
+@pytest.mark.parametrize("dist_opt", [True, False], ids=["distributed", "per_parameter"])
+def test_unstepped_optimizer_saves_and_resumes(tmp_path, dist_opt):
     d = str(tmp_path / "ck")
-    straight = run_distributed(_save_unstepped_then_train, 2, d)
-    resumed = run_distributed(_resume_unstepped_then_train, 2, d)
-    assert straight[0] == pytest.approx(resumed[0], abs=1e-6)
+    straight = run_distributed(_save_unstepped_then_train, 2, d, dist_opt)
+    resumed = run_distributed(_resume_unstepped_then_train, 2, d, dist_opt)
+    assert resumed[0][0]
+    assert straight[0] == pytest.approx(resumed[0][1], abs=1e-6)
 
 
 # --------------------------------------------------------------------------- a module with bad sharding

@@ -20,7 +20,7 @@ MODEL = dict(num_attention_heads=4, num_query_groups=2, num_layers=2)
         (ParallelConfig(tp=2), 3, "not divisible"),
         (ParallelConfig(tp=2, dp=2), 2, "world size"),
         (ParallelConfig(sp=True), 1, "sequence_parallel"),
-        (ParallelConfig(cp=2), 2, "context parallel"),
+        (ParallelConfig(cp=2), 2, "context parallel is not supported yet.*packed sequences.*parallel\\.cp=1"),
         (ParallelConfig(pp=2, vpp=2), 2, "pp\\*vpp"),
     ],
 )
@@ -32,6 +32,18 @@ def test_bad_layout_fails_before_process_groups(monkeypatch, parallel, world, ma
     with pytest.raises(LayoutError, match=match):
         init_distributed(parallel, **MODEL)
     assert not torch.distributed.is_initialized()
+
+
+def test_context_parallel_refused_even_with_transformer_engine():
+    """Nothing splits sequences over CP ranks yet: cp > 1 is refused on GPUs too, naming what is missing
+    (and the TE attention as well where TE is absent)."""
+    from megatron_vppo.parallel_layout import Layout, validate_layout
+
+    for te, extra in ((True, False), (False, True)):
+        with pytest.raises(LayoutError, match="sequence splitting over CP ranks") as e:
+            validate_layout(Layout(cp=2, dp=1), world_size=2, te_available=te, **MODEL)
+        assert ("Transformer Engine" in str(e.value)) == extra
+    validate_layout(Layout(cp=1, dp=2), world_size=2, te_available=True, **MODEL)
 
 
 def test_vision_heads_checked():

@@ -46,10 +46,16 @@ def test_paper_config_layout_is_legal_and_fits_80gib(config, model, gpus):
     )
     assert workload_rule(layout, wl) is None
     prec = precision_for(cfg.model.dtype, cfg.model.fp8 is not None, cfg.optim.use_distributed_optimizer)
-    # The colocated SGLang engine releases its memory while the trainer runs (rollout share 0).
+    # The colocated SGLang engine releases its memory while the trainer runs and takes its share of the GPU
+    # while it generates: both phases must fit, and the share must hold the engine's weights + KV cache.
+    assert cfg.rollout.engine == "sglang"
     est = estimate_memory(spec, layout, wl, prec=prec, kernels=KERNELS["te"],
-                          recompute="full" if cfg.model.recompute else "none", gpu_mem_gib=80.0)
+                          recompute="full" if cfg.model.recompute else "none", gpu_mem_gib=80.0,
+                          rollout_share=cfg.rollout.engine_gpu_share)
     assert est.total_gib <= 80.0, f"{config}: {layout} needs {est.total_gib:.1f} GiB per GPU by the tuner"
+    first = est.stages[0]
+    assert first.rollout > 0 and first.rollout_fits, f"{config}: the engine's share leaves no KV cache"
+    assert first.kv_cache >= 8 * first.min_kv, f"{config}: KV cache for under 8 full-length sequences per engine rank"
 
 
 def test_launcher_keeps_the_callers_directory(tmp_path):
@@ -58,11 +64,13 @@ def test_launcher_keeps_the_callers_directory(tmp_path):
     bin_dir.mkdir()
     record = tmp_path / "record.txt"
     fake = bin_dir / "torchrun"
-    fake.write_text(f'#!/usr/bin/env bash\n{{ pwd; echo "$PYTHONPATH"; printf "%s\\n" "$@"; }} > "{record}"\n')
+    fake.write_text(f'#!/usr/bin/env bash\n{{ pwd; echo "$PYTHONPATH"; printf "%s\\n" "$@"; }} > "{record}"\n'
+                    f'echo "$NCCL_CUMEM_ENABLE $NCCL_NVLS_ENABLE" > "{record}.env"\n')
     fake.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "NNODES": "2", "NODE_RANK": "1"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("NCCL_")},
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "NNODES": "2", "NODE_RANK": "1"}
     subprocess.run([str(EXAMPLES / "launch_torchrun.sh"), "my.yaml", "data.train=d/train.parquet"],
                    cwd=work, env=env, check=True, timeout=60)
     cwd, pythonpath, *argv = record.read_text().splitlines()
@@ -70,6 +78,8 @@ def test_launcher_keeps_the_callers_directory(tmp_path):
     assert str(ROOT) in pythonpath.split(os.pathsep)
     assert argv[-5:] == ["-m", "megatron_vppo.cli", "train", "my.yaml", "data.train=d/train.parquet"]
     assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == "1"
+    # SGLang sets these in its engine ranks only; every rank must agree (docs/sglang.md)
+    assert (tmp_path / "record.txt.env").read_text().split() == ["0", "0"]
 
     subprocess.run([str(EXAMPLES / "train_vppo_7b.sh"), "train.total_steps=1"], cwd=work, env=env, check=True,
                    timeout=60)

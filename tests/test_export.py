@@ -290,3 +290,115 @@ def test_publish_failure_keeps_the_previous_directory(tmp_path, monkeypatch):
         export._publish(tmp, out, overwrite=True)
     assert (out / "model.safetensors").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out"]
+
+
+# ----------------------------------------------------------------------------- export after a DP2 step
+
+
+def _main_params(optimizer, chunks, adapter) -> dict:
+    """{canonical name: FULL fp32 tensor} rebuilt from the distributed optimizer's main-param shards
+    of every DP rank (each element owned exactly once) — the weights the step produced."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vppo.checkpoint.hf_load import global_param_names
+
+    names = {p: adapter.canonical_mcore_name(n) for c in chunks for n, p in global_param_names(c).items()}
+    full = {n: torch.zeros(p.numel(), dtype=torch.float32) for p, n in names.items()}
+    owners = {n: torch.zeros(p.numel(), dtype=torch.float32) for p, n in names.items()}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        pairs = [*zip(opt.shard_fp32_groups, opt.model_fp32_groups),
+                 *zip(opt.shard_fp32_from_float16_groups, opt.model_float16_groups)]
+        for shards, params in pairs:
+            for shard, p in zip(shards, params):
+                r = opt._get_model_param_range_map(p)["param"]
+                full[names[p]][r.start:r.end] = shard.detach().float().view(-1)
+                owners[names[p]][r.start:r.end] += 1
+    group = ps.get_data_parallel_group()
+    for n in full:
+        torch.distributed.all_reduce(full[n], group=group)
+        torch.distributed.all_reduce(owners[n], group=group)
+        assert bool((owners[n] == 1).all()), f"{n}: main-param shards do not cover it exactly once"
+    return {n: full[n].view(p.shape) for p, n in names.items()}
+
+
+def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap, pp=1, vpp=None):
+    from test_vppo_layout_invariance import build_trainer, run_config
+
+    from megatron_vppo.checkpoint.export import export_hf_weights
+    from megatron_vppo.checkpoint.hf_load import gather_full_state
+    from megatron_vppo.config import OptimConfig
+    from megatron_vppo.train import loop, optimizer as optim_mod
+
+    cfg = run_config(4)
+    cfg.model.dtype = dtype
+    cfg.optim = OptimConfig(lr=1e-3, use_distributed_optimizer=True)
+    forced = []
+    real_sync = optim_mod.force_param_sync
+    optim_mod.force_param_sync = lambda chunks: forced.append(real_sync(chunks)) or forced[-1]
+    if pp > 1:  # interleaved: every DP rank's micro-batches must split into groups of pp
+        cfg.train.micro_batch_size = 1
+    trainer, proxy = build_trainer(model_dir, 1, pp, cfg, overlap=overlap, vpp=vpp)
+    chunks, adapter = trainer.model_chunks, trainer.adapter
+    scored = loop.score_step_batch(trainer, trajs)
+    per_traj, minibatches, _ = loop.shape_step(trainer, trajs, scored)
+    rounds = []
+    for _ in range(2):  # the second round's forwards start from the forced sync's state
+        loop.update_policy(trainer, trajs, per_traj, minibatches)  # two optimizer steps
+        main = _main_params(proxy._opt, chunks, adapter)
+        live = gather_full_state(chunks, adapter)  # what the parameters hold before the export
+        stale = max(float((live[n].float() - main[n]).abs().max()) for n in main)
+        n_forced = len(forced)
+        exported = {n: t.clone() for n, t in export_hf_weights(chunks, adapter, dst="all")}
+        expected = adapter.mcore_to_hf({n: main[n].to(live[n].dtype) for n in main})  # this stage's
+        rounds.append(dict(stale=stale, forced=forced[n_forced:], exported=exported, expected=expected))
+    config = chunks[0].module.config
+    return dict(deferred=chunks[0].ddp_config.overlap_param_gather, rounds=rounds,
+                aligned=chunks[0].ddp_config.align_param_gather, param_sync_func=config.param_sync_func is not None)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_export_after_dp2_step_sees_the_updated_params(tiny_model_dir, dtype):
+    """DP2, distributed optimizer, overlap_param_gather on (gloo allows it): a step leaves each rank's
+    parameters updated only in its own shard — the other shard's all-gather is deferred to the next
+    forward — yet the export that follows (the trainer's weight sync / HF export) must stream exactly
+    the optimizer's updated main params (cast to the model dtype), on both ranks, twice in a row."""
+    from test_vppo_layout_invariance import make_trajectories
+
+    trajs = make_trajectories(tiny_model_dir)
+    results = run_distributed(_dp2_step_export_worker, 2, str(tiny_model_dir), trajs, dtype, True)
+    for rank, res in enumerate(results):
+        assert res["deferred"], "overlap_param_gather should be on"
+        for i, rnd in enumerate(res["rounds"]):
+            # Without the forced sync the export would read these stale shards.
+            assert rnd["stale"] > 0, f"rank {rank} round {i}: the step did not leave stale shards"
+            _check_equal(list(rnd["exported"].items()), rnd["expected"], f"{dtype} rank {rank} round {i}")
+            assert rnd["forced"] == [True], f"rank {rank} round {i}: export must force the param sync once"
+    # Both replicas stream the same weights.
+    for i in range(2):
+        _check_equal(list(results[1]["rounds"][i]["exported"].items()), results[0]["rounds"][i]["exported"],
+                     f"{dtype} round {i} rank 1 vs rank 0")
+
+
+def test_export_after_dp2_step_with_interleaved_pipeline(tmp_path):
+    """PP2 x VPP2 x DP2 with overlapped param gathers: the interleaved schedule launches the chunks'
+    all-gathers itself (align_param_gather + param_sync_func, as Megatron-LM pairs them); after the
+    steps every stage still exports exactly its optimizer's main params."""
+    from test_vppo_layout_invariance import make_trajectories
+
+    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+
+    hf_dir = make_tiny_model(tmp_path / "tiny4", seed=1, tokenizer="bpe", text_config={"num_hidden_layers": 4})
+    # one mini-batch of two whole GRPO groups: 2 trajectories, 2 micro-batches per DP rank
+    all_trajs = make_trajectories(hf_dir)
+    trajs = [all_trajs[i] for i in (0, 1, 3, 4)]
+    results = run_distributed(_dp2_step_export_worker, 4, str(hf_dir), trajs, "fp32", True, 2, 2)
+    ref = load_file(str(hf_dir / "model.safetensors"))
+    for rank, res in enumerate(results):
+        assert res["deferred"] and res["aligned"] and res["param_sync_func"]
+        for i, rnd in enumerate(res["rounds"]):
+            assert rnd["stale"] > 0, f"rank {rank} round {i}: the step did not leave stale shards"
+            assert set(rnd["exported"]) == set(ref)
+            got = [(n, rnd["exported"][n]) for n in rnd["expected"]]  # this stage's tensors
+            _check_equal(got, rnd["expected"], f"pp2 vpp2 rank {rank} round {i}")
+            assert rnd["forced"] == [True]
+    assert set().union(*(r["rounds"][0]["expected"] for r in results)) == set(ref)

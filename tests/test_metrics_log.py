@@ -59,12 +59,14 @@ def test_resume_truncates_to_checkpoint_step(tmp_path):
     assert _tb_scalars(stopped / "tensorboard", "reward/mean") == want
 
 
-def test_fresh_run_starts_empty_and_other_ranks_write_nothing(tmp_path):
+def test_fresh_run_never_overwrites_and_other_ranks_write_nothing(tmp_path):
     with MetricsLogger(tmp_path, rank=0) as log:
         log.log(1, {"x": 1.0})
-    with MetricsLogger(tmp_path, rank=0) as log:  # a fresh run in the same dir replaces the file
-        log.log(1, {"x": 2.0})
-    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "x": 2.0}]
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="another run's metrics") as err:
+        MetricsLogger(tmp_path, rank=0)  # a fresh run in the same dir must not truncate the old run
+    assert str(tmp_path / "metrics.jsonl") in str(err.value) and "train.existing_output=move_aside" in str(err.value)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
     other = tmp_path / "rank1"
     with MetricsLogger(other, rank=1) as log:
         row = log.log(1, {"x": 3.0})

@@ -8,15 +8,14 @@ import torch
 from megatron_vppo.rollout.buckets import iter_buckets, pack_bucket
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams, sample_seed
 from megatron_vppo.rollout.sglang_engine import (
-    _as_buckets,
     collapse_image_pads,
     distributed_update_request,
     expand_requests,
-    flattened_bucket_groups,
     group_outputs,
     parse_sglang_output,
     to_sglang_sampling_params,
 )
+from megatron_vppo.rollout.sglang_weights import as_buckets, bucket_payloads
 
 HAVE_SGLANG_GPU = torch.cuda.is_available() and importlib.util.find_spec("sglang") is not None
 
@@ -41,7 +40,7 @@ def test_expand_requests_order_images_and_seeds():
     assert kw["input_ids"] == [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5], [6], [6]]
     assert kw["return_logprob"] is True
     assert kw["image_data"][1][0]["format"] == "processor_output"
-    assert kw["image_data"][0][0]["pixel_values"] is pv and kw["image_data"][2] is None
+    assert kw["image_data"][0][0]["pixel_values"] is pv and kw["image_data"][2] == []  # a list: see io_struct
     seeds = [p["sampling_seed"] for p in kw["sampling_params"]]
     assert seeds[4] == sample_seed(9, 42, 0) & 0x7FFFFFFF and seeds[2] == sample_seed(9, 1, 0) & 0x7FFFFFFF
     assert len(set(seeds)) == 6
@@ -70,17 +69,19 @@ def test_parse_and_group_outputs():
         group_outputs(flat[:3], 2, 2)
 
 
-def test_flattened_bucket_metadata_reconstructs_tensors():
-    """SGLang rebuilds each tensor as flattened[start_idx:end_idx].reshape(shape); check that."""
+def test_flattened_bucket_payload_layout():
+    """SGLang 0.5.23 rebuilds each tensor as flat_uint8[start_idx:end_idx].view(dtype).reshape(shape)
+    (tests/test_sglang_contract.py runs its own code on these payloads)."""
     src = [("a", torch.randn(3, 4)), ("b", torch.randn(5).to(torch.bfloat16)), ("c", torch.randn(2, 2)), ("d", torch.tensor(1.0))]
-    groups = flattened_bucket_groups(pack_bucket(src))
-    assert len(groups) == 2  # one flattened tensor per dtype
+    payloads = bucket_payloads(pack_bucket(src))
+    assert len(payloads) == 2  # one flattened tensor per dtype
     rebuilt = {}
-    for buf, metas in groups:
-        assert all(m["dtype"] == buf.dtype for m in metas)
-        for m in metas:
-            assert m["end_idx"] - m["start_idx"] == m["numel"]
-            rebuilt[m["name"]] = buf[m["start_idx"] : m["end_idx"]].reshape(m["shape"])
+    for p in payloads:
+        flat = p["flattened_tensor"]
+        assert flat.dtype == torch.uint8 and flat.dim() == 1
+        for m in p["metadata"]:
+            assert m["end_idx"] - m["start_idx"] == m["numel"] == m["shape"].numel() * m["dtype"].itemsize
+            rebuilt[m["name"]] = flat[m["start_idx"] : m["end_idx"]].view(m["dtype"]).reshape(m["shape"])
     for n, t in src:
         assert torch.equal(rebuilt[n], t)
 
@@ -95,7 +96,7 @@ def test_distributed_update_body_and_pads():
 def test_loose_pairs_and_buckets_become_buckets_in_order(bound):
     pairs = [(f"t{i}", torch.full((4,), float(i))) for i in range(6)]
     stream = pairs[:2] + list(iter_buckets(pairs[2:4], None)) + pairs[4:]
-    names = [n for b in _as_buckets(iter(stream), bound) for n in b.names]
+    names = [n for b in as_buckets(iter(stream), bound) for n in b.names]
     assert names == [n for n, _ in pairs]
 
 
@@ -118,6 +119,45 @@ def test_weight_update_group_broadcasts_over_gloo():
         assert torch.equal(t, torch.arange(6, dtype=torch.float32))
 
 
+def _groups_worker(rank, world_size, tp, pp):
+    import torch.distributed as dist
+
+    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.distributed import destroy_distributed, init_distributed
+    from megatron_vppo.rollout.sglang_weights import engine_groups
+    from megatron_vppo.train.rollout_step import all_gather_world, is_engine_rank
+
+    init_distributed(ParallelConfig(tp=tp, pp=pp), num_attention_heads=4, num_query_groups=2, num_layers=2)
+    try:
+        group, src = engine_groups(tp)
+        members = dist.get_process_group_ranks(group) if group is not None else None
+        gathered = all_gather_world([rank] if is_engine_rank() else [])
+        return {"src": src, "members": members, "engine": is_engine_rank(), "gathered": gathered}
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 2), (1, 2)])
+def test_engine_groups_are_the_stage0_tp_groups(tp, pp):
+    """Each replica's engine rank and its TP peers on pipeline stage 0 share one gloo group led by the
+    engine rank; later stages host nothing."""
+    from dist_helpers import run_distributed
+
+    world = 4
+    got = run_distributed(_groups_worker, world, tp, pp, timeout=300)
+    stage0 = [r for r in range(world) if (r // (world // pp)) == 0]  # Megatron order: pp is the slowest dim
+    engines = [r for r in range(world) if got[r]["engine"]]
+    for r, g in enumerate(got):
+        assert g["gathered"] == engines  # every rank receives every engine rank's list, in rank order
+        if r not in stage0:
+            assert g["src"] is None and g["members"] is None
+        elif tp == 1:
+            assert g["src"] == r and g["members"] is None and g["engine"]
+        else:
+            lead = r - r % tp
+            assert g["src"] == lead and g["members"] == list(range(lead, lead + tp)) and g["engine"] == (r == lead)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 
@@ -126,7 +166,7 @@ def test_sglang_engine_matches_hf_engine(tiny_model_dir):
     from megatron_vppo.rollout.hf_engine import HFRolloutEngine
     from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
 
-    eng = SGLangRolloutEngine(str(tiny_model_dir), dtype="float32", mem_fraction_static=0.3, disable_cuda_graph=True)
+    eng = SGLangRolloutEngine.launch(str(tiny_model_dir), dtype="float32", mem_fraction_static=0.3, disable_cuda_graph=True)
     try:
         hf = HFRolloutEngine.from_pretrained(tiny_model_dir, device="cuda")
         reqs = [RolloutRequest([10, 11, 12, 13]), RolloutRequest([20, 21])]
@@ -144,6 +184,9 @@ def test_sglang_engine_matches_hf_engine(tiny_model_dir):
         assert eng.weight_version == 1
         eng.release_memory()
         eng.resume_memory()
+        with pytest.raises(RuntimeError, match="weights were dropped"):  # no CPU backup: reload first
+            eng.generate(reqs, 1, SamplingParams(max_new_tokens=2))
+        eng.update_weights(iter_buckets(((n, t.cuda()) for n, t in sd.items()), 1 << 20))
         hf.update_weights(sd.items())
         outs = eng.generate(reqs, 1, SamplingParams(temperature=1.0, max_new_tokens=8))
         ref = hf.score([(r, s[0].token_ids) for r, s in zip(reqs, outs)])

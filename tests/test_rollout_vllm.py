@@ -252,6 +252,8 @@ def test_registry_and_engine_args_validation():
         load_config(None, ["rollout.engine=vllm", "rollout.engine_args.kv_cache_gb=2"])
     with pytest.raises(ConfigError, match="rollout.engine=hf takes none"):
         load_config(None, ["rollout.engine_args.kv_cache_gib=2"])
+    with pytest.raises(ConfigError, match="old_logp_source=trainer"):
+        load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine"])
     with pytest.raises(ConfigError, match="process"):
         load_config(None, ["rollout.engine=vllm", "rollout.engine_args.process=threads"])
 

@@ -148,15 +148,16 @@ def test_data_metrics_count_each_reason_and_log_new_skips_once(tmp_path, caplog)
 
 
 def test_sglang_engine_branch_refuses_what_it_cannot_run(tmp_path, monkeypatch):
-    from megatron_vppo.config import ConfigError, RunConfig
+    from megatron_vppo.config import ConfigError, RunConfig, load_config
     from megatron_vppo.train.build import build_engine
 
+    # SGLang runs colocated only: the disaggregated choice is gone until the trainer can drive servers.
+    with pytest.raises(ConfigError, match="sglang_mode"):
+        load_config(None, ["rollout.sglang_mode=disaggregated"])
+    with pytest.raises(ConfigError, match="engine_gpu_share"):
+        load_config(None, ["rollout.engine_gpu_share=1.0"])
     cfg = RunConfig()
     cfg.rollout.engine = "sglang"
-    cfg.rollout.sglang_mode = "disaggregated"
-    with pytest.raises(ConfigError, match="sglang_mode=colocated"):
-        build_engine(cfg, tmp_path)
-    cfg.rollout.sglang_mode = "colocated"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="needs a GPU"):
         build_engine(cfg, tmp_path)
@@ -165,17 +166,23 @@ def test_sglang_engine_branch_refuses_what_it_cannot_run(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SGLang's colocated engine needs a GPU (and sglang)")
 def test_sglang_engine_is_constructed_for_colocated_mode(tiny_model_dir):
     pytest.importorskip("sglang")
+    import torch.distributed as dist
+
     from megatron_vppo.config import RunConfig
     from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
-    from megatron_vppo.train.build import build_engine
+    from megatron_vppo.train.build import _single_process_rendezvous, build_engine, build_policy
 
+    _single_process_rendezvous()
     cfg = RunConfig()
-    cfg.rollout.engine, cfg.model.dtype, cfg.rollout.sglang_mem_fraction = "sglang", "bf16", 0.3
+    cfg.model.path = str(tiny_model_dir)
+    cfg.rollout.engine, cfg.model.dtype, cfg.rollout.engine_gpu_share = "sglang", "bf16", 0.3
+    build_policy(cfg, Path(tiny_model_dir))  # process groups, as the trainer has them
     engine = build_engine(cfg, Path(tiny_model_dir))
     try:
         assert isinstance(engine, SGLangRolloutEngine) and engine.tp_size == 1
     finally:
         engine.shutdown()
+        dist.destroy_process_group()
 
 
 def test_eval_cli_bad_paths(tmp_path, tiny_model_dir):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_vppo.config import RolloutConfig
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning import KERNELS, Precision, Workload, estimate_memory, load_model_spec, spec_from_dict, tune
 from megatron_vppo.tuning.cli import run as cli_run
@@ -97,7 +98,7 @@ def test_missing_fields_are_named(tmp_path):
         (["--gpus", "8", "--gpu-mem-gib", "-1"], "--gpu-mem-gib"),
         (["--gpus", "8", "--gpu-mem-gib", "80", "--seq-len", "0"], "--seq-len"),
         (["--gpus", "8", "--gpu-mem-gib", "80", "--micro-batch", "3"], "not a multiple of --micro-batch"),
-        (["--gpus", "8", "--gpu-mem-gib", "80", "--rollout-mem-fraction", "1.2"], "rollout-mem-fraction"),
+        (["--gpus", "8", "--gpu-mem-gib", "80", "--rollout-share", "1.2"], "rollout-share"),
         # 6 GPUs: tp 3/6 do not divide 28 heads, pp 3/6 do not divide 28 layers, dp 3/6 do not divide 1024.
         (["--gpus", "6", "--gpu-mem-gib", "80"], "no parallel layout .* exactly 6 GPUs"),
     ],
@@ -124,9 +125,43 @@ def test_tool_json_and_exit_codes(tmp_path):
     b = rows[0]["breakdown_gib"]
     static = b["weights"] + b["grads"] + b["optimizer"]
     dyn = max(b["activations"] + b["vision_act"] + b["bwd_peak"], b["nograd"])
-    assert rows[0]["mem_gib"] == pytest.approx(static + dyn + b["overhead"] + b["rollout"], abs=0.01)
+    # the larger of the training phase and the rollout phase (the engine's share, on stage 0)
+    train = static + dyn + b["overhead"]
+    assert b["rollout"] == pytest.approx(RolloutConfig().engine_gpu_share * 80, abs=0.01)  # one default
+    fixed = KERNELS["te"].fixed_overhead_gib
+    assert rows[0]["mem_gib"] == pytest.approx(max(train, static + fixed + b["rollout"]), abs=0.01)
+    assert b["kv_cache"] == pytest.approx(b["rollout"] - b["engine_weights"], abs=0.01)
     bad = subprocess.run(tool + ["--gpus", "6"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_tuner_offers_no_context_parallel_layouts():
+    """The trainer refuses cp > 1 (nothing splits sequences over CP ranks yet), so the tuner must not
+    recommend one; every layout it offers passes the trainer's own validation."""
+    from megatron_vppo.parallel_layout import validate_layout
+
+    spec = load_model_spec(SPEC_32B)
+    cands = tune(spec, 32, 80.0, PAPER_32B)
+    assert cands and all(c.layout.cp == 1 for c in cands)
+    for c in cands:
+        validate_layout(c.layout, world_size=32, num_attention_heads=spec.heads, num_query_groups=spec.kv_heads,
+                        num_layers=spec.layers, vision_num_heads=spec.vision_heads, te_available=True)
+
+
+def test_rollout_share_must_hold_the_engines_weights_and_a_sequence():
+    """The colocated engine (TP = the trainer's, on stage 0) holds the HF model / TP in bf16 inside its share;
+    a share smaller than that cannot fit, whatever the trainer needs."""
+    spec = load_model_spec(SPEC_32B)
+    prec = Precision()  # bf16
+    for tp, share, ok in [(2, 0.35, False), (2, 0.45, True), (4, 0.25, True), (4, 0.19, False)]:
+        est = estimate_memory(spec, Layout(tp=tp, pp=4, dp=32 // (4 * tp)), PAPER_32B, prec=prec, gpu_mem_gib=80.0,
+                              rollout_share=share)
+        first = est.stages[0]
+        assert first.engine_weights == pytest.approx(spec.total_params() * 2 / tp)
+        assert first.min_kv == pytest.approx(PAPER_32B.seq_len * spec.layers * 2 * (spec.kv_heads // tp) * spec.hd * 2)
+        assert first.rollout_fits is ok, (tp, share, first.kv_cache / GIB)
+        assert all(s.rollout == 0 for s in est.stages[1:])  # only stage 0 hosts the engine
+        assert est.total_gib * GIB >= first.static + first.rollout
 
 
 def test_megatron_vppo_tune_needs_no_tools_dir(monkeypatch, tmp_path, capsys):

@@ -103,3 +103,78 @@ def test_single_process_group_none():
 def test_bad_target_shape():
     with pytest.raises(ValueError, match="target shape"):
         vocab_parallel_log_prob(torch.zeros(3, 4), torch.zeros(4, dtype=torch.long))
+
+
+def test_chunking_does_not_change_values_or_gradients(monkeypatch):
+    """Many small chunks vs one chunk (the whole tensor at once): same values and gradients, bf16 too."""
+    import megatron_vppo.algo.vocab_parallel as vp
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 40, generator=g) * 4
+    other = logits + torch.randn(64, 40, generator=g)
+    target = torch.randint(0, 37, (64,), generator=g)
+    w = torch.randn(64, generator=g)
+
+    def run(dtype):
+        x = logits.to(dtype).requires_grad_()
+        lp = vocab_parallel_log_prob(x, target, None, TEMP, 37)
+        (gl,) = torch.autograd.grad((lp * w).sum(), x)
+        ent = vocab_parallel_entropy(x, None, TEMP, 37)
+        (ge,) = torch.autograd.grad((ent * w).sum(), x)
+        kl = vocab_parallel_kl(x.detach(), other.to(dtype), None, TEMP, 37)
+        return lp, gl, ent, ge, kl
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert vp.chunk_rows(64, 40, logits.element_size()) < 64  # the default splits this tensor
+        chunked = run(dtype)
+        monkeypatch.setattr(vp, "CHUNK_FRACTION", 64.0)  # one chunk
+        whole = run(dtype)
+        monkeypatch.undo()
+        for a, b in zip(chunked, whole):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert chunked[1].dtype == dtype and float(chunked[1][:, 37:].abs().max()) == 0.0
+
+
+_PEAK_SCRIPT = r"""
+import json, re, sys
+from pathlib import Path
+import torch
+from megatron_vppo.algo.vocab_parallel import vocab_parallel_kl, vocab_parallel_log_prob
+
+def rss(key):
+    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+dtype = getattr(torch, sys.argv[1])
+rows, cols, vocab = 1024, 16384, 16000
+logits = (torch.randn(rows, cols) * 3).to(dtype)
+target = torch.randint(0, vocab, (rows,))
+with torch.no_grad():  # warm-up on a small tensor: first-call code and thread pools are not logits memory
+    vocab_parallel_log_prob(logits[:8], target[:8], None, 0.7, vocab)
+    vocab_parallel_kl(logits[:4], logits[4:8], None, 0.7, vocab)
+before = rss("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+with torch.no_grad():  # what the paired no-grad pass does with the [2b, s, V/TP] logits
+    lp = vocab_parallel_log_prob(logits, target, None, 0.7, vocab)
+    kl = vocab_parallel_kl(logits[: rows // 2], logits[rows // 2 :], None, 0.7, vocab)
+extra = rss("VmHWM") - before
+print(json.dumps({"logits": logits.numel() * logits.element_size(), "extra": extra}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_grad_peak_is_at_most_1_25x_logits(dtype):
+    """Peak resident memory of the paired pass's reductions, in a fresh process whose allocations
+    above 64 KiB are all mmapped (so freed memory leaves the RSS and the high-water mark is the peak
+    of live memory): logits + temporaries <= 1.25x the logits (a full fp32 copy would be >= 2x)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, dtype], env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = (r["logits"] + r["extra"]) / r["logits"]
+    print(f"{dtype}: no-grad peak / logits = {ratio:.3f}")
+    assert ratio <= 1.25

@@ -6,7 +6,7 @@ by the processor. 7 is odd on purpose: micro-batch size 4 leaves a filler row an
 Mini-batches of 4 trajectories give two optimizer steps per RL step; both steps' gradients are compared
 (the second one runs at θ ≠ π_old, after the first Adam step).
 
-Every layout runs the trainer's own step functions (`loop.score_step_batch` -> `loop.shape_step` ->
+Every layout (TP2+SP among them) runs the trainer's own step functions (`loop.score_step_batch` -> `loop.shape_step` ->
 `loop.update_policy`) on a model and optimizer built as `train/build.py` builds them, in its own
 spawned gloo group, and returns old_logp, aug_logp, dependency, α, TGF mask, the loss J and the
 gradient. Every layout is compared with the TP1·PP1 (micro-batch 4) run of the same session.
@@ -105,16 +105,17 @@ class GradCapture:
         return getattr(self._opt, name)
 
 
-def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vpp: int | None = None):
+def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vpp: int | None = None,
+                  sp: bool = False, overlap: bool | None = None):
     """Process groups, model, HF weights, DDP + optimizer: the trainer's own build_policy."""
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.train.build import build_policy
     from megatron_vppo.train.loop import Trainer
 
-    cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sp=sp)
     cfg.model.path = str(model_dir)
-    pol = build_policy(cfg, model_dir, total_steps=1)
+    pol = build_policy(cfg, model_dir, total_steps=1, overlap=overlap)
     proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, really_step)
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                       optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
@@ -157,15 +158,18 @@ def train_side_step(trainer, proxy, trajs) -> dict:
     )
 
 
-def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs):
-    trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs))
+def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False):
+    trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs), sp=sp)
     return train_side_step(trainer, proxy, trajs)
 
 
 # ------------------------------------------------------------------------------ parent side
 
-LAYOUTS = {  # name: (world, tp, pp, micro-batch size)
+LAYOUTS = {  # name: (world, tp, pp, micro-batch size[, sequence parallel])
     "TP2": (2, 2, 1, 4),
+    # SP: activations split over the sequence between TP ranks; the norms' partial grads are summed
+    # over TP by the trainer's own finalize_model_grads (no reduction on the test side).
+    "TP2+SP": (2, 2, 1, 4, True),
     "PP2": (2, 1, 2, 1),  # 7 paired micro-batches; 4 + 3 in the updates: 1F1B warm-up, steady, cool-down
     "DP2": (2, 1, 1, 4),  # pass shards of 4 and 3; update shards 2 + 2, then 2 + 1
     "TP2xPP2": (4, 2, 2, 4),
@@ -256,8 +260,8 @@ def test_reference_batch_is_nontrivial(reference, trajs):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, tiny_model_dir, trajs, reference):
-    world, tp, pp, mbs = LAYOUTS[name]
-    results = run_distributed(_layout_worker, world, str(tiny_model_dir), trajs, tp, pp, mbs)
+    world, tp, pp, mbs, *sp = LAYOUTS[name]
+    results = run_distributed(_layout_worker, world, str(tiny_model_dir), trajs, tp, pp, mbs, *sp)
     check_same(results, reference, name)
 
 
@@ -340,3 +344,59 @@ def test_tp1_gradient_equals_transformers_gradient_of_J(tiny_model_dir, trajs, r
     rel, name = _worst_grad(_merged_grads([reference], 0), hf_grads)
     print(f"TP1 vs transformers: worst relative gradient difference {rel:.1e} ({name})")
     assert rel <= GRAD_RTOL_HF, f"gradient of {name} differs from transformers' by {rel:.3e} (relative)"
+
+
+# ------------------------------------------------------------------- packed (thd) micro-batches
+
+# name: (world, tp, pp, train.max_tokens_per_micro_batch). The batch's trajectories hold 121-149 tokens:
+# 1 gives every trajectory its own micro-batch, 10_000 packs a whole shard into one, 300 packs two and
+# one per micro-batch, 260 gives DP2's two ranks different micro-batch counts (topped up with an empty one).
+PACKED_LAYOUTS = {
+    "packed-TP1-budget1": (1, 1, 1, 1),
+    "packed-TP2": (2, 2, 1, 10_000),
+    "packed-PP2": (2, 1, 2, 300),
+    "packed-DP2": (2, 1, 1, 260),
+    "packed-TP2xPP2": (4, 2, 2, 300),
+    "packed-TP2-SP": (2, 2, 1, 300),  # sequence parallel splits each packed sequence over the TP ranks
+}
+
+
+def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
+    cfg = run_config(4)
+    cfg.train.max_tokens_per_micro_batch = budget
+    if not sp:
+        trainer, proxy = build_trainer(model_dir, tp, pp, cfg)
+        return train_side_step(trainer, proxy, trajs)
+    # build_trainer with sequence parallel on
+    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.train.build import build_policy
+    from megatron_vppo.train.loop import Trainer
+
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, sp=True)
+    cfg.model.path = str(model_dir)
+    pol = build_policy(cfg, model_dir, total_steps=1)
+    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter)
+    trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
+                      optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
+                      val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
+                      vocab_size=pol.arch.vocab_size, step=STEP)
+    return train_side_step(trainer, proxy, trajs)
+
+
+@pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
+def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs, reference):
+    """Packed (thd) micro-batches under a token budget give the padded TP1 run's old/aug log-probs,
+    dependency, α, TGF mask, loss and gradients, at every layout."""
+    from megatron_vppo.train.rl_batch import pack_by_tokens, shard_by_tokens
+
+    world, tp, pp, budget = PACKED_LAYOUTS[name]
+    lengths = [t.num_tokens for t in trajs]
+    bins = pack_by_tokens(lengths, budget)
+    assert len(bins) == {1: 7, 10_000: 1, 300: 4, 260: 5}[budget]  # the cases the table promises
+    if name == "packed-DP2":  # first mini-batch: rank 0 gets [0, 1] (2 micro-batches), rank 1 [2, 3] (1)
+        counts = [len(pack_by_tokens([lengths[i] for i in shard_by_tokens([0, 1, 2, 3], lengths[:4], r, 2)],
+                                     budget)) for r in range(2)]
+        assert counts[0] != counts[1], counts
+    results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, tp, pp, budget, name.endswith("SP"))
+    check_same(results, reference, name)

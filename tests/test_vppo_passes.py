@@ -174,8 +174,10 @@ def test_perturbed_views_deterministic_and_image_only(tiny_model_dir, trajs, vie
 # ------------------------------------------------------------------------ interleaved pipeline
 
 
-def _vpp_worker(rank, world, model_dir, trajs, pp, vpp):
-    trainer, proxy = build_trainer(model_dir, 1, pp, run_config(4), vpp=vpp)
+def _vpp_worker(rank, world, model_dir, trajs, pp, vpp, max_tokens=None):
+    cfg = run_config(4)
+    cfg.train.max_tokens_per_micro_batch = max_tokens
+    trainer, proxy = build_trainer(model_dir, 1, pp, cfg, vpp=vpp)
     return train_side_step(trainer, proxy, trajs)
 
 
@@ -195,6 +197,9 @@ def test_interleaved_pipeline_small_shard_matches_single_process(four_layer_mode
     vpp = run_distributed(_vpp_worker, 2, str(four_layer_model_dir), trajs, 2, 2)
     ref = run_distributed(_vpp_worker, 1, str(four_layer_model_dir), trajs, 1, None)[0]
     check_same(vpp, ref, "PP2xVPP2")
+    # Packed micro-batches (300 tokens: two or one trajectory each) under the interleaved schedule.
+    packed = run_distributed(_vpp_worker, 2, str(four_layer_model_dir), trajs, 2, 2, 300)
+    check_same(packed, ref, "PP2xVPP2-packed")
 
 
 # ------------------------------------------------------------------------ optimizer-step protocol
@@ -227,7 +232,8 @@ def test_skipped_optimizer_step_does_not_advance_the_schedule(monkeypatch):
     monkeypatch.setattr(loop.passes, "policy_update_pass", lambda *a, **k: {"loss": 0.0, "token_frac": 1.0})
     trajs = [SimpleNamespace(input_ids=torch.zeros(4, dtype=torch.long))] * 2
     trainer = SimpleNamespace(cfg=run_config(4), model_chunks=[], optimizer=SkippingOptimizer(),
-                              scheduler=Scheduler(), processor=SimpleNamespace(pad_token_id=0), vocab_size=8)
+                              scheduler=Scheduler(), processor=SimpleNamespace(pad_token_id=0), vocab_size=8,
+                              step=1, state={})
     loop.update_policy(trainer, trajs, [{}, {}], [[0], [1]])
     assert calls["opt"] == 2
     assert calls["sched"] == 0, "a skipped optimizer step must not advance the learning-rate schedule"
@@ -317,7 +323,8 @@ def test_forward_step_hands_the_model_its_own_device():
             super().__init__()
             self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
 
-        def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids=None,
+                    packed_seq_params=None):
             seen.update(input_ids=input_ids.device.type, attention_mask=attention_mask.device.type,
                         pixel_values=pixel_values.device.type, image_grid_thw=image_grid_thw.device.type)
             return torch.empty(2, 8, 5, device="meta")
@@ -327,3 +334,54 @@ def test_forward_step_hands_the_model_its_own_device():
     assert seen == {"input_ids": "meta", "attention_mask": "meta", "pixel_values": "meta", "image_grid_thw": "cpu"}
     assert {got.labels.device.type, got.loss_mask.device.type, got.per_token["old_logp"].device.type} == {"meta"}
     assert mb.input_ids.device.type == "cpu", "the host copy is left as it was"
+
+
+# ------------------------------------------------------------------------------ rollout correction
+
+
+def _correction_worker(rank, world, model_dir, trajs):
+    """DAPO updates (no entropy term) on the same weights with the engine's log-probs set to
+    π_old / 2 on every token: no correction, TIS (w = 2 everywhere, inside cap 3), MIS with cap 1.5
+    (every token outside [1/1.5, 1.5]: all dropped)."""
+    import math
+
+    from megatron_vppo.config import RolloutCorrectionConfig
+    from megatron_vppo.train import loop
+
+    cfg = run_config(4, algorithm="dapo")
+    trainer, proxy = build_trainer(model_dir, 1, 1, cfg, really_step=False)
+    scored = loop.score_step_batch(trainer, trajs)
+    for t, r in zip(trajs, scored):
+        t.rollout_log_probs = r["old"].float() - math.log(2.0)
+    out = {}
+    for name, rc in (("none", RolloutCorrectionConfig()),
+                     ("tis", RolloutCorrectionConfig(level="token", mode="truncate", cap=3.0)),
+                     ("mis", RolloutCorrectionConfig(level="token", mode="mask", cap=1.5))):
+        trainer.cfg.vppo.rollout_correction = rc
+        proxy.grads.clear()
+        per_traj, minibatches, metrics = loop.shape_step(trainer, trajs, scored)
+        upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
+        out[name] = {"grads": [dict(g) for g in proxy.grads], "minibatches": minibatches,
+                     "metrics": {**metrics, **upd}}
+    return out
+
+
+def test_rollout_correction_weights_reach_the_policy_gradient(tiny_model_dir, trajs):
+    """The correction weights travel through shape_step -> policy_update_pass -> the loss: w = 2 on every
+    token doubles the policy-gradient loss and every gradient; MIS dropping every token zeroes them."""
+    import copy
+
+    res = run_distributed(_correction_worker, 1, str(tiny_model_dir), copy.deepcopy(trajs))[0]
+    none, tis, mis = res["none"], res["tis"], res["mis"]
+    assert tis["metrics"]["rollout_correction/weight_mean"] == pytest.approx(2.0, rel=1e-5)
+    assert mis["metrics"]["rollout_correction/token_frac_corrected"] == 1.0
+    assert none["metrics"]["actor/pg_loss"] != 0.0
+    assert tis["metrics"]["actor/pg_loss"] == pytest.approx(2 * none["metrics"]["actor/pg_loss"], rel=1e-5)
+    assert mis["metrics"]["actor/pg_loss"] == 0.0
+    for step in range(len(none["minibatches"])):
+        g_none, g_tis, g_mis = (_merged_grads([r], step) for r in (none, tis, mis))
+        assert set(g_none) == set(g_tis) == set(g_mis)
+        for k in g_none:
+            assert torch.allclose(g_tis[k], 2 * g_none[k], rtol=1e-4, atol=1e-9), k
+            assert float(g_mis[k].abs().max()) == 0.0, k
+        assert max(float(g.abs().max()) for g in g_none.values()) > 0

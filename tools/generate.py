@@ -81,7 +81,7 @@ def build_engine(args, rank: int, max_len: int | None = None):
     from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
 
     local = int(os.environ.get("LOCAL_RANK", rank))
-    return SGLangRolloutEngine(
+    return SGLangRolloutEngine.launch(
         args.model,
         base_gpu_id=local,
         dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype],

@@ -2,7 +2,9 @@
 
     r   = exp(clamp(logp - old, -20, 20)),   r_c = exp(clamp(logp - old, ln(1-ε_low), ln(1+ε_high)))
     ℓ   = max(-Â·r, -Â·r_c);  if Â < 0: ℓ = min(ℓ, -c·Â)
-    J   = [Σ mask·M·ℓ + c_ent·Σ M·(-logp)] / N
+    J   = [Σ mask·M·w·ℓ + c_ent·Σ M·(-logp)] / N
+
+w is the detached rollout-correction weight (algo/rollout_correction.py; 1 without correction).
 
 N is the count of ALL valid response tokens of the mini-batch. Pass it as `num_tokens` (summed over
 micro-batches and data-parallel ranks) and every micro-batch's J becomes its additive share: the sum of
@@ -54,11 +56,13 @@ def ppo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low:
 def vppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor,
                      tgf_mask: Tensor | None = None, *, clip_low: float = 0.2, clip_high: float = 0.28,
                      dual_clip: float = 3.0, entropy_coef: float = 0.0,
-                     num_tokens: float | int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                     num_tokens: float | int | Tensor | None = None,
+                     is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """J for these rows (spec §6). Returns (loss scalar, detached metrics).
 
     `tgf_mask` None keeps every valid token (plain DAPO when entropy_coef = 0 and α = 1).
     `num_tokens` None uses this batch's own valid-token count; pass the global count (see module doc).
+    `is_weights` [B, T] (rollout correction, detached here) scales each token's PPO term; None = 1.
     Positions with M = 0 contribute nothing and get zero gradient, whatever their log-probs hold.
     """
     valid = response_mask.bool()
@@ -74,7 +78,11 @@ def vppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, respons
         denom = valid.sum().clamp(min=1).to(logp.dtype)
     else:
         denom = torch.as_tensor(num_tokens, dtype=logp.dtype, device=logp.device).clamp(min=1)
-    pg_sum = torch.where(pg_keep, terms.loss, zero).sum()
+    if is_weights is None:
+        pg_terms = terms.loss
+    else:  # sanitised like the log-probs: 0·NaN on a padded slot would be a NaN gradient
+        pg_terms = terms.loss * torch.where(valid, is_weights.detach().to(logp.dtype), zero)
+    pg_sum = torch.where(pg_keep, pg_terms, zero).sum()
     neg_logp_sum = torch.where(valid, -lp, zero).sum()
     loss = (pg_sum + entropy_coef * neg_logp_sum) / denom
     with torch.no_grad():

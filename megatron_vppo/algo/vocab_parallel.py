@@ -3,17 +3,26 @@
 Each rank holds the global vocabulary columns [rank·V/TP, (rank+1)·V/TP). Max, log-sum-exp and the
 target/expectation sums are all-reduced over `group`; nothing of full-vocabulary size is ever built on a
 rank. All math is fp32 (or fp64 if the logits are fp64). Temperature divides the logits before the
-softmax. Columns at global index >= `vocab_size` (padding added for divisibility) are masked to -inf.
-`group` None or of size 1 means the logits are the whole vocabulary.
+softmax. Columns at global index >= `vocab_size` (padding added for divisibility) are left out (a
+slice, not a masked copy). `group` None or of size 1 means the logits are the whole vocabulary.
 
-The backward passes are written out (as Megatron's vocab_parallel_cross_entropy does) and recompute the
-softmax from the saved input logits and log-sum-exp instead of keeping a [tokens, V/TP] fp32 buffer.
+Memory: the logits are read in row chunks (`chunk_rows`), each upcast to fp32 on its own, so the
+temporaries stay a small fraction of the logits tensor (no full-size fp32 copy; the no-grad peak is
+≈ 1.1× the logits). Reductions over the vocabulary run per chunk and all-reduce only [rows] vectors,
+once per statistic, so the number of collectives does not grow with the chunk count. The backward
+passes (as Megatron's vocab_parallel_cross_entropy) recompute the softmax from the saved input
+logits and log-sum-exp, one chunk at a time, straight into the gradient tensor.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+# The fp32 temporaries of one chunk are at most this fraction of the logits tensor's bytes ...
+CHUNK_FRACTION = 1 / 32
+# ... and at most this many bytes (big tensors: cache-sized chunks, same number of collectives).
+CHUNK_MAX_BYTES = 64 << 20
 
 
 def _tp(group) -> tuple[int, int]:
@@ -28,30 +37,71 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
-def _scaled(logits: Tensor, temperature: float, vocab_size: int | None, group) -> Tensor:
-    """fp32 logits / T with padded columns at -inf; [N, V/TP]."""
+def _math_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(rows: int, cols: int, elem_bytes: int) -> int:
+    """Rows per chunk: fp32 temporaries of one chunk <= CHUNK_FRACTION of the logits (>= 1 row)."""
+    budget = min(rows * cols * elem_bytes * CHUNK_FRACTION, CHUNK_MAX_BYTES)
+    return max(1, int(budget // max(cols * 4, 1)))
+
+
+def _real_cols(local_v: int, vocab_size: int | None, group) -> int:
+    """How many of this rank's columns are real vocabulary (the rest is padding)."""
+    if vocab_size is None:
+        return local_v
+    rank, _ = _tp(group)
+    return max(0, min(local_v, vocab_size - rank * local_v))
+
+
+def _check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(dtype) / temperature
-    if vocab_size is not None:
-        rank, _ = _tp(group)
-        local_v = logits.shape[-1]
-        first_pad = vocab_size - rank * local_v  # local column where padding starts
-        if first_pad < local_v:
-            z[..., max(first_pad, 0):] = float("-inf")
-    return z
 
 
-def _log_normaliser(z: Tensor, group, overwrite: bool = False) -> Tensor:
-    """Global log-sum-exp over the sharded last dim: [N]. `overwrite` lets it reuse z's memory."""
-    m = z.max(dim=-1).values
-    _all_reduce(m, dist.ReduceOp.MAX, group)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a shard that is all padding
-    shifted = z.sub_(m.unsqueeze(-1)) if overwrite else z - m.unsqueeze(-1)
-    sumexp = shifted.exp_().sum(-1)
-    _all_reduce(sumexp, dist.ReduceOp.SUM, group)
-    return m + torch.log(sumexp)
+def _spans(n: int, step: int):
+    for a in range(0, n, step):
+        yield a, min(a + step, n)
+
+
+class _Sharded:
+    """Flat [N, V/TP] logits seen as real columns, read in fp32 chunks of z = logits / T."""
+
+    def __init__(self, logits: Tensor, temperature: float, vocab_size: int | None, group):
+        _check_temperature(temperature)
+        self.logits, self.t, self.group = logits, temperature, group
+        self.dtype = _math_dtype(logits)
+        self.real = _real_cols(logits.shape[-1], vocab_size, group)
+        self.step = chunk_rows(logits.shape[0], logits.shape[-1], logits.element_size())
+
+    def chunks(self):
+        """(a, b, z [b-a, real] fp32 private copy) per row chunk."""
+        for a, b in _spans(self.logits.shape[0], self.step):
+            yield a, b, self.logits[a:b, : self.real].to(self.dtype, copy=True).div_(self.t)
+
+    def log_normaliser(self) -> Tensor:
+        """Global log-sum-exp of z over the vocabulary, [N]: a max pass, then a sum-of-exp pass."""
+        n = self.logits.shape[0]
+        m = torch.full((n,), float("-inf"), dtype=self.dtype, device=self.logits.device)
+        if self.real:
+            for a, b in _spans(n, self.step):  # max commutes with the positive scale 1/T: no copy
+                m[a:b] = self.logits[a:b, : self.real].amax(-1).to(self.dtype) / self.t
+        _all_reduce(m, dist.ReduceOp.MAX, self.group)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of only padding
+        sumexp = torch.zeros_like(m)
+        for a, b, z in self.chunks():
+            sumexp[a:b] = z.sub_(m[a:b, None]).exp_().sum(-1)
+        _all_reduce(sumexp, dist.ReduceOp.SUM, self.group)
+        return m + torch.log(sumexp)
+
+    def expected_z(self, lse: Tensor) -> Tensor:
+        """E_p[z] per row, all-reduced."""
+        ez = torch.zeros_like(lse)
+        for a, b, z in self.chunks():
+            p = (z - lse[a:b, None]).exp_()
+            ez[a:b] = p.mul_(z).sum(-1)
+        return _all_reduce(ez, dist.ReduceOp.SUM, self.group)
 
 
 def _flat(logits: Tensor) -> Tensor:
@@ -71,12 +121,12 @@ def _target_local(target: Tensor, local_v: int, group) -> tuple[Tensor, Tensor]:
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, temperature, vocab_size, group):
-        z = _scaled(logits, temperature, vocab_size, group)
-        in_range, local = _target_local(target, z.shape[-1], group)
-        picked = z.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+        sh = _Sharded(logits, temperature, vocab_size, group)
+        in_range, local = _target_local(target, logits.shape[-1], group)
+        picked = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).to(sh.dtype) / temperature
         picked = torch.where(in_range, picked, torch.zeros_like(picked))
         _all_reduce(picked, dist.ReduceOp.SUM, group)
-        lse = _log_normaliser(z, group, overwrite=True)  # z is a private copy; done with it
+        lse = sh.log_normaliser()
         ctx.save_for_backward(logits, target, lse)
         ctx.temperature, ctx.vocab_size, ctx.group = temperature, vocab_size, group
         return picked - lse
@@ -84,24 +134,27 @@ class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, target, lse = ctx.saved_tensors
-        z = _scaled(logits, ctx.temperature, ctx.vocab_size, ctx.group)
-        g = grad_out.to(z.dtype)
-        # d logp / d z_j = 1[j = target] - p_j ; chain through z = logits / T.
-        grad = z.sub_(lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))  # in place on the private copy
-        in_range, local = _target_local(target, z.shape[-1], ctx.group)
-        grad.scatter_add_(-1, local.unsqueeze(-1), torch.where(in_range, g, torch.zeros_like(g)).unsqueeze(-1))
-        grad.div_(ctx.temperature)
-        return grad.to(logits.dtype), None, None, None, None
+        sh = _Sharded(logits, ctx.temperature, ctx.vocab_size, ctx.group)
+        g = grad_out.to(sh.dtype)
+        in_range, local = _target_local(target, logits.shape[-1], ctx.group)
+        g_target = torch.where(in_range, g, torch.zeros_like(g))
+        grad = torch.zeros_like(logits)  # padded columns keep 0
+        for a, b, z in sh.chunks():
+            # d logp / d z_j = 1[j = target] - p_j ; chain through z = logits / T.
+            gz = z.sub_(lse[a:b, None]).exp_().mul_(-g[a:b, None])
+            if sh.real < logits.shape[-1]:
+                gz = torch.nn.functional.pad(gz, (0, logits.shape[-1] - sh.real))
+            gz.scatter_add_(-1, local[a:b, None], g_target[a:b, None])
+            grad[a:b] = gz.div_(ctx.temperature)
+        return grad, None, None, None, None
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, temperature, vocab_size, group):
-        z = _scaled(logits, temperature, vocab_size, group)
-        lse = _log_normaliser(z, group)
-        p = torch.exp(z - lse.unsqueeze(-1))
-        ez = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)  # E_p[z]; skips -inf padding
-        _all_reduce(ez, dist.ReduceOp.SUM, group)
+        sh = _Sharded(logits, temperature, vocab_size, group)
+        lse = sh.log_normaliser()
+        ez = sh.expected_z(lse)
         ctx.save_for_backward(logits, lse, ez)
         ctx.temperature, ctx.vocab_size, ctx.group = temperature, vocab_size, group
         return lse - ez
@@ -109,12 +162,14 @@ class _VocabParallelEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, lse, ez = ctx.saved_tensors
-        z = _scaled(logits, ctx.temperature, ctx.vocab_size, ctx.group)
-        p = torch.exp(z - lse.unsqueeze(-1))
-        # dH/dz_j = -p_j (z_j - E_p[z])
-        grad = torch.where(p > 0, p * (z - ez.unsqueeze(-1)), torch.zeros_like(z))
-        grad.mul_(-grad_out.to(z.dtype).unsqueeze(-1) / ctx.temperature)
-        return grad.to(logits.dtype), None, None, None
+        sh = _Sharded(logits, ctx.temperature, ctx.vocab_size, ctx.group)
+        scale = -grad_out.to(sh.dtype) / ctx.temperature
+        grad = torch.zeros_like(logits)
+        for a, b, z in sh.chunks():
+            # dH/dz_j = -p_j (z_j - E_p[z])
+            p = (z - lse[a:b, None]).exp_()
+            grad[a:b, : sh.real] = p.mul_(z.sub_(ez[a:b, None])).mul_(scale[a:b, None])
+        return grad, None, None, None
 
 
 def vocab_parallel_log_prob(logits: Tensor, target: Tensor, group=None, temperature: float = 1.0,
@@ -148,13 +203,13 @@ def vocab_parallel_kl(logits_p: Tensor, logits_q: Tensor, group=None, temperatur
     """
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"logits_p {tuple(logits_p.shape)} and logits_q {tuple(logits_q.shape)} must match")
-    # In place on the two private fp32 copies: at V/TP columns per token every extra buffer counts.
-    zp = _scaled(_flat(logits_p), temperature, vocab_size, group)
-    zq = _scaled(_flat(logits_q), temperature, vocab_size, group)
-    logp = zp.sub_(_log_normaliser(zp, group).unsqueeze(-1))
-    diff = zq.sub_(_log_normaliser(zq, group).unsqueeze(-1)).neg_().add_(logp)  # log p - log q
-    p = logp.exp_()
-    # p = 0 on padded columns, where diff is -inf + inf = nan.
-    kl = torch.where(p > 0, diff.mul_(p), 0.0).sum(-1)
+    sp = _Sharded(_flat(logits_p), temperature, vocab_size, group)
+    sq = _Sharded(_flat(logits_q), temperature, vocab_size, group)
+    lse_p, lse_q = sp.log_normaliser(), sq.log_normaliser()
+    kl = torch.zeros_like(lse_p)
+    for (a, b, zp), (_, _, zq) in zip(sp.chunks(), sq.chunks()):
+        logp = zp.sub_(lse_p[a:b, None])
+        diff = zq.sub_(lse_q[a:b, None]).neg_().add_(logp)  # log p - log q
+        kl[a:b] = diff.mul_(logp.exp_()).sum(-1)
     _all_reduce(kl, dist.ReduceOp.SUM, group)
     return kl.reshape(logits_p.shape[:-1])

@@ -17,6 +17,10 @@ checkpoint writer (`save_hf_checkpoint`). How it is produced, per data-parallel 
    destination rank(s); there the model's adapter (`mcore_to_hf`) turns each group into HF tensors
    (QKV un-interleave, gate/up split, vocab padding removed, no lm_head when embeddings are tied).
 
+Before the first tensor moves, every rank completes the distributed optimizer's deferred parameter
+all-gather (`train.optimizer.force_param_sync`; with overlap_param_gather the shards of other DP ranks
+would otherwise be the previous step's).
+
 Destinations (`dst`): "rank0" (global rank 0 only), "replica" (the first rank — TP 0, PP 0 — of every
 data-parallel replica; each replica streams independently), "all" (every rank). Other ranks yield
 nothing but MUST still iterate the stream to its end: it is a collective. The order is deterministic:
@@ -342,6 +346,11 @@ def export_hf_weights(
 
 
 def _stream(model_chunks, adapter, local, plan, dst, dtype, group_key, reuse_buffers):
+    from megatron_vppo.train.optimizer import force_param_sync
+
+    # Every rank, before any rank returns: after a distributed-optimizer step with overlapped param
+    # gathers, each DP rank holds only its own updated shard until this all-gather completes.
+    force_param_sync(model_chunks)
     tp_group, tp, tp_rank, pp_group, pp, pp_rank = _parallel()
     dp_rank, cp_rank = _replica_ranks()
     if cp_rank != 0 or (dst == "rank0" and dp_rank != 0):

@@ -34,6 +34,8 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "SKIP_REASONS",
     "SkipStats",
+    "DataError",
+    "check_data_file",
     "load_table",
     "PromptDataset",
     "PromptBatches",
@@ -45,6 +47,7 @@ IMAGE_PLACEHOLDER = "<image>"
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses anything more elongated
 SKIP_REASONS = (
     "bad_json_line",  # a .jsonl line that is not a JSON object (counted once, when the file is read)
+    "non_utf8_text",  # a text field (or .jsonl line) that is not valid UTF-8, e.g. latin-1: skipped, never mangled
     "empty_problem",  # problem missing, not a string, or blank
     "empty_answer",  # answer missing, blank, or not a scalar
     "bad_images_field",  # `images` is not a list of images
@@ -57,6 +60,14 @@ SKIP_REASONS = (
 )
 
 CountTokens = Callable[[str, list], int]
+
+
+class DataError(ValueError):
+    """The data file as a whole cannot be used (missing, empty, unreadable): one line naming it."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """The data path does not exist."""
 
 
 class _Skip(Exception):
@@ -101,6 +112,17 @@ class SkipStats:
 # Reading the table
 
 
+def check_data_file(path: str | os.PathLike, option: str = "data path") -> None:
+    """Fail in one line, before any work, when `path` cannot hold rows: missing, or an empty file."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingDataError(f"{option} {p} does not exist: pass a .parquet/.jsonl/.json/.arrow file or a "
+                        f"directory written by Dataset.save_to_disk")
+    if p.is_file() and (p.stat().st_size == 0 or (p.suffix.lower() in (".jsonl", ".json")
+                                                  and not p.read_bytes().strip())):
+        raise DataError(f"{option} {p} is empty (no rows); point it at a file with rows")
+
+
 def load_table(path: str | os.PathLike, split: str | None = None):
     """A `datasets.Dataset` from a local file or saved directory.
 
@@ -111,16 +133,15 @@ def load_table(path: str | os.PathLike, split: str | None = None):
 
     load_skipped: Counter = Counter()
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data path {p} does not exist: pass a .parquet/.jsonl/.json/.arrow file or a "
-                                f"directory written by Dataset.save_to_disk")
+    check_data_file(p)
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             names = list(ds.keys())
             if split is None:
                 if len(names) != 1:
-                    raise ValueError(f"{p} holds splits {names}: pass split=NAME (e.g. split={names[0]!r})")
+                    raise DataError(f"{p} holds splits {names}: point the data option at one split's directory "
+                                    f"(e.g. {p / names[0]})")
                 split = names[0]
             if split not in ds:
                 raise ValueError(f"{p} has no split {split!r}; it has {names}")
@@ -128,15 +149,21 @@ def load_table(path: str | os.PathLike, split: str | None = None):
         base = p
     else:
         suffix = "".join(p.suffixes[-1:]).lower()
-        if suffix == ".parquet":
-            ds = datasets.Dataset.from_parquet(str(p))
-        elif suffix in (".jsonl", ".json"):
-            ds, load_skipped = _from_json(p)
-        elif suffix == ".arrow":
-            ds = _from_arrow(p)
-        else:
-            raise ValueError(f"{p}: unknown data format {suffix!r}; use .parquet, .jsonl, .json, .arrow or a "
-                             f"save_to_disk directory")
+        readers = {".parquet": lambda: (datasets.Dataset.from_parquet(str(p)), Counter()),
+                   ".jsonl": lambda: _from_json(p), ".json": lambda: _from_json(p),
+                   ".arrow": lambda: (_from_arrow(p), Counter())}
+        if suffix not in readers:
+            raise DataError(f"{p}: unknown data format {suffix!r}; use .parquet, .jsonl, .json, .arrow or a "
+                            f"save_to_disk directory")
+        try:
+            ds, load_skipped = readers[suffix]()
+        except (DataError, FileNotFoundError):
+            raise
+        except Exception as exc:  # pyarrow / datasets raise many types for a damaged file
+            raise DataError(f"{p}: cannot read it as {suffix[1:]} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the file") from None
+        if len(ds) == 0:
+            raise DataError(f"{p} holds no rows; point the data option at a file with rows")
         base = p.parent
     return _no_image_decoding(ds), base, load_skipped
 
@@ -149,14 +176,19 @@ def _from_json(p: Path):
 
     try:
         return datasets.Dataset.from_json(str(p)), Counter()
-    except datasets.exceptions.DatasetGenerationError:
+    except (datasets.exceptions.DatasetGenerationError, ValueError):  # bad JSON or bytes that are not UTF-8
         if p.suffix.lower() != ".jsonl":
-            raise ValueError(f"{p} is not valid JSON (a .json file must parse as a whole; "
-                             f"use one object per line in a .jsonl file)") from None
+            raise DataError(f"{p} is not valid JSON (a .json file must parse as a whole; "
+                            f"use one object per line in a .jsonl file)") from None
     good, bad = [], Counter()
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
+    with open(p, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:  # strict: a latin-1 line is skipped and counted, never decoded into replacement characters
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad["non_utf8_text"] += 1
                 continue
             try:
                 obj = json.loads(line)
@@ -166,7 +198,9 @@ def _from_json(p: Path):
                 good.append(json.dumps(obj))
             else:
                 bad["bad_json_line"] += 1
-    log.warning("data %s: %d line(s) are not JSON objects and were skipped", p, bad["bad_json_line"])
+    log.warning("data %s: %s line(s) were skipped while reading", p, dict(bad))
+    if not good:
+        raise DataError(f"{p}: no line is a usable JSON object ({dict(bad)}); fix the file")
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "rows.jsonl"
         clean.write_text("\n".join(good) + "\n", encoding="utf-8")
@@ -302,8 +336,9 @@ class PromptDataset:
         self.table, self.base_dir, self.load_skipped = load_table(path, split)
         missing = [k for k in (problem_key, answer_key) if k not in self.table.column_names]
         if missing:
-            raise ValueError(f"{self.path} lacks column(s) {missing}; it has {self.table.column_names}. "
-                             f"ViRL39K rows need `problem`, `images`, `answer` (or pass problem_key=/answer_key=)")
+            raise DataError(f"{self.path} lacks column(s) {missing}; it has {self.table.column_names}. "
+                            f"ViRL39K rows need `problem`, `images`, `answer`; name yours with "
+                            f"data.problem_key / data.answer_key (eval: --problem-key / --answer-key)")
         if images_key not in self.table.column_names:
             log.warning("%s has no %r column: every row is read as text-only", self.path, images_key)
         if self.load_skipped:
@@ -334,7 +369,10 @@ class PromptDataset:
 
     def _record(self, index: int) -> dict:
         pk, ik, ak = self.keys
-        row = self.table[index]
+        try:
+            row = self.table[index]
+        except UnicodeDecodeError as exc:  # arrow stores the bytes as read; decoding a row checks them
+            raise _Skip("non_utf8_text", f"byte 0x{exc.object[exc.start]:02x} at {exc.start}") from None
         problem = row.get(pk)
         if not isinstance(problem, str) or not problem.strip():
             raise _Skip("empty_problem")
@@ -354,8 +392,9 @@ class PromptDataset:
         return {"problem": problem, "images": images, "answer": answer, "index": index}
 
     def scan(self) -> SkipStats:
-        """Validate every row once (decodes all images): counts to report before training."""
-        stats = SkipStats()
+        """Validate every row once (decodes all images): counts to report before training (lines
+        dropped while reading the file included)."""
+        stats = SkipStats(seen=sum(self.load_skipped.values()), skipped=Counter(self.load_skipped))
         for i in range(len(self)):
             rec, reason = self.get(i)
             stats.add_kept() if rec is not None else stats.add_skip(reason)
@@ -393,9 +432,15 @@ class PromptBatches:
         self.dataset, self.batch_size = dataset, batch_size
         self.seed, self.shuffle, self.drop_last, self.max_epochs = seed, shuffle, drop_last, max_epochs
         self.epoch, self.offset = 0, 0
-        self.pass_stats = SkipStats()  # the pass in progress
+        self.pass_stats = self._fresh_stats()  # the pass in progress
         self.last_pass_stats: SkipStats | None = None  # the last completed pass
         self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def _fresh_stats(self) -> SkipStats:
+        """A new pass's counts start with the lines dropped while reading the file (bad JSON, not
+        UTF-8): every pass skips them, so every pass reports them like any other bad row."""
+        dropped = Counter(getattr(self.dataset, "load_skipped", None) or {})
+        return SkipStats(seen=sum(dropped.values()), skipped=dropped)
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -412,7 +457,8 @@ class PromptBatches:
         for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("num_rows", len(self.dataset))):
             if key in state and state[key] != mine:
                 raise ValueError(f"data position was saved with {key}={state[key]!r} but this run has {key}={mine!r}; "
-                                 f"resume with the same data and data seed, or start the data position afresh")
+                                 f"resume with the same data and train.seed, or set data.resume_position=false to "
+                                 f"start the data order afresh")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self.pass_stats = SkipStats.from_state_dict(state.get("pass_stats", SkipStats().state_dict()))
 
@@ -421,9 +467,9 @@ class PromptBatches:
         log.info("data pass %d over %s: %s", self.epoch, self.dataset.path, stats.summary())
         if stats.kept == 0:
             raise RuntimeError(f"no usable rows in {self.dataset.path}: {stats.summary()}. Fix the data "
-                               f"(or raise max_prompt_length) — every row was skipped")
+                               f"(or raise rollout.max_prompt_length) — every row was skipped")
         self.last_pass_stats = stats
-        self.pass_stats = SkipStats()
+        self.pass_stats = self._fresh_stats()
         self.epoch, self.offset = self.epoch + 1, 0
 
     def _exhausted(self) -> bool:

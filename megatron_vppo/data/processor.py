@@ -140,18 +140,39 @@ class VLProcessor:
         out = self.image_processor(images=[_to_pil(im) for im in images], return_tensors="pt")
         return out["pixel_values"].to(torch.float32), out["image_grid_thw"].to(torch.long)
 
-    def encode(self, problem: str, images: Sequence[Any] | None = None, response=None) -> dict:
+    def image_grids(self, images: Sequence[Any]) -> torch.Tensor:
+        """image_grid_thw [n, 3] from the images' sizes alone (the image processor's own `smart_resize`
+        geometry), without resizing or normalising a pixel: what token expansion and M-RoPE need, so
+        ranks that never embed an image need not process it."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        rows = []
+        for im in images:
+            w, h = _to_pil(im).size
+            rh, rw = smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
+                                  max_pixels=ip.size["longest_edge"])
+            rows.append([1, rh // ip.patch_size, rw // ip.patch_size])
+        return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+
+    def encode(self, problem: str, images: Sequence[Any] | None = None, response=None, *,
+               pixels: bool = True) -> dict:
         """One sample -> dict(input_ids LongTensor[seq], pixel_values [N,1176] | None,
         image_grid_thw [n,3] | None, mm_token_type_ids IntTensor[seq] (1 on image tokens),
         response_start int = prompt length). Each image's single <|image_pad|> is expanded to
-        t*h*w/merge^2 tokens. `response` (str or token ids) is appended verbatim after the prompt."""
+        t*h*w/merge^2 tokens. `response` (str or token ids) is appended verbatim after the prompt.
+        `pixels=False` leaves pixel_values None and takes the grids from `image_grids` (the caller
+        processes the images later, once, where they are embedded)."""
         images = list(images or [])
         prompt = self.build_prompt(problem, len(images))
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
         pixel_values = image_grid_thw = None
         if images:
-            pixel_values, image_grid_thw = self.process_images(images)
+            if pixels:
+                pixel_values, image_grid_thw = self.process_images(images)
+            else:
+                image_grid_thw = self.image_grids(images)
             counts = (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
             pad_at = [i for i, t in enumerate(ids) if t == self.image_token_id]
             if len(pad_at) != len(counts):  # a literal <|image_pad|> typed into the problem text

@@ -10,6 +10,12 @@ Methods:
 Both read the boxed answer with `boxed.extract_last_boxed` (lenient by default, `extraction="mathruler"`
 for mathruler's exact rule); a response without a complete box scores 0.0.
 
+Failures are never a silent 0: `Grader.require()` imports the method's package where grading runs and
+raises `GraderImportError` naming it; a grader that raises on an answer scores 0.0 but is counted
+(`Grader.errors`, the first few logged with the answer), and `check_error_rate` stops a run whose
+share of such answers passes `reward.max_error_rate` (both libraries catch odd input themselves, so a
+raise means a broken grader, not a wrong answer).
+
 Timeouts: sympy can take minutes or forever on hostile input (`\\boxed{99999999!}`). Every call runs under a
 deadline (`timeout_s`) and scores 0.0 when it expires. Backends:
 - "process" (default): a persistent worker process per grading process; on a timeout it is killed
@@ -35,7 +41,10 @@ from typing import Callable, Sequence
 
 from megatron_vppo.reward.boxed import EXTRACTIONS, extract_last_boxed
 
-__all__ = ["METHODS", "BACKENDS", "Grader", "grade_answer_text", "score", "batch_score"]
+from megatron_vppo.errors import RunAbort
+
+__all__ = ["METHODS", "BACKENDS", "Grader", "GraderFailure", "GraderImportError", "check_error_rate",
+           "grade_answer_text", "score", "batch_score"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,17 @@ METHODS = ("mathruler", "math_verify")
 BACKENDS = ("process", "thread", "inline")
 DEFAULT_TIMEOUT_S = 10.0
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process on a busy machine
+LOG_FIRST_ERRORS = 5  # grader exceptions logged with their answer; later ones are only counted
+_PACKAGES = {"mathruler": ("mathruler.grader", "pip install mathruler pylatexenc"),
+             "math_verify": ("math_verify", "pip install math-verify")}
+
+
+class GraderImportError(RunAbort):
+    """The grading package of reward.method cannot be imported: every reward would be 0."""
+
+
+class GraderFailure(RunAbort):
+    """Too many answers made the grader raise: the rewards (or the accuracy) would be wrong."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,15 +102,33 @@ _EQUAL: dict[str, Callable[[str, str], bool]] = {
 }
 
 
-def grade_answer_text(pred: str | None, answer: str, method: str = "mathruler") -> bool:
-    """Is the extracted answer `pred` equal to `answer` under `method`? No deadline; never raises."""
-    if pred is None or not isinstance(answer, str) or not answer.strip():
-        return False
+def import_problem(method: str) -> str | None:
+    """None when `method`'s package imports here, else one line naming the package and how to get it."""
+    import importlib
+
+    module, install = _PACKAGES[method]
     try:
-        return _EQUAL[method](str(pred), answer)
-    except Exception as exc:  # any library failure on odd input is a wrong answer, not a crash
-        log.debug("grader %s raised %r on pred=%.200r", method, exc, pred)
-        return False
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or any error raised while the package initialises
+        return (f"reward.method={method}: cannot import {module} ({type(exc).__name__}: {exc}); every reward "
+                f"would be 0. Fix the environment ({install}) or choose another reward.method ({', '.join(METHODS)})")
+    return None
+
+
+def _grade(pred: str | None, answer: str, method: str) -> tuple[bool, str | None]:
+    """(equal?, None) or (False, "ExcType: message") when the grader raised."""
+    if pred is None or not isinstance(answer, str) or not answer.strip():
+        return False, None
+    try:
+        return bool(_EQUAL[method](str(pred), answer)), None
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"[:300]
+
+
+def grade_answer_text(pred: str | None, answer: str, method: str = "mathruler") -> bool:
+    """Is the extracted answer `pred` equal to `answer` under `method`? No deadline; never raises
+    (a grader exception is False here; `Grader` counts them)."""
+    return _grade(pred, answer, method)[0]
 
 
 def _check_args(method: str, backend: str, extraction: str) -> None:
@@ -107,13 +145,16 @@ def _check_args(method: str, backend: str, extraction: str) -> None:
 
 
 def _worker_main(fd: int) -> None:
-    """Worker process loop: receive (method, pred, answer), send back a bool; exits on None or EOF."""
+    """Worker process loop: receive (method, pred, answer), send back (bool, error or None); exits on
+    None or EOF. It first reports which methods import ({method: problem or None})."""
     conn = Connection(fd)
     # Import and warm both graders before reporting ready: the per-call deadline is for grading only,
     # not for importing sympy on a busy machine.
+    problems = {method: import_problem(method) for method in METHODS}
     for method in METHODS:
-        grade_answer_text("\\frac{1}{2}", "0.5", method)
-    conn.send("ready")
+        if problems[method] is None:
+            _grade("\\frac{1}{2}", "0.5", method)
+    conn.send(problems)
     while True:
         try:
             job = conn.recv()
@@ -122,7 +163,7 @@ def _worker_main(fd: int) -> None:
         if job is None:
             return
         method, pred, answer = job
-        conn.send(grade_answer_text(pred, answer, method))
+        conn.send(_grade(pred, answer, method))
 
 
 class _ProcessRunner:
@@ -137,6 +178,7 @@ class _ProcessRunner:
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self.restarts = 0
+        self.import_problems: dict[str, str | None] | None = None  # from the worker, once started
 
     def _start(self) -> None:
         parent, child = mp.Pipe(duplex=True)
@@ -152,8 +194,24 @@ class _ProcessRunner:
             proc.kill()
             proc.wait()
             raise RuntimeError("reward grader worker did not start")
-        parent.recv()
+        try:
+            self.import_problems = parent.recv()
+        except (EOFError, OSError):
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"reward grader worker exited at start-up (exit code {proc.poll()})") from None
         self._proc, self._conn = proc, parent
+
+    def problem(self, method: str) -> str | None:
+        """Why `method` cannot grade in the worker (None if it can); starts the worker."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._stop()
+                try:
+                    self._start()
+                except RuntimeError as exc:
+                    return f"reward.method={method}: {exc}"
+            return self.import_problems.get(method)
 
     def _stop(self) -> None:
         if self._proc is not None:
@@ -167,8 +225,8 @@ class _ProcessRunner:
         with self._lock:
             self._stop()
 
-    def run(self, method: str, pred: str, answer: str, timeout_s: float) -> bool | None:
-        """The grade, or None when the deadline passed or the worker died."""
+    def run(self, method: str, pred: str, answer: str, timeout_s: float) -> tuple[bool, str | None] | None:
+        """(grade, error), or None when the deadline passed or the worker died."""
         with self._lock:
             try:
                 if self._proc is None or self._proc.poll() is not None:
@@ -176,7 +234,8 @@ class _ProcessRunner:
                     self._start()
                 self._conn.send((method, pred, answer))
                 if self._conn.poll(timeout_s):
-                    return bool(self._conn.recv())
+                    ok, err = self._conn.recv()
+                    return bool(ok), err
             except (EOFError, OSError, RuntimeError) as exc:
                 log.warning("reward grader worker failed (%r); restarting it", exc)
             # deadline passed or worker broken: kill it so a runaway sympy stops burning CPU
@@ -193,10 +252,10 @@ def _close_shared_runner() -> None:
     _SHARED_RUNNER.close()
 
 
-def _run_in_thread(method: str, pred: str, answer: str, timeout_s: float) -> bool | None:
-    result: list[bool] = []
+def _run_in_thread(method: str, pred: str, answer: str, timeout_s: float) -> tuple[bool, str | None] | None:
+    result: list = []
     t = threading.Thread(
-        target=lambda: result.append(grade_answer_text(pred, answer, method)), daemon=True, name="reward-grader"
+        target=lambda: result.append(_grade(pred, answer, method)), daemon=True, name="reward-grader"
     )
     t.start()
     t.join(timeout_s)
@@ -220,31 +279,52 @@ class Grader:
         _check_args(method, backend, extraction)
         self.method, self.timeout_s, self.backend, self.extraction = method, timeout_s, backend, extraction
         self.timeouts = 0  # calls that hit the deadline, for the caller's metrics
+        self.errors = 0  # answers whose grading raised (scored 0.0), for the caller's metrics
+        self.last_error: str | None = None  # "ExcType: msg (pred=..., answer=...)" of the latest one
         self._owns_runner = backend == "process" and not shared_worker
         self._runner = None
         if backend == "process":
             self._runner = _SHARED_RUNNER if shared_worker else _ProcessRunner()
 
+    def require(self) -> None:
+        """Raise GraderImportError unless the method's package imports where grading runs (the worker
+        process for the "process" backend, this process otherwise). Call once at start-up."""
+        problem = self._runner.problem(self.method) if self._runner is not None else import_problem(self.method)
+        if problem:
+            raise GraderImportError(problem)
+
     def score(self, response: object, answer: object) -> float:
+        pred = None
         try:
             pred = extract_last_boxed(response, self.extraction)
             if pred is None or not isinstance(answer, str) or not answer.strip():
                 return 0.0
             if self.timeout_s is None or self.timeout_s <= 0 or self.backend == "inline":
-                return float(grade_answer_text(pred, answer, self.method))
-            if self._runner is not None:
-                ok = self._runner.run(self.method, pred, answer, self.timeout_s)
+                res = _grade(pred, answer, self.method)
+            elif self._runner is not None:
+                res = self._runner.run(self.method, pred, answer, self.timeout_s)
             else:
-                ok = _run_in_thread(self.method, pred, answer, self.timeout_s)
-            if ok is None:
+                res = _run_in_thread(self.method, pred, answer, self.timeout_s)
+            if res is None:
                 self.timeouts += 1
                 log.warning("reward grading exceeded %.1fs (pred=%.120r, answer=%.60r): scored 0.0",
                             self.timeout_s, pred, answer)
                 return 0.0
+            ok, err = res
+            if err is not None:
+                self._count_error(err, pred, answer)
             return float(ok)
-        except Exception as exc:  # never let odd model output stop training
-            log.warning("reward grading failed with %r: scored 0.0", exc)
+        except Exception as exc:  # never let odd model output stop training mid-step; counted instead
+            self._count_error(f"{type(exc).__name__}: {exc}", pred, answer)
             return 0.0
+
+    def _count_error(self, err: str, pred: object, answer: object) -> None:
+        self.errors += 1
+        self.last_error = f"{err} (pred={pred!r:.120}, answer={answer!r:.60})"
+        if self.errors <= LOG_FIRST_ERRORS:
+            log.warning("reward grader %s raised %s on pred=%.120r answer=%.60r: scored 0.0 (error %d%s)",
+                        self.method, err, pred, answer, self.errors,
+                        "; later ones are only counted" if self.errors == LOG_FIRST_ERRORS else "")
 
     __call__ = score
 
@@ -262,6 +342,17 @@ class Grader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_error_rate(errors: int, graded: int, max_rate: float, where: str, example: str | None = None) -> float:
+    """The share of graded answers whose grader raised; GraderFailure above `max_rate`."""
+    rate = errors / graded if graded else 0.0
+    if rate > max_rate:
+        first = f"; first: {example}" if example else ""
+        raise GraderFailure(f"{where}: the reward grader raised on {errors} of {graded} answers ({rate:.0%} > "
+                            f"reward.max_error_rate={max_rate:g}), so rewards would be wrong{first}. Fix the grader "
+                            f"environment, or raise reward.max_error_rate")
+    return rate
 
 
 # ---------------------------------------------------------------------------------------------------------

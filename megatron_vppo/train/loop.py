@@ -17,14 +17,17 @@ from PIL import Image
 
 from megatron_vppo.algo.advantages import dynamic_sampling_keep, grpo_advantages
 from megatron_vppo.algo.dependency import sampled_k3
+from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weights
 from megatron_vppo.algo.vppo import compute_shaping
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_images_and_process, perturb_pixel_values
-from megatron_vppo.rollout.engine import SamplingParams
+from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
 from megatron_vppo.train import passes
+from megatron_vppo.train.nonfinite import check_finite, guarded_step
 from megatron_vppo.train.optimizer import current_lr
 from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
-from megatron_vppo.train.rollout_step import encode_prompts, sample_groups, to_trajectories
+from megatron_vppo.train.rollout_step import (all_gather_world, encode_prompts, grading_errors, is_engine_rank,
+                                              sample_groups, to_trajectories)
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -70,6 +73,7 @@ def _pass_shape(trainer: Trainer, trajs) -> passes.PassShape:
         pad_id=trainer.processor.pad_token_id,
         vocab_size=trainer.vocab_size,
         temperature=trainer.cfg.rollout.temperature,
+        max_tokens=trainer.cfg.train.max_tokens_per_micro_batch,
     )
 
 
@@ -89,7 +93,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
     use_ds, _, _ = _algo_settings(cfg)
     want = cfg.train.prompts_per_step
     kept_groups, prompts_all, metrics = [], [], {"rollout/groups_sampled": 0, "rollout/groups_dropped": 0}
-    rewards_seen = []
+    rewards_seen, groups_seen = [], []
     for attempt in range(cfg.rollout.max_dynamic_sampling_retries + 1):
         records = next(trainer.train_batches)
         prompts = encode_prompts(trainer.processor, records)
@@ -100,6 +104,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
             seed_parts=(cfg.train.seed, trainer.step, attempt),
         )
         metrics["rollout/groups_sampled"] += len(groups)
+        groups_seen.extend(groups)
         rewards = torch.tensor([[o[3] for o in g["outputs"]] for g in groups], dtype=torch.float64)
         rewards_seen.append(rewards.flatten())
         if use_ds:
@@ -116,6 +121,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
     kept_groups = kept_groups[:want]
     all_r = torch.cat(rewards_seen)
     metrics["reward/mean"] = float(all_r.mean())
+    metrics.update(grading_errors(groups_seen, cfg.reward.max_error_rate, f"step {trainer.step}"))
     metrics["rollout/attempts"] = attempt + 1
     metrics.update(data_metrics(trainer.train_batches, trainer.step, trainer.state.setdefault("data_log", {})))
     return to_trajectories(prompts_all, kept_groups), metrics
@@ -155,7 +161,7 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
     for i, t in enumerate(trajs):
         gen = make_generator(run_seed, step, offset + i)
         if mode == "pixel" or not t.has_image:
-            views.append(perturb_pixel_values(t.pixel_values, t.image_grid_thw, gen, ip.image_mean,
+            views.append(perturb_pixel_values(t.pixels(), t.image_grid_thw, gen, ip.image_mean,
                                               ip.image_std, prob))
             continue
         images = t.extra.get("images")
@@ -171,19 +177,63 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
 
 
 def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
+    """Per-token π_old ("old", and "aug"/"kl" for vppo) of every trajectory, on every rank, from the
+    source `train.old_logp_source` names."""
+    if trainer.cfg.train.old_logp_source == "engine":
+        return engine_score_step_batch(trainer, trajs)
+    return trainer_score_step_batch(trainer, trajs)
+
+
+def _perturbed_views_of(trainer: Trainer, trajs, idx: list[int]) -> list:
+    """Perturbed views of trajs[idx] (contiguous indices), seeded by trajectory index: both π_old
+    sources and every sharding perturb exactly the same patches."""
+    cfg = trainer.cfg
+    return perturbed_views([trajs[i] for i in idx], trainer.processor, cfg.train.seed, trainer.step,
+                           idx[0] if idx else 0, cfg.vppo.perturb_prob, cfg.vppo.perturbation)
+
+
+def trainer_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     """The paired no-grad pass on this DP rank's shard; every rank gets all trajectories' results."""
     cfg = trainer.cfg
     _, use_vppo, _ = _algo_settings(cfg)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    idx = shard(list(range(len(trajs))), dp_rank, dp)
+    idx = passes.data_parallel_shard(list(range(len(trajs))), trajs, cfg.train.max_tokens_per_micro_batch,
+                                     dp_rank, dp)
     mine = [trajs[i] for i in idx]
     views = None
-    if use_vppo:
-        views = perturbed_views(mine, trainer.processor, cfg.train.seed, trainer.step, idx[0] if idx else 0,
-                                cfg.vppo.perturb_prob, cfg.vppo.perturbation)
+    if use_vppo and not ps.is_pipeline_first_stage(ignore_virtual=True):
+        views = [None] * len(mine)  # paired, but only the first stage embeds (and so perturbs) images
+    elif use_vppo:
+        views = _perturbed_views_of(trainer, trajs, idx)
     res = passes.dependency_pass(trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
                                  exact_kl=use_vppo and cfg.vppo.dependency_estimator == "exact_kl")
     return passes.gather_data_parallel(res)
+
+
+def engine_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
+    """π_old from the rollout engine: its sampling log-probs for the original view, and for vppo one
+    engine prefill of each image trajectory's perturbed view. No trainer forward at all.
+
+    A text-only trajectory has nothing to perturb: its aug is its old, exactly (dependency 0), as in the
+    trainer's pass. Each replica's engine scores its DP shard; every rank gets all results."""
+    _, use_vppo, _ = _algo_settings(trainer.cfg)
+    res = [{"old": t.rollout_log_probs.float()} for t in trajs]
+    if not use_vppo:
+        return res
+    idx = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    views = _perturbed_views_of(trainer, trajs, idx) if is_engine_rank() else []
+    scored = []
+    if is_engine_rank():
+        todo = [(i, v) for i, v in zip(idx, views) if trajs[i].has_image]
+        items = [(RolloutRequest(trajs[i].input_ids[: trajs[i].response_start].tolist(), v, trajs[i].image_grid_thw),
+                  trajs[i].input_ids[trajs[i].response_start:].tolist()) for i, v in todo]
+        lps = trainer.engine.score(items, temperature=trainer.cfg.rollout.temperature) if items else []
+        scored = [(i, lp) for (i, _), lp in zip(todo, lps)]
+    for i, lp in all_gather_world(scored):
+        res[i]["aug"] = torch.tensor(lp, dtype=torch.float32)
+    for r in res:
+        r.setdefault("aug", r["old"])
+    return res
 
 
 def minibatch_index_lists(cfg: RunConfig, n_traj: int) -> list[list[int]]:
@@ -216,16 +266,48 @@ def shape_step(trainer: Trainer, trajs, scored: list[dict]):
     minibatches = minibatch_index_lists(cfg, len(trajs))
     mbs, micro = official_scopes(cfg, minibatches) if cfg.vppo.tas_scope == "official" else (None, None)
     shaping = compute_shaping(old, aug, mask, adv, cfg.vppo, kl=kl, minibatches=mbs, microbatches=micro)
+    weights, metrics = rollout_correction(cfg, trajs, old, mask)
     per_traj = []
     for i, t in enumerate(trajs):
         n = t.response_len
         per_traj.append({"old_logp": old[i, :n].float(), "tgf_mask": shaping.tgf_mask[i, :n].float(),
-                         "advantage": float(shaping.shaped_advantages[i])})
-    metrics = dict(shaping.metrics)
+                         "is_weight": weights[i, :n].float(), "advantage": float(shaping.shaped_advantages[i])})
+    metrics.update(shaping.metrics)
     metrics["advantage/abs_mean"] = float(adv.abs().mean())
     if kl is not None and aug is not None:  # how well the single-sample k3 tracks the exact KL
         metrics["dependency/k3_vs_kl_corr"] = _masked_corr(sampled_k3(old, aug, mask), kl, mask)
     return per_traj, minibatches, metrics
+
+
+def rollout_correction(cfg: RunConfig, trajs, old, mask):
+    """([B, T] importance weights π_old / π_rollout, mismatch metrics). Engine mode: π_old is the
+    engine's own log-prob, so the weights are 1 and there is no mismatch to report."""
+    rc = cfg.vppo.rollout_correction
+    if cfg.train.old_logp_source == "engine" or any(t.rollout_log_probs is None for t in trajs):
+        return mask.clone(), {}
+    rollout, _ = responses_to_matrix([t.rollout_log_probs for t in trajs])
+    corr = rollout_weights(old, rollout, mask, level=rc.level, mode=rc.mode, cap=rc.cap)
+    metrics = mismatch_metrics(old, rollout, mask, corr if rc.level != "none" else None)
+    metrics["rollout/logp_abs_diff_max"] = metrics.get("rollout_correction/logp_abs_diff_max", 0.0)
+    return corr.weights, metrics
+
+
+def check_old_logp(trainer: Trainer, trajs, scored: list[dict], shaped: tuple) -> dict:
+    """Engine mode, every `train.check_old_logp_every` steps: the trainer's paired pass on the same
+    batch, and how well the engine-derived dependency and TGF mask agree with the trainer's."""
+    ref = trainer_score_step_batch(trainer, trajs)
+    ref_traj = shape_step(trainer, trajs, ref)[0]
+    mine = shaped[0]
+    old_e, mask = responses_to_matrix([r["old"] for r in scored])
+    old_t, _ = responses_to_matrix([r["old"] for r in ref])
+    out = {"old_logp_check/logp_abs_diff_max": float(((old_e - old_t).abs() * mask).max())}
+    if "aug" in scored[0]:
+        dep_e = sampled_k3(old_e, responses_to_matrix([r["aug"] for r in scored])[0], mask)
+        dep_t = sampled_k3(old_t, responses_to_matrix([r["aug"] for r in ref])[0], mask)
+        out["old_logp_check/dependency_corr"] = _masked_corr(dep_e, dep_t, mask)
+        agree = torch.cat([(a["tgf_mask"] == b["tgf_mask"]).float() for a, b in zip(mine, ref_traj)])
+        out["old_logp_check/tgf_agreement"] = float(agree.mean())
+    return out
 
 
 def _masked_corr(a, b, mask) -> float:
@@ -243,25 +325,36 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
     shape = _pass_shape(trainer, trajs)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     totals: dict[str, float] = {}
-    grad_norms = []
+    grad_norms, skipped = [], 0
+    guard = trainer.state.setdefault("nonfinite", {})
     for _epoch in range(cfg.train.ppo_epochs):
         for mb in minibatches:
-            idx = shard(mb, dp_rank, dp)
+            idx = passes.data_parallel_shard(mb, trajs, cfg.train.max_tokens_per_micro_batch, dp_rank, dp)
             for chunk in trainer.model_chunks:
                 chunk.zero_grad_buffer()
             trainer.optimizer.zero_grad()
             sums = passes.policy_update_pass(trainer.model_chunks, [trajs[i] for i in idx], shape, ls,
                                              [per_traj[i] for i in idx])
-            ok, grad_norm, _ = trainer.optimizer.step()
+            # Non-finite loss/grad: skipped on every rank; non-finite weights after the update: stop.
+            ok, grad_norm, nonfinite = guarded_step(trainer.optimizer, trainer.model_chunks, sums,
+                                                    step=trainer.step, state=guard,
+                                                    max_in_a_row=cfg.train.max_nonfinite_steps)
             if ok:  # Megatron's protocol: a skipped (fp16 overflow) step does not advance the schedule
                 trainer.scheduler.step(increment=1)
+            summed = _sum_over_data_parallel(sums)  # collective: every rank calls it, skipped or not
+            if nonfinite:  # skipped by the guard: its NaN sums stay out of the step's metrics
+                skipped += 1
+                continue
             grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
-            for k, v in _sum_over_data_parallel(sums).items():
+            for k, v in summed.items():
                 totals[k] = totals.get(k, 0.0) + v
     tokens = max(totals.pop("token_frac", 0.0), 1.0)  # Σ valid tokens (numerators were divided by 1)
     out = {f"actor/{k}": v / tokens for k, v in totals.items()}
-    out["actor/grad_norm"] = grad_norms[-1] if grad_norms else float("nan")
+    if grad_norms:
+        out["actor/grad_norm"] = grad_norms[-1]
     out["actor/lr"] = current_lr(trainer.optimizer)
+    out["actor/nonfinite_skipped"] = skipped
+    out["actor/nonfinite_skipped_total"] = guard.get("skipped_total", 0)
     return out
 
 
@@ -289,9 +382,17 @@ def rl_step(trainer: Trainer) -> dict:
                     trainer.step)
         metrics["actor/skipped"] = 1.0
         return metrics
-    _engine_memory(trainer, resident=False)
-    scored = score_step_batch(trainer, trajs)
-    per_traj, minibatches, shaping_metrics = shape_step(trainer, trajs, scored)
+    engine_mode = trainer.cfg.train.old_logp_source == "engine"
+    if not engine_mode:
+        _engine_memory(trainer, resident=False)
+    scored = score_step_batch(trainer, trajs)  # engine mode: the engine scores, so it stays resident until here
+    if engine_mode:
+        _engine_memory(trainer, resident=False)
+    shaped = shape_step(trainer, trajs, scored)
+    per_traj, minibatches, shaping_metrics = shaped
+    every = trainer.cfg.train.check_old_logp_every
+    if engine_mode and every > 0 and trainer.step % every == 0:
+        metrics.update(check_old_logp(trainer, trajs, scored, shaped))
     t2 = time.perf_counter()
     metrics.update(shaping_metrics)
     metrics.update(update_policy(trainer, trajs, per_traj, minibatches))
@@ -304,19 +405,9 @@ def rl_step(trainer: Trainer) -> dict:
         "reward/kept_mean": sum(t.reward for t in trajs) / len(trajs),
         "response/len_mean": float(lens.mean()),
         "response/trajectories": len(trajs),
-        "rollout/logp_abs_diff_max": _rollout_consistency(trajs, scored),
         "time/rollout_s": t1 - t0, "time/passes_s": t2 - t1, "time/update_s": t3 - t2, "time/sync_s": t4 - t3,
     })
     return metrics
-
-
-def _rollout_consistency(trajs, scored) -> float:
-    """max |trainer old_logp - engine log-prob| over the step (engine/trainer mismatch gauge)."""
-    worst = 0.0
-    for t, r in zip(trajs, scored):
-        if t.rollout_log_probs is not None and t.rollout_log_probs.numel():
-            worst = max(worst, float((r["old"].double() - t.rollout_log_probs.double()).abs().max()))
-    return worst
 
 
 # ------------------------------------------------------------------------------ weights, eval
@@ -326,8 +417,13 @@ def sync_engine_weights(trainer: Trainer) -> None:
     """Stream HF-layout weights from the sharded trainer into each replica's engine (collective)."""
     from megatron_vppo.checkpoint.export import push_to_engine
 
+    check_finite(trainer.model_chunks, what="engine weight update", step=trainer.step)
+    cfg = trainer.cfg
+    # A colocated SGLang engine at TP > 1 reads one payload per TP rank, each packed on that rank's own
+    # GPU (rollout/sglang_weights.py): every rank needs the full tensors, not only the replica's first.
+    dst = "all" if cfg.rollout.engine == "sglang" and cfg.parallel.tp > 1 else "replica"
     push_to_engine(trainer.model_chunks, trainer.adapter, trainer.engine,
-                   bucket_bytes=trainer.cfg.rollout.bucket_bytes, dst="replica")
+                   bucket_bytes=cfg.rollout.bucket_bytes, dst=dst)
 
 
 def validate(trainer: Trainer) -> dict:
@@ -344,7 +440,11 @@ def validate(trainer: Trainer) -> dict:
     groups = sample_groups(trainer.engine, trainer.processor.tokenizer, trainer.grader, trainer.val_prompts,
                            n=cfg.train.val_k, sampling=_sampling(cfg, trainer.processor, 1.0, cfg.train.seed),
                            seed_parts=(cfg.train.seed, -1))
-    return {"val/accuracy": accuracy_at_k(groups)}
+    errors = grading_errors(groups, cfg.reward.max_error_rate, f"validation at step {trainer.step}")
+    out = {"val/accuracy": accuracy_at_k(groups)}
+    if errors["reward/grader_errors"]:
+        out["val/grader_errors"] = errors["reward/grader_errors"]
+    return out
 
 
 def train(cfg: RunConfig) -> dict:

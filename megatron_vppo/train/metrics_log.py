@@ -9,6 +9,7 @@ Metric names the plot looks for (first present wins) are in `PLOT_PANELS`; the t
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -85,17 +86,43 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def truncate_metrics(path: str | Path, keep_through_step: int | None) -> int:
-    """Keep only lines with step <= keep_through_step (None or a fresh run: keep nothing).
+    """Keep only lines with step <= keep_through_step (None: keep nothing).
 
-    A resumed run re-executes the steps after its checkpoint, so their old lines must go; the file is
-    rewritten to a temp name and renamed, so a crash here never leaves it half-written.
-    Returns the number of lines kept.
+    A resumed run re-executes the steps after its checkpoint, so their old lines must go. When the
+    lines to keep are a prefix of the file (always, for a file this logger wrote), the file is cut in
+    place — a single truncate that needs no free space, so a run resumes on a full disk; a file with
+    nothing to drop is not written at all. Otherwise it is rewritten to a temp name and renamed, so a
+    crash never leaves it half-written. Returns the number of lines kept.
     """
     p = Path(path)
     if not p.exists():
         return 0
-    rows = read_metrics(p)
-    kept = [r for r in rows if keep_through_step is not None and r.get("step", math.inf) <= keep_through_step]
+    data = p.read_bytes()
+    kept, cut, pos, prefix = [], None, 0, True
+    for raw in data.splitlines(keepends=True):
+        start, pos = pos, pos + len(raw)
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None  # a torn line (crash mid-write): dropped
+        keep = (row is not None and keep_through_step is not None
+                and row.get("step", math.inf) <= keep_through_step)
+        if keep:
+            kept.append(row)
+            prefix = prefix and cut is None
+        elif cut is None:
+            cut = start
+    if cut is None:
+        return len(kept)  # nothing to drop
+    if prefix:
+        with open(p, "r+b") as f:
+            f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
+        return len(kept)
     tmp = p.with_name(p.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for r in kept:
@@ -106,12 +133,22 @@ def truncate_metrics(path: str | Path, keep_through_step: int | None) -> int:
     return len(kept)
 
 
+def _no_space(e: OSError, path: Path) -> OSError:
+    """ENOSPC as one line naming the path and what to do; other errors unchanged."""
+    if e.errno != errno.ENOSPC:
+        return e
+    return OSError(errno.ENOSPC, f"no space left on {path.parent}: writing {path.name} failed; free space "
+                                 f"there (or set train.output_dir to a disk with room), then continue with "
+                                 f"train.resume=auto")
+
+
 class MetricsLogger:
     """Append one JSON object per step to `out_dir/metrics.jsonl` and mirror scalars to TensorBoard.
 
     `resume_step`: the step of the checkpoint this run resumed from (None = fresh run). Lines after
     it are dropped, and TensorBoard events from later steps are purged, so a stopped-and-resumed run
-    ends with the same file as an uninterrupted one. A fresh run (resume_step None) starts an empty file.
+    ends with the same file as an uninterrupted one. A fresh run (resume_step None) starts a new file
+    and refuses (FileExistsError) to truncate one that holds another run's lines.
     """
 
     def __init__(
@@ -132,8 +169,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.path, resume_step)
-        self._file = self.path.open("a", encoding="utf-8")
+        if resume_step is None and self.path.is_file() and self.path.stat().st_size > 0:
+            raise FileExistsError(
+                f"{self.path} holds another run's metrics; a fresh run does not overwrite them. Fix: "
+                f"continue that run with train.resume=auto, choose a new train.output_dir, or set "
+                f"train.existing_output=move_aside")
+        try:
+            truncate_metrics(self.path, resume_step)
+            self._file = self.path.open("a", encoding="utf-8")
+        except OSError as e:
+            raise _no_space(e, self.path) from None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -141,7 +186,17 @@ class MetricsLogger:
                 logger.info("TensorBoard disabled (%s); metrics.jsonl is still written", e)
             else:
                 purge = None if resume_step is None else resume_step + 1
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
+                self._tb_do(lambda: setattr(self, "_tb", SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                                                       purge_step=purge)))
+
+    def _tb_do(self, fn) -> None:
+        """TensorBoard is a mirror: a failure there (a full disk included) turns it off with a warning
+        instead of stopping the run; metrics.jsonl stays the record."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            logger.warning("TensorBoard disabled (%s); metrics.jsonl is still written", e)
+            self._tb = None
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Write one step's metrics (flushed immediately); returns the row as written."""
@@ -149,14 +204,19 @@ class MetricsLogger:
         row.update({k: _to_number(v) for k, v in metrics.items() if k != "step"})
         if not self.enabled:
             return row
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            raise _no_space(e, self.path) from None
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and _is_scalar(v):
-                    self._tb.add_scalar(k, v, global_step=int(step))
-            self._tb.flush()
+            def mirror():
+                for k, v in row.items():
+                    if k != "step" and _is_scalar(v):
+                        self._tb.add_scalar(k, v, global_step=int(step))
+                self._tb.flush()
+            self._tb_do(mirror)
         return row
 
     def close(self) -> None:
@@ -164,7 +224,7 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
+            self._tb_do(self._tb.close)
             self._tb = None
 
     def __enter__(self) -> "MetricsLogger":

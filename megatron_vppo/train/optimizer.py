@@ -54,6 +54,10 @@ def wrap_ddp(
 
     `overlap` (grad reduce / param gather overlapped with compute) defaults to on with CUDA, off on CPU;
     with it on, the model config must carry the no_sync / grad_sync hooks — `attach_to_model_config`.
+    With the distributed optimizer it also defers the param all-gather after `optimizer.step()` to the
+    next forward's pre-hooks: read the weights outside a forward only after `force_param_sync`.
+    Interleaved pipelines (several chunks) align the all-gathers across stages: the schedule launches
+    them through `param_sync_func` (Megatron-LM's pairing of align_param_gather and param_sync_func).
     Only the first chunk buckets its grads (Megatron's choice for interleaved pipelines: the other
     chunks' grads are reduced per chunk).
     """
@@ -61,10 +65,12 @@ def wrap_ddp(
 
     if overlap is None:
         overlap = torch.cuda.is_available()
+    gather_overlap = bool(overlap and use_distributed_optimizer)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap,
-        overlap_param_gather=overlap and use_distributed_optimizer,
+        overlap_param_gather=gather_overlap,
+        align_param_gather=gather_overlap and len(model_chunks) > 1,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
         bucket_size=bucket_size,
@@ -84,6 +90,24 @@ def wrap_ddp(
     for w in wrapped:
         w.broadcast_params()
     return wrapped
+
+
+def cast_params(model_chunks: Sequence[torch.nn.Module], dtype: torch.dtype) -> int:
+    """Give every floating parameter the model dtype, in place (what Megatron's Float16Module does with
+    `module.bfloat16()`); returns how many were cast.
+
+    Torch norms (Megatron's WrappedTorchNorm on the local spec, a plain `torch.nn.RMSNorm`) create
+    fp32 weights whatever `params_dtype` says. A bf16 model with a few fp32 params breaks Megatron-Core
+    0.16.1's distributed optimizer: it lists each param group's fp32 shards before its bf16 ones but
+    indexes its state by the original order, so `sharded_state_dict` (checkpoint save) pairs params
+    with another param's Adam state and fails. The norms' fp32 main copies live in the optimizer."""
+    n = 0
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                n += 1
+    return n
 
 
 def build_scheduler(optimizer, optim_cfg: OptimConfig, total_steps: int):
@@ -123,8 +147,10 @@ def build_scheduler(optimizer, optim_cfg: OptimConfig, total_steps: int):
         end_wd=optim_cfg.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # On resume the checkpoint supplies only the step count; lr, schedule, warmup and weight decay
+        # are this config's, so a changed optim.lr takes effect (train/resume.py reports the change).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 
@@ -140,7 +166,8 @@ def build_optimizer(
 
     `model_chunks`: unwrapped Megatron modules (e.g. GPTModel, or Float16Module(GPTModel) for bf16),
     one per virtual pipeline stage on this rank. `model_dtype`: the dtype the model's params are in
-    ('fp32' | 'bf16' | 'fp16'); for bf16/fp16 the optimizer keeps fp32 main params.
+    ('fp32' | 'bf16' | 'fp16'); for bf16/fp16 the optimizer keeps fp32 main params. Floating params
+    of another dtype are cast to it first (`cast_params`).
     Returns (ddp_chunks, optimizer, scheduler); train and checkpoint through `ddp_chunks`.
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -148,6 +175,7 @@ def build_optimizer(
     dtype = _as_dtype(model_dtype)
     if not model_chunks:
         raise ValueError("build_optimizer: model_chunks is empty; pass this rank's model chunks")
+    cast_params(model_chunks, dtype)
     ddp_chunks = wrap_ddp(
         model_chunks, use_distributed_optimizer=optim_cfg.use_distributed_optimizer, overlap=overlap
     )
@@ -190,9 +218,27 @@ def attach_to_model_config(ddp_chunks: Sequence[torch.nn.Module], optimizer) -> 
         grad_sync = [c.start_grad_sync for c in ddp_chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
-    if ddp_config.overlap_param_gather and ddp_config.use_distributed_optimizer:
-        gather = [c.start_param_sync for c in ddp_chunks]
-        config.param_sync_func = gather[0] if len(gather) == 1 else gather
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        # Only the interleaved schedule calls it; without alignment the forward pre-hooks gather.
+        config.param_sync_func = [c.start_param_sync for c in ddp_chunks]
+
+
+def force_param_sync(model_chunks) -> bool:
+    """Complete the distributed optimizer's deferred parameter all-gather now (collective over DP).
+
+    With overlap_param_gather, `optimizer.step()` updates only this DP rank's shard of each parameter;
+    the other shards arrive in the next forward's pre-hooks. Whatever reads the weights outside a
+    forward (engine weight sync, HF export, checkpoint save) must call this first, on every rank, or it
+    reads stale shards at DP >= 2. Megatron's own `start_param_sync(force_sync=True)`: waits for an
+    all-gather in flight, else runs one synchronously; the next forward then finds the params
+    gathered. Returns whether anything was synced (False for chunks without deferred gathers)."""
+    synced = False
+    for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+            synced = True
+    return synced
 
 
 def current_lr(optimizer) -> float:

@@ -1,10 +1,10 @@
 """Per-token log-probs of given responses under the trainer's Megatron model (no grad).
 
 What `tools/score.py` runs, and what the trainer calls to re-score rollouts (the consistency gate):
-encoded samples -> `Trajectory`s -> fixed-shape micro-batches through Megatron's pipeline schedule
-(`train.passes.dependency_pass` with the original view only), where the last stage reduces the
-vocab-parallel logits to sampled-token log-probs (`algo.vocab_parallel`) — so TP, PP and DP all work
-and nothing of vocabulary size leaves the last stage. Data parallel ranks score contiguous shards;
+encoded samples -> `Trajectory`s -> padded (or, with a token budget, packed thd) micro-batches through
+Megatron's pipeline schedule (`train.passes.dependency_pass` with the original view only), where the
+last stage reduces the vocab-parallel logits to sampled-token log-probs (`algo.vocab_parallel`) — so
+TP, PP and DP all work and nothing of vocabulary size leaves the last stage. Data parallel ranks score contiguous shards;
 results come back in input order on every rank.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_vppo.train.rl_batch import Trajectory, padded_length, shard
+from megatron_vppo.train.rl_batch import Trajectory, padded_length
 
 
 def to_trajectory(sample: dict, group: int = 0) -> Trajectory:
@@ -59,6 +59,7 @@ def score_trajectories(
     temperature: float = 1.0,
     seq_len: int | None = None,
     shard_data: bool = True,
+    max_tokens_per_micro_batch: int | None = None,
 ) -> list[torch.Tensor]:
     """log softmax(logits / temperature)[response token] for every response token of every trajectory.
 
@@ -66,8 +67,9 @@ def score_trajectories(
     each data-parallel rank scores its contiguous shard and the results are gathered, so every rank
     returns the full list in input order (fp32 tensors, one value per response token). `seq_len`
     (default: the longest sample rounded up to a multiple of 8·TP) fixes the micro-batch length
-    the pipeline needs."""
-    from megatron_vppo.train.passes import PassShape, dependency_pass, gather_data_parallel
+    the pipeline needs. `max_tokens_per_micro_batch` packs the samples (thd, no padding) into
+    micro-batches of at most that many tokens instead, data-parallel shards balanced by tokens."""
+    from megatron_vppo.train.passes import PassShape, data_parallel_shard, dependency_pass, gather_data_parallel
 
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
@@ -79,9 +81,10 @@ def score_trajectories(
     elif seq_len < longest:
         raise ValueError(f"seq_len={seq_len} is shorter than the longest sample ({longest} tokens)")
     shape = PassShape(micro_batch_size=micro_batch_size, seq_len=seq_len, pad_id=pad_id,
-                      vocab_size=vocab_size, temperature=temperature)
+                      vocab_size=vocab_size, temperature=temperature, max_tokens=max_tokens_per_micro_batch)
     rank, world = _dp() if shard_data else (0, 1)
-    mine = shard(list(trajs), rank, world)
+    mine = [trajs[i] for i in data_parallel_shard(list(range(len(trajs))), list(trajs), max_tokens_per_micro_batch,
+                                                  rank, world)]
     res = dependency_pass(list(model_chunks), mine, shape, None)
     out = [r["old"].float() for r in res[: len(mine)]]
     if shard_data and world > 1:
@@ -90,12 +93,14 @@ def score_trajectories(
 
 
 def score_samples(model_chunks, samples: Sequence[dict], *, vocab_size: int, pad_id: int,
-                  micro_batch_size: int = 1, temperature: float = 1.0) -> list[dict]:
+                  micro_batch_size: int = 1, temperature: float = 1.0,
+                  max_tokens_per_micro_batch: int | None = None) -> list[dict]:
     """Encoded samples -> [{"input_ids", "response_start", "log_probs"}] (lists; tools/score.py's
     output lines), in input order on every rank."""
     trajs = [to_trajectory(s, i) for i, s in enumerate(samples)]
     logps = score_trajectories(model_chunks, trajs, vocab_size=vocab_size, pad_id=pad_id,
-                               micro_batch_size=micro_batch_size, temperature=temperature)
+                               micro_batch_size=micro_batch_size, temperature=temperature,
+                               max_tokens_per_micro_batch=max_tokens_per_micro_batch)
     return [
         {"input_ids": t.input_ids.tolist(), "response_start": t.response_start, "log_probs": lp.tolist()}
         for t, lp in zip(trajs, logps)

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from megatron_vppo.config import RolloutConfig
 from megatron_vppo.tuning.memory import EXACT_KL_FP32_TEMPORARIES, KERNELS, Workload
 from megatron_vppo.tuning.model_spec import ModelSpecError, load_model_spec
 from megatron_vppo.tuning.search import TuningError, precision_for, tune
@@ -34,12 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", action="store_true", help="Transformer Engine FP8 GEMMs")
     p.add_argument("--recompute", default="auto", choices=["auto", "none", "full"],
                    help="auto: none where it fits, else full")
-    p.add_argument("--rollout-mem-fraction", type=float, default=0.0,
-                   help="share of each GPU the colocated rollout engine keeps while the trainer runs "
-                   "(0 when it releases its memory between rollouts)")
+    p.add_argument("--rollout-share", type=float, default=RolloutConfig().engine_gpu_share,
+                   help="rollout.engine_gpu_share: share of each GPU the colocated SGLang engine uses (weights + KV "
+                   "cache) while it generates; released while the trainer runs (0: no colocated engine)")
     p.add_argument("--dependency-estimator", default="sampled_k3", choices=["sampled_k3", "exact_kl"],
                    help="exact_kl keeps both views' full log-softmax in the no-grad pass (~4 more fp32 copies)")
-    p.add_argument("--te", action="store_true", help="Transformer Engine available: also try context parallel")
     p.add_argument("--kernels", default="te", choices=sorted(KERNELS),
                    help="activation-storage profile: te (GPU) or local (CPU, Megatron local spec)")
     p.add_argument("--no-distributed-optimizer", action="store_true")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COLS = [
     ("#", 3), ("tp", 3), ("pp", 3), ("vpp", 4), ("sp", 3), ("cp", 3), ("dp", 3), ("recomp", 6), ("m", 5),
     ("fits", 4), ("weights", 8), ("grads", 7), ("optim", 7), ("act", 7), ("vision", 7), ("bwd", 7),
-    ("nograd", 7), ("ovh", 6), ("rollout", 7), ("total", 7), ("tok/s/GPU", 10), ("step_s", 8),
+    ("nograd", 7), ("ovh", 6), ("rollout", 7), ("kv", 6), ("total", 7), ("tok/s/GPU", 10), ("step_s", 8),
 ]
 
 
@@ -66,7 +66,7 @@ def format_table(rows: list[dict], gpu_mem_gib: float, top: int) -> str:
             r["micro_batches"], "yes" if r["fits"] else "no",
             f"{b['weights']:.1f}", f"{b['grads']:.1f}", f"{b['optimizer']:.1f}", f"{b['activations']:.1f}",
             f"{b['vision_act']:.1f}", f"{b['bwd_peak']:.1f}", f"{b['nograd']:.1f}", f"{b['overhead']:.1f}",
-            f"{b['rollout']:.1f}", f"{r['mem_gib']:.1f}", f"{r['tokens_per_s_per_gpu']:.0f}", f"{r['step_time_s']:.1f}",
+            f"{b['rollout']:.1f}", f"{b['kv_cache']:.1f}" if b["rollout"] else "-", f"{r['mem_gib']:.1f}", f"{r['tokens_per_s_per_gpu']:.0f}", f"{r['step_time_s']:.1f}",
         ]
         lines.append(" ".join(f"{str(v):>{w}}" for v, (_, w) in zip(vals, _COLS)))
     if top > 0 and len(rows) > top:
@@ -74,7 +74,9 @@ def format_table(rows: list[dict], gpu_mem_gib: float, top: int) -> str:
     n_fit = sum(r["fits"] for r in rows)
     lines.append(
         f"{n_fit} of {len(rows)} layouts fit in {gpu_mem_gib:g} GiB. Memory columns are GiB on the most "
-        "loaded pipeline rank; total = weights+grads+optim + max(act+vision+bwd, nograd) + ovh + rollout."
+        "loaded pipeline rank; total = the larger of training, weights+grads+optim + max(act+vision+bwd, nograd) + ovh, "
+        "and rollout (stage 0), weights+grads+optim + fixed ovh + rollout; kv = rollout - the engine's weights, "
+        "at least one full-length sequence."
     )
     return "\n".join(lines)
 
@@ -95,7 +97,7 @@ def run(argv: list[str] | None = None) -> tuple[int, str]:
         cands = tune(
             spec, args.gpus, args.gpu_mem_gib, wl,
             recompute=args.recompute, prec=prec, kernels=KERNELS[args.kernels], gpu=GPU_TYPES[args.gpu_type],
-            rollout_mem_fraction=args.rollout_mem_fraction, te=args.te,
+            rollout_share=args.rollout_share,
         )
     except (ModelSpecError, TuningError) as e:
         return 2, f"error: {e}"
@@ -105,7 +107,7 @@ def run(argv: list[str] | None = None) -> tuple[int, str]:
     title = (
         f"{spec.name}: {spec.total_params() / 1e9:.2f}B params, {args.gpus} x {args.gpu_mem_gib:g} GiB "
         f"{args.gpu_type}, seq {wl.seq_len}, micro-batch {wl.micro_batch}, global batch {wl.global_batch}, "
-        f"{args.dtype}{' +fp8' if args.fp8 else ''}, rollout share {args.rollout_mem_fraction:g}"
+        f"{args.dtype}{' +fp8' if args.fp8 else ''}, rollout share {args.rollout_share:g}"
     )
     return 0, title + "\n" + format_table(rows, args.gpu_mem_gib, args.top)
 

@@ -13,8 +13,10 @@ Dynamic, the larger of two phases:
              fp32 copies and (without gradient-accumulation fusion) the output layer's weight-grad temp
   no-grad    the paired VPPO pass: 2 views x micro-batch x seq x V/TP logits plus the fp32 log-softmax
              temporaries, reduced to per-token scalars at once (design decision 3)
-Plus framework overhead (CUDA context, NCCL/cuBLAS workspaces, allocator slack) and the colocated rollout
-engine's reserved share of the GPU.
+Plus framework overhead (CUDA context, NCCL/cuBLAS workspaces, allocator slack).
+Rollout (pipeline stage 0, where each replica's colocated SGLang engine lives; it releases everything while
+the trainer runs): static + fixed overhead + the engine's share of the GPU (`rollout.engine_gpu_share`),
+which must hold the engine's weights (HF model / TP) and KV cache for at least one full-length sequence.
 
 Saved-activation counts per decoder layer and token (elements; h hidden, q = heads*head_dim,
 kv = kv_heads*head_dim, f ffn width, t = TP, t_sp = t with sequence parallel else 1):
@@ -135,11 +137,30 @@ class StageMemory:
     transient: float = 0.0  # gradients alive while back-propagating one layer (+ a recomputed layer)
     nograd: float = 0.0  # dynamic peak of the paired no-grad pass
     overhead: float = 0.0
-    rollout: float = 0.0
+    fixed_overhead: float = 0.0  # the part of `overhead` also present while the engine generates
+    rollout: float = 0.0  # the engine's share of the GPU while it generates (stage 0)
+    engine_weights: float = 0.0  # the engine's weights inside that share
+    min_kv: float = 0.0  # KV cache of one full-length sequence on one engine rank
 
     @property
     def static(self) -> float:
         return self.weights + self.grads + self.optimizer
+
+    @property
+    def kv_cache(self) -> float:
+        return self.rollout - self.engine_weights
+
+    @property
+    def rollout_fits(self) -> bool:
+        return self.rollout == 0 or self.kv_cache >= self.min_kv
+
+    @property
+    def train_phase(self) -> float:
+        return self.static + max(self.train_dynamic, self.nograd) + self.overhead
+
+    @property
+    def rollout_phase(self) -> float:
+        return self.static + self.fixed_overhead + self.rollout if self.rollout else 0.0
 
     @property
     def bwd_peak(self) -> float:
@@ -153,15 +174,17 @@ class StageMemory:
 
     @property
     def peak_phase(self) -> str:
+        if self.rollout_phase > self.train_phase:
+            return "rollout"
         return "train" if self.train_dynamic >= self.nograd else "nograd"
 
     @property
     def total(self) -> float:
-        return self.static + max(self.train_dynamic, self.nograd) + self.overhead + self.rollout
+        return max(self.train_phase, self.rollout_phase)
 
     def as_gib(self) -> dict:
         keys = ("weights", "grads", "optimizer", "activations", "vision_act", "logits", "transient",
-                "bwd_peak", "nograd", "overhead", "rollout")
+                "bwd_peak", "nograd", "overhead", "rollout", "engine_weights", "kv_cache", "min_kv")
         out = {k: getattr(self, k) / GIB for k in keys}
         out.update(stage=self.stage, params=self.params, total=self.total / GIB, peak_phase=self.peak_phase)
         return out
@@ -180,6 +203,15 @@ class MemoryEstimate:
     @property
     def total_gib(self) -> float:
         return self.worst.total / GIB
+
+
+def engine_rank_bytes(spec: ModelSpec, tp: int, prec: Precision, seq_len: int) -> tuple[float, float]:
+    """(weights, KV cache of one `seq_len` sequence) on one rank of a TP-`tp` SGLang engine: the HF
+    model in the trainer's parameter dtype (bf16 under FP8 training), K and V per layer for the KV
+    heads this rank holds (replicated when tp > KV heads)."""
+    e = 4 if prec.param_bytes == 4 else 2
+    kv_heads = max(1, spec.kv_heads // tp)
+    return spec.total_params() * e / tp, seq_len * spec.layers * 2 * kv_heads * spec.hd * e
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -294,9 +326,11 @@ def estimate_memory(
     kernels: Kernels = KERNELS["te"],
     recompute: str = "none",
     gpu_mem_gib: float = 80.0,
-    rollout_mem_fraction: float = 0.0,
+    rollout_share: float = 0.0,
     vocab_multiple: int = 128,
 ) -> MemoryEstimate:
+    """`rollout_share`: the colocated engine's share of each GPU while it generates (0: no colocated
+    engine); its TP size is the trainer's, on the GPUs of pipeline stage 0."""
     if recompute not in ("none", "full"):
         raise ValueError(f"recompute={recompute!r}: use 'none' or 'full'")
     t, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
@@ -353,7 +387,10 @@ def estimate_memory(
             # + the final norm's input and output (full h) that stay alive while the logits exist.
             sm.nograd = 2 * mb * wl.seq_len * (v_local * nograd_bytes + 2 * spec.hidden * e) / cp
         dynamic = max(sm.train_dynamic, sm.nograd)
-        sm.overhead = kernels.fixed_overhead_gib * GIB + kernels.fragmentation * dynamic
-        sm.rollout = rollout_mem_fraction * gpu_mem_gib * GIB
+        sm.fixed_overhead = kernels.fixed_overhead_gib * GIB
+        sm.overhead = sm.fixed_overhead + kernels.fragmentation * dynamic
+        if first and rollout_share > 0:
+            sm.rollout = rollout_share * gpu_mem_gib * GIB
+            sm.engine_weights, sm.min_kv = engine_rank_bytes(spec, t, prec, wl.seq_len)
         est.stages.append(sm)
     return est

@@ -2,8 +2,11 @@
 
 Legality comes from `parallel_layout.validate_layout` (the trainer's own rules). On top of it the
 batch must split into whole micro-batches per DP rank (and, with interleaving, into groups of `pp`
-micro-batches, as Megatron's interleaved schedule requires); CP needs the sequence split into 2*cp
-chunks (TE's load-balanced causal CP). Those three are workload rules, kept here.
+micro-batches, as Megatron's interleaved schedule requires); CP would need the sequence split into
+2*cp chunks (TE's load-balanced causal CP). Those are workload rules, kept here.
+
+No CP layouts are offered: the trainer refuses cp > 1 until packed sequences split each sequence over
+the CP ranks (`validate_layout`). The memory and throughput models still take a `Layout.cp`.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ class Candidate:
 
     @property
     def fits(self) -> bool:
-        return self.mem_gib <= self.gpu_mem_gib
+        """Both phases fit, and the engine's share holds its weights plus one full-length sequence."""
+        return self.mem_gib <= self.gpu_mem_gib and all(s.rollout_fits for s in self.memory.stages)
 
     def as_dict(self) -> dict:
         lay = self.layout
@@ -63,7 +67,7 @@ class Candidate:
         )
 
 
-def check_request(n_gpus: int, gpu_mem_gib: float, wl: Workload, rollout_mem_fraction: float) -> None:
+def check_request(n_gpus: int, gpu_mem_gib: float, wl: Workload, rollout_share: float) -> None:
     bad = []
     for name, v in (
         ("--gpus", n_gpus),
@@ -76,8 +80,8 @@ def check_request(n_gpus: int, gpu_mem_gib: float, wl: Workload, rollout_mem_fra
             bad.append(f"{name}={v!r} must be positive")
     if wl.images_per_sample < 0 or wl.max_pixels <= 0:
         bad.append(f"images per sample ({wl.images_per_sample}) must be >= 0 and max pixels ({wl.max_pixels}) > 0")
-    if not 0.0 <= rollout_mem_fraction < 1.0:
-        bad.append(f"--rollout-mem-fraction={rollout_mem_fraction} must be in [0, 1)")
+    if not 0.0 <= rollout_share < 1.0:
+        bad.append(f"--rollout-share={rollout_share} must be in [0, 1)")
     if bad:
         raise TuningError("; ".join(bad))
     if wl.global_batch % wl.micro_batch:
@@ -99,38 +103,37 @@ def workload_rule(layout: Layout, wl: Workload) -> str | None:
     return None
 
 
-def enumerate_layouts(spec: ModelSpec, n_gpus: int, wl: Workload, te: bool = False) -> tuple[list[Layout], Counter]:
-    """All legal layouts for exactly `n_gpus`; also a count of why the others were rejected."""
+def enumerate_layouts(spec: ModelSpec, n_gpus: int, wl: Workload) -> tuple[list[Layout], Counter]:
+    """All legal layouts for exactly `n_gpus` (cp = 1: see the module doc); also a count of why the
+    others were rejected."""
     out: list[Layout] = []
     why: Counter = Counter()
     for tp in divisors(n_gpus):
         for pp in divisors(n_gpus // tp):
-            for cp in divisors(n_gpus // (tp * pp)) if te else [1]:
-                dp = n_gpus // (tp * pp * cp)
-                vpps = [None]
-                if pp > 1 and spec.layers % pp == 0:
-                    vpps += [v for v in divisors(spec.layers // pp) if v > 1]
-                for vpp in vpps:
-                    for sp in (False, True) if tp > 1 else (False,):
-                        lay = Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sp=sp)
-                        try:
-                            validate_layout(
-                                lay,
-                                world_size=n_gpus,
-                                num_attention_heads=spec.heads,
-                                num_query_groups=spec.kv_heads,
-                                num_layers=spec.layers,
-                                vision_num_heads=spec.vision_heads if wl.with_vision else None,
-                                te_available=te,
-                            )
-                        except LayoutError as e:
-                            why[str(e).split(";")[0]] += 1
-                            continue
-                        rule = workload_rule(lay, wl)
-                        if rule:
-                            why[rule] += 1
-                            continue
-                        out.append(lay)
+            dp = n_gpus // (tp * pp)
+            vpps = [None]
+            if pp > 1 and spec.layers % pp == 0:
+                vpps += [v for v in divisors(spec.layers // pp) if v > 1]
+            for vpp in vpps:
+                for sp in (False, True) if tp > 1 else (False,):
+                    lay = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, sp=sp)
+                    try:
+                        validate_layout(
+                            lay,
+                            world_size=n_gpus,
+                            num_attention_heads=spec.heads,
+                            num_query_groups=spec.kv_heads,
+                            num_layers=spec.layers,
+                            vision_num_heads=spec.vision_heads if wl.with_vision else None,
+                        )
+                    except LayoutError as e:
+                        why[str(e).split(";")[0]] += 1
+                        continue
+                    rule = workload_rule(lay, wl)
+                    if rule:
+                        why[rule] += 1
+                        continue
+                    out.append(lay)
     return out, why
 
 
@@ -144,14 +147,14 @@ def evaluate(
     prec: Precision,
     kernels: Kernels,
     gpu: GpuType,
-    rollout_mem_fraction: float,
+    rollout_share: float,
 ) -> Candidate:
     choices = ["none", "full"] if recompute == "auto" else [recompute]
     cand = None
     for rc in choices:
         mem = estimate_memory(
             spec, layout, wl, prec=prec, kernels=kernels, recompute=rc,
-            gpu_mem_gib=gpu_mem_gib, rollout_mem_fraction=rollout_mem_fraction,
+            gpu_mem_gib=gpu_mem_gib, rollout_share=rollout_share,
         )
         thr = estimate_throughput(spec, layout, wl, gpu=gpu, prec=prec, recompute=rc)
         m = wl.global_batch // (wl.micro_batch * layout.dp)
@@ -171,14 +174,13 @@ def tune(
     prec: Precision = Precision(),
     kernels: Kernels = KERNELS["te"],
     gpu: GpuType = GPU_TYPES["h100"],
-    rollout_mem_fraction: float = 0.0,
-    te: bool = False,
+    rollout_share: float = 0.0,
 ) -> list[Candidate]:
     """Every legal layout for `n_gpus`, fitting ones first by tokens/s/GPU, then the rest by memory."""
-    check_request(n_gpus, gpu_mem_gib, wl, rollout_mem_fraction)
+    check_request(n_gpus, gpu_mem_gib, wl, rollout_share)
     if recompute not in ("auto", "none", "full"):
         raise TuningError(f"--recompute {recompute!r}: use auto, none or full")
-    layouts, why = enumerate_layouts(spec, n_gpus, wl, te=te)
+    layouts, why = enumerate_layouts(spec, n_gpus, wl)
     if not layouts:
         reasons = "; ".join(f"{r} ({n}x)" for r, n in why.most_common(4))
         raise TuningError(
@@ -188,7 +190,7 @@ def tune(
         )
     cands = [
         evaluate(spec, lay, wl, gpu_mem_gib=gpu_mem_gib, recompute=recompute, prec=prec, kernels=kernels,
-                 gpu=gpu, rollout_mem_fraction=rollout_mem_fraction)
+                 gpu=gpu, rollout_share=rollout_share)
         for lay in layouts
     ]
     fit = sorted((c for c in cands if c.fits), key=lambda c: (-c.throughput.tokens_per_s_per_gpu, c.mem_gib))

@@ -1,10 +1,15 @@
 """Which transformer-layer implementation the language model uses.
 
-* `transformer_engine` (GPU): Megatron-Core's TE spec (fused LayerNorm+Linear, TE attention with
-  packed-sequence support, FP8 when `config.fp8` is set — Megatron's TransformerBlock enters the
-  FP8 autocast from the config's recipe itself; `RunConfig` validates the format and recipe).
+* `transformer_engine` (GPU): Megatron-Core's TE spec (fused LayerNorm+Linear, FP8 when `config.fp8`
+  is set — Megatron's TransformerBlock enters the FP8 autocast from the config's recipe itself;
+  `RunConfig` validates the format and recipe). Packed micro-batches take TE's thd attention: Megatron's
+  TEDotProductAttention passes `cu_seqlens_q/kv` and `max_seqlen_q/kv` from PackedSeqParams and turns
+  the causal mask into `padding_causal`, which TE's thd kernels require. RoPE stays unfused
+  (`apply_rope_fusion=False`): TE's fused thd RoPE restarts positions at 0 per segment, which is wrong
+  for M-RoPE, while Megatron's unfused thd path maps our per-token M-RoPE frequencies by offset.
 * `local` (CPU, or GPU without TE): Megatron-Core's local spec with RMSNorm, and our
-  `PackedSeqAttention` as core attention (SDPA; understands `thd` packing and boolean masks).
+  `PackedSeqAttention` as core attention (SDPA; `thd` packing as a block-diagonal causal mask per
+  segment, boolean masks otherwise).
 
 Transformer Engine is imported only when its spec is asked for.
 """

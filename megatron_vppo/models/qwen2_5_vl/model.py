@@ -142,13 +142,24 @@ class Qwen25VLModel(MegatronModule):
         packed_seq_params=None,
     ) -> torch.Tensor:
         """input_ids [b, s]; attention_mask [b, s] of 1/0 (or None). Last stage: logits
-        [b, s, padded_vocab/tp]; other stages: hidden states [s(/tp with SP), b, h] for the next."""
+        [b, s, padded_vocab/tp]; other stages: hidden states [s(/tp with SP), b, h] for the next.
+
+        Packed (thd): input_ids [1, T] holding segments, `packed_seq_params` (Megatron's PackedSeqParams,
+        `cu_seqlens`) and each segment's own M-RoPE `position_ids` [3, 1, T]; attention stays inside a
+        segment (our core attention on CPU, Transformer Engine's thd attention with the TE spec), and
+        Megatron's thd RoPE maps the per-token frequencies by offset."""
         tp = self.config.tensor_model_parallel_size
-        if self.config.sequence_parallel and packed_seq_params is None and input_ids.shape[1] % tp:
+        if self.config.sequence_parallel and input_ids.shape[1] % tp:
             raise ValueError(
                 f"sequence parallel splits the sequence over tp={tp} ranks: sequence length"
                 f" {input_ids.shape[1]} must be a multiple of {tp}; right-pad the batch"
                 f" (pad token, attention_mask 0) to a multiple of {tp}"
+            )
+        packed = packed_seq_params is not None
+        if packed and (position_ids is None or attention_mask is not None or input_ids.shape[0] != 1):
+            raise ValueError(
+                "packed (thd) input is one [1, T] row with per-segment position_ids [3, 1, T] and no"
+                " attention_mask; build it with train.rl_batch.collate_packed"
             )
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)

@@ -2,8 +2,9 @@
 
 Megatron-Core's local `DotProductAttention` refuses `PackedSeqParams`; only Transformer Engine handles
 them. This module is a drop-in `core_attention` for a `ModuleSpec` that does: with `thd` packing it
-runs the `cu_seqlens` segments as one padded batch through `F.scaled_dot_product_attention` (causal
-inside each segment when the mask type is causal), so cost follows segments x longest², not tokens²;
+runs the `cu_seqlens` segments, bucketed by length, as padded batches through
+`F.scaled_dot_product_attention` with a block-diagonal mask (causal inside each segment when the mask
+type is causal), so cost follows Σ segment², not tokens²;
 without packing it honours Megatron's boolean `attention_mask` (True = masked out) or a causal mask.
 The vision tower's window / full attention (on GPU too) and the language model's local layers use it.
 """
@@ -102,8 +103,10 @@ class PackedSeqAttention(MegatronModule):
         return out.reshape(out.size(0), out.size(1), -1)
 
     def _packed(self, query, key, value, p: PackedSeqParams, causal: bool) -> torch.Tensor:
-        """[t, heads, d] -> [t, heads*d]. The segments run as one padded batch [n, heads, L, d]: memory
-        and work grow with n·L², not t² (the vision tower packs thousands of windows per batch)."""
+        """[t, heads, d] -> [t, heads*d]. Segments of similar length (the same power-of-two bucket) run
+        as one padded batch [n, heads, L, d] under a block-diagonal (causal) mask: work follows
+        Σ segment², not t², and a few SDPA calls cover thousands of vision windows or a packed
+        micro-batch of very different response lengths alike."""
         off_q = p.cu_seqlens_q if p.cu_seqlens_q_padded is None else p.cu_seqlens_q_padded
         off_kv = p.cu_seqlens_kv if p.cu_seqlens_kv_padded is None else p.cu_seqlens_kv_padded
         keep = off_q[1:] > off_q[:-1]  # a segment without stored queries has no output rows
@@ -112,12 +115,19 @@ class PackedSeqAttention(MegatronModule):
             off = off.long()
             return off[:-1][keep], (off[1:] - off[:-1])[keep]
 
-        rows_q, valid_q = segment_rows(*starts_sizes(off_q))
+        start_q, size_q = starts_sizes(off_q)
         start_kv, size_kv = starts_sizes(off_kv)
-        rows_kv, _ = segment_rows(start_kv, size_kv)
-        mask = segment_mask(starts_sizes(p.cu_seqlens_kv)[1], size_kv, rows_q.shape[1], rows_kv.shape[1], causal)
-        q, k, v = (x[r].transpose(1, 2) for x, r in ((query, rows_q), (key, rows_kv), (value, rows_kv)))
-        out = self._sdpa(q, k, v, mask, False).transpose(1, 2)[valid_q]  # [n, h, L, d] -> [t, h, d]
+        real_kv = starts_sizes(p.cu_seqlens_kv)[1]
+        bucket = torch.ceil(torch.log2(torch.maximum(size_q, size_kv).clamp(min=1).double())).long()
+        out = query.new_zeros(query.shape[0], query.shape[1], query.shape[2])
+        for b in torch.unique(bucket).tolist():
+            sel = bucket == b
+            rows_q, valid_q = segment_rows(start_q[sel], size_q[sel])
+            rows_kv, _ = segment_rows(start_kv[sel], size_kv[sel])
+            mask = segment_mask(real_kv[sel], size_kv[sel], rows_q.shape[1], rows_kv.shape[1], causal)
+            q, k, v = (x[r].transpose(1, 2) for x, r in ((query, rows_q), (key, rows_kv), (value, rows_kv)))
+            res = self._sdpa(q, k, v, mask, False).transpose(1, 2)  # [n, L, h, d]
+            out = out.index_put((rows_q[valid_q],), res[valid_q])
         return out.reshape(out.size(0), -1)
 
     def _sdpa(self, q, k, v, mask, is_causal) -> torch.Tensor:

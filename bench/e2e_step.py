@@ -1,0 +1,123 @@
+"""The whole RL step end to end — rollout, reward, π_old, shaping, update, weight sync — VPPO vs DAPO,
+with π_old from the trainer's paired no-grad pass (`train.old_logp_source=trainer`) and from the engine
+(`engine`: sampling log-probs + one engine prefill of the perturbed view, no trainer pass).
+
+    .venv/bin/python bench/e2e_step.py [--repeats 5] [--out /tmp/bench_e2e]
+
+One process, one trainer (the demo's warm-started tiny model and synthetic task, the real
+`build_trainer` / `loop.rl_step`), the four variants alternating in a rotating order inside each
+repeat. Every variant of a repeat starts from the same data position and step number, so it samples
+the same prompts with the same seeds; lr is tiny, so the weights (and rollouts) barely move between
+variants. Reports the median step time per variant, the median of per-repeat ratios, and each phase's
+share (the trainer's own `time/*` metrics). The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = [("vppo", "trainer"), ("dapo", "trainer"), ("vppo", "engine"), ("dapo", "engine")]
+PHASES = ("time/rollout_s", "time/passes_s", "time/update_s", "time/sync_s")
+
+
+def build(work: Path, sft_steps: int, response_len: int):
+    import torch
+
+    from megatron_vppo.config import load_config
+    from megatron_vppo.data.synthetic_task import write_synthetic_dataset
+    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+    from megatron_vppo.train.build import build_trainer
+    from megatron_vppo.train.demo import DEMO_CONFIG, warm_start
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    init = work / "model_init"
+    if not (init / "config.json").is_file():
+        make_tiny_model(init, seed=0)
+    data = work / "data"
+    if not (data / "train.jsonl").is_file():
+        write_synthetic_dataset(data, 256, 8, seed=0)
+    sft = warm_start(init, data / "train.jsonl", work / f"model_sft{sft_steps}", steps=sft_steps, batch_size=16,
+                     lr=2e-3, seed=0)
+    run_dir = work / f"run_{time.time_ns()}"
+    cfg = load_config(DEMO_CONFIG, [
+        f"model.path={sft}", f"data.train={data / 'train.jsonl'}", "data.val=", f"train.output_dir={run_dir}",
+        "optim.lr=1e-9", "train.val_every=0", "train.save_every=0", f"rollout.max_response_length={response_len}",
+        "rollout.max_dynamic_sampling_retries=0", "vppo.entropy_coef=0.06",
+    ])
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    return build_trainer(cfg)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sft-steps", type=int, default=30)
+    ap.add_argument("--response-len", type=int, default=32)
+    ap.add_argument("--out", default="/tmp/bench_e2e_step")
+    args = ap.parse_args(argv)
+
+    from megatron_vppo.train import loop
+    from megatron_vppo.train.build import teardown
+
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    trainer = build(work, args.sft_steps, args.response_len)
+    data_state = trainer.train_batches.state_dict()
+    times: dict[tuple, list[float]] = {v: [] for v in VARIANTS}
+    phases: dict[tuple, dict[str, list[float]]] = {v: {p: [] for p in PHASES} for v in VARIANTS}
+    try:
+        for r in range(args.repeats + 1):  # repeat 0 warms up (first-call allocations, caches)
+            order = VARIANTS[r % 4:] + VARIANTS[:r % 4]
+            for algo, source in order:
+                trainer.cfg.vppo.algorithm = algo
+                trainer.cfg.train.old_logp_source = source
+                trainer.train_batches.load_state_dict(data_state)
+                trainer.step = 1
+                t0 = time.perf_counter()
+                m = loop.rl_step(trainer)
+                dt = time.perf_counter() - t0
+                if "actor/skipped" in m:
+                    raise SystemExit("every group was filtered out: raise --sft-steps so some answers are right")
+                if r:
+                    times[algo, source].append(dt)
+                    for p in PHASES:
+                        phases[algo, source][p].append(m[p])
+    finally:
+        teardown(trainer)
+
+    med = {v: statistics.median(t) for v, t in times.items()}
+
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    for v in VARIANTS:
+        total = sum(statistics.median(phases[v][p]) for p in PHASES)
+        shares = {p.split("/")[1][:-2]: round(statistics.median(phases[v][p]) / total, 3) for p in PHASES}
+        print(json.dumps({"variant": f"{v[0]}/{v[1]}", "median_step_s": round(med[v], 4), "phase_share": shares}))
+    print(json.dumps({
+        "vppo_over_dapo_trainer": ratio(("vppo", "trainer"), ("dapo", "trainer")),
+        "vppo_over_dapo_engine": ratio(("vppo", "engine"), ("dapo", "engine")),
+        "engine_over_trainer_vppo": ratio(("vppo", "engine"), ("vppo", "trainer")),
+        "repeats": args.repeats, "response_len": args.response_len,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}",
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Run-time faults a run stops on, reported by the CLI as one line (no traceback): the message names
+what went wrong and the option that fixes it."""
+from __future__ import annotations
+
+
+class RunAbort(RuntimeError):
+    """Raised identically on every rank (the decision is shared first), so no rank waits on another."""

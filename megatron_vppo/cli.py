@@ -2,7 +2,7 @@
 
     megatron-vppo train CONFIG.yaml [section.key=value ...]   (under torchrun for more than one process)
     megatron-vppo demo [--out DIR] [--steps N]               (tiny offline demo on CPU)
-    megatron-vppo eval --model DIR --data PATH [--k 8] [--temperature 1.0]
+    megatron-vppo eval --model DIR --data PATH [--k 8] [--temperature 1.0] [--engine hf|vllm]
     megatron-vppo convert ...                                 (= tools/convert_checkpoint.py)
     megatron-vppo tune ...                                    (= tools/tune_parallelism.py)
 """

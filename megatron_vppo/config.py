@@ -67,7 +67,7 @@ class VPPOConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | sglang
+    engine: str = "hf"  # hf | sglang | vllm (megatron_vppo.rollout.ENGINES)
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 0.99
@@ -84,6 +84,8 @@ class RolloutConfig:
     # engine GPU). Off: the trainer's weight sync after each resume reloads them anyway.
     engine_weights_cpu_backup: bool = False
     max_dynamic_sampling_retries: int = 4
+    # Engine-specific settings, validated by the engine (vllm: rollout/vllm_engine.py VLLMEngineArgs).
+    engine_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -277,7 +279,7 @@ _CHOICES = {
     ("vppo", "tas_scope"): {"global", "official"},
     ("vppo", "perturbation"): {"pixel", "image"},
     ("train", "old_logp_source"): {"trainer", "engine"},
-    ("rollout", "engine"): {"hf", "sglang"},
+    ("rollout", "engine"): {"hf", "sglang", "vllm"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
     ("reward", "extraction"): {"lenient", "mathruler"},
@@ -291,6 +293,15 @@ def validate_choices(cfg: RunConfig) -> None:
         if value not in allowed:
             shown = sorted(str(a) for a in allowed)
             raise ConfigError(f"{section}.{key}={value!r} is not one of {shown}")
+    if not isinstance(cfg.rollout.engine_args, dict):
+        raise ConfigError(f"rollout.engine_args must be a mapping, got {cfg.rollout.engine_args!r}")
+    from megatron_vppo.rollout import check_engine_args
+
+    check_engine_args(cfg.rollout.engine, cfg.rollout.engine_args)
+    if cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and cfg.vppo.algorithm == "vppo":
+        raise ConfigError("train.old_logp_source=engine has the engine score the perturbed pixel view, which "
+                          "rollout.engine=vllm cannot take (vLLM preprocesses raw images itself); use "
+                          "train.old_logp_source=trainer or rollout.engine=hf")
     _validate_old_logp_source(cfg)
 
 

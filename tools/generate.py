@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node K tools/generate.py --model DIR --data IN.jsonl --out OUT.jsonl \
         --num-samples N --seed S [--temperature T --top-p P --top-k K --max-new-tokens M] \
-        [--engine hf|sglang] [--batch-size B] [--device cpu|cuda] [--dtype fp32|bf16]
+        [--engine hf|sglang|vllm] [--batch-size B] [--device cpu|cuda] [--dtype fp32|bf16]
 
 Input lines: {"problem": str, "images": [path, ...]} (relative paths resolve against the data
 file's folder). Output: N lines per input, in input order, each
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=-1)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--engine", choices=["hf", "sglang"], default="hf")
+    ap.add_argument("--engine", choices=["hf", "sglang", "vllm"], default="hf")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences decoded together per rank (hf)")
     ap.add_argument("--device", default=None, help="hf engine device (default: cuda if available, else cpu)")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
@@ -62,7 +62,8 @@ def stop_ids(model_dir: Path, processor) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in ids))
 
 
-def build_engine(args, rank: int):
+def build_engine(args, rank: int, max_len: int | None = None):
+    """This rank's engine; `max_len` (longest prompt + --max-new-tokens) sizes vLLM's context."""
     if args.engine == "hf":
         from megatron_vppo.rollout.hf_engine import HFRolloutEngine
 
@@ -72,6 +73,11 @@ def build_engine(args, rank: int):
         return HFRolloutEngine.from_pretrained(
             args.model, device=device, dtype=_DTYPES[args.dtype], max_batch_size=args.batch_size
         )
+    if args.engine == "vllm":  # one vLLM engine per rank (its core in a child process when K > 1)
+        from megatron_vppo.rollout import ENGINES
+
+        return ENGINES["vllm"](args.model, dtype=args.dtype, seed=args.seed, max_model_len=max_len,
+                               engine_args={"max_num_seqs": max(args.batch_size, 1)})
     from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
 
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -131,7 +137,8 @@ def main(argv=None):
         )
         starts.append(enc["response_start"])
 
-    engine = build_engine(args, rank)
+    longest = max((len(r.prompt_ids) for r in requests), default=1)
+    engine = build_engine(args, rank, max_len=longest + args.max_new_tokens)
     outputs = engine.generate(requests, args.num_samples, sampling) if requests else []
     local = {}
     for i, req, start, samples in zip(mine, requests, starts, outputs):

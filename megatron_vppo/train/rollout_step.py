@@ -96,7 +96,8 @@ def generate_and_grade(engine, tokenizer, grader, prompts: list[EncodedPrompt], 
     if not ids:
         return []
     reqs = [RolloutRequest(prompts[i].prompt_ids, prompts[i].pixel_values, prompts[i].image_grid_thw,
-                           seed=derived_seed(*seed_parts, i)) for i in ids]
+                           seed=derived_seed(*seed_parts, i), images=prompts[i].images or None)  # raw: vllm
+            for i in ids]
     groups = []
     for i, samples in zip(ids, engine.generate(reqs, n, sampling)):
         texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in samples]

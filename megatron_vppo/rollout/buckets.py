@@ -129,3 +129,16 @@ def iter_named_tensors(stream: WeightStream) -> Iterator[NamedTensor]:
                 f"weight stream item of type {type(item).__name__} is neither a (name, tensor) pair "
                 "nor a rollout.buckets.Bucket"
             )
+
+
+def plan_manifest(expected, resolve) -> tuple[tuple, dict[str, tuple]]:
+    """An update's manifest [(name, shape, dtype)] -> (hashable manifest, {name: (resolve(name, shape, dtype),
+    shape, dtype)}); `resolve` maps a name to the engine's storage and raises when it does not fit.
+    Engines check the whole manifest this way before they copy anything."""
+    expected = tuple((name, tuple(shape), dtype) for name, shape, dtype in expected)
+    plan: dict[str, tuple] = {}
+    for name, shape, dtype in expected:
+        if name in plan:
+            raise ValueError(f"the update's manifest lists {name!r} twice")
+        plan[name] = (resolve(name, shape, dtype), torch.Size(shape), dtype)
+    return expected, plan

@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors
+from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors, plan_manifest
 from megatron_vppo.rollout.engine import (
     RolloutOutput,
     RolloutRequest,
@@ -384,14 +384,10 @@ class HFRolloutEngine:
     def _check_manifest(self, expected, require_complete: bool) -> dict[str, tuple]:
         """{name: (param, shape, dtype)} for a manifest that fits the model; raises before any copy.
         The trainer sends the same manifest every step: a repeat is recognised, not re-checked."""
-        expected = tuple((name, tuple(shape), dtype) for name, shape, dtype in expected)
-        if self._checked is not None and self._checked[:2] == (expected, require_complete):
+        key = tuple((name, tuple(shape), dtype) for name, shape, dtype in expected)
+        if self._checked is not None and self._checked[:2] == (key, require_complete):
             return self._checked[2]
-        plan: dict[str, tuple] = {}
-        for name, shape, dtype in expected:
-            if name in plan:
-                raise ValueError(f"the update's manifest lists {name!r} twice")
-            plan[name] = (self._resolve(name, shape, dtype), torch.Size(shape), dtype)
+        expected, plan = plan_manifest(key, self._resolve)
         if require_complete:
             missing = self._missing({id(p) for p, _, _ in plan.values()})
             if missing:

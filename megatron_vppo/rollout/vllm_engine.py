@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors
+from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors, plan_manifest
 from megatron_vppo.rollout.engine import (
     RolloutOutput,
     RolloutRequest,
@@ -433,14 +433,10 @@ class VLLMRolloutEngine:
         return key
 
     def _check_manifest(self, expected, require_complete: bool) -> dict[str, tuple]:
-        expected = tuple((n, tuple(s), d) for n, s, d in expected)
-        if self._checked is not None and self._checked[0] == expected:
+        key = tuple((n, tuple(s), d) for n, s, d in expected)
+        if self._checked is not None and self._checked[0] == key:
             return self._checked[1]
-        plan: dict[str, tuple] = {}
-        for name, shape, dtype in expected:
-            if name in plan:
-                raise ValueError(f"the update's manifest lists {name!r} twice")
-            plan[name] = (self._resolve(name, shape, dtype), torch.Size(shape), dtype)
+        expected, plan = plan_manifest(key, self._resolve)
         self._check_complete({k for k, _, _ in plan.values()}, "the update's manifest")
         self._checked = (expected, plan)
         return plan

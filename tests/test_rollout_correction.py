@@ -121,6 +121,7 @@ def test_bad_settings_name_the_key(bad):
         check_correction(**kw)
 
 
+@pytest.mark.skipif(not VECTORS.is_dir(), reason=f"golden vectors directory {VECTORS} is absent")
 @pytest.mark.parametrize("level,mode", [("token", "truncate"), ("token", "mask"), ("sequence", "truncate")])
 def test_golden_cli_with_rollout_log_probs(tmp_path, level, mode):
     """The CLI's weights and losses equal the transcription applied to its own uncorrected outputs."""

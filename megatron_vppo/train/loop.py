@@ -221,10 +221,9 @@ def engine_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     if not use_vppo:
         return res
     idx = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    views = _perturbed_views_of(trainer, trajs, idx) if is_engine_rank() else []
     scored = []
     if is_engine_rank():
-        todo = [(i, v) for i, v in zip(idx, views) if trajs[i].has_image]
+        todo = [(i, v) for i, v in zip(idx, _perturbed_views_of(trainer, trajs, idx)) if trajs[i].has_image]
         items = [(RolloutRequest(trajs[i].input_ids[: trajs[i].response_start].tolist(), v, trajs[i].image_grid_thw),
                   trajs[i].input_ids[trajs[i].response_start:].tolist()) for i, v in todo]
         lps = trainer.engine.score(items, temperature=trainer.cfg.rollout.temperature) if items else []

@@ -106,7 +106,7 @@ def build_trainer(model_dir: Path, tp: int, micro_batch_size: int, n_traj: int):
     return Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                    optimizer=pol.optimizer, scheduler=pol.scheduler, engine=None, grader=None,
                    train_batches=None, val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
-                   vocab_size=pol.arch.vocab_size, step=STEP)
+                   vocab_size=pol.arch.vocab_size, dims=pol.dims, step=STEP)
 
 
 def _pass_inputs(trainer, trajs):

@@ -1,27 +1,187 @@
-"""Process groups for one run: torch.distributed (gloo on CPU, NCCL on GPU) + Megatron parallel_state.
+"""Process groups for one run: torch.distributed (gloo on CPU, NCCL on GPU) + Megatron parallel_state,
+the `ParallelDims` object that says where this rank sits, and every collective the package uses.
 
 The layout is validated before any process-group work, so an impossible size fails fast with a
-message naming the rule, on every rank, without a hang.
+message naming the rule, on every rank, without a hang. `init_distributed` returns the dims once;
+callers pass them down (torchtitan's ParallelDims is the model) instead of reading Megatron's globals.
+Megatron's own modules still read parallel_state; this package reads it only here.
 """
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_vppo.config import ParallelConfig
 from megatron_vppo.parallel_layout import Layout, LayoutError, validate_layout
 
 
+# Waits of ranks with no work (an engine generating for minutes) happen in gloo with this timeout.
+GLOO_TIMEOUT = timedelta(hours=6)
+
+
 @dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    layout: Layout
+class ParallelDims:
+    """Where this rank sits in the tp × cp × pp × dp layout, and its process groups.
+
+    Built once by `init_distributed` (or `ParallelDims.single()` for one process without groups) and
+    passed down. Groups are None when their size is 1 or no process group exists."""
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    vpp: int | None = None
+    sp: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    cp_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp_group: Any = field(default=None, repr=False, compare=False)
+    pp_group: Any = field(default=None, repr=False, compare=False)
+    dp_group: Any = field(default=None, repr=False, compare=False)
+    pp_last_rank: int = 0  # global rank of this pipeline's last stage
+
+    @classmethod
+    def single(cls, device: torch.device | None = None) -> "ParallelDims":
+        return cls(device=device or torch.device("cpu"))
+
+    @classmethod
+    def from_megatron(cls, device: torch.device | None = None, sp: bool = False) -> "ParallelDims":
+        """Read Megatron's parallel_state once (single-process dims when it is not initialised)."""
+        from megatron.core import parallel_state as ps
+
+        if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+            return cls.single(device)
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+        return cls(
+            tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+            dp=ps.get_data_parallel_world_size(), cp=ps.get_context_parallel_world_size(),
+            vpp=vpp if vpp not in (None, 1) else None, sp=sp,
+            rank=dist.get_rank(), world_size=dist.get_world_size(),
+            local_rank=_env_int("LOCAL_RANK", _env_int("RANK", 0)),
+            tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+            dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank(),
+            device=device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                              else torch.device("cpu")),
+            tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
+            dp_group=ps.get_data_parallel_group(), pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
+        )
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tp=self.tp, pp=self.pp, vpp=self.vpp, cp=self.cp, dp=self.dp, sp=self.sp)
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def engine_rank(self) -> bool:
+        """Each data-parallel replica's rollout engine lives on its TP0·PP0 (·CP0) rank."""
+        return self.tp_rank == 0 and self.pp_rank == 0 and self.cp_rank == 0
+
+
+# ------------------------------------------------------------------------------------ collectives
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+_CPU_GROUP: list = []
+
+
+def cpu_world_group():
+    """A gloo group over every rank (None when the default group is gloo already). Ranks with no
+    engine wait here while the engine ranks generate — for minutes — in a socket wait, not in an
+    NCCL collective that spins on the GPU and runs into NCCL's timeout. Created collectively on first
+    use: call it once on every rank at start-up (train/build.py does)."""
+    if not _CPU_GROUP or _CPU_GROUP[0][0] is not dist.group.WORLD:
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=GLOO_TIMEOUT)
+        _CPU_GROUP[:] = [(dist.group.WORLD, group)]
+    return _CPU_GROUP[0][1]
+
+
+def all_gather_world(items: list) -> list:
+    """Every rank's list, concatenated in rank order (ranks with nothing contribute []); over gloo."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items, group=cpu_world_group())
+    return [x for p in parts for x in p]
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True iff `ok` on every rank (so one rank's failure stops all of them without a hang)."""
+    if not _initialized():
+        return ok
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """`src`'s python object on every rank of `group` (the world by default)."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def barrier() -> None:
+    if _initialized():
+        dist.barrier()
+
+
+def gather_data_parallel(dims: ParallelDims, items: list) -> list:
+    """Concatenate every data-parallel rank's list in rank order (the order `shard` split them in)."""
+    if dims.dp == 1:
+        return items
+    out = [None] * dims.dp
+    dist.all_gather_object(out, items, group=dims.dp_group)
+    return [x for part in out for x in part]
+
+
+def from_last_stage(dims: ParallelDims, obj):
+    """The last pipeline stage's python object, on every stage of this pipeline."""
+    if dims.pp == 1:
+        return obj
+    return broadcast_object(obj, src=dims.pp_last_rank, group=dims.pp_group)
+
+
+def sum_over_data_parallel(dims: ParallelDims, sums: dict) -> dict:
+    """{name: float} summed over the data-parallel group (float64, same key order on every rank)."""
+    if dims.dp == 1 or not sums:
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=dims.dp_group)
+    return dict(zip(keys, t.tolist()))
+
+
+def max_over_data_parallel(dims: ParallelDims, n: int) -> int:
+    """The largest `n` over the data-parallel group."""
+    if dims.dp == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=dims.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dims.dp_group)
+    return int(t.item())
 
 
 def te_available() -> bool:
@@ -65,7 +225,7 @@ def init_distributed(
     vision_num_heads: int | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
-) -> DistInfo:
+) -> ParallelDims:
     """Validate the layout, start torch.distributed from the torchrun env, build Megatron groups, seed.
 
     Works under torchrun and under torch.multiprocessing spawn (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT
@@ -120,13 +280,7 @@ def init_distributed(
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)
-    return DistInfo(
-        rank=torch.distributed.get_rank(),
-        world_size=world_size,
-        local_rank=local_rank,
-        device=device,
-        layout=layout,
-    )
+    return ParallelDims.from_megatron(device, sp=layout.sp)
 
 
 def seed_everything(seed: int) -> None:

@@ -120,7 +120,7 @@ def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vp
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                       optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
                       val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
-                      vocab_size=pol.arch.vocab_size, step=STEP)
+                      vocab_size=pol.arch.vocab_size, dims=pol.dims, step=STEP)
     return trainer, proxy
 
 
@@ -380,7 +380,7 @@ def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                       optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
                       val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
-                      vocab_size=pol.arch.vocab_size, step=STEP)
+                      vocab_size=pol.arch.vocab_size, dims=pol.dims, step=STEP)
     return train_side_step(trainer, proxy, trajs)
 
 

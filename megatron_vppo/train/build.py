@@ -136,6 +136,7 @@ class Policy:
     adapter: object
     hf_config: dict
     arch: object
+    dims: object  # distributed.ParallelDims: this rank's place in the layout, made once here
 
 
 def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
@@ -152,7 +153,7 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
 
     hf_config = load_hf_config(model_dir)
     arch = text_arch(hf_config)
-    init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
+    dims = init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
                      num_query_groups=arch.num_key_value_heads, num_layers=arch.num_layers,
                      vision_num_heads=(hf_config.get("vision_config") or {}).get("num_heads"),
                      seed=cfg.train.seed)
@@ -165,7 +166,7 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
     steps = _optimizer_steps(cfg) if total_steps is None else total_steps
     ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.optim, cfg.model.dtype, steps, overlap=overlap)
     attach_to_model_config(ddp_chunks, optimizer)
-    return Policy(ddp_chunks, optimizer, scheduler, adapter, hf_config, arch)
+    return Policy(ddp_chunks, optimizer, scheduler, adapter, hf_config, arch, dims)
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
@@ -214,7 +215,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     trainer = Trainer(cfg=cfg, processor=processor, model_chunks=ddp_chunks, optimizer=optimizer,
                       scheduler=scheduler, engine=None, grader=grader, train_batches=batches,
                       val_prompts=val_prompts, hf_config=hf_config, adapter=adapter,
-                      vocab_size=arch.vocab_size)
+                      vocab_size=arch.vocab_size, dims=policy.dims)
 
     # The newest checkpoint that verifies (checksums), newer ones that do not are skipped and logged.
     resume = select_resume(cfg.train.resume, _ckpt_dir(cfg))

@@ -47,6 +47,7 @@ class Trainer:
     hf_config: dict
     adapter: object  # the model's HF <-> Megatron weight adapter
     vocab_size: int
+    dims: object = None  # distributed.ParallelDims (build_policy makes it)
     logger: object | None = None
     step: int = 0
     state: dict = field(default_factory=dict)

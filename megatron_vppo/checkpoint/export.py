@@ -124,13 +124,6 @@ class ExportGroup:
         return total
 
 
-def default_export_group_key(name: str) -> str:
-    """Language-model parameters convert one at a time; any other top-level module (a vision tower,
-    a projector) converts as a whole, since its adapter may need all of its tensors together."""
-    top = name.split(".", 1)[0]
-    return name if top == "language_model" else top
-
-
 def _chunks(model_chunks) -> list[torch.nn.Module]:
     return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
 
@@ -152,8 +145,7 @@ def _parallel():
 
 
 def _local_params(model_chunks, adapter) -> list[list[tuple[str, torch.nn.Parameter]]]:
-    canon = getattr(adapter, "canonical_mcore_name", None) or (lambda n: n)
-    return [[(canon(n), p) for n, p in global_param_names(c).items()] for c in _chunks(model_chunks)]
+    return [[(adapter.canonical_mcore_name(n), p) for n, p in global_param_names(c).items()] for c in _chunks(model_chunks)]
 
 
 def _local_metadata(local, tp) -> list[tuple]:
@@ -204,7 +196,7 @@ def plan_export(
     """Group parameters for conversion and learn each group's HF outputs by converting meta tensors.
 
     Runs identically on every rank, so an unknown name raises everywhere before any tensor moves."""
-    key = group_key or getattr(adapter, "export_group_key", None) or default_export_group_key
+    key = group_key or adapter.export_group_key
     buckets: dict[tuple[int, str], list[ParamMeta]] = {}
     for m in metas:  # dicts keep first-appearance order: the stream order of groups
         buckets.setdefault((m.stage, key(m.name)), []).append(m)

@@ -114,8 +114,7 @@ def load_hf_weights(model_chunks, hf_dir, adapter, *, tp_rank=None, tp_size=None
     {"loaded": n_params, "hf_tensors_read": n, "unused_hf": [names not needed by this rank]}."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     tp_rank, tp_size = _tp_rank_size(tp_rank, tp_size)
-    canonical_hf = getattr(adapter, "canonical_hf_name", None) or (lambda n: n)
-    reader = SafetensorsDir(hf_dir, canonical_hf)
+    reader = SafetensorsDir(hf_dir, adapter.canonical_hf_name)
 
     params: dict[str, torch.nn.Parameter] = {}
     for chunk in chunks:

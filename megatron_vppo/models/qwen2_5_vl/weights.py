@@ -19,12 +19,11 @@ produce the Megatron tensors it needs, reads only their HF sources, and slices p
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, padded_vocab_size, text_arch
+from megatron_vppo.models.weight_adapter import Group, WeightAdapter
 
 LM = "language_model."
 VISION = "vision_model."
@@ -56,18 +55,7 @@ def hf_name_v5(name: str) -> str:
     return name
 
 
-@dataclass
-class Group:
-    """One conversion: read `hf_names` (plus every HF tensor whose name starts with `hf_prefix`, if
-    set), call `to_mcore(dict)` -> {megatron name: full tensor}."""
-
-    hf_names: list[str]
-    mcore_names: list[str]
-    to_mcore: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-    hf_prefix: str | None = None
-
-
-class Qwen25VLWeights:
+class Qwen25VLWeights(WeightAdapter):
     """Adapter for one model config and TP size (gate/up fusion and vocab padding depend on tp)."""
 
     def __init__(self, hf_cfg, tp: int = 1, vocab_pad_multiple: int = 128):
@@ -84,10 +72,10 @@ class Qwen25VLWeights:
 
     # ---- names ----------------------------------------------------------------------------------
 
-    canonical_hf_name = staticmethod(canonical_hf_name)
+    def canonical_hf_name(self, name: str) -> str:
+        return canonical_hf_name(name)
 
-    @staticmethod
-    def canonical_mcore_name(name: str) -> str:
+    def canonical_mcore_name(self, name: str) -> str:
         for te, local in _TE_ALIASES.items():
             if name.endswith(te):
                 return name[: -len(te)] + local

@@ -30,6 +30,7 @@ class ParallelConfig:
 
 @dataclass
 class ModelConfig:
+    arch: str = "qwen2_5_vl"  # a name in megatron_vppo.models.MODELS
     path: str = ""  # HF directory or Megatron checkpoint
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     transformer_impl: str = "auto"  # auto | local | transformer_engine
@@ -293,6 +294,10 @@ def validate_choices(cfg: RunConfig) -> None:
         if value not in allowed:
             shown = sorted(str(a) for a in allowed)
             raise ConfigError(f"{section}.{key}={value!r} is not one of {shown}")
+    from megatron_vppo.models import MODELS
+
+    if cfg.model.arch not in MODELS:
+        raise ConfigError(f"model.arch={cfg.model.arch!r} is not a known model; known: {sorted(MODELS)}")
     if not isinstance(cfg.rollout.engine_args, dict):
         raise ConfigError(f"rollout.engine_args must be a mapping, got {cfg.rollout.engine_args!r}")
     from megatron_vppo.rollout import check_engine_args

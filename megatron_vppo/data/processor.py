@@ -2,7 +2,8 @@
 
 Why our own: the stock `Qwen2_5_VLProcessor` builds a video processor that needs torchvision (not
 usable beside the CPU torch), and `AutoProcessor` silently returns only the tokenizer for a
-directory without one. This class holds the tokenizer and `Qwen2VLImageProcessorPil` directly.
+directory without one. This class holds the tokenizer and the image processor of the model's MODELS spec
+(`Qwen2VLImageProcessorPil` for Qwen2.5-VL) directly.
 
 Prompt rule (spec §7): chat template with system "You are a helpful assistant."; the user turn is
 `problem + INSTRUCTION`, where each "<image>" placeholder in `problem` becomes
@@ -77,11 +78,15 @@ class VLProcessor:
     ) -> "VLProcessor":
         """Load from an HF model directory; `min_pixels`/`max_pixels` override its preprocessor
         (e.g. spec §7's 200704 / 1003520 for the 7B recipe). The image processor is the class of the
-        model's MODELS spec: `arch` names it, else the directory's config.json `model_type` does."""
+        model's MODELS spec: `arch` names it, else the directory's config.json `model_type` does (a
+        tokenizer/processor-only directory: the default `model.arch`)."""
         from transformers import AutoTokenizer
 
+        from megatron_vppo.config import ModelConfig
         from megatron_vppo.models import MODELS, spec_for_hf_config
 
+        if arch is None and not (Path(path) / "config.json").is_file():
+            arch = ModelConfig().arch
         spec = MODELS[arch] if arch is not None else spec_for_hf_config(path)
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise ValueError(f"min_pixels {min_pixels} > max_pixels {max_pixels}; swap them")

@@ -303,10 +303,13 @@ def validate_choices(cfg: RunConfig) -> None:
     from megatron_vppo.rollout import check_engine_args
 
     check_engine_args(cfg.rollout.engine, cfg.rollout.engine_args)
-    if cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and cfg.vppo.algorithm == "vppo":
-        raise ConfigError("train.old_logp_source=engine has the engine score the perturbed pixel view, which "
-                          "rollout.engine=vllm cannot take (vLLM preprocesses raw images itself); use "
-                          "train.old_logp_source=trainer or rollout.engine=hf")
+    if (cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and cfg.vppo.algorithm == "vppo"
+            and cfg.vppo.perturbation != "image"):
+        raise ConfigError("train.old_logp_source=engine has the engine score the perturbed view; "
+                          f"vppo.perturbation={cfg.vppo.perturbation!r} edits pixel_values, which rollout.engine=vllm "
+                          "cannot take (vLLM preprocesses raw images itself); set vppo.perturbation=image (the "
+                          "blackened image, which vLLM preprocesses to the trainer's pixels), or use "
+                          "train.old_logp_source=trainer")
     _validate_old_logp_source(cfg)
 
 

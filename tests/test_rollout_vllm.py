@@ -167,7 +167,7 @@ def _perturb_samples(model_dir):
         samples.append(s)
         raws.append(raw or None)
         pils.append(perturbed_images_at_grid(raw, s["image_grid_thw"], make_generator(7, 1, i), 0.5,
-                                             proc.image_processor.patch_size) if raw else None)
+                                             cell=proc.image_processor.patch_size) if raw else None)
     return proc, samples, raws, pils
 
 

@@ -157,18 +157,19 @@ def perturb_images(images: Sequence[Image.Image], generator: torch.Generator, pr
     return [blacken_image(im, m, cell) for im, m in zip(images, masks)]
 
 
-def resize_to_grid(images: Sequence[Image.Image], image_grid_thw: Tensor, patch: int = PATCH) -> list[Image.Image]:
-    """Each image in RGB at its grid's pixel size (w·patch, h·patch), bicubic: the resize the Qwen2-VL
-    PIL processor makes, so re-processing the result resizes by the identity and gives the same pixels."""
+def resize_to_grid(images: Sequence[Image.Image], image_grid_thw: Tensor, *, cell: int) -> list[Image.Image]:
+    """Each image in RGB at its grid's pixel size (w·cell, h·cell; cell = the processor's patch size),
+    bicubic: the resize the Qwen2-VL PIL processor makes, so re-processing the result resizes by the
+    identity and gives the same pixels."""
     grids = torch.as_tensor(image_grid_thw, dtype=torch.long).reshape(-1, 3).tolist()
     if len(grids) != len(images):
         raise ValueError(f"{len(images)} images for {len(grids)} image grids; pass the grids of exactly these images")
-    return [im.convert("RGB").resize((int(w) * patch, int(h) * patch), Image.BICUBIC)
+    return [im.convert("RGB").resize((int(w) * cell, int(h) * cell), Image.BICUBIC)
             for im, (_, h, w) in zip(images, grids)]
 
 
 def perturbed_images_at_grid(images: Sequence[Image.Image], image_grid_thw: Tensor, generator: torch.Generator,
-                             prob: float = 0.5, patch: int = PATCH) -> list[Image.Image] | None:
+                             prob: float = 0.5, *, cell: int) -> list[Image.Image] | None:
     """`image` mode's perturbed PIL view of one trajectory: resize to the processor's size, then blacken.
 
     Engines that preprocess raw images (vLLM) score this; the trainer processes it (same pixels: the
@@ -176,7 +177,7 @@ def perturbed_images_at_grid(images: Sequence[Image.Image], image_grid_thw: Tens
     """
     if not images:
         return None
-    return perturb_images(resize_to_grid(images, image_grid_thw, patch), generator, prob, patch)
+    return perturb_images(resize_to_grid(images, image_grid_thw, cell=cell), generator, prob, cell=cell)
 
 
 def perturb_images_and_process(images: Sequence[Image.Image], generator: torch.Generator,

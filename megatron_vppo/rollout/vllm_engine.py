@@ -352,7 +352,7 @@ class VLLMRolloutEngine:
             # at the grid's size vLLM's resize is the identity: it sees the trainer processor's pixels exactly
             from megatron_vppo.data.perturb import resize_to_grid
 
-            pil = resize_to_grid(pil, req.image_grid_thw, self.patch_size)
+            pil = resize_to_grid(pil, req.image_grid_thw, cell=self.patch_size)
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": pil if len(pil) > 1 else pil[0]}}
 
     @staticmethod

@@ -171,7 +171,7 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
         if not images:
             raise ValueError("perturbation mode 'image' needs the trajectory's PIL images "
                              "(Trajectory.extra['images']); use vppo.perturbation=pixel otherwise")
-        pils.append(perturbed_images_at_grid(images, t.image_grid_thw, gen, prob, ip.patch_size))
+        pils.append(perturbed_images_at_grid(images, t.image_grid_thw, gen, prob, cell=ip.patch_size))
         views.append(processor.process_images(pils[-1])[0])
     return (views, pils) if with_images else views
 

@@ -52,7 +52,7 @@ def build(work: Path, sft_steps: int, response_len: int):
     cfg = load_config(DEMO_CONFIG, [
         f"model.path={sft}", f"data.train={data / 'train.jsonl'}", "data.val=", f"train.output_dir={run_dir}",
         "optim.lr=1e-9", "train.val_every=0", "train.save_every=0", f"rollout.max_response_length={response_len}",
-        "rollout.max_dynamic_sampling_retries=0", "vppo.entropy_coef=0.06",
+        "rollout.max_dynamic_sampling_retries=0", "algo.entropy_coef=0.06",
     ])
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     import socket
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats + 1):  # repeat 0 warms up (first-call allocations, caches)
             order = VARIANTS[r % 4:] + VARIANTS[:r % 4]
             for algo, source in order:
-                trainer.cfg.vppo.algorithm = algo
+                trainer.cfg.algo.name = algo
                 trainer.cfg.train.old_logp_source = source
                 trainer.train_batches.load_state_dict(data_state)
                 trainer.step = 1

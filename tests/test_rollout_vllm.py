@@ -280,7 +280,7 @@ def test_torchvision_workaround_in_a_fresh_interpreter():
 RUN_CONFIG = """\
 parallel: {{tp: 1, pp: 1}}
 model: {{path: {model}, dtype: fp32, transformer_impl: local}}
-vppo: {{algorithm: vppo, entropy_coef: 0.06}}
+algo: {{name: vppo, entropy_coef: 0.06}}
 rollout: {{engine: vllm, group_size: 4, top_p: 1.0, max_prompt_length: 512, max_response_length: 6,
           max_dynamic_sampling_retries: 1, engine_args: {{kv_cache_gib: 0.25}}}}
 data: {{train: {train}, min_pixels: 3136, max_pixels: 12544, shuffle: false}}

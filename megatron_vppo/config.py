@@ -363,7 +363,7 @@ def _validate_old_logp_source(cfg: RunConfig) -> None:
         if rc.level != "none":
             raise ConfigError("algo.rollout_correction applies with train.old_logp_source=trainer only (in engine "
                               "mode π_old is the engine's own log-prob); set algo.rollout_correction.level=none")
-        if cfg.algo.dependency_estimator == "exact_kl" and cfg.algo.name == "vppo":
+        if cfg.algo.dependency_estimator == "exact_kl":
             raise ConfigError("algo.dependency_estimator=exact_kl needs full distributions, which only the trainer's "
                               "pass has; use train.old_logp_source=trainer or algo.dependency_estimator=sampled_k3")
 

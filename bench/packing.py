@@ -72,17 +72,18 @@ def _shapes(trainer, trajs, max_tokens):
 def _computed_tokens(trainer, trajs, shape) -> int:
     from megatron_vppo.train import passes
 
-    mbs, _ = passes._micro_batches(trainer.model_chunks, trajs, shape)
+    mbs, _ = passes._micro_batches(trainer.dims, trainer.model_chunks, trajs, shape)
     return sum(int(mb.input_ids.numel()) for mb in mbs)
 
 
 def bench_time(model_dir: Path, args) -> dict:
     from megatron_vppo.train import loop, passes
+    from megatron_vppo.train.records import ShapedTrajectory
 
     trajs = make_skewed_trajectories(model_dir, args.trajectories)
     trainer = _build(model_dir, args.micro_batch_size, len(trajs))
     padded, packed = _shapes(trainer, trajs, args.max_tokens)
-    views = loop.perturbed_views(trajs, trainer.processor, RUN_SEED, STEP, 0, trainer.cfg.vppo.perturb_prob)
+    views = loop.perturbed_views(trajs, trainer.processor, RUN_SEED, STEP, 0, trainer.cfg.algo.perturb_prob)
     real = sum(t.num_tokens for t in trajs)
     out = {"trajectories": len(trajs), "real_tokens": real,
            "response_len_min": min(t.response_len for t in trajs),
@@ -93,24 +94,26 @@ def bench_time(model_dir: Path, args) -> dict:
     out["real_token_fraction_packed"] = real / _computed_tokens(trainer, trajs, packed)
 
     def dep(shape):
-        return lambda: passes.dependency_pass(trainer.model_chunks, trajs, shape, views, exact_kl=True)
+        return lambda: passes.dependency_pass(trainer.dims, trainer.model_chunks, trajs, shape, views, exact_kl=True)
 
     res_pad, res_pack = dep(padded)(), dep(packed)()
-    diff = max(float((a[k] - b[k]).abs().max()) for a, b in zip(res_pad, res_pack) for k in ("old", "aug", "kl"))
+    diff = max(float((getattr(a, k) - getattr(b, k)).abs().max()) for a, b in zip(res_pad, res_pack)
+               for k in ("old", "aug", "kl"))
     t = side_by_side(dep(packed), dep(padded), args.repeats)
     out.update(nograd_time_ratio_packed_over_padded=t["median_ratio"], nograd_padded_s=t["median_b_s"],
                nograd_packed_s=t["median_a_s"])
 
-    ls = loop._algo_settings(trainer.cfg)[2]
+    algo = loop.algorithm_of(trainer.cfg)
+    ls = algo.settings(trainer.cfg.algo)
     g = torch.Generator().manual_seed(0)
-    per_traj = [{"old_logp": r["old"], "tgf_mask": (torch.rand(len(r["old"]), generator=g) < 0.6).float(),
-                 "advantage": float(torch.randn((), generator=g))} for r in res_pad]
+    per_traj = [ShapedTrajectory(old_logp=r.old, tgf_mask=(torch.rand(len(r.old), generator=g) < 0.6).float(),
+                                 advantage=float(torch.randn((), generator=g))) for r in res_pad]
 
     def upd(shape):
         def run():
             for c in trainer.model_chunks:
                 c.zero_grad_buffer()
-            return passes.policy_update_pass(trainer.model_chunks, trajs, shape, ls, per_traj)
+            return passes.policy_update_pass(trainer.dims, trainer.model_chunks, trajs, shape, algo, ls, per_traj)
         return run
 
     loss_pad, loss_pack = upd(padded)()["loss"], upd(packed)()["loss"]
@@ -141,19 +144,19 @@ def memory_child(model_dir: Path, args) -> None:
     trajs = [t for t in trajs if t.num_tokens <= args.memory_max_tokens]
     padded, packed = _shapes(trainer, trajs, args.memory_max_tokens)
     padded = replace(padded, micro_batch_size=1)  # [2, longest, V]: about the packed micro-batch's size
-    views = loop.perturbed_views(trajs, trainer.processor, RUN_SEED, STEP, 0, trainer.cfg.vppo.perturb_prob)
+    views = loop.perturbed_views(trajs, trainer.processor, RUN_SEED, STEP, 0, trainer.cfg.algo.perturb_prob)
     seen, sizes = [], []
     real = passes._token_scores_loss
     reset_inside = [True]
 
-    def measured(shape, paired, exact_kl, mb, logits):
+    def measured(dims, shape, paired, exact_kl, mb, logits):
         size = logits.numel() * logits.element_size()
         sizes.append(size)
         if not reset_inside[0]:
-            return real(shape, paired, exact_kl, mb, logits)
+            return real(dims, shape, paired, exact_kl, mb, logits)
         before = _rss("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-        res = real(shape, paired, exact_kl, mb, logits)
+        res = real(dims, shape, paired, exact_kl, mb, logits)
         seen.append(((size + _rss("VmHWM") - before) / size, size))
         return res
 
@@ -161,12 +164,12 @@ def memory_child(model_dir: Path, args) -> None:
         sizes.clear()
         before = _rss("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
-        passes.dependency_pass(trainer.model_chunks, trajs, shape, views, exact_kl=True)
+        passes.dependency_pass(trainer.dims, trainer.model_chunks, trajs, shape, views, exact_kl=True)
         return (_rss("VmHWM") - before) / max(sizes)
 
-    passes.dependency_pass(trainer.model_chunks, trajs[:2], packed, views[:2], exact_kl=True)  # warm-up
+    passes.dependency_pass(trainer.dims, trainer.model_chunks, trajs[:2], packed, views[:2], exact_kl=True)  # warm-up
     passes._token_scores_loss = measured
-    passes.dependency_pass(trainer.model_chunks, trajs, packed, views, exact_kl=True)
+    passes.dependency_pass(trainer.dims, trainer.model_chunks, trajs, packed, views, exact_kl=True)
     worst = max(seen)
     reset_inside[0] = False
     pass_packed, pass_padded = whole_pass(packed), whole_pass(padded)

@@ -114,7 +114,7 @@ def build_trainer(model_dir: Path, tp: int, micro_batch_size: int, n_traj: int):
 def _pass_inputs(trainer, trajs):
     from megatron_vppo.train import loop
 
-    views = loop.perturbed_views(trajs, trainer.processor, RUN_SEED, STEP, 0, trainer.cfg.vppo.perturb_prob)
+    views = loop.perturbed_views(trajs, trainer.processor, RUN_SEED, STEP, 0, trainer.cfg.algo.perturb_prob)
     return loop._pass_shape(trainer, trajs), views
 
 
@@ -151,20 +151,20 @@ def bench_pass(model_dir, trajs, args) -> dict:
 
     trainer = build_trainer(model_dir, 1, args.micro_batch_size, len(trajs))
     shape, views = _pass_inputs(trainer, trajs)
-    out = side_by_side(lambda: passes.dependency_pass(trainer.model_chunks, trajs, shape, views),
-                       lambda: passes.dependency_pass(trainer.model_chunks, trajs, shape, None), args.repeats)
+    out = side_by_side(lambda: passes.dependency_pass(trainer.dims, trainer.model_chunks, trajs, shape, views),
+                       lambda: passes.dependency_pass(trainer.dims, trainer.model_chunks, trajs, shape, None), args.repeats)
     return {"bench": "paired no-grad pass / original-only pass", **out}
 
 
 def bench_step(model_dir, trajs, args) -> dict:
-    from megatron_vppo.config import VPPOConfig
+    from megatron_vppo.config import AlgoConfig
     from megatron_vppo.train import loop
 
     trainer = build_trainer(model_dir, 1, args.micro_batch_size, len(trajs))
 
     def step(algorithm):
         def run():
-            trainer.cfg.vppo = VPPOConfig(algorithm=algorithm)
+            trainer.cfg.algo = AlgoConfig(name=algorithm)
             scored = loop.score_step_batch(trainer, trajs)
             per_traj, minibatches, _ = loop.shape_step(trainer, trajs, scored)
             loop.update_policy(trainer, trajs, per_traj, minibatches)
@@ -188,13 +188,13 @@ def _memory_worker(rank, world, port, model_dir, trajs, args, queue):
 
     trainer = build_trainer(model_dir, world, args.micro_batch_size, len(trajs))
     shape, views = _pass_inputs(trainer, trajs)
-    passes.dependency_pass(trainer.model_chunks, trajs, shape, views)  # warm-up (allocator, caches)
+    passes.dependency_pass(trainer.dims, trainer.model_chunks, trajs, shape, views)  # warm-up (allocator, caches)
     peaks = []
     for _ in range(args.memory_repeats):
         torch.distributed.barrier()
         before = _status_kib()["VmRSS"]
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
-        passes.dependency_pass(trainer.model_chunks, trajs, shape, views)
+        passes.dependency_pass(trainer.dims, trainer.model_chunks, trajs, shape, views)
         peaks.append(_status_kib()["VmHWM"] - before)
     rows = 2 * shape.micro_batch_size
     padded_v = trainer.model_chunks[0].module.padded_vocab_size

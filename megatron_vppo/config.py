@@ -49,9 +49,17 @@ class RolloutCorrectionConfig:
 
 
 @dataclass
-class VPPOConfig:
-    """Spec §3–§6 and the recipe table of §7."""
-    algorithm: str = "vppo"  # vppo | dapo | grpo
+class AlgoConfig:
+    """The RL algorithm and its settings (spec §3–§6 and the recipe table of §7 for vppo).
+
+    `name` picks an entry of `megatron_vppo.algo.ALGORITHMS`; each algorithm declares the keys it reads,
+    and a key it does not read, set away from its default here, is a ConfigError (never ignored)."""
+    name: str = "vppo"  # grpo | dapo | vppo | gspo
+    # None: the algorithm's own default (Algorithm.clip_defaults): 0.2 / 0.28 for the token-level
+    # algorithms, 3e-4 / 4e-4 for gspo (its paper's values; the ratio there is a per-token geometric mean)
+    clip_low: float | None = None
+    clip_high: float | None = None
+    dual_clip: float = 3.0
     top_k_ratio: float = 0.4
     beta_min: float = 0.9
     entropy_coef: float = 0.06
@@ -59,9 +67,6 @@ class VPPOConfig:
     tas_scope: str = "global"  # global | official
     perturbation: str = "pixel"  # pixel | image
     perturb_prob: float = 0.5
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip: float = 3.0
     # trainer π_old vs the engine's sampling log-probs (old_logp_source=trainer only)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
@@ -155,7 +160,7 @@ class RewardConfig:
 class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    vppo: VPPOConfig = field(default_factory=VPPOConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -237,6 +242,43 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# Sections renamed: the old name is an error that names the new keys (never read silently).
+RENAMED_SECTIONS = {"vppo": ("algo", {"algorithm": "name"})}
+
+
+def check_renamed_sections(data: dict) -> None:
+    for old, (new, keys) in RENAMED_SECTIONS.items():
+        if old not in data:
+            continue
+        section = data[old] if isinstance(data[old], dict) else {}
+        moved = [f"{old}.{k} is {new}.{keys.get(k, k)}" for k in section]
+        detail = "; ".join(moved) if moved else f"{old}.algorithm is {new}.name, {old}.X is {new}.X"
+        raise ConfigError(f"the `{old}:` section is now `{new}:`; {detail}")
+
+
+def validate_algorithm(algo: "AlgoConfig") -> None:
+    """The algorithm exists, and every key it does not read keeps its default (a setting that would be
+    ignored is an error that names the algorithm and the key)."""
+    from megatron_vppo.algo.registry import ALGORITHMS
+
+    if algo.name not in ALGORITHMS:
+        raise ConfigError(f"algo.name={algo.name!r} is not one of {sorted(ALGORITHMS)}")
+    spec = ALGORITHMS[algo.name]
+    default = AlgoConfig()
+    for f in dataclasses.fields(AlgoConfig):
+        if f.name == "name" or f.name in spec.reads:
+            continue
+        value = getattr(algo, f.name)
+        if value != getattr(default, f.name):
+            raise ConfigError(f"algo.{f.name}={value!r} is set, but algorithm {algo.name!r} does not read it "
+                              f"(it reads {', '.join(sorted(spec.reads))}); remove algo.{f.name} or choose an "
+                              f"algorithm that uses it")
+    try:
+        spec.check(algo)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _yaml_error(where: str, err: Exception) -> ConfigError:
     """A YAML syntax error as one line: file:line:column and what the parser expected."""
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
@@ -264,6 +306,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
+    check_renamed_sections(data)
     cfg = from_dict(RunConfig, data)
     validate_choices(cfg)
     validate_ranges(cfg)
@@ -275,10 +318,9 @@ _CHOICES = {
     ("model", "transformer_impl"): {"auto", "local", "transformer_engine"},
     ("model", "fp8"): {None, "hybrid", "e4m3"},
     ("model", "fp8_recipe"): {"delayed", "tensorwise"},
-    ("vppo", "algorithm"): {"vppo", "dapo", "grpo"},
-    ("vppo", "dependency_estimator"): {"sampled_k3", "exact_kl"},
-    ("vppo", "tas_scope"): {"global", "official"},
-    ("vppo", "perturbation"): {"pixel", "image"},
+    ("algo", "dependency_estimator"): {"sampled_k3", "exact_kl"},
+    ("algo", "tas_scope"): {"global", "official"},
+    ("algo", "perturbation"): {"pixel", "image"},
     ("train", "old_logp_source"): {"trainer", "engine"},
     ("rollout", "engine"): {"hf", "sglang", "vllm"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
@@ -289,6 +331,7 @@ _CHOICES = {
 
 
 def validate_choices(cfg: RunConfig) -> None:
+    validate_algorithm(cfg.algo)
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
@@ -303,11 +346,14 @@ def validate_choices(cfg: RunConfig) -> None:
     from megatron_vppo.rollout import check_engine_args
 
     check_engine_args(cfg.rollout.engine, cfg.rollout.engine_args)
-    if (cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and cfg.vppo.algorithm == "vppo"
-            and cfg.vppo.perturbation != "image"):
+    from megatron_vppo.algo.registry import ALGORITHMS
+
+    perturbed = ALGORITHMS[cfg.algo.name].needs_perturbed_view
+    if (cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and perturbed
+            and cfg.algo.perturbation != "image"):
         raise ConfigError("train.old_logp_source=engine has the engine score the perturbed view; "
-                          f"vppo.perturbation={cfg.vppo.perturbation!r} edits pixel_values, which rollout.engine=vllm "
-                          "cannot take (vLLM preprocesses raw images itself); set vppo.perturbation=image (the "
+                          f"algo.perturbation={cfg.algo.perturbation!r} edits pixel_values, which rollout.engine=vllm "
+                          "cannot take (vLLM preprocesses raw images itself); set algo.perturbation=image (the "
                           "blackened image, which vLLM preprocesses to the trainer's pixels), or use "
                           "train.old_logp_source=trainer")
     _validate_old_logp_source(cfg)
@@ -316,18 +362,18 @@ def validate_choices(cfg: RunConfig) -> None:
 def _validate_old_logp_source(cfg: RunConfig) -> None:
     from megatron_vppo.algo.rollout_correction import check_correction
 
-    rc = cfg.vppo.rollout_correction
+    rc = cfg.algo.rollout_correction
     try:
         check_correction(rc.level, rc.mode, rc.cap)
     except ValueError as e:
-        raise ConfigError(f"vppo.{e}") from None
+        raise ConfigError(f"algo.{e}") from None
     if cfg.train.old_logp_source == "engine":
         if rc.level != "none":
-            raise ConfigError("vppo.rollout_correction applies with train.old_logp_source=trainer only (in engine "
-                              "mode π_old is the engine's own log-prob); set vppo.rollout_correction.level=none")
-        if cfg.vppo.dependency_estimator == "exact_kl":
-            raise ConfigError("vppo.dependency_estimator=exact_kl needs full distributions, which only the trainer's "
-                              "pass has; use train.old_logp_source=trainer or vppo.dependency_estimator=sampled_k3")
+            raise ConfigError("algo.rollout_correction applies with train.old_logp_source=trainer only (in engine "
+                              "mode π_old is the engine's own log-prob); set algo.rollout_correction.level=none")
+        if cfg.algo.dependency_estimator == "exact_kl":
+            raise ConfigError("algo.dependency_estimator=exact_kl needs full distributions, which only the trainer's "
+                              "pass has; use train.old_logp_source=trainer or algo.dependency_estimator=sampled_k3")
 
 
 @dataclass(frozen=True)
@@ -369,11 +415,11 @@ RANGES: dict[tuple[str, str], Range] = {
     ("parallel", "tp"): _at_least(1), ("parallel", "pp"): _at_least(1), ("parallel", "vpp"): _at_least(1),
     ("parallel", "cp"): _at_least(1), ("parallel", "dp"): _at_least(1),
     ("model", "vocab_pad_multiple"): _at_least(1),
-    ("vppo", "top_k_ratio"): Range(0.0, 1.0, lo_open=True), ("vppo", "beta_min"): _PROB,
-    ("vppo", "entropy_coef"): _at_least(0.0), ("vppo", "perturb_prob"): _PROB,
-    ("vppo", "clip_low"): Range(0.0, 1.0, hi_open=True, why="the ratio's lower bound 1 - clip_low must stay > 0"),
-    ("vppo", "clip_high"): _at_least(0.0),
-    ("vppo", "dual_clip"): _above(1.0, "the dual-clip bound c must exceed 1 (spec: 3.0)"),
+    ("algo", "top_k_ratio"): Range(0.0, 1.0, lo_open=True), ("algo", "beta_min"): _PROB,
+    ("algo", "entropy_coef"): _at_least(0.0), ("algo", "perturb_prob"): _PROB,
+    ("algo", "clip_low"): Range(0.0, 1.0, hi_open=True, why="the ratio's lower bound 1 - clip_low must stay > 0"),
+    ("algo", "clip_high"): _at_least(0.0),
+    ("algo", "dual_clip"): _above(1.0, "the dual-clip bound c must exceed 1 (spec: 3.0)"),
     ("rollout", "group_size"): _at_least(2, "GRPO advantages compare answers within a group"),
     ("rollout", "temperature"): _above(0.0, "RL samples; greedy rollouts make every group's answers identical"),
     ("rollout", "top_p"): Range(0.0, 1.0, lo_open=True), ("rollout", "top_k"): _at_least(-1, "-1 or 0: no top-k"),

@@ -180,7 +180,10 @@ def check_rl(work: Path, quick: bool) -> dict:
            f"train.total_steps={steps}", f"train.val_every={steps}", "train.save_every=1000",
            f"model.dtype={dtype}", "model.transformer_impl=auto", "train.val_k=1"]
     if quick:
-        cmd += ["vppo.algorithm=grpo", "train.prompts_per_step=4", "train.mini_batch_prompts=4", "rollout.group_size=2"]
+        # grpo reads no entropy_coef: the demo config's vppo setting goes back to its default (an unread
+        # key set away from its default is a config error)
+        cmd += ["algo.name=grpo", "algo.entropy_coef=0.06", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
+                "rollout.group_size=2"]
     t0 = time.perf_counter()
     _run(cmd, 420, work / "rl.log")
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines()]

@@ -5,7 +5,7 @@ import torch
 from megatron_vppo.algo.advantages import grpo_advantages
 from megatron_vppo.algo.loss import ppo_token_loss, vppo_policy_loss
 from megatron_vppo.algo.vppo import compute_shaping
-from megatron_vppo.config import VPPOConfig
+from megatron_vppo.config import AlgoConfig
 
 CLIP = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
 
@@ -38,7 +38,7 @@ def _batch(seed=0, B=8, T=11):
 
 def test_vppo_reduces_to_dapo():
     mask, old, aug, cur, adv = _batch()
-    cfg = VPPOConfig(top_k_ratio=1.0, beta_min=1.0, entropy_coef=0.0)
+    cfg = AlgoConfig(top_k_ratio=1.0, beta_min=1.0, entropy_coef=0.0)
     sh = compute_shaping(old, aug, mask, adv, cfg)
     assert torch.equal(sh.tgf_mask, mask)
     assert torch.equal(sh.alpha, torch.ones_like(sh.alpha))
@@ -55,7 +55,7 @@ def test_vppo_reduces_to_dapo():
 
 def test_microbatch_shares_sum_to_minibatch_loss():
     mask, old, aug, cur, adv = _batch(1)
-    sh = compute_shaping(old, aug, mask, adv, VPPOConfig())
+    sh = compute_shaping(old, aug, mask, adv, AlgoConfig())
     kw = dict(entropy_coef=0.06, **CLIP)
     whole = cur.clone().requires_grad_()
     j, m_whole = vppo_policy_loss(whole, old, sh.shaped_advantages, mask, sh.tgf_mask, **kw)
@@ -80,7 +80,7 @@ def test_microbatch_shares_sum_to_minibatch_loss():
 
 def test_entropy_gradient_reaches_filtered_tokens_and_padding_is_inert():
     mask, old, aug, cur, adv = _batch(2)
-    sh = compute_shaping(old, aug, mask, adv, VPPOConfig())
+    sh = compute_shaping(old, aug, mask, adv, AlgoConfig())
     c = cur.clone()
     c[mask == 0] = float("nan")  # garbage on padded slots must not leak
     c.requires_grad_()

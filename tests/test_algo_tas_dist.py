@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from megatron_vppo.algo.tas import tas_alpha_global
 from megatron_vppo.algo.vppo import compute_shaping
-from megatron_vppo.config import VPPOConfig
+from megatron_vppo.config import AlgoConfig
 
 B, T = 10, 7
 
@@ -53,7 +53,7 @@ def _worker(rank, world, port):
             torch.testing.assert_close(got, expect, atol=1e-12, rtol=0)
         # The trainer-facing composition: α, Â and the global metrics match a single process.
         mask, old, aug, adv = _batch()
-        cfg = VPPOConfig()
+        cfg = AlgoConfig()
         whole = compute_shaping(old, aug, mask, adv, cfg)
         rows = slice(0, 3) if rank == 0 else slice(3, B)
         part = compute_shaping(old[rows], aug[rows], mask[rows], adv[rows], cfg, group=group)

@@ -11,7 +11,7 @@ from megatron_vppo.algo.dependency import exact_kl_dependency, sampled_k3, seque
 from megatron_vppo.algo.tas import tas_alpha, tas_alpha_global, tas_alpha_official
 from megatron_vppo.algo.tgf import keep_counts, tgf_mask
 from megatron_vppo.algo.vppo import compute_shaping
-from megatron_vppo.config import VPPOConfig
+from megatron_vppo.config import AlgoConfig
 
 
 # ---------------------------------------------------------------- oracles (plain Python, spec text)
@@ -183,7 +183,7 @@ def test_compute_shaping_config_object_and_metrics():
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
     aug = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
     adv = torch.randn(B, generator=g, dtype=torch.float64)
-    cfg = VPPOConfig()
+    cfg = AlgoConfig()
     sh = compute_shaping(old, aug, mask, adv, cfg)
     dep = sampled_k3(old, aug, mask)
     assert torch.equal(sh.dependency, dep)
@@ -196,7 +196,7 @@ def test_compute_shaping_config_object_and_metrics():
     assert m["tas/alpha_min"] <= m["tas/alpha_mean"] <= m["tas/alpha_max"]
     assert {"dependency/p50", "dependency/p90", "dependency/p99"} <= set(m)
     # DAPO: no shaping, all valid tokens kept
-    d = compute_shaping(old, None, mask, adv, VPPOConfig(algorithm="dapo"))
+    d = compute_shaping(old, None, mask, adv, AlgoConfig(name="dapo"))
     assert torch.equal(d.alpha, torch.ones(B, dtype=torch.float64)) and torch.equal(d.tgf_mask, mask)
     with pytest.raises(ValueError, match="needs kl"):
-        compute_shaping(old, aug, mask, adv, VPPOConfig(dependency_estimator="exact_kl"))
+        compute_shaping(old, aug, mask, adv, AlgoConfig(dependency_estimator="exact_kl"))

@@ -42,7 +42,7 @@ def test_paper_config_layout_is_legal_and_fits_80gib(config, model, gpus):
         micro_batch=cfg.train.micro_batch_size,
         global_batch=cfg.train.mini_batch_prompts * cfg.rollout.group_size,
         max_pixels=cfg.data.max_pixels,
-        nograd_fp32_temporaries=EXACT_KL_FP32_TEMPORARIES if cfg.vppo.dependency_estimator == "exact_kl" else 0,
+        nograd_fp32_temporaries=EXACT_KL_FP32_TEMPORARIES if cfg.algo.dependency_estimator == "exact_kl" else 0,
     )
     assert workload_rule(layout, wl) is None
     prec = precision_for(cfg.model.dtype, cfg.model.fp8 is not None, cfg.optim.use_distributed_optimizer)

@@ -368,7 +368,7 @@ def test_metrics_truncate_in_place_on_a_full_disk(small_disk):
 CONFIG = """\
 parallel: {{tp: 1, pp: 1}}
 model: {{path: {model}, dtype: fp32, transformer_impl: local}}
-vppo: {{algorithm: grpo}}
+algo: {{name: grpo}}
 rollout: {{engine: hf, group_size: 2, top_p: 1.0, max_prompt_length: 512, max_response_length: 4}}
 data: {{train: {train}, min_pixels: 3136, max_pixels: 12544, shuffle: false}}
 optim: {{lr: 1.0e-3, weight_decay: 0.1, use_distributed_optimizer: false}}

@@ -27,7 +27,7 @@ PIXELS = ("3136", "12544")
 CONFIG = """\
 parallel: {{tp: 1, pp: 1}}
 model: {{path: {model}, dtype: fp32, transformer_impl: local}}
-vppo: {{algorithm: vppo, entropy_coef: 0.06}}
+algo: {{name: vppo, entropy_coef: 0.06}}
 rollout: {{engine: hf, group_size: 4, top_p: 1.0, max_prompt_length: 512, max_response_length: 6,
           max_dynamic_sampling_retries: 1}}
 data: {{train: {train}, val: "", min_pixels: {min_px}, max_pixels: {max_px}, shuffle: false}}
@@ -148,7 +148,7 @@ def test_every_numeric_field_has_a_range_checked_at_load():
     load_config(None)  # the defaults are in range
     for key, bad in (("rollout.group_size", 0), ("train.micro_batch_size", 0), ("train.mini_batch_prompts", 0),
                      ("optim.lr", -1e-6), ("rollout.max_response_length", 0), ("train.total_steps", 0),
-                     ("optim.lr", ".nan"), ("optim.adam_beta2", 1.0), ("vppo.clip_low", 1.0),
+                     ("optim.lr", ".nan"), ("optim.adam_beta2", 1.0), ("algo.clip_low", 1.0),
                      ("reward.max_error_rate", 2), ("train.max_nonfinite_steps", 0)):
         with pytest.raises(ConfigError) as e:
             load_config(None, [f"{key}={bad}"])
@@ -305,7 +305,7 @@ def test_nonfinite_loss_steps_are_skipped_counted_and_stop_after_n_in_a_row(asse
     """An entropy coefficient of 1e38 overflows the loss to inf: each such optimizer step is skipped
     (weights untouched, warning, `actor/nonfinite_skipped`), and the second in a row stops the run."""
     out = tmp_path / "inf"
-    res = train(assets, out, "vppo.entropy_coef=1e38", "train.max_nonfinite_steps=2", "train.total_steps=4")
+    res = train(assets, out, "algo.entropy_coef=1e38", "train.max_nonfinite_steps=2", "train.total_steps=4")
     assert res.returncode == 1, res.out[-4000:]
     line = one_line_error(res, "megatron-vppo train: error:")
     assert "2 optimizer steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps=2)" in line

@@ -8,7 +8,7 @@
 * a seed reproduces a sample whatever else is in the batch; the n samples differ;
 * the trainer end to end with rollout.engine=vllm: 3 steps at TP1 and 2 at TP2xPP2 (the trainer's
   re-score of every rollout vs the engine's log-probs, `rollout/logp_abs_diff_max`, <= 1e-4 in fp32);
-* engine-mode VPPO (`train.old_logp_source=engine`, `vppo.perturbation=image`): vLLM's score of the
+* engine-mode VPPO (`train.old_logp_source=engine`, `algo.perturbation=image`): vLLM's score of the
   blackened images vs the trainer's scoring of its re-processed view (tools/score.py's
   `score_trajectories`), and two trainer steps whose fidelity check holds; pixel mode is a ConfigError.
 
@@ -336,11 +336,11 @@ def test_registry_and_engine_args_validation():
         load_config(None, ["rollout.engine=vllm", "rollout.engine_args.kv_cache_gb=2"])
     with pytest.raises(ConfigError, match="rollout.engine=hf takes none"):
         load_config(None, ["rollout.engine_args.kv_cache_gib=2"])
-    with pytest.raises(ConfigError, match="set vppo.perturbation=image.*or use train.old_logp_source=trainer"):
+    with pytest.raises(ConfigError, match="set algo.perturbation=image.*or use train.old_logp_source=trainer"):
         load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine"])  # pixel mode: vLLM takes no pixels
-    cfg = load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine", "vppo.perturbation=image"])
-    assert (cfg.rollout.engine, cfg.train.old_logp_source, cfg.vppo.perturbation) == ("vllm", "engine", "image")
-    load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine", "vppo.algorithm=dapo"])
+    cfg = load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine", "algo.perturbation=image"])
+    assert (cfg.rollout.engine, cfg.train.old_logp_source, cfg.algo.perturbation) == ("vllm", "engine", "image")
+    load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine", "algo.name=dapo"])
     with pytest.raises(ConfigError, match="process"):
         load_config(None, ["rollout.engine=vllm", "rollout.engine_args.process=threads"])
 
@@ -367,7 +367,7 @@ def test_torchvision_workaround_in_a_fresh_interpreter():
 RUN_CONFIG = """\
 parallel: {{tp: 1, pp: 1}}
 model: {{path: {model}, dtype: fp32, transformer_impl: local}}
-vppo: {{algorithm: vppo, entropy_coef: 0.06}}
+algo: {{name: vppo, entropy_coef: 0.06}}
 rollout: {{engine: vllm, group_size: 4, top_p: 1.0, max_prompt_length: 512, max_response_length: 6,
           max_dynamic_sampling_retries: 1, engine_args: {{kv_cache_gib: 0.25}}}}
 data: {{train: {train}, min_pixels: 3136, max_pixels: 12544, shuffle: false}}
@@ -434,7 +434,7 @@ def test_trainer_engine_mode_vppo_image_perturbation_with_vllm(run_assets):
     """old_logp_source=engine: π_old is vLLM's sampling log-prob and vLLM prefills the image-mode perturbed
     view; the trainer's paired pass on the same batch each step (check_old_logp_every=1) agrees."""
     rows = _train([sys.executable], run_assets["config"], run_assets["root"] / "engine_vppo_image",
-                  "train.old_logp_source=engine", "vppo.perturbation=image", "train.check_old_logp_every=1",
+                  "train.old_logp_source=engine", "algo.perturbation=image", "train.check_old_logp_every=1",
                   "train.total_steps=2")
     for s in (1, 2):
         r = rows[s]

@@ -53,8 +53,8 @@ def test_unknown_key_names_the_nearest_valid_key(config):
 def test_missing_config_file_and_bad_value(tmp_path, config):
     res = _cli("train", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "nope.yaml not found" in res.stderr
-    res = _cli("train", str(config), "vppo.algorithm=ppo")
-    assert res.returncode == 2 and "vppo.algorithm='ppo'" in res.stderr
+    res = _cli("train", str(config), "algo.name=ppo")
+    assert res.returncode == 2 and "algo.name='ppo'" in res.stderr
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path, config):

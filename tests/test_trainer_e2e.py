@@ -43,7 +43,7 @@ PIXELS = ("3136", "12544")  # min/max pixels: 56x56 .. 112x112 images, a handful
 CONFIG = """\
 parallel: {{tp: 1, pp: 1}}
 model: {{path: {model}, dtype: fp32, transformer_impl: local}}
-vppo: {{algorithm: vppo, entropy_coef: 0.06}}
+algo: {{name: vppo, entropy_coef: 0.06}}
 rollout: {{engine: hf, group_size: 4, top_p: 1.0, max_prompt_length: 512, max_response_length: 6,
           max_dynamic_sampling_retries: 1}}
 data: {{train: {train}, val: {val}, min_pixels: {min_px}, max_pixels: {max_px}, shuffle: false}}
@@ -426,13 +426,13 @@ def old_logp_runs(assets):
     out = {}
     for source, algo in (("trainer", "vppo"), ("engine", "vppo"), ("trainer", "dapo"), ("engine", "dapo")):
         d = assets["root"] / f"src_{source}_{algo}"
-        extra = [f"train.old_logp_source={source}", f"vppo.algorithm={algo}", "train.total_steps=2",
+        extra = [f"train.old_logp_source={source}", f"algo.name={algo}", "train.total_steps=2",
                  "train.save_every=100", "train.val_every=0", f"train.output_dir={d}"]
         if source == "engine" and algo == "vppo":
             extra.append("train.check_old_logp_every=1")
         if source == "trainer" and algo == "vppo":
-            extra += ["vppo.rollout_correction.level=token", "vppo.rollout_correction.mode=truncate",
-                      "vppo.rollout_correction.cap=2.0"]
+            extra += ["algo.rollout_correction.level=token", "algo.rollout_correction.mode=truncate",
+                      "algo.rollout_correction.cap=2.0"]
         run(torchrun(1) + cli("train", str(assets["config"]), *extra), assets["root"] / f"src_{source}_{algo}.log")
         out[source, algo] = metrics(d)
     return out

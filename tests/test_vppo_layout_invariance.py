@@ -73,13 +73,13 @@ def make_trajectories(model_dir):
     return trajs
 
 
-def run_config(micro_batch_size: int, **vppo):
-    from megatron_vppo.config import OptimConfig, RunConfig, TrainConfig, VPPOConfig
+def run_config(micro_batch_size: int, **algo):
+    from megatron_vppo.config import OptimConfig, RunConfig, TrainConfig, AlgoConfig
 
     cfg = RunConfig()
     cfg.train = TrainConfig(seed=RUN_SEED, micro_batch_size=micro_batch_size, mini_batch_prompts=MINI_BATCH)
     cfg.rollout.group_size = 1  # so a mini-batch is MINI_BATCH trajectories
-    cfg.vppo = VPPOConfig(**vppo)  # tas_scope global is the default
+    cfg.algo = AlgoConfig(**algo)  # tas_scope global is the default
     # Non-distributed optimizer: main_grad holds the whole DP-reduced gradient on every rank.
     cfg.optim = OptimConfig(lr=1e-6, use_distributed_optimizer=False)
     return cfg
@@ -126,8 +126,6 @@ def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vp
 
 def train_side_step(trainer, proxy, trajs) -> dict:
     """The trainer's step after rollout: paired pass -> shaping -> update. Returns every quantity."""
-    from megatron.core import parallel_state as ps
-
     from megatron_vppo.algo.advantages import grpo_advantages
     from megatron_vppo.algo.vppo import compute_shaping
     from megatron_vppo.train import loop
@@ -139,15 +137,15 @@ def train_side_step(trainer, proxy, trajs) -> dict:
     upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
     elapsed = time.perf_counter() - t0
     # α is not handed out by shape_step; recompute it from the same gathered pass results.
-    old, mask = responses_to_matrix([r["old"] for r in scored])
-    aug = responses_to_matrix([r["aug"] for r in scored])[0] if "aug" in scored[0] else None
-    kl = responses_to_matrix([r["kl"] for r in scored])[0] if "kl" in scored[0] else None
+    old, mask = responses_to_matrix([r.old for r in scored])
+    aug = responses_to_matrix([r.aug for r in scored])[0] if scored[0].aug is not None else None
+    kl = responses_to_matrix([r.kl for r in scored])[0] if scored[0].kl is not None else None
     adv = grpo_advantages(torch.tensor([t.reward for t in trajs], dtype=torch.float64),
                           torch.tensor([t.group for t in trajs]))
-    shaping = compute_shaping(old, aug, mask, adv, trainer.cfg.vppo, kl=kl)
-    keep_grads = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    shaping = compute_shaping(old, aug, mask, adv, trainer.cfg.algo, kl=kl)
+    keep_grads = trainer.dims.tp_rank == 0 and trainer.dims.dp_rank == 0
     return dict(
-        old=[r["old"] for r in scored], aug=[r.get("aug") for r in scored], kl=[r.get("kl") for r in scored],
+        old=[r.old for r in scored], aug=[r.aug for r in scored], kl=[r.kl for r in scored],
         dependency=shaping.dependency, alpha=shaping.alpha, mask=mask,
         per_traj=per_traj, minibatches=minibatches, metrics={**shaping_metrics, **upd},
         loss=upd["actor/loss"],
@@ -221,14 +219,14 @@ def check_same(results, ref, tag):
             "aug_logp": _max_diff([a for a in r["aug"] if a is not None], [a for a in ref["aug"] if a is not None]),
             "dependency": float((r["dependency"] - ref["dependency"]).abs().max()),
             "alpha": float((r["alpha"] - ref["alpha"]).abs().max()),
-            "advantage": max(abs(a["advantage"] - b["advantage"]) for a, b in zip(r["per_traj"], ref["per_traj"])),
+            "advantage": max(abs(a.advantage - b.advantage) for a, b in zip(r["per_traj"], ref["per_traj"])),
             "loss": abs(r["loss"] - ref["loss"]),
         }
         print(f"{tag} rank {rank}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
         for key, v in d.items():
             assert v <= ATOL, f"{tag} rank {rank}: {key} differs from TP1 by {v:.3e}"
-        masks = [p["tgf_mask"] for p in r["per_traj"]]
-        ref_masks = [p["tgf_mask"] for p in ref["per_traj"]]
+        masks = [p.tgf_mask for p in r["per_traj"]]
+        ref_masks = [p.tgf_mask for p in ref["per_traj"]]
         assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks)), f"{tag} rank {rank}: TGF mask differs"
         assert r["minibatches"] == ref["minibatches"]
     for step in range(len(ref["minibatches"])):
@@ -251,7 +249,7 @@ def test_reference_batch_is_nontrivial(reference, trajs):
     assert float(reference["dependency"][img].max()) > 1e-3, "the perturbation should move image tokens"
     a = reference["alpha"]
     assert float(a.max() - a.min()) > 1e-3, "α should vary over the batch"
-    kept = torch.cat([p["tgf_mask"] for p in reference["per_traj"]])
+    kept = torch.cat([p.tgf_mask for p in reference["per_traj"]])
     assert 0.2 < float(kept.mean()) < 0.8, "TGF should drop part of the tokens"
     assert reference["minibatches"] == [[0, 1, 2, 3], [4, 5, 6]]
     assert all(torch.isfinite(g).all() for step in reference["grads"] for g in step.values())
@@ -315,6 +313,7 @@ def test_tp1_gradient_equals_transformers_gradient_of_J(tiny_model_dir, trajs, r
     """First optimizer step: J of mini-batch [0..3] (denominator = ITS valid tokens) at θ = π_old."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from megatron_vppo.algo import ALGORITHMS
     from megatron_vppo.algo.loss import vppo_policy_loss
     from megatron_vppo.models.qwen2_5_vl.weights import canonical_hf_name
     from megatron_vppo.train.rl_batch import responses_to_matrix
@@ -322,17 +321,18 @@ def test_tp1_gradient_equals_transformers_gradient_of_J(tiny_model_dir, trajs, r
     idx = reference["minibatches"][0]
     mb = [trajs[i] for i in idx]
     rows = [reference["per_traj"][i] for i in idx]
-    cfg = run_config(4).vppo
+    cfg = run_config(4).algo
+    ls = ALGORITHMS["vppo"].settings(cfg)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.train()
     batch = hf_batch(tiny_model_dir, mb)
     logp = hf_response_logp(hf_forward(model, batch), batch, mb)
     mask = responses_to_matrix([torch.ones(t.response_len) for t in mb], dtype=torch.float32)[0]
-    tgf = responses_to_matrix([p["tgf_mask"] for p in rows], dtype=torch.float32)[0]
-    adv = torch.tensor([p["advantage"] for p in rows], dtype=torch.float32)
+    tgf = responses_to_matrix([p.tgf_mask for p in rows], dtype=torch.float32)[0]
+    adv = torch.tensor([p.advantage for p in rows], dtype=torch.float32)
     assert 0 < float(tgf.sum()) < float(mask.sum()), "TGF must drop some tokens (entropy term reaches them)"
-    loss, _ = vppo_policy_loss(logp, logp.detach(), adv, mask, tgf, clip_low=cfg.clip_low,
-                               clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, entropy_coef=cfg.entropy_coef)
+    loss, _ = vppo_policy_loss(logp, logp.detach(), adv, mask, tgf, clip_low=ls.clip_low,
+                               clip_high=ls.clip_high, dual_clip=ls.dual_clip, entropy_coef=ls.entropy_coef)
     loss.backward()
     hf_grads = {canonical_hf_name(n): p.grad for n, p in model.named_parameters()}
     assert all(g is not None for g in hf_grads.values())

@@ -35,20 +35,20 @@ from test_vppo_layout_invariance import (
 )
 
 ATOL = 1e-5
-PERTURB_PROB = 0.5  # VPPOConfig default, what the trainer passes
+PERTURB_PROB = 0.5  # AlgoConfig default, what the trainer passes
 
 
 def _passes_worker(rank, world, model_dir, trajs, tp):
     """VPPO (switched off: k=1, β_min=1, c_ent=0, exact KL) then DAPO, on the same weights.
 
     The optimizer proxy records the gradient and does not step, so both updates start from π_old."""
-    from megatron_vppo.config import VPPOConfig
+    from megatron_vppo.config import AlgoConfig
 
     cfg = run_config(4, top_k_ratio=1.0, beta_min=1.0, entropy_coef=0.0, dependency_estimator="exact_kl")
     trainer, proxy = build_trainer(model_dir, tp, 1, cfg, really_step=False)
     vppo = train_side_step(trainer, proxy, trajs)
     proxy.grads.clear()
-    trainer.cfg.vppo = VPPOConfig(algorithm="dapo")
+    trainer.cfg.algo = AlgoConfig(name="dapo")
     dapo = train_side_step(trainer, proxy, trajs)
     return {"vppo": vppo, "dapo": dapo}
 
@@ -120,8 +120,8 @@ def test_vppo_switched_off_equals_dapo(passes_run):
     tp, results = passes_run
     v, d = results[0]["vppo"], results[0]["dapo"]
     assert float((v["alpha"] - 1).abs().max()) == 0.0, "β_min = 1 must give α ≡ 1"
-    assert all(torch.equal(p["tgf_mask"], torch.ones_like(p["tgf_mask"])) for p in v["per_traj"])
-    assert max(abs(a["advantage"] - b["advantage"]) for a, b in zip(v["per_traj"], d["per_traj"])) == 0.0
+    assert all(torch.equal(p.tgf_mask, torch.ones_like(p.tgf_mask)) for p in v["per_traj"])
+    assert max(abs(a.advantage - b.advantage) for a, b in zip(v["per_traj"], d["per_traj"])) == 0.0
     print(f"TP{tp}: J vppo {v['loss']:.8f}, dapo {d['loss']:.8f}")
     assert abs(v["loss"] - d["loss"]) <= 1e-7
     for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/kept_token_frac"):
@@ -226,14 +226,14 @@ def test_skipped_optimizer_step_does_not_advance_the_schedule(monkeypatch):
         def step(self, increment):
             calls["sched"] += increment
 
-    fake_ps = SimpleNamespace(get_data_parallel_rank=lambda: 0, get_data_parallel_world_size=lambda: 1,
-                              get_tensor_model_parallel_world_size=lambda: 1)
-    monkeypatch.setattr(loop, "ps", fake_ps)
-    monkeypatch.setattr(loop.passes, "policy_update_pass", lambda *a, **k: {"loss": 0.0, "token_frac": 1.0})
+    from megatron_vppo.distributed import ParallelDims
+
+    monkeypatch.setattr(loop.passes, "policy_update_pass",
+                        lambda *a, **k: {"loss": 0.0, "units": 1.0, "tokens": 1.0})
     trajs = [SimpleNamespace(input_ids=torch.zeros(4, dtype=torch.long))] * 2
     trainer = SimpleNamespace(cfg=run_config(4), model_chunks=[], optimizer=SkippingOptimizer(),
                               scheduler=Scheduler(), processor=SimpleNamespace(pad_token_id=0), vocab_size=8,
-                              step=1, state={})
+                              step=1, state={}, dims=ParallelDims.single())
     loop.update_policy(trainer, trajs, [{}, {}], [[0], [1]])
     assert calls["opt"] == 2
     assert calls["sched"] == 0, "a skipped optimizer step must not advance the learning-rate schedule"
@@ -277,11 +277,13 @@ def test_k3_vs_exact_kl_correlation_metric():
 
     from megatron_vppo.algo.dependency import sampled_k3
     from megatron_vppo.config import RunConfig
+    from megatron_vppo.distributed import ParallelDims
     from megatron_vppo.train.loop import shape_step
+    from megatron_vppo.train.records import TokenScores
     from megatron_vppo.train.rl_batch import Trajectory
 
     cfg = RunConfig()
-    cfg.vppo.dependency_estimator = "exact_kl"
+    cfg.algo.dependency_estimator = "exact_kl"
     cfg.rollout.group_size = 2
     g = torch.Generator().manual_seed(0)
     trajs, scored = [], []
@@ -292,10 +294,10 @@ def test_k3_vs_exact_kl_correlation_metric():
         k3 = sampled_k3(old[None], aug[None], torch.ones(1, n, dtype=torch.float64))[0]
         kl = k3 * 0.5 + 0.05 * torch.rand(n, generator=g, dtype=torch.float64)
         trajs.append(Trajectory(group=i // 2, input_ids=torch.arange(3 + n), response_start=3, reward=float(i % 2)))
-        scored.append({"old": old, "aug": aug, "kl": kl})
-    _, _, metrics = shape_step(SimpleNamespace(cfg=cfg), trajs, scored)
-    k3 = torch.cat([sampled_k3(s["old"][None], s["aug"][None], torch.ones_like(s["old"][None]))[0] for s in scored])
-    kl = torch.cat([s["kl"] for s in scored])
+        scored.append(TokenScores(old=old, aug=aug, kl=kl))
+    _, _, metrics = shape_step(SimpleNamespace(cfg=cfg, dims=ParallelDims.single()), trajs, scored)
+    k3 = torch.cat([sampled_k3(s.old[None], s.aug[None], torch.ones_like(s.old[None]))[0] for s in scored])
+    kl = torch.cat([s.kl for s in scored])
     want = float(torch.corrcoef(torch.stack([k3, kl]))[0, 1])
     assert metrics["dependency/k3_vs_kl_corr"] == pytest.approx(want, abs=1e-9)
     assert metrics["dependency/k3_vs_kl_corr"] < 0.9999
@@ -348,16 +350,16 @@ def _correction_worker(rank, world, model_dir, trajs):
     from megatron_vppo.config import RolloutCorrectionConfig
     from megatron_vppo.train import loop
 
-    cfg = run_config(4, algorithm="dapo")
+    cfg = run_config(4, name="dapo")
     trainer, proxy = build_trainer(model_dir, 1, 1, cfg, really_step=False)
     scored = loop.score_step_batch(trainer, trajs)
     for t, r in zip(trajs, scored):
-        t.rollout_log_probs = r["old"].float() - math.log(2.0)
+        t.rollout_log_probs = r.old.float() - math.log(2.0)
     out = {}
     for name, rc in (("none", RolloutCorrectionConfig()),
                      ("tis", RolloutCorrectionConfig(level="token", mode="truncate", cap=3.0)),
                      ("mis", RolloutCorrectionConfig(level="token", mode="mask", cap=1.5))):
-        trainer.cfg.vppo.rollout_correction = rc
+        trainer.cfg.algo.rollout_correction = rc
         proxy.grads.clear()
         per_traj, minibatches, metrics = loop.shape_step(trainer, trajs, scored)
         upd = loop.update_policy(trainer, trajs, per_traj, minibatches)

@@ -1,13 +1,17 @@
-"""VPPO algorithm core: pure tensor functions (spec §1–§6). The golden CLI lives in `algo.golden`."""
+"""RL algorithm core: pure tensor functions (spec §1–§6), GSPO, and the `ALGORITHMS` registry the
+trainer reads. The golden CLI lives in `algo.golden`."""
 from .advantages import dynamic_sampling_keep, grpo_advantages
 from .dependency import exact_kl_dependency, sampled_k3, sequence_dependency
+from .gspo import gspo_policy_loss
 from .loss import PPOTerms, ppo_token_loss, vppo_policy_loss
+from .registry import ALGORITHMS, Algorithm, LossInputs, LossSettings, get_algorithm
 from .tas import shape_advantages, tas_alpha, tas_alpha_global, tas_alpha_official
 from .tgf import keep_counts, tgf_mask
 from .vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_prob
 from .vppo import Shaping, compute_shaping, shaping_metrics
 
 __all__ = [
+    "ALGORITHMS", "Algorithm", "LossInputs", "LossSettings", "get_algorithm", "gspo_policy_loss",
     "PPOTerms", "Shaping", "compute_shaping", "dynamic_sampling_keep", "exact_kl_dependency", "grpo_advantages",
     "keep_counts", "ppo_token_loss", "sampled_k3", "sequence_dependency", "shape_advantages", "shaping_metrics",
     "tas_alpha", "tas_alpha_global", "tas_alpha_official", "tgf_mask", "vocab_parallel_entropy",

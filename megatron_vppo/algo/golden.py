@@ -46,7 +46,7 @@ def run(inp: dict) -> dict:
     group = torch.tensor(inp["group"], dtype=torch.int64)
 
     adv = grpo_advantages(rewards, group)
-    shaping_cfg = {**cfg, "algorithm": "vppo", "dependency_estimator": "sampled_k3"}
+    shaping_cfg = {**cfg, "name": "vppo", "dependency_estimator": "sampled_k3"}
     sh = compute_shaping(old, aug, mask, adv, shaping_cfg, minibatches=inp["minibatches"],
                          microbatches=inp["microbatches"], with_metrics=False)
     clip = dict(clip_low=cfg["clip_low"], clip_high=cfg["clip_high"], dual_clip=cfg["dual_clip"])

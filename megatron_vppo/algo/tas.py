@@ -137,7 +137,7 @@ def tas_alpha_official(seq_dep: Tensor, valid: Tensor, beta_min: float, minibatc
 
 def tas_alpha(seq_dep: Tensor, valid: Tensor, beta_min: float, scope: str = "global", *, group=None,
               minibatches: IndexLists | None = None, microbatches: IndexLists | None = None) -> Tensor:
-    """Dispatch on `scope` (spec §4, config key vppo.tas_scope)."""
+    """Dispatch on `scope` (spec §4, config key algo.tas_scope)."""
     if scope == "global":
         return tas_alpha_global(seq_dep, valid, beta_min, group=group)
     if scope == "official":

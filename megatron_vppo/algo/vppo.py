@@ -1,8 +1,8 @@
 """One RL step's VPPO signals from π_old (spec §1.6): dependency → TAS α → shaped advantages, TGF mask.
 
-Computed once per RL step and held fixed for all its optimizer steps. `cfg` is a VPPOConfig (or any
-object with its attribute names). With algorithm 'dapo'/'grpo' the shaping is off (α = 1, every valid
-token kept) but the dependency is still reported when aug_logp is given.
+Computed once per RL step and held fixed for all its optimizer steps. `cfg` is an AlgoConfig (or any
+object / dict with its attribute names). With `tas` off (the baselines; by default: cfg.name != 'vppo')
+the shaping is off (α = 1, every valid token kept) but the dependency is still reported when aug_logp is given.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 def compute_shaping(old_logp: Tensor, aug_logp: Tensor | None, response_mask: Tensor,
                     advantages: Tensor, cfg: Any, *, kl: Tensor | None = None, group=None,
                     minibatches: IndexLists | None = None, microbatches: IndexLists | None = None,
-                    with_metrics: bool = True) -> Shaping:
+                    with_metrics: bool = True, tas: bool | None = None) -> Shaping:
     """Dependency, α, Â, TGF mask (+ metrics) for the rows given.
 
     old_logp, aug_logp, response_mask: [B, T]; advantages: [B] (GRPO, per trajectory).
@@ -96,19 +96,20 @@ def compute_shaping(old_logp: Tensor, aug_logp: Tensor | None, response_mask: Te
         raise ValueError(f"advantages must be [B]={old_logp.shape[0]} (one per trajectory), got "
                          f"{tuple(advantages.shape)}")
     estimator = _get(cfg, "dependency_estimator", "sampled_k3")
-    algorithm = _get(cfg, "algorithm", "vppo")
+    if tas is None:
+        tas = _get(cfg, "name", "vppo") == "vppo"
     if estimator == "exact_kl" and kl is not None:
         dep = exact_kl_dependency(kl, response_mask)
     elif aug_logp is not None and estimator == "sampled_k3":
         dep = sampled_k3(old_logp, aug_logp, response_mask)
-    elif algorithm == "vppo":
+    elif tas:
         need = "kl (per-token exact KL)" if estimator == "exact_kl" else "aug_logp"
         raise ValueError(f"dependency_estimator={estimator!r} needs {need} for algorithm 'vppo'")
     else:
         dep = torch.zeros_like(old_logp)
     seq = sequence_dependency(dep, response_mask)
     valid = response_mask.bool().any(-1)
-    if algorithm == "vppo":
+    if tas:
         alpha = tas_alpha(seq, valid, float(_get(cfg, "beta_min")), _get(cfg, "tas_scope", "global"),
                           group=group, minibatches=minibatches, microbatches=microbatches)
         keep = make_tgf_mask(dep, response_mask, float(_get(cfg, "top_k_ratio")))

@@ -16,7 +16,8 @@ from megatron.core import parallel_state as ps
 from megatron_vppo.config import ConfigError, RunConfig, to_dict
 from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.train.loop import Trainer, sync_engine_weights
-from megatron_vppo.train.rollout_step import cpu_world_group, encode_prompts, is_engine_rank
+from megatron_vppo.distributed import cpu_world_group
+from megatron_vppo.train.rollout_step import encode_prompts, is_engine_rank
 
 log = logging.getLogger("megatron_vppo.train")
 

@@ -15,16 +15,16 @@ from pathlib import Path
 log = logging.getLogger("megatron_vppo.eval")
 
 
-def accuracy_at_k(groups: list[dict]) -> float:
-    """Mean reward over every sample of every prompt (groups as `rollout_step.sample_groups` returns)."""
-    scores = [o[3] for g in groups for o in g["outputs"]]
+def accuracy_at_k(groups: list) -> float:
+    """Mean reward over every sample of every prompt (`records.SampledGroup`s, as `sample_groups` returns)."""
+    scores = [r for g in groups for r in g.rewards]
     if not scores:
         raise ValueError("accuracy of no samples: evaluate at least one prompt")
     return sum(scores) / len(scores)
 
 
-def per_prompt_accuracy(groups: list[dict]) -> list[float]:
-    return [sum(o[3] for o in g["outputs"]) / len(g["outputs"]) for g in groups]
+def per_prompt_accuracy(groups: list) -> list[float]:
+    return [sum(g.rewards) / len(g.samples) for g in groups]
 
 
 def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,

@@ -1,32 +1,34 @@
 """The RL loop, top to bottom (spec §1): rollout -> reward -> dynamic sampling -> no-grad passes ->
-TAS/TGF -> mini-batch updates -> weight sync -> validation -> metrics and checkpoint.
+shaping (VPPO: TAS/TGF) -> mini-batch updates -> weight sync -> validation -> metrics and checkpoint.
 
 Every rank runs this file (SPMD under torchrun). Trajectories and per-token results are shared with
-every rank, so the VPPO shaping is computed once per step from the whole batch, identically everywhere.
+every rank, so the shaping is computed once per step from the whole batch, identically everywhere.
+What differs between algorithms is read from `algo.ALGORITHMS[cfg.algo.name]` (`algorithm_of`), never
+branched on by name here.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megatron_vppo.algo.advantages import dynamic_sampling_keep, grpo_advantages
 from megatron_vppo.algo.dependency import sampled_k3
+from megatron_vppo.algo.registry import Algorithm, get_algorithm
 from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weights
-from megatron_vppo.algo.vppo import compute_shaping
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_pixel_values, perturbed_images_at_grid
+from megatron_vppo.distributed import ParallelDims, all_gather_world, gather_data_parallel, sum_over_data_parallel
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
 from megatron_vppo.train import passes
 from megatron_vppo.train.nonfinite import check_finite, guarded_step
 from megatron_vppo.train.optimizer import current_lr
+from megatron_vppo.train.records import ShapedTrajectory, TokenScores
 from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
-from megatron_vppo.train.rollout_step import (all_gather_world, encode_prompts, grading_errors, is_engine_rank,
-                                              sample_groups, to_trajectories)
+from megatron_vppo.train.rollout_step import encode_prompts, grading_errors, sample_groups, to_trajectories
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -46,30 +48,22 @@ class Trainer:
     hf_config: dict
     adapter: object  # the model's HF <-> Megatron weight adapter
     vocab_size: int
-    dims: object = None  # distributed.ParallelDims (build_policy makes it)
+    dims: ParallelDims = None  # build_policy makes it
     logger: object | None = None
     step: int = 0
     state: dict = field(default_factory=dict)
 
 
-def _algo_settings(cfg: RunConfig) -> tuple[bool, bool, passes.LossSettings]:
-    """(use_dynamic_sampling, use_vppo, loss settings) for vppo | dapo | grpo.
-
-    dapo = clip-higher + dynamic sampling + token-mean loss; grpo = symmetric clip, no dynamic
-    sampling; vppo = dapo + TAS/TGF + entropy penalty. The entropy term is VPPO's, so it is off for
-    the two baselines."""
-    v = cfg.vppo
-    algo = v.algorithm
-    clip_high = v.clip_low if algo == "grpo" else v.clip_high
-    entropy = v.entropy_coef if algo == "vppo" else 0.0
-    return algo != "grpo", algo == "vppo", passes.LossSettings(v.clip_low, clip_high, v.dual_clip, entropy)
+def algorithm_of(cfg: RunConfig) -> Algorithm:
+    """The configured algorithm's declaration (algo/registry.py): dynamic sampling, perturbed view,
+    shaping, loss, and the loss settings resolved from `algo.*`."""
+    return get_algorithm(cfg.algo.name)
 
 
 def _pass_shape(trainer: Trainer, trajs) -> passes.PassShape:
-    tp = ps.get_tensor_model_parallel_world_size()
     return passes.PassShape(
         micro_batch_size=trainer.cfg.train.micro_batch_size,
-        seq_len=padded_length(trajs, tp),
+        seq_len=padded_length(trajs, trainer.dims.tp),
         pad_id=trainer.processor.pad_token_id,
         vocab_size=trainer.vocab_size,
         temperature=trainer.cfg.rollout.temperature,
@@ -90,7 +84,7 @@ def _sampling(cfg: RunConfig, processor, temperature: float, seed: int) -> Sampl
 def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
     """Rollout + reward + dynamic sampling, retried up to `max_dynamic_sampling_retries` times."""
     cfg = trainer.cfg
-    use_ds, _, _ = _algo_settings(cfg)
+    use_ds = algorithm_of(cfg).dynamic_sampling
     want = cfg.train.prompts_per_step
     kept_groups, prompts_all, metrics = [], [], {"rollout/groups_sampled": 0, "rollout/groups_dropped": 0}
     rewards_seen, groups_seen = [], []
@@ -98,14 +92,14 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
         records = next(trainer.train_batches)
         prompts = encode_prompts(trainer.processor, records)
         groups = sample_groups(
-            trainer.engine, trainer.processor.tokenizer, trainer.grader, prompts,
+            trainer.dims, trainer.engine, trainer.processor.tokenizer, trainer.grader, prompts,
             n=cfg.rollout.group_size,
             sampling=_sampling(cfg, trainer.processor, cfg.rollout.temperature, cfg.train.seed),
             seed_parts=(cfg.train.seed, trainer.step, attempt),
         )
         metrics["rollout/groups_sampled"] += len(groups)
         groups_seen.extend(groups)
-        rewards = torch.tensor([[o[3] for o in g["outputs"]] for g in groups], dtype=torch.float64)
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
         rewards_seen.append(rewards.flatten())
         if use_ds:
             gid = torch.arange(len(groups)).repeat_interleave(cfg.rollout.group_size)
@@ -115,7 +109,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
         metrics["rollout/groups_dropped"] += len(groups) - len(kept_ids)
         base = len(prompts_all)
         prompts_all.extend(prompts)
-        kept_groups.extend({**groups[i], "prompt": base + groups[i]["prompt"]} for i in kept_ids)
+        kept_groups.extend(replace(groups[i], prompt=base + groups[i].prompt) for i in kept_ids)
         if len(kept_groups) >= want:
             break
     kept_groups = kept_groups[:want]
@@ -164,21 +158,21 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
         gen = make_generator(run_seed, step, offset + i)
         if mode == "pixel" or not t.has_image:
             views.append(perturb_pixel_values(t.pixels(), t.image_grid_thw, gen, ip.image_mean,
-                                              ip.image_std, prob))
+                                              ip.image_std, prob, geometry=processor.geometry))
             pils.append(None)
             continue
         images = t.extra.get("images")
         if not images:
             raise ValueError("perturbation mode 'image' needs the trajectory's PIL images "
-                             "(Trajectory.extra['images']); use vppo.perturbation=pixel otherwise")
-        pils.append(perturbed_images_at_grid(images, t.image_grid_thw, gen, prob, cell=ip.patch_size))
+                             "(Trajectory.extra['images']); use algo.perturbation=pixel otherwise")
+        pils.append(perturbed_images_at_grid(images, t.image_grid_thw, gen, prob, cell=processor.geometry.patch_size))
         views.append(processor.process_images(pils[-1])[0])
     return (views, pils) if with_images else views
 
 
-def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
-    """Per-token π_old ("old", and "aug"/"kl" for vppo) of every trajectory, on every rank, from the
-    source `train.old_logp_source` names."""
+def score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
+    """Per-token π_old (and, when the algorithm needs the perturbed view, aug / kl) of every
+    trajectory, on every rank, from the source `train.old_logp_source` names."""
     if trainer.cfg.train.old_logp_source == "engine":
         return engine_score_step_batch(trainer, trajs)
     return trainer_score_step_batch(trainer, trajs)
@@ -189,41 +183,41 @@ def _perturbed_views_of(trainer: Trainer, trajs, idx: list[int], with_images: bo
     sources and every sharding perturb exactly the same patches."""
     cfg = trainer.cfg
     return perturbed_views([trajs[i] for i in idx], trainer.processor, cfg.train.seed, trainer.step,
-                           idx[0] if idx else 0, cfg.vppo.perturb_prob, cfg.vppo.perturbation,
+                           idx[0] if idx else 0, cfg.algo.perturb_prob, cfg.algo.perturbation,
                            with_images=with_images)
 
 
-def trainer_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
-    """The paired no-grad pass on this DP rank's shard; every rank gets all trajectories' results."""
-    cfg = trainer.cfg
-    _, use_vppo, _ = _algo_settings(cfg)
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+def trainer_score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
+    """The (paired, when the algorithm needs the perturbed view) no-grad pass on this DP rank's shard;
+    every rank gets all trajectories' results."""
+    cfg, dims = trainer.cfg, trainer.dims
+    paired = algorithm_of(cfg).needs_perturbed_view
     idx = passes.data_parallel_shard(list(range(len(trajs))), trajs, cfg.train.max_tokens_per_micro_batch,
-                                     dp_rank, dp)
+                                     dims.dp_rank, dims.dp)
     mine = [trajs[i] for i in idx]
     views = None
-    if use_vppo and not ps.is_pipeline_first_stage(ignore_virtual=True):
+    if paired and not dims.first_stage:
         views = [None] * len(mine)  # paired, but only the first stage embeds (and so perturbs) images
-    elif use_vppo:
+    elif paired:
         views = _perturbed_views_of(trainer, trajs, idx)
-    res = passes.dependency_pass(trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
-                                 exact_kl=use_vppo and cfg.vppo.dependency_estimator == "exact_kl")
-    return passes.gather_data_parallel(res)
+    res = passes.dependency_pass(dims, trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
+                                 exact_kl=paired and cfg.algo.dependency_estimator == "exact_kl")
+    return gather_data_parallel(dims, res)
 
 
-def engine_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
+def engine_score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
     """π_old from the rollout engine: its sampling log-probs for the original view, and for vppo one
     engine prefill of each image trajectory's perturbed view. No trainer forward at all.
 
     A text-only trajectory has nothing to perturb: its aug is its old, exactly (dependency 0), as in the
     trainer's pass. Each replica's engine scores its DP shard; every rank gets all results."""
-    _, use_vppo, _ = _algo_settings(trainer.cfg)
-    res = [{"old": t.rollout_log_probs.float()} for t in trajs]
-    if not use_vppo:
+    dims = trainer.dims
+    res = [TokenScores(old=t.rollout_log_probs.float()) for t in trajs]
+    if not algorithm_of(trainer.cfg).needs_perturbed_view:
         return res
-    idx = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    idx = shard(list(range(len(trajs))), dims.dp_rank, dims.dp)
     scored = []
-    if is_engine_rank():
+    if dims.engine_rank:
         views, pils = _perturbed_views_of(trainer, trajs, idx, with_images=True)
         todo = [(i, v, p) for i, v, p in zip(idx, views, pils) if trajs[i].has_image]
         items = [(RolloutRequest(trajs[i].input_ids[: trajs[i].response_start].tolist(), v, trajs[i].image_grid_thw,
@@ -232,9 +226,10 @@ def engine_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
         lps = trainer.engine.score(items, temperature=trainer.cfg.rollout.temperature) if items else []
         scored = [(i, lp) for (i, _, _), lp in zip(todo, lps)]
     for i, lp in all_gather_world(scored):
-        res[i]["aug"] = torch.tensor(lp, dtype=torch.float32)
+        res[i].aug = torch.tensor(lp, dtype=torch.float32)
     for r in res:
-        r.setdefault("aug", r["old"])
+        if r.aug is None:
+            r.aug = r.old
     return res
 
 
@@ -243,9 +238,9 @@ def minibatch_index_lists(cfg: RunConfig, n_traj: int) -> list[list[int]]:
     return chunks(list(range(n_traj)), per)
 
 
-def official_scopes(cfg: RunConfig, minibatches: list[list[int]]) -> tuple[list, list]:
+def official_scopes(cfg: RunConfig, dims: ParallelDims, minibatches: list[list[int]]) -> tuple[list, list]:
     """tas_scope official: min/max per (DP rank, mini-batch), μ per micro-batch — as the reference."""
-    dp = ps.get_data_parallel_world_size()
+    dp = dims.dp
     mbs, micro = [], []
     for mb in minibatches:
         for r in range(dp):
@@ -256,24 +251,31 @@ def official_scopes(cfg: RunConfig, minibatches: list[list[int]]) -> tuple[list,
     return mbs, micro
 
 
-def shape_step(trainer: Trainer, trajs, scored: list[dict]):
-    """GRPO advantages, then (for vppo) dependency -> TAS α -> Â and the TGF mask; all [B] / [B, T]."""
+def _matrix(values: list) -> torch.Tensor | None:
+    return None if values[0] is None else responses_to_matrix(values)[0]
+
+
+def shape_step(trainer: Trainer, trajs, scored: list[TokenScores]):
+    """GRPO advantages, then the algorithm's shaping (vppo: dependency -> TAS α -> Â and the TGF mask);
+    returns (ShapedTrajectory per trajectory, mini-batch index lists, metrics)."""
     cfg = trainer.cfg
     rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
     gid = torch.tensor([t.group for t in trajs])
     adv = grpo_advantages(rewards, gid)
-    old, mask = responses_to_matrix([r["old"] for r in scored])
-    aug = responses_to_matrix([r["aug"] for r in scored])[0] if "aug" in scored[0] else None
-    kl = responses_to_matrix([r["kl"] for r in scored])[0] if "kl" in scored[0] else None
+    old, mask = responses_to_matrix([r.old for r in scored])
+    aug = _matrix([r.aug for r in scored])
+    kl = _matrix([r.kl for r in scored])
     minibatches = minibatch_index_lists(cfg, len(trajs))
-    mbs, micro = official_scopes(cfg, minibatches) if cfg.vppo.tas_scope == "official" else (None, None)
-    shaping = compute_shaping(old, aug, mask, adv, cfg.vppo, kl=kl, minibatches=mbs, microbatches=micro)
+    official = "tas_scope" in algorithm_of(cfg).reads and cfg.algo.tas_scope == "official"
+    mbs, micro = official_scopes(cfg, trainer.dims, minibatches) if official else (None, None)
+    shaping = algorithm_of(cfg).shaping(old, aug, mask, adv, cfg.algo, kl=kl, minibatches=mbs, microbatches=micro)
     weights, metrics = rollout_correction(cfg, trajs, old, mask)
     per_traj = []
     for i, t in enumerate(trajs):
         n = t.response_len
-        per_traj.append({"old_logp": old[i, :n].float(), "tgf_mask": shaping.tgf_mask[i, :n].float(),
-                         "is_weight": weights[i, :n].float(), "advantage": float(shaping.shaped_advantages[i])})
+        per_traj.append(ShapedTrajectory(old_logp=old[i, :n].float(), tgf_mask=shaping.tgf_mask[i, :n].float(),
+                                         is_weight=weights[i, :n].float(),
+                                         advantage=float(shaping.shaped_advantages[i])))
     metrics.update(shaping.metrics)
     metrics["advantage/abs_mean"] = float(adv.abs().mean())
     if kl is not None and aug is not None:  # how well the single-sample k3 tracks the exact KL
@@ -284,7 +286,7 @@ def shape_step(trainer: Trainer, trajs, scored: list[dict]):
 def rollout_correction(cfg: RunConfig, trajs, old, mask):
     """([B, T] importance weights π_old / π_rollout, mismatch metrics). Engine mode: π_old is the
     engine's own log-prob, so the weights are 1 and there is no mismatch to report."""
-    rc = cfg.vppo.rollout_correction
+    rc = cfg.algo.rollout_correction
     if cfg.train.old_logp_source == "engine" or any(t.rollout_log_probs is None for t in trajs):
         return mask.clone(), {}
     rollout, _ = responses_to_matrix([t.rollout_log_probs for t in trajs])
@@ -294,20 +296,20 @@ def rollout_correction(cfg: RunConfig, trajs, old, mask):
     return corr.weights, metrics
 
 
-def check_old_logp(trainer: Trainer, trajs, scored: list[dict], shaped: tuple) -> dict:
+def check_old_logp(trainer: Trainer, trajs, scored: list[TokenScores], shaped: tuple) -> dict:
     """Engine mode, every `train.check_old_logp_every` steps: the trainer's paired pass on the same
     batch, and how well the engine-derived dependency and TGF mask agree with the trainer's."""
     ref = trainer_score_step_batch(trainer, trajs)
     ref_traj = shape_step(trainer, trajs, ref)[0]
     mine = shaped[0]
-    old_e, mask = responses_to_matrix([r["old"] for r in scored])
-    old_t, _ = responses_to_matrix([r["old"] for r in ref])
+    old_e, mask = responses_to_matrix([r.old for r in scored])
+    old_t, _ = responses_to_matrix([r.old for r in ref])
     out = {"old_logp_check/logp_abs_diff_max": float(((old_e - old_t).abs() * mask).max())}
-    if "aug" in scored[0]:
-        dep_e = sampled_k3(old_e, responses_to_matrix([r["aug"] for r in scored])[0], mask)
-        dep_t = sampled_k3(old_t, responses_to_matrix([r["aug"] for r in ref])[0], mask)
+    if scored[0].aug is not None:
+        dep_e = sampled_k3(old_e, _matrix([r.aug for r in scored]), mask)
+        dep_t = sampled_k3(old_t, _matrix([r.aug for r in ref]), mask)
         out["old_logp_check/dependency_corr"] = _masked_corr(dep_e, dep_t, mask)
-        agree = torch.cat([(a["tgf_mask"] == b["tgf_mask"]).float() for a, b in zip(mine, ref_traj)])
+        agree = torch.cat([(a.tgf_mask == b.tgf_mask).float() for a, b in zip(mine, ref_traj)])
         out["old_logp_check/tgf_agreement"] = float(agree.mean())
     return out
 
@@ -320,22 +322,23 @@ def _masked_corr(a, b, mask) -> float:
     return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
 
 
-def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
-    """One optimizer step per mini-batch (1 PPO epoch by default); returns token-mean metrics."""
-    cfg = trainer.cfg
-    _, _, ls = _algo_settings(cfg)
+def update_policy(trainer: Trainer, trajs, per_traj: list[ShapedTrajectory], minibatches) -> dict:
+    """One optimizer step per mini-batch (1 PPO epoch by default); returns metrics averaged over the
+    loss's denominator unit (tokens; trajectories for a sequence-level loss), entropy per token."""
+    cfg, dims = trainer.cfg, trainer.dims
+    algo = algorithm_of(cfg)
+    ls = algo.settings(cfg.algo)
     shape = _pass_shape(trainer, trajs)
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     totals: dict[str, float] = {}
     grad_norms, skipped = [], 0
     guard = trainer.state.setdefault("nonfinite", {})
     for _epoch in range(cfg.train.ppo_epochs):
         for mb in minibatches:
-            idx = passes.data_parallel_shard(mb, trajs, cfg.train.max_tokens_per_micro_batch, dp_rank, dp)
+            idx = passes.data_parallel_shard(mb, trajs, cfg.train.max_tokens_per_micro_batch, dims.dp_rank, dims.dp)
             for chunk in trainer.model_chunks:
                 chunk.zero_grad_buffer()
             trainer.optimizer.zero_grad()
-            sums = passes.policy_update_pass(trainer.model_chunks, [trajs[i] for i in idx], shape, ls,
+            sums = passes.policy_update_pass(dims, trainer.model_chunks, [trajs[i] for i in idx], shape, algo, ls,
                                              [per_traj[i] for i in idx])
             # Non-finite loss/grad: skipped on every rank; non-finite weights after the update: stop.
             ok, grad_norm, nonfinite = guarded_step(trainer.optimizer, trainer.model_chunks, sums,
@@ -343,30 +346,22 @@ def update_policy(trainer: Trainer, trajs, per_traj, minibatches) -> dict:
                                                     max_in_a_row=cfg.train.max_nonfinite_steps)
             if ok:  # Megatron's protocol: a skipped (fp16 overflow) step does not advance the schedule
                 trainer.scheduler.step(increment=1)
-            summed = _sum_over_data_parallel(sums)  # collective: every rank calls it, skipped or not
+            summed = sum_over_data_parallel(dims, sums)  # collective: every rank calls it, skipped or not
             if nonfinite:  # skipped by the guard: its NaN sums stay out of the step's metrics
                 skipped += 1
                 continue
             grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
             for k, v in summed.items():
                 totals[k] = totals.get(k, 0.0) + v
-    tokens = max(totals.pop("token_frac", 0.0), 1.0)  # Σ valid tokens (numerators were divided by 1)
-    out = {f"actor/{k}": v / tokens for k, v in totals.items()}
+    units = max(totals.pop("units", 0.0), 1.0)  # Σ denominator units (numerators were divided by 1)
+    tokens = max(totals.pop("tokens", 0.0), 1.0)
+    out = {f"actor/{k}": v / (tokens if k in passes.TOKEN_METRICS else units) for k, v in totals.items()}
     if grad_norms:
         out["actor/grad_norm"] = grad_norms[-1]
     out["actor/lr"] = current_lr(trainer.optimizer)
     out["actor/nonfinite_skipped"] = skipped
     out["actor/nonfinite_skipped_total"] = guard.get("skipped_total", 0)
     return out
-
-
-def _sum_over_data_parallel(sums: dict) -> dict:
-    if ps.get_data_parallel_world_size() == 1 or not sums:
-        return sums
-    keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=ps.get_data_parallel_group())
-    return dict(zip(keys, t.tolist()))
 
 
 def _engine_memory(trainer: Trainer, resident: bool) -> None:
@@ -439,7 +434,7 @@ def validate(trainer: Trainer) -> dict:
     if not trainer.val_prompts:
         return {}
     cfg = trainer.cfg
-    groups = sample_groups(trainer.engine, trainer.processor.tokenizer, trainer.grader, trainer.val_prompts,
+    groups = sample_groups(trainer.dims, trainer.engine, trainer.processor.tokenizer, trainer.grader, trainer.val_prompts,
                            n=cfg.train.val_k, sampling=_sampling(cfg, trainer.processor, 1.0, cfg.train.seed),
                            seed_parts=(cfg.train.seed, -1))
     errors = grading_errors(groups, cfg.reward.max_error_rate, f"validation at step {trainer.step}")

@@ -155,7 +155,7 @@ def guarded_step(optimizer, ddp_chunks, loss_sums: dict, *, step: int, state: di
                 f"step {step}: {state['in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
                 f"(train.max_nonfinite_steps={max_in_a_row}); stopping. The weights are those of the last good "
                 f"step; resume from the last checkpoint (train.resume=auto) with a lower optim.lr, a tighter "
-                f"optim.grad_clip or smaller loss coefficients (vppo.entropy_coef)")
+                f"optim.grad_clip or smaller loss coefficients (algo.entropy_coef)")
         return False, None, True
     ok, grad_norm, _ = optimizer.step()
     if any_rank(_any_nonfinite(_param_tensors(ddp_chunks))):

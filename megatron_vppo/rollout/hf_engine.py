@@ -20,7 +20,7 @@ reload), in one of two modes, both validating every name, shape and dtype:
   * "staged" (the default for direct calls): every tensor is first copied aside, then all are
     committed; an error anywhere leaves the previous weights complete and `weight_version` unchanged.
     Costs a second copy of the model in fresh memory.
-  * "in_place" (what the trainer's sync uses, via `checkpoint.export.push_to_engine`): the caller
+  * "in_place" (what the trainer's sync uses, via `sync.engine_push.push_to_engine`): the caller
     passes the stream's manifest (`expected=`, from `export_plan(...).manifest()`), which is checked
     against the model before the first copy; each tensor is then copied straight into its parameter.
     If the stream breaks or ends early the engine is marked unusable — `generate` / `score` raise an
@@ -163,6 +163,21 @@ class HFRolloutEngine:
 
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
         return cls(model.to(device), **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg, model_dir, dims) -> "HFRolloutEngine | None":
+        """The trainer's engine on each replica's engine rank (None elsewhere), on that rank's device in
+        the model's dtype."""
+        if not dims.engine_rank:
+            return None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
+        return cls.from_pretrained(model_dir, device=dims.device, dtype=dtype)
+
+    def shutdown(self) -> None:
+        """Drop the model (an in-process engine holds nothing else)."""
+        self.model = None
+        self._params = {}
+        self._broken = "the engine was shut down; build a new one"
 
     @property
     def device(self) -> torch.device:

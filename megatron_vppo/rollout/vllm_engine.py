@@ -186,8 +186,11 @@ class VLLMRolloutEngine:
         VLLMEngineArgs.parse(args)
 
     @classmethod
-    def from_config(cls, cfg, model_dir, device: torch.device) -> "VLLMRolloutEngine":
-        """The trainer's engine: the model's dtype, the run seed, the data section's image bounds."""
+    def from_config(cls, cfg, model_dir, dims) -> "VLLMRolloutEngine | None":
+        """The trainer's engine on each replica's engine rank (None elsewhere): the model's dtype, the
+        run seed, the data section's image bounds."""
+        if not dims.engine_rank:
+            return None
         return cls(model_dir, dtype=cfg.model.dtype, seed=cfg.train.seed, engine_args=cfg.rollout.engine_args,
                    max_model_len=cfg.rollout.engine_args.get("max_model_len")
                    or cfg.rollout.max_prompt_length + cfg.rollout.max_response_length,

@@ -104,6 +104,12 @@ class RolloutEngine(Protocol):
     # `sync.engine_push.push_to_engine` passes `mode` and `expected`; False: takes byte-bounded buckets.
     in_process: bool
 
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        """Config-time check of `rollout.engine_args` (ConfigError naming the problem); engines that
+        take none refuse any (`engine_args.refuse_engine_args`)."""
+        ...
+
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "RolloutEngine | None":
         """This rank's part of its replica's engine for a RunConfig, or None where the rank holds none

@@ -44,6 +44,7 @@ from megatron_vppo.rollout.engine import (
     request_seed,
     sample_seed,
 )
+from megatron_vppo.rollout.engine_args import refuse_engine_args
 
 # HF checkpoint spellings (transformers 4.x / the hub files, still written by 5.x's save_pretrained)
 # -> module names of transformers 5.x's Qwen2_5_VLForConditionalGeneration.
@@ -163,6 +164,10 @@ class HFRolloutEngine:
 
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
         return cls(model.to(device), **kwargs)
+
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        refuse_engine_args("hf", args)
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "HFRolloutEngine | None":

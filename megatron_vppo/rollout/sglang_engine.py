@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, WeightStream, unpack_bucket
+from megatron_vppo.rollout.engine_args import refuse_engine_args
 from megatron_vppo.rollout.sglang_weights import engine_groups, mem_fraction_static, min_free_bytes
 from megatron_vppo.rollout.sglang_weights import as_buckets, contributions, run_rounds
 from megatron_vppo.rollout.engine import (
@@ -331,6 +332,10 @@ class SGLangRolloutEngine:
 
     in_process = False  # takes byte-bounded buckets
 
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        refuse_engine_args("sglang", args)
+
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "SGLangRolloutEngine | SGLangTPPeer | None":
         """The trainer's colocated engine (collective over every rank): on each replica's engine rank an
@@ -563,6 +568,10 @@ class SGLangTPPeer:
 
     in_process = False
 
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        refuse_engine_args("sglang", args)
+
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "SGLangRolloutEngine | SGLangTPPeer | None":
         """Made by `SGLangRolloutEngine.from_config` on the engine's non-first TP ranks."""
@@ -618,6 +627,10 @@ class SGLangServerEngine:
     """
 
     in_process = False
+
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        refuse_engine_args("sglang", args)
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "SGLangServerEngine":

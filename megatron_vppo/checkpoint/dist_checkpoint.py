@@ -956,7 +956,8 @@ def load_checkpoint(
     saved (see the module doc for which layouts its format allows); when it is not loaded, its fp32
     main params are refreshed from the loaded weights. Pass a freshly built scheduler. `verify`:
     check every file's size and sha256 first (`verify_checkpoint`); pass False only for a checkpoint
-    this process has just verified (e.g. chosen by `select_resume`).
+    this process has just verified (e.g. chosen by `select_resume`). `dims`: this rank's layout, compared
+    with the saved one (default: read from Megatron's groups).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling

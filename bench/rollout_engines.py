@@ -82,13 +82,14 @@ def run_size(args, size: str) -> dict:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from safetensors.torch import load_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+    from megatron_vppo.models import MODELS
     from megatron_vppo.rollout import ENGINES
     from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
+
+    make_tiny_model = MODELS["qwen2_5_vl"].make_tiny_model  # the model this benchmark measures
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_engines_"))
     model_dir = make_tiny_model(tmp / "model", seed=0, **SIZES[size])
@@ -107,7 +108,7 @@ def run_size(args, size: str) -> dict:
     stream = list(load_file(str(model_dir / "model.safetensors")).items())
     manifest = [(n, tuple(t.shape), t.dtype) for n, t in stream]
     nbytes = sum(t.numel() * t.element_size() for _, t in stream)
-    oracle = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    oracle = MODELS["qwen2_5_vl"].engine_model_class().from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
     @torch.no_grad()
     def worst_diff(outs) -> float:

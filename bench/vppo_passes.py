@@ -45,7 +45,9 @@ RUN_SEED, STEP = 7, 1
 def make_model(out: Path, *, tokenizer: str, hidden: int, layers: int, vision_hidden: int,
                vision_depth: int) -> Path:
     """Random Qwen2.5-VL (4 query heads / 2 KV groups; vision 2 heads, so TP2 works)."""
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+    from megatron_vppo.models import MODELS
+
+    make_tiny_model = MODELS["qwen2_5_vl"].make_tiny_model  # the model this benchmark measures
 
     if (out / "config.json").exists():
         return out
@@ -204,10 +206,11 @@ def _memory_worker(rank, world, port, model_dir, trajs, args, queue):
 def bench_memory(model_dir, trajs, args) -> dict:
     import torch.multiprocessing as mp
 
-    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, text_arch
+    from megatron_vppo.models import spec_for_hf_config
 
+    spec = spec_for_hf_config(model_dir)
     out = {"bench": "no-grad paired pass peak memory, TP2 / TP1",
-           "vocab": text_arch(load_hf_config(model_dir)).vocab_size}
+           "vocab": spec.text_arch(spec.load_hf_config(model_dir)).vocab_size}
     ctx = mp.get_context("spawn")
     for tp in (1, 2):
         import socket

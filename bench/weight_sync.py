@@ -41,7 +41,9 @@ BUCKETS = [("1 MiB", 1 * MiB), ("16 MiB", 16 * MiB), ("64 MiB", 64 * MiB), ("512
            ("unbounded", None)]
 LAYOUTS = [("TP1", 1, 1), ("TP2", 2, 1), ("PP2", 1, 2)]
 def build_model(out: Path, layers: int) -> Path:
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+    from megatron_vppo.models import MODELS
+
+    make_tiny_model = MODELS["qwen2_5_vl"].make_tiny_model  # the model this benchmark measures
 
     return make_tiny_model(
         out, seed=0,
@@ -154,9 +156,7 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
         # the engine ends up holding exactly the exported weights, on its own storage
         ref = dict(export_hf_weights(m.chunks, m.adapter, dims=dims))
         params = dict(engine.model.named_parameters())
-        from megatron_vppo.rollout.hf_engine import canonical_param_name
-
-        assert all(torch.equal(params[canonical_param_name(k)], v) for k, v in ref.items())
+        assert all(torch.equal(params[engine.spec.engine_param_name(k)], v) for k, v in ref.items())
         Path(out).write_text(json.dumps(res))
     else:
         drain(export_hf_weights(m.chunks, m.adapter, dims=dims))

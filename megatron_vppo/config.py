@@ -30,6 +30,7 @@ class ParallelConfig:
 
 @dataclass
 class ModelConfig:
+    arch: str = "qwen2_5_vl"  # a name in megatron_vppo.models.MODELS
     path: str = ""  # HF directory or Megatron checkpoint
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     transformer_impl: str = "auto"  # auto | local | transformer_engine
@@ -293,15 +294,22 @@ def validate_choices(cfg: RunConfig) -> None:
         if value not in allowed:
             shown = sorted(str(a) for a in allowed)
             raise ConfigError(f"{section}.{key}={value!r} is not one of {shown}")
+    from megatron_vppo.models import MODELS
+
+    if cfg.model.arch not in MODELS:
+        raise ConfigError(f"model.arch={cfg.model.arch!r} is not a known model; known: {sorted(MODELS)}")
     if not isinstance(cfg.rollout.engine_args, dict):
         raise ConfigError(f"rollout.engine_args must be a mapping, got {cfg.rollout.engine_args!r}")
     from megatron_vppo.rollout import check_engine_args
 
     check_engine_args(cfg.rollout.engine, cfg.rollout.engine_args)
-    if cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and cfg.vppo.algorithm == "vppo":
-        raise ConfigError("train.old_logp_source=engine has the engine score the perturbed pixel view, which "
-                          "rollout.engine=vllm cannot take (vLLM preprocesses raw images itself); use "
-                          "train.old_logp_source=trainer or rollout.engine=hf")
+    if (cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and cfg.vppo.algorithm == "vppo"
+            and cfg.vppo.perturbation != "image"):
+        raise ConfigError("train.old_logp_source=engine has the engine score the perturbed view; "
+                          f"vppo.perturbation={cfg.vppo.perturbation!r} edits pixel_values, which rollout.engine=vllm "
+                          "cannot take (vLLM preprocesses raw images itself); set vppo.perturbation=image (the "
+                          "blackened image, which vLLM preprocesses to the trainer's pixels), or use "
+                          "train.old_logp_source=trainer")
     _validate_old_logp_source(cfg)
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 from megatron_vppo.data.perturb import (blacken_pixel_values, cell_order, draw_cell_masks, make_generator,
                                         perturb_images, perturb_images_and_process, perturb_pixel_values,
                                         perturb_seed)
+from megatron_vppo.models import ImageGeometry
 
 try:  # transformers picks the torchvision backend when present; the PIL one otherwise
     from transformers import Qwen2VLImageProcessorPil as _Processor
@@ -50,15 +51,17 @@ def test_pixel_and_image_modes_agree(processor):
     images = _images()
     orig = processor(images=images, return_tensors="pt")
     pv, thw = orig["pixel_values"], orig["image_grid_thw"]
-    px = perturb_pixel_values(pv, thw, make_generator(5, 1, 2), processor.image_mean, processor.image_std)
-    im = perturb_images_and_process(images, make_generator(5, 1, 2), _process(processor))
+    geo = ImageGeometry.of_image_processor(processor)
+    px = perturb_pixel_values(pv, thw, make_generator(5, 1, 2), processor.image_mean, processor.image_std,
+                              geometry=geo)
+    im = perturb_images_and_process(images, make_generator(5, 1, 2), _process(processor), cell=geo.patch_size)
     assert px.shape == pv.shape and im["pixel_values"].shape == pv.shape
     assert torch.equal(im["image_grid_thw"], thw)
     torch.testing.assert_close(px, im["pixel_values"], atol=1e-5, rtol=0)
     # the same cells, and about half of them, changed; the rest kept their values exactly
     changed = (px != pv).any(-1)
     masks = draw_cell_masks([(h, w) for _, h, w in thw.tolist()], make_generator(5, 1, 2))
-    assert torch.equal(changed, torch.cat([cell_order(m) for m in masks]))
+    assert torch.equal(changed, torch.cat([cell_order(m, processor.merge_size) for m in masks]))
     assert 0.3 < changed.float().mean().item() < 0.7
     black = -torch.tensor(processor.image_mean) / torch.tensor(processor.image_std)
     rows = px[changed].view(-1, 3, 2 * 14 * 14)
@@ -77,7 +80,7 @@ def test_single_cell_lands_in_processor_order(processor):
         arr[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = 0
         via_image = processor(images=[Image.fromarray(arr)], return_tensors="pt")["pixel_values"]
         via_pixels = blacken_pixel_values(orig, torch.tensor([[1, h, w]]), [mask], processor.image_mean,
-                                          processor.image_std)
+                                          processor.image_std, geometry=ImageGeometry.of_image_processor(processor))
         assert (via_image != orig).any(-1).nonzero().flatten().tolist() == \
             (via_pixels != orig).any(-1).nonzero().flatten().tolist()
         torch.testing.assert_close(via_pixels, via_image, atol=1e-5, rtol=0)
@@ -85,10 +88,10 @@ def test_single_cell_lands_in_processor_order(processor):
 
 def test_image_mode_partial_edge_cells_and_sizes():
     img = Image.fromarray(np.full((30, 20, 3), 200, dtype=np.uint8))  # 3×2 cells, edges partial
-    out = perturb_images([img], make_generator(0, 0, 1), prob=1.0)[0]
+    out = perturb_images([img], make_generator(0, 0, 1), prob=1.0, cell=14)[0]
     assert out.size == img.size and out.mode == img.mode and np.array(out).max() == 0
     rgba = Image.fromarray(np.full((28, 28, 4), 200, dtype=np.uint8))
-    out = np.array(perturb_images([rgba], make_generator(0, 0, 1), prob=1.0)[0])
+    out = np.array(perturb_images([rgba], make_generator(0, 0, 1), prob=1.0, cell=14)[0])
     assert out[..., :3].max() == 0 and (out[..., 3] == 200).all()  # alpha kept
 
 
@@ -98,8 +101,8 @@ def test_text_only_untouched():
     assert perturb_pixel_values(None, None, g, [0.5] * 3, [0.5] * 3) is None
     empty = torch.zeros(0, 1176)
     assert perturb_pixel_values(empty, torch.zeros(0, 3, dtype=torch.long), g, [0.5] * 3, [0.5] * 3) is empty
-    assert perturb_images_and_process([], g, lambda ims: pytest.fail("processor called")) is None
-    assert perturb_images([], g) == []
+    assert perturb_images_and_process([], g, lambda ims: pytest.fail("processor called"), cell=14) is None
+    assert perturb_images([], g, cell=14) == []
     assert torch.equal(g.get_state(), state)
 
 

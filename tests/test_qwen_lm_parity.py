@@ -340,8 +340,8 @@ def test_loader_and_model_errors(tiny_model_dir, tmp_path):
 
 def test_local_spec_and_te_refusal_on_cpu(tiny_model_dir):
     from megatron_vppo.config import ModelConfig
-    from megatron_vppo.models.qwen2_5_vl.layer_specs import lm_layer_spec, te_available
-    from megatron_vppo.models.qwen2_5_vl.packed_attention import PackedSeqAttention
+    from megatron_vppo.models.common.layer_specs import lm_layer_spec, te_available
+    from megatron_vppo.models.common.packed_attention import PackedSeqAttention
 
     spec = lm_layer_spec(lm_transformer_config(tiny_model_dir, ModelConfig(transformer_impl="local")))
     assert spec.submodules.self_attention.submodules.core_attention is PackedSeqAttention
@@ -358,7 +358,7 @@ def test_te_spec_and_fp8_recipe(tiny_model_dir, recipe):
     from megatron_vppo.config import ModelConfig
     from megatron.core.fp8_utils import get_fp8_recipe
 
-    from megatron_vppo.models.qwen2_5_vl.layer_specs import lm_layer_spec
+    from megatron_vppo.models.common.layer_specs import lm_layer_spec
 
     c = lm_transformer_config(
         tiny_model_dir, ModelConfig(transformer_impl="transformer_engine", fp8="hybrid", fp8_recipe=recipe)

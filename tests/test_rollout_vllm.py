@@ -7,7 +7,10 @@
   to generate until a complete update;
 * a seed reproduces a sample whatever else is in the batch; the n samples differ;
 * the trainer end to end with rollout.engine=vllm: 3 steps at TP1 and 2 at TP2xPP2 (the trainer's
-  re-score of every rollout vs the engine's log-probs, `rollout/logp_abs_diff_max`, <= 1e-4 in fp32).
+  re-score of every rollout vs the engine's log-probs, `rollout/logp_abs_diff_max`, <= 1e-4 in fp32);
+* engine-mode VPPO (`train.old_logp_source=engine`, `vppo.perturbation=image`): vLLM's score of the
+  blackened images vs the trainer's scoring of its re-processed view (tools/score.py's
+  `score_trajectories`), and two trainer steps whose fidelity check holds; pixel mode is a ConfigError.
 
 One engine for the module (start-up costs seconds). vLLM's CPU attention needs head_dim >= 32, so the
 model here is the tiny Qwen2.5-VL at text hidden 128 with 4 heads.
@@ -138,6 +141,87 @@ def test_greedy_log_probs_are_unscaled(engine, processor, hf_model, test_images)
     assert float((ref - torch.tensor(o.log_probs, dtype=torch.float64)).abs().max()) <= TOL
 
 
+# --------------------------------------------------------------------------- the perturbed view (engine-mode VPPO)
+
+PERTURB_ROWS = [  # two images (one of a size the processor resizes), text only, one image
+    ("<image>What is red here, and <image> what is green?", [2, 1], "<think>circle then triangle</think> \\boxed{2}"),
+    ("Compute 3 + 4.", [], "<think>3+4=7</think> The answer is \\boxed{7}."),
+    ("How many shapes?", [0], "\\boxed{3}"),
+]
+
+
+def _perturb_samples(model_dir):
+    """Processor-encoded rows, their raw images and their `image` mode PIL views (the trainer's seeded masks)."""
+    from conftest import make_test_images
+
+    from megatron_vppo.data.perturb import make_generator, perturbed_images_at_grid
+    from megatron_vppo.data.processor import VLProcessor
+
+    proc = VLProcessor.from_pretrained(model_dir)
+    base = make_test_images()
+    imgs = base + [base[0].resize((101, 73))]
+    samples, raws, pils = [], [], []
+    for i, (q, idx, r) in enumerate(PERTURB_ROWS):
+        raw = [imgs[k] for k in idx]
+        s = proc.encode(q, raw, response=r)
+        samples.append(s)
+        raws.append(raw or None)
+        pils.append(perturbed_images_at_grid(raw, s["image_grid_thw"], make_generator(7, 1, i), 0.5,
+                                             cell=proc.image_processor.patch_size) if raw else None)
+    return proc, samples, raws, pils
+
+
+def _image_mode_trainer_worker(rank, world, model_dir):
+    """tools/score.py's scoring (Megatron, TP1) of the original view and of the image-mode perturbed view."""
+    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
+    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.distributed import init_distributed
+    from megatron_vppo.models.qwen2_5_vl.config import text_arch
+    from megatron_vppo.train.scoring import score_trajectories, to_trajectory
+
+    cfg = read_model_config(model_dir)
+    init_distributed(ParallelConfig(), **model_dims(cfg))
+    m = load_model(model_dir, ParallelConfig())
+    proc, samples, _, pils = _perturb_samples(model_dir)
+    trajs = [to_trajectory(s, i) for i, s in enumerate(samples)]
+    kw = dict(vocab_size=text_arch(cfg).vocab_size, pad_id=proc.pad_token_id, micro_batch_size=2)
+    orig = score_trajectories(m.chunks, trajs, **kw)
+    for t, p in zip(trajs, pils):
+        if p is not None:
+            t.pixel_values = proc.process_images(p)[0]
+    return orig, score_trajectories(m.chunks, trajs, **kw)
+
+
+def test_score_of_the_image_perturbed_view_equals_the_trainer(engine, model_dir):
+    """vLLM scores the `image` mode's blackened PIL images (resized to the grid, so vLLM's own preprocessing
+    gives the trainer's pixels) like the trainer scores its re-processed view: <= 1e-4 on two-image, text-only
+    and one-image prompts, for the original view (a raw image vLLM would otherwise resize itself) too."""
+    from dist_helpers import run_distributed
+
+    ref_orig, ref_aug = run_distributed(_image_mode_trainer_worker, 1, str(model_dir))[0]
+    _, samples, raws, pils = _perturb_samples(model_dir)
+
+    def items(images):
+        return [(RolloutRequest(s["input_ids"][: s["response_start"]].tolist(), s.get("pixel_values"),
+                                s.get("image_grid_thw"), images=im),
+                 s["input_ids"][s["response_start"]:].tolist()) for s, im in zip(samples, images)]
+
+    worst = 0.0
+    for mine, ref in ((engine.score(items(raws)), ref_orig), (engine.score(items(pils)), ref_aug)):
+        assert [len(x) for x in mine] == [len(r) for r in ref]
+        for x, r in zip(mine, ref):
+            worst = max(worst, (torch.tensor(x) - r).abs().max().item())
+    print(f"vLLM vs trainer, image-mode perturbed view: max |d log-prob| = {worst:.3g}")
+    assert worst <= TOL, worst
+    # pixel-exact inputs: the engine resizes the raw 101x73 image to its grid with the processor's PIL bicubic
+    # (vLLM's own torchvision resize is off by up to 1/255 there, which measured 6.6e-5 here)
+    assert worst <= TOL / 10, worst
+    # the perturbed view really moves the image rows' log-probs (not vacuous); text-only is untouched
+    for k in (0, 2):
+        assert (ref_orig[k] - ref_aug[k]).abs().max() > 10 * TOL
+    assert torch.equal(ref_orig[1], ref_aug[1])
+
+
 # --------------------------------------------------------------------------- seeds
 
 
@@ -252,8 +336,11 @@ def test_registry_and_engine_args_validation():
         load_config(None, ["rollout.engine=vllm", "rollout.engine_args.kv_cache_gb=2"])
     with pytest.raises(ConfigError, match="rollout.engine=hf takes none"):
         load_config(None, ["rollout.engine_args.kv_cache_gib=2"])
-    with pytest.raises(ConfigError, match="old_logp_source=trainer"):
-        load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine"])
+    with pytest.raises(ConfigError, match="set vppo.perturbation=image.*or use train.old_logp_source=trainer"):
+        load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine"])  # pixel mode: vLLM takes no pixels
+    cfg = load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine", "vppo.perturbation=image"])
+    assert (cfg.rollout.engine, cfg.train.old_logp_source, cfg.vppo.perturbation) == ("vllm", "engine", "image")
+    load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine", "vppo.algorithm=dapo"])
     with pytest.raises(ConfigError, match="process"):
         load_config(None, ["rollout.engine=vllm", "rollout.engine_args.process=threads"])
 
@@ -341,6 +428,22 @@ def test_trainer_tp2_pp2_feeds_the_vllm_engine(run_assets):
                   run_assets["config"], run_assets["root"] / "tp2pp2", "parallel.tp=2", "parallel.pp=2",
                   "train.total_steps=2")
     _check_consistent(rows, 2)
+
+
+def test_trainer_engine_mode_vppo_image_perturbation_with_vllm(run_assets):
+    """old_logp_source=engine: π_old is vLLM's sampling log-prob and vLLM prefills the image-mode perturbed
+    view; the trainer's paired pass on the same batch each step (check_old_logp_every=1) agrees."""
+    rows = _train([sys.executable], run_assets["config"], run_assets["root"] / "engine_vppo_image",
+                  "train.old_logp_source=engine", "vppo.perturbation=image", "train.check_old_logp_every=1",
+                  "train.total_steps=2")
+    for s in (1, 2):
+        r = rows[s]
+        assert r["response/trajectories"] > 0
+        print(f"step {s}: " + ", ".join(f"{k}={r[k]:.9g}" for k in sorted(r) if k.startswith("old_logp_check/")))
+        assert r["old_logp_check/logp_abs_diff_max"] <= TOL
+        assert r["old_logp_check/dependency_corr"] >= 0.999
+        assert r["old_logp_check/tgf_agreement"] >= 0.99
+        assert "rollout_correction/k3_kl" not in r  # π_old is the engine's: nothing to correct
 
 
 # --------------------------------------------------------------------------- tools

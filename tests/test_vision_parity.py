@@ -319,7 +319,7 @@ def _packed_attn(causal):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_vppo.models.qwen2_5_vl.packed_attention import PackedSeqAttention
+    from megatron_vppo.models.common.packed_attention import PackedSeqAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                             use_cpu_initialization=True, attention_dropout=0.0)

@@ -35,11 +35,10 @@ def score(args) -> None:
     """Per-rank body: load, encode this rank's data, score, rank 0 writes."""
     import torch.distributed as dist
 
-    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
+    from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, model_spec, read_model_config
     from megatron_vppo.config import ModelConfig, ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.distributed import init_distributed
-    from megatron_vppo.models.qwen2_5_vl.config import text_arch
     from megatron_vppo.train.scoring import score_samples
 
     cfg = read_model_config(args.model, args.hf_config)
@@ -52,7 +51,7 @@ def score(args) -> None:
     proc = VLProcessor.from_pretrained(m.hf_files)
     samples = [proc.encode(r["problem"], r["images"], response=r["response"]) for r in rows]
     pad = proc.pad_token_id if proc.pad_token_id is not None else 0
-    out = score_samples(m.chunks, samples, vocab_size=text_arch(cfg).vocab_size, pad_id=pad,
+    out = score_samples(m.chunks, samples, vocab_size=model_spec(cfg).text_arch(cfg).vocab_size, pad_id=pad,
                         micro_batch_size=args.micro_batch, temperature=args.temperature)
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         write_jsonl_atomic(args.out, out)

@@ -1,7 +1,7 @@
 """Load a Hugging Face safetensors directory into a TP/PP-sharded Megatron model, model-independently.
 
-The model's weight adapter (e.g. `models.qwen2_5_vl.weights.Qwen25VLWeights`) knows names and
-layouts; this module knows the sharding:
+The model's weight adapter (a `models.weight_adapter.WeightAdapter`, from its `MODELS` spec's
+`weight_adapter`) knows names and layouts; this module knows the sharding:
 
 1. every local parameter is renamed to its GLOBAL name — `layers.{local}` becomes
    `layers.{layer_number - 1}` of the TransformerLayer that owns it (Megatron numbers layers globally,
@@ -11,9 +11,8 @@ layouts; this module knows the sharding:
 3. each full tensor is checked against the parameter (shape × TP along `partition_dim`) and this TP
    rank's chunk is copied in. A missing or mis-shaped tensor is an error naming it.
 
-Adapter protocol: `canonical_mcore_name(name) -> name`, `groups(names) -> [Group(hf_names,
-mcore_names, to_mcore)]`, and `canonical_hf_name` at module level of `megatron_vppo.models.*.weights`
-(passed here as `adapter.canonical_hf_name` when present).
+The adapter methods used: `canonical_mcore_name(name)`, `canonical_hf_name(name)` and
+`groups(names) -> [Group(hf_names, mcore_names, to_mcore)]`.
 """
 from __future__ import annotations
 

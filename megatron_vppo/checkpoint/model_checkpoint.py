@@ -83,39 +83,42 @@ def resolve_model_path(path, hf_files=None) -> tuple[str, Path | None, Path | No
     return "megatron", step, hf
 
 
+def model_spec(hf_config):
+    """The MODELS entry of a model, from its HF config's `model_type` (a saved checkpoint keeps its
+    config.json under hf/, so one rule serves both kinds of `--model`)."""
+    from megatron_vppo.models import spec_for_hf_config
+
+    try:
+        return spec_for_hf_config(hf_config)
+    except KeyError as e:
+        raise ExportError(e.args[0]) from None
+
+
 def read_model_config(path, hf_files=None) -> dict:
     """The HF config.json of an HF dir or Megatron checkpoint (before any process group exists)."""
-    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config
-
     kind, step, hf = resolve_model_path(path, hf_files)
     if hf is None or not (hf / "config.json").is_file():
         raise ExportError(f"{path}: no HF config.json found for this Megatron checkpoint; pass the HF "
                           "directory it came from (--hf-config DIR)")
-    return load_hf_config(hf)
+    return model_spec(hf).load_hf_config(hf)
 
 
 def model_dims(hf_config) -> dict:
     """Keyword arguments `distributed.init_distributed` validates the layout against."""
-    from megatron_vppo.models.qwen2_5_vl.config import text_arch
-
-    a = text_arch(hf_config)
-    vision = (hf_config.get("vision_config") or {}).get("num_heads")
-    return dict(num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
-                num_layers=a.num_layers, vision_num_heads=vision)
+    return model_spec(hf_config).layout_dims(hf_config)
 
 
 def build_model(hf_config, parallel=None, model_cfg=None, dims: ParallelDims | None = None):
-    """(this rank's chunks, weight adapter) — after `init_distributed` (`dims`: its result; default read
-    from Megatron's groups)."""
+    """(this rank's chunks, weight adapter) — after `init_distributed` (`dims`: what it returned;
+    read from Megatron when None)."""
     from megatron_vppo.config import ModelConfig, ParallelConfig
-    from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
-    from megatron_vppo.models.qwen2_5_vl.weights import Qwen25VLWeights
 
+    spec = model_spec(hf_config)
     model_cfg = model_cfg or ModelConfig()
     parallel = parallel or ParallelConfig()
-    chunks = build_model_chunks(hf_config, model_cfg, parallel)
-    tp = (dims or ParallelDims.from_megatron()).tp
-    return chunks, Qwen25VLWeights(hf_config, tp=tp, vocab_pad_multiple=model_cfg.vocab_pad_multiple)
+    dims = dims or ParallelDims.from_megatron()
+    chunks = spec.build_chunks(hf_config, model_cfg, parallel, dims)
+    return chunks, spec.weight_adapter(hf_config, dims.tp, model_cfg.vocab_pad_multiple)
 
 
 def load_model(path, parallel=None, model_cfg=None, *, hf_files=None, dims: ParallelDims | None = None) -> LoadedModel:
@@ -148,11 +151,10 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
     """Collective: write a self-contained Megatron model checkpoint (layout above) atomically —
     into a temporary sibling directory, renamed to `out_dir` only after every rank succeeded."""
     from megatron_vppo.checkpoint import dist_checkpoint as dc
-    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config
 
     out = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    cfg = load_hf_config(hf_config)
+    cfg = model_spec(hf_config).load_hf_config(hf_config)
     if not all_ranks_ok(rank != 0 or overwrite or not out.exists()):
         raise ExportError(f"{out} already exists; choose another --out (or remove it)")
     tmp = None

@@ -1,5 +1,7 @@
-"""Image perturbation I → I' for VPPO's dependency pass (spec §2): random 14×14-cell blackening.
+"""Image perturbation I → I' for VPPO's dependency pass (spec §2): random patch-cell blackening.
 
+A cell is one vision patch (14×14 pixels for Qwen2.5-VL): the geometry comes from the processor
+(`VLProcessor.geometry`, a `models.ImageGeometry`) or the model's spec, never from constants here.
 A cell mask is drawn per image on its (h, w) patch grid, cell (0, 0) at the top-left, each cell black
 with probability `prob`, from a generator seeded by (run seed, step, trajectory index). Two ways to apply
 the same mask:
@@ -24,10 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-PATCH = 14
-TEMPORAL_PATCH = 2
-MERGE = 2
-
+from megatron_vppo.models.spec import ImageGeometry
 
 def perturb_seed(run_seed: int, step: int, trajectory: int) -> int:
     """Deterministic 64-bit seed from (run seed, RL step, global trajectory index)."""
@@ -50,8 +49,16 @@ def draw_cell_masks(grids: Sequence[tuple[int, int]], generator: torch.Generator
     return [torch.rand((int(h), int(w)), generator=generator) < prob for h, w in grids]
 
 
-def cell_order(mask: Tensor, merge_size: int = MERGE) -> Tensor:
-    """[h, w] cell mask → [h·w] in the processor's row order (h/m, w/m, m, m): 2×2 merge windows
+def _default_geometry() -> ImageGeometry:
+    """The default `model.arch`'s geometry, for callers that pass none (transitional: train/loop.py)."""
+    from megatron_vppo.config import ModelConfig
+    from megatron_vppo.models import MODELS
+
+    return MODELS[ModelConfig().arch].image_geometry({})
+
+
+def cell_order(mask: Tensor, merge_size: int) -> Tensor:
+    """[h, w] cell mask → [h·w] in the processor's row order (h/m, w/m, m, m): m×m merge windows
     row-major over the grid, and row-major inside each window."""
     h, w = mask.shape
     if h % merge_size or w % merge_size:
@@ -76,12 +83,14 @@ def _check_grid_thw(pixel_values: Tensor, image_grid_thw: Tensor, channels: int,
 
 def blacken_pixel_values(pixel_values: Tensor, image_grid_thw: Tensor, masks: Sequence[Tensor],
                          image_mean: Sequence[float], image_std: Sequence[float], *,
-                         patch_size: int = PATCH, temporal_patch_size: int = TEMPORAL_PATCH,
-                         merge_size: int = MERGE) -> Tensor:
+                         geometry: ImageGeometry | None = None) -> Tensor:
     """Copy of `pixel_values` with the patches of black cells set to (0 - mean_c) / std_c.
 
     A grid with t > 1 (several temporal groups) gets the same spatial mask in every group.
+    `geometry`: the processor's (`VLProcessor.geometry`); the default model's when None.
     """
+    g = geometry or _default_geometry()
+    patch_size, temporal_patch_size, merge_size = g.patch_size, g.temporal_patch_size, g.merge_size
     channels = len(image_mean)
     if len(image_std) != channels:
         raise ValueError(f"image_mean has {channels} channels but image_std has {len(image_std)}")
@@ -104,8 +113,7 @@ def blacken_pixel_values(pixel_values: Tensor, image_grid_thw: Tensor, masks: Se
 
 def perturb_pixel_values(pixel_values: Tensor | None, image_grid_thw: Tensor | None,
                          generator: torch.Generator, image_mean: Sequence[float], image_std: Sequence[float],
-                         prob: float = 0.5, *, patch_size: int = PATCH,
-                         temporal_patch_size: int = TEMPORAL_PATCH, merge_size: int = MERGE) -> Tensor | None:
+                         prob: float = 0.5, *, geometry: ImageGeometry | None = None) -> Tensor | None:
     """`pixel` mode for one trajectory: draw masks on each image's (h, w) grid and blacken.
 
     Text-only samples (None / no images) come back as given, without touching the generator.
@@ -114,17 +122,16 @@ def perturb_pixel_values(pixel_values: Tensor | None, image_grid_thw: Tensor | N
         return pixel_values
     thw = torch.as_tensor(image_grid_thw, dtype=torch.long).reshape(-1, 3)
     masks = draw_cell_masks([(h, w) for _, h, w in thw.tolist()], generator, prob)
-    return blacken_pixel_values(pixel_values, thw, masks, image_mean, image_std, patch_size=patch_size,
-                                temporal_patch_size=temporal_patch_size, merge_size=merge_size)
+    return blacken_pixel_values(pixel_values, thw, masks, image_mean, image_std, geometry=geometry)
 
 
-def image_grid(image: Image.Image, cell: int = PATCH) -> tuple[int, int]:
+def image_grid(image: Image.Image, cell: int) -> tuple[int, int]:
     """Cells covering the image from (0, 0); edge cells may be partial."""
     w, h = image.size
     return -(-h // cell), -(-w // cell)
 
 
-def blacken_image(image: Image.Image, mask: Tensor, cell: int = PATCH) -> Image.Image:
+def blacken_image(image: Image.Image, mask: Tensor, cell: int) -> Image.Image:
     """New image with the colour channels of black cells set to 0 (an alpha band is kept)."""
     if image.mode not in ("RGB", "RGBA", "L", "LA"):
         image = image.convert("RGB")
@@ -142,16 +149,40 @@ def blacken_image(image: Image.Image, mask: Tensor, cell: int = PATCH) -> Image.
     return Image.fromarray(arr)
 
 
-def perturb_images(images: Sequence[Image.Image], generator: torch.Generator, prob: float = 0.5,
-                   cell: int = PATCH) -> list[Image.Image]:
-    """`image` mode for one trajectory: masks drawn on each image's cell grid, in image order."""
+def perturb_images(images: Sequence[Image.Image], generator: torch.Generator, prob: float = 0.5, *,
+                   cell: int) -> list[Image.Image]:
+    """`image` mode for one trajectory: masks drawn on each image's `cell`-pixel grid (the processor's
+    patch size), in image order."""
     masks = draw_cell_masks([image_grid(im, cell) for im in images], generator, prob)
     return [blacken_image(im, m, cell) for im, m in zip(images, masks)]
 
 
+def resize_to_grid(images: Sequence[Image.Image], image_grid_thw: Tensor, *, cell: int) -> list[Image.Image]:
+    """Each image in RGB at its grid's pixel size (w·cell, h·cell; cell = the processor's patch size),
+    bicubic: the resize the Qwen2-VL PIL processor makes, so re-processing the result resizes by the
+    identity and gives the same pixels."""
+    grids = torch.as_tensor(image_grid_thw, dtype=torch.long).reshape(-1, 3).tolist()
+    if len(grids) != len(images):
+        raise ValueError(f"{len(images)} images for {len(grids)} image grids; pass the grids of exactly these images")
+    return [im.convert("RGB").resize((int(w) * cell, int(h) * cell), Image.BICUBIC)
+            for im, (_, h, w) in zip(images, grids)]
+
+
+def perturbed_images_at_grid(images: Sequence[Image.Image], image_grid_thw: Tensor, generator: torch.Generator,
+                             prob: float = 0.5, *, cell: int) -> list[Image.Image] | None:
+    """`image` mode's perturbed PIL view of one trajectory: resize to the processor's size, then blacken.
+
+    Engines that preprocess raw images (vLLM) score this; the trainer processes it (same pixels: the
+    resize is then the identity). None for a text-only sample, without touching the generator.
+    """
+    if not images:
+        return None
+    return perturb_images(resize_to_grid(images, image_grid_thw, cell=cell), generator, prob, cell=cell)
+
+
 def perturb_images_and_process(images: Sequence[Image.Image], generator: torch.Generator,
-                               process: Callable[[list[Image.Image]], Any], prob: float = 0.5,
-                               cell: int = PATCH) -> Any:
+                               process: Callable[[list[Image.Image]], Any], prob: float = 0.5, *,
+                               cell: int) -> Any:
     """Blacken, then run the caller's processor callable on the perturbed images.
 
     Returns None for a text-only sample (no images): reuse the original features.
@@ -160,4 +191,4 @@ def perturb_images_and_process(images: Sequence[Image.Image], generator: torch.G
     """
     if not images:
         return None
-    return process(perturb_images(images, generator, prob, cell))
+    return process(perturb_images(images, generator, prob, cell=cell))

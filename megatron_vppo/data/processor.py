@@ -2,7 +2,8 @@
 
 Why our own: the stock `Qwen2_5_VLProcessor` builds a video processor that needs torchvision (not
 usable beside the CPU torch), and `AutoProcessor` silently returns only the tokenizer for a
-directory without one. This class holds the tokenizer and `Qwen2VLImageProcessorPil` directly.
+directory without one. This class holds the tokenizer and the image processor of the model's MODELS spec
+(`Qwen2VLImageProcessorPil` for Qwen2.5-VL) directly.
 
 Prompt rule (spec §7): chat template with system "You are a helpful assistant."; the user turn is
 `problem + INSTRUCTION`, where each "<image>" placeholder in `problem` becomes
@@ -54,9 +55,14 @@ def _to_pil(image: Any):
 class VLProcessor:
     """Tokenizer + Qwen2-VL image processor for image-only Qwen2.5-VL prompts."""
 
-    def __init__(self, tokenizer, image_processor, instruction: str = INSTRUCTION, system_prompt: str = SYSTEM_PROMPT):
+    def __init__(self, tokenizer, image_processor, instruction: str = INSTRUCTION, system_prompt: str = SYSTEM_PROMPT,
+                 spec=None):
+        from megatron_vppo.config import ModelConfig
+        from megatron_vppo.models import MODELS
+
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.spec = spec or MODELS[ModelConfig().arch]  # the model's MODELS entry (its resize rule)
         self.instruction = instruction
         self.system_prompt = system_prompt
         self.merge_size = int(image_processor.merge_size)
@@ -67,13 +73,21 @@ class VLProcessor:
 
     @classmethod
     def from_pretrained(
-        cls, path, min_pixels: int | None = None, max_pixels: int | None = None, **kwargs
+        cls, path, min_pixels: int | None = None, max_pixels: int | None = None, *, arch: str | None = None,
+        **kwargs
     ) -> "VLProcessor":
         """Load from an HF model directory; `min_pixels`/`max_pixels` override its preprocessor
-        (e.g. spec §7's 200704 / 1003520 for the 7B recipe)."""
+        (e.g. spec §7's 200704 / 1003520 for the 7B recipe). The image processor is the class of the
+        model's MODELS spec: `arch` names it, else the directory's config.json `model_type` does (a
+        tokenizer/processor-only directory: the default `model.arch`)."""
         from transformers import AutoTokenizer
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+        from megatron_vppo.config import ModelConfig
+        from megatron_vppo.models import MODELS, spec_for_hf_config
+
+        if arch is None and not (Path(path) / "config.json").is_file():
+            arch = ModelConfig().arch
+        spec = MODELS[arch] if arch is not None else spec_for_hf_config(path)
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise ValueError(f"min_pixels {min_pixels} > max_pixels {max_pixels}; swap them")
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -82,8 +96,15 @@ class VLProcessor:
             ip_kwargs["min_pixels"] = int(min_pixels)
         if max_pixels is not None:
             ip_kwargs["max_pixels"] = int(max_pixels)
-        ip = Qwen2VLImageProcessorPil.from_pretrained(str(path), **ip_kwargs)
-        return cls(tok, ip, **kwargs)
+        ip = spec.image_processor_class().from_pretrained(str(path), **ip_kwargs)
+        return cls(tok, ip, spec=spec, **kwargs)
+
+    @property
+    def geometry(self):
+        """The `models.ImageGeometry` (patch, merge, temporal patch) this processor applies."""
+        from megatron_vppo.models import ImageGeometry
+
+        return ImageGeometry.of_image_processor(self.image_processor)
 
     # ---- ids the trainer and the rollout need -------------------------------------------------
     @property
@@ -136,7 +157,7 @@ class VLProcessor:
 
     # ---- tensors -------------------------------------------------------------------------------
     def process_images(self, images: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> pixel_values [N, 3*2*14*14] float32 (merge-window order), image_grid_thw [n, 3]."""
+        """-> pixel_values [N, C*temporal_patch*patch*patch] float32 (merge-window order), image_grid_thw [n, 3]."""
         out = self.image_processor(images=[_to_pil(im) for im in images], return_tensors="pt")
         return out["pixel_values"].to(torch.float32), out["image_grid_thw"].to(torch.long)
 
@@ -144,14 +165,11 @@ class VLProcessor:
         """image_grid_thw [n, 3] from the images' sizes alone (the image processor's own `smart_resize`
         geometry), without resizing or normalising a pixel: what token expansion and M-RoPE need, so
         ranks that never embed an image need not process it."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         ip = self.image_processor
         rows = []
         for im in images:
             w, h = _to_pil(im).size
-            rh, rw = smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
-                                  max_pixels=ip.size["longest_edge"])
+            rh, rw = self.spec.resized_size(h, w, ip)
             rows.append([1, rh // ip.patch_size, rw // ip.patch_size])
         return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 

@@ -1,4 +1,5 @@
-"""In-process rollout engine on transformers' Qwen2.5-VL (CPU; also a GPU fallback).
+"""In-process rollout engine on a model's transformers class (its MODELS spec's `engine_model_class`;
+CPU, also a GPU fallback). Written against Qwen2.5-VL's interface (`model.model.get_rope_index`).
 
 The decode loop is ours, not `model.generate`, so that sampling, seeds and log-probs are exactly
 what the trainer expects (see engine.py for the conventions):
@@ -29,8 +30,6 @@ reload), in one of two modes, both validating every name, shape and dtype:
 """
 from __future__ import annotations
 
-import functools
-import re
 from typing import Sequence
 
 import torch
@@ -46,23 +45,15 @@ from megatron_vppo.rollout.engine import (
 )
 from megatron_vppo.rollout.engine_args import refuse_engine_args
 
-# HF checkpoint spellings (transformers 4.x / the hub files, still written by 5.x's save_pretrained)
-# -> module names of transformers 5.x's Qwen2_5_VLForConditionalGeneration.
-_NAME_RULES = (
-    (re.compile(r"^visual\."), "model.visual."),
-    (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model."),
-    (re.compile(r"^language_model\.model\."), "model.language_model."),
-    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
-)
+def canonical_param_name(name: str, spec=None) -> str:
+    """Module-parameter name in the engine's transformers model for an HF weight name in any spelling:
+    `spec.engine_param_name` of the model's MODELS entry (the default `model.arch`'s when None)."""
+    if spec is None:
+        from megatron_vppo.config import ModelConfig
+        from megatron_vppo.models import MODELS
 
-
-@functools.lru_cache(maxsize=65536)  # a sync looks every name up again
-def canonical_param_name(name: str) -> str:
-    """Module-parameter name for an HF weight name in either transformers spelling."""
-    for pat, repl in _NAME_RULES:
-        if pat.match(name):
-            return pat.sub(repl, name, count=1)
-    return name
+        spec = MODELS[ModelConfig().arch]
+    return spec.engine_param_name(name)
 
 
 # ----------------------------------------------------------------------------- sampling (pure)
@@ -122,7 +113,7 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 
 
 class HFRolloutEngine:
-    """Batched, KV-cached sampling on a `Qwen2_5_VLForConditionalGeneration`.
+    """Batched, KV-cached sampling on a transformers VL model (`Qwen2_5_VLForConditionalGeneration`).
 
     `max_batch_size` bounds the number of sequences (requests x n) decoded together; results do
     not depend on it. `record_logits=True` attaches each step's logits to the outputs (tests).
@@ -140,8 +131,11 @@ class HFRolloutEngine:
         pad_token_id: int | None = None,
         record_logits: bool = False,
     ):
+        from megatron_vppo.models import spec_for_hf_config
+
         self.model = model.eval()
         cfg = model.config
+        self.spec = spec_for_hf_config({"model_type": getattr(cfg, "model_type", None)})
         self.image_token_id = int(cfg.image_token_id)
         self.video_token_id = int(getattr(cfg, "video_token_id", -1) or -1)
         text_cfg = getattr(cfg, "text_config", cfg)
@@ -160,9 +154,10 @@ class HFRolloutEngine:
     def from_pretrained(
         cls, path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs
     ) -> "HFRolloutEngine":
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        from megatron_vppo.models import spec_for_hf_config
 
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        model_class = spec_for_hf_config(path).engine_model_class()
+        model = model_class.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
         return cls(model.to(device), **kwargs)
 
     @staticmethod
@@ -385,7 +380,7 @@ class HFRolloutEngine:
 
     def _resolve(self, name: str, shape, dtype) -> torch.nn.Parameter:
         """The parameter a weight name feeds, after checking shape and dtype kind."""
-        key = canonical_param_name(name)
+        key = self.spec.engine_param_name(name)
         p = self._params.get(key)
         if p is None:
             raise KeyError(
@@ -463,7 +458,7 @@ class HFRolloutEngine:
         staged: dict[int, tuple[str, torch.nn.Parameter, torch.Tensor]] = {}
         for name, t in iter_named_tensors(stream):
             p = self._resolve(name, t.shape, t.dtype)
-            key = canonical_param_name(name)
+            key = self.spec.engine_param_name(name)
             new = t.detach().to(device=p.device, dtype=p.dtype, copy=True)
             prev = staged.get(id(p))
             if prev is not None and prev[0] != key and not torch.equal(prev[2], new):

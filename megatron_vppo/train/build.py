@@ -88,19 +88,16 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
     `overlap`: DDP communication overlap (None: on with CUDA, as the trainer runs; tests force it)."""
     from megatron_vppo.checkpoint.hf_load import load_hf_weights
     from megatron_vppo.distributed import init_distributed
-    from megatron_vppo.models.qwen2_5_vl.config import load_hf_config, text_arch
-    from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
-    from megatron_vppo.models.qwen2_5_vl.weights import Qwen25VLWeights
+    from megatron_vppo.models import MODELS, check_hf_config
     from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
-    hf_config = load_hf_config(model_dir)
-    arch = text_arch(hf_config)
-    dims = init_distributed(cfg.parallel, num_attention_heads=arch.num_attention_heads,
-                     num_query_groups=arch.num_key_value_heads, num_layers=arch.num_layers,
-                     vision_num_heads=(hf_config.get("vision_config") or {}).get("num_heads"),
-                     seed=cfg.train.seed)
-    chunks = build_model_chunks(hf_config, cfg.model, cfg.parallel)
-    adapter = Qwen25VLWeights(hf_config, dims.tp, cfg.model.vocab_pad_multiple)
+    spec = MODELS[cfg.model.arch]
+    hf_config = spec.load_hf_config(model_dir)
+    check_hf_config(spec, hf_config, f"model.path {model_dir}")
+    arch = spec.text_arch(hf_config)
+    dims = init_distributed(cfg.parallel, **spec.layout_dims(hf_config), seed=cfg.train.seed)
+    chunks = spec.build_chunks(hf_config, cfg.model, cfg.parallel, dims)
+    adapter = spec.weight_adapter(hf_config, dims.tp, cfg.model.vocab_pad_multiple)
     load_hf_weights(chunks, model_dir, adapter, dims=dims)
     for chunk in chunks:
         # J's denominator is the global valid-token count: Megatron divides summed grads by it.

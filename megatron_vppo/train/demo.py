@@ -1,6 +1,6 @@
 """`megatron-vppo demo`: the whole pipeline offline on CPU, in minutes.
 
-1. build a tiny random Qwen2.5-VL (real architecture) and the synthetic visual task;
+1. build the tiny random model of `model.arch` (Qwen2.5-VL by default; real architecture) and the synthetic visual task;
 2. a short supervised warm-start with transformers, so some rewards are non-zero (an untrained model
    never writes a \\boxed{} answer and RL would see only zero-reward groups);
 3. VPPO RL with the trainer (examples/configs/demo_cpu.yaml), validation before and after. The RL run
@@ -27,16 +27,15 @@ DEMO_CONFIG = REPO / "examples" / "configs" / "demo_cpu.yaml"
 def warm_start(model_dir: Path, train_path: Path, out_dir: Path, *, steps: int, batch_size: int, lr: float,
                seed: int) -> Path:
     """Supervised fine-tuning on `\\boxed{answer}` responses (format + a little of the task)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from megatron_vppo.data.dataset import PromptDataset
     from megatron_vppo.data.processor import VLProcessor, collate
+    from megatron_vppo.models import spec_for_hf_config
 
     if (out_dir / "config.json").is_file():
         return out_dir
     torch.manual_seed(seed)
     processor = VLProcessor.from_pretrained(model_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir)).train()
+    model = spec_for_hf_config(model_dir).engine_model_class().from_pretrained(str(model_dir)).train()
     data = PromptDataset(train_path)
     eos = processor.tokenizer.convert_ids_to_tokens(processor.eos_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -80,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_vppo.config import load_config
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+    from megatron_vppo.models import MODELS
     from megatron_vppo.train.run import train
 
     t0 = time.perf_counter()
     out = Path(args.out)
+    cfg = load_config(args.config, args.overrides)  # model.arch picks the tiny model to build
     init_dir = out / "model_init"
     if not (init_dir / "config.json").is_file():
-        make_tiny_model(init_dir, seed=args.seed)
+        MODELS[cfg.model.arch].make_tiny_model(init_dir, seed=args.seed)
     data_dir = out / "data"
     if not (data_dir / "validation.jsonl").is_file():
         write_synthetic_dataset(data_dir, args.train_rows, args.val_rows, seed=args.seed)

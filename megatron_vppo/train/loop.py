@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from PIL import Image
 
 from megatron_vppo.algo.advantages import dynamic_sampling_keep, grpo_advantages
 from megatron_vppo.algo.dependency import sampled_k3
 from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weights
 from megatron_vppo.algo.vppo import compute_shaping
 from megatron_vppo.config import RunConfig
-from megatron_vppo.data.perturb import make_generator, perturb_images_and_process, perturb_pixel_values
+from megatron_vppo.data.perturb import make_generator, perturb_pixel_values, perturbed_images_at_grid
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
 from megatron_vppo.train import passes
 from megatron_vppo.train.nonfinite import check_finite, guarded_step
@@ -150,31 +149,31 @@ def data_metrics(batches, step: int, logged: dict) -> dict:
 
 
 def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, prob: float,
-                    mode: str = "pixel") -> list:
+                    mode: str = "pixel", *, with_images: bool = False):
     """Spec §2: a fresh mask per trajectory, seeded by (run seed, step, trajectory index).
 
     `pixel`: blacken whole 14x14 patches in pixel_values (exact, no image round trip).
     `image`: blacken 14x14 cells of the image at the processor's resized size, then re-run the
     processor (the reference trainer's way); the resize is then the identity, so shapes are unchanged.
+    `with_images`: (views, perturbed PIL images per trajectory, None where there are none) — what an
+    engine that preprocesses raw images (vLLM) scores.
     """
     ip = processor.image_processor
-    views = []
+    views, pils = [], []
     for i, t in enumerate(trajs):
         gen = make_generator(run_seed, step, offset + i)
         if mode == "pixel" or not t.has_image:
             views.append(perturb_pixel_values(t.pixels(), t.image_grid_thw, gen, ip.image_mean,
                                               ip.image_std, prob))
+            pils.append(None)
             continue
         images = t.extra.get("images")
         if not images:
             raise ValueError("perturbation mode 'image' needs the trajectory's PIL images "
                              "(Trajectory.extra['images']); use vppo.perturbation=pixel otherwise")
-        patch = ip.patch_size
-        resized = [im.convert("RGB").resize((int(w) * patch, int(h) * patch), Image.BICUBIC)
-                   for im, (_, h, w) in zip(images, t.image_grid_thw.tolist())]
-        views.append(perturb_images_and_process(resized, gen, lambda ims: processor.process_images(ims)[0],
-                                                prob, cell=patch))
-    return views
+        pils.append(perturbed_images_at_grid(images, t.image_grid_thw, gen, prob, cell=ip.patch_size))
+        views.append(processor.process_images(pils[-1])[0])
+    return (views, pils) if with_images else views
 
 
 def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
@@ -185,12 +184,13 @@ def score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     return trainer_score_step_batch(trainer, trajs)
 
 
-def _perturbed_views_of(trainer: Trainer, trajs, idx: list[int]) -> list:
+def _perturbed_views_of(trainer: Trainer, trajs, idx: list[int], with_images: bool = False):
     """Perturbed views of trajs[idx] (contiguous indices), seeded by trajectory index: both π_old
     sources and every sharding perturb exactly the same patches."""
     cfg = trainer.cfg
     return perturbed_views([trajs[i] for i in idx], trainer.processor, cfg.train.seed, trainer.step,
-                           idx[0] if idx else 0, cfg.vppo.perturb_prob, cfg.vppo.perturbation)
+                           idx[0] if idx else 0, cfg.vppo.perturb_prob, cfg.vppo.perturbation,
+                           with_images=with_images)
 
 
 def trainer_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
@@ -224,11 +224,13 @@ def engine_score_step_batch(trainer: Trainer, trajs) -> list[dict]:
     idx = shard(list(range(len(trajs))), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     scored = []
     if is_engine_rank():
-        todo = [(i, v) for i, v in zip(idx, _perturbed_views_of(trainer, trajs, idx)) if trajs[i].has_image]
-        items = [(RolloutRequest(trajs[i].input_ids[: trajs[i].response_start].tolist(), v, trajs[i].image_grid_thw),
-                  trajs[i].input_ids[trajs[i].response_start:].tolist()) for i, v in todo]
+        views, pils = _perturbed_views_of(trainer, trajs, idx, with_images=True)
+        todo = [(i, v, p) for i, v, p in zip(idx, views, pils) if trajs[i].has_image]
+        items = [(RolloutRequest(trajs[i].input_ids[: trajs[i].response_start].tolist(), v, trajs[i].image_grid_thw,
+                                 images=p), trajs[i].input_ids[trajs[i].response_start:].tolist())
+                 for i, v, p in todo]  # images (the `image` mode's PIL view): for engines that take raw images
         lps = trainer.engine.score(items, temperature=trainer.cfg.rollout.temperature) if items else []
-        scored = [(i, lp) for (i, _), lp in zip(todo, lps)]
+        scored = [(i, lp) for (i, _, _), lp in zip(todo, lps)]
     for i, lp in all_gather_world(scored):
         res[i]["aug"] = torch.tensor(lp, dtype=torch.float32)
     for r in res:

@@ -103,6 +103,7 @@ NOT_COMPARED = {"train.resume", "train.existing_output"}
 
 # Settings whose value is baked into the saved state: changing them on resume cannot take effect.
 REFUSED = {
+    "model.arch": "the saved weights are the checkpoint's model's parameters",
     "model.dtype": "the optimizer state (fp32 main params, Adam moments) was saved for the checkpoint's dtype",
     "model.vocab_pad_multiple": "the saved embedding and output layer are padded to the old multiple",
     "optim.use_distributed_optimizer": "the optimizer state's format (distributed or per-parameter) is "

@@ -156,9 +156,11 @@ class MicroBatch:
 
 
 def ensure_positions(trajs: list[Trajectory], arch) -> None:
-    """Fill each trajectory's M-RoPE ids once (they depend only on its tokens and image grids)."""
-    from megatron_vppo.models.qwen2_5_vl.rope_index import trajectory_positions
+    """Fill each trajectory's position ids once (they depend only on its tokens and image grids), with
+    the M-RoPE function of the model `arch` (its text arch, which names its MODELS entry) belongs to."""
+    from megatron_vppo.models import MODELS
 
+    trajectory_positions = MODELS[arch.arch_name].trajectory_positions
     for t in trajs:
         if t.position_ids is None or t.position_ids.shape[-1] != t.num_tokens:
             t.position_ids = trajectory_positions(arch, t.input_ids, t.image_grid_thw if t.has_image else None)

@@ -1,4 +1,8 @@
-"""Qwen2.5-VL on Megatron-Core: config mapping, M-RoPE ids, layer specs, vision tower, model, weights.
+"""Qwen2.5-VL on Megatron-Core: config mapping, M-RoPE ids, vision tower, model, weights, tiny model.
+
+The rest of the package reaches it only through `spec.py` (`SPEC`, registered in models/__init__.py as
+`MODELS["qwen2_5_vl"]`); shared Megatron layers (packed attention, TE/local layer specs) live in
+models/common/.
 
 Heavy imports (megatron.core, transformers) happen in the submodules, not here:
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ def load_hf_config(path_or_dict) -> dict:
 class QwenTextArch:
     """The language-model hyper-parameters that decide parameter shapes and numerics."""
 
+    arch_name: ClassVar[str] = "qwen2_5_vl"  # its MODELS entry: code holding only the arch finds the spec
     vocab_size: int
     hidden_size: int
     intermediate_size: int

@@ -22,7 +22,7 @@ from megatron_vppo.models.qwen2_5_vl.config import (
     padded_vocab_size,
     text_arch,
 )
-from megatron_vppo.models.qwen2_5_vl.layer_specs import lm_layer_spec
+from megatron_vppo.models.common.layer_specs import lm_layer_spec
 from megatron_vppo.models.qwen2_5_vl.rope_index import rope_index_for
 
 
@@ -60,6 +60,7 @@ class Qwen25VLModel(MegatronModule):
         vp_stage: int | None = None,
         with_vision: bool = True,
         config=None,
+        tp_group=None,
     ):
         self.hf_config = load_hf_config(hf_config)
         model_cfg = model_cfg or ModelConfig()
@@ -94,7 +95,7 @@ class Qwen25VLModel(MegatronModule):
             from megatron_vppo.models.qwen2_5_vl.vision import INHERITED_KEYS, Qwen25VisionModel
 
             base = {k: getattr(config, k) for k in INHERITED_KEYS if hasattr(config, k)}
-            self.vision_model = Qwen25VisionModel(dict(self.hf_config["vision_config"]), base)
+            self.vision_model = Qwen25VisionModel(dict(self.hf_config["vision_config"]), base, tp_group=tp_group)
 
     # Megatron's schedules call these on every model chunk.
     def set_input_tensor(self, input_tensor) -> None:
@@ -184,25 +185,29 @@ class Qwen25VLModel(MegatronModule):
         )
 
 
-def build_model_chunks(hf_config, model_cfg=None, parallel=None, *, with_vision=True) -> list[Qwen25VLModel]:
+def build_model_chunks(hf_config, model_cfg=None, parallel=None, *, dims=None,
+                       with_vision=True) -> list[Qwen25VLModel]:
     """This rank's model chunk(s) (one per virtual pipeline stage), after `init_distributed`.
 
-    Parameters are created on CPU (`use_cpu_initialization`) and moved to the current GPU if any."""
-    from megatron.core import parallel_state as ps
+    `dims` (distributed.ParallelDims; read from Megatron once when None) says which chunks hold the
+    first stage (embeddings, vision) and the last (output layer). Parameters are created on CPU
+    (`use_cpu_initialization`) and moved to the current GPU if any."""
+    from megatron_vppo.distributed import ParallelDims
 
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    dims = dims or ParallelDims.from_megatron()
+    vpp = dims.vpp or 1
     chunks = []
     for v in range(vpp):
-        vp = v if vpp > 1 else None
         chunks.append(
             Qwen25VLModel(
                 hf_config,
                 model_cfg,
                 parallel,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                vp_stage=vp,
+                pre_process=dims.first_stage and v == 0,
+                post_process=dims.last_stage and v == vpp - 1,
+                vp_stage=v if vpp > 1 else None,
                 with_vision=with_vision,
+                tp_group=dims.tp_group,
             )
         )
     if torch.cuda.is_available():

@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import sharded_state_dict_default
 
-from megatron_vppo.models.qwen2_5_vl.packed_attention import PackedSeqAttention
+from megatron_vppo.models.common.packed_attention import PackedSeqAttention
 
 # TransformerConfig fields the vision tower takes from the LM's config; everything else is its own.
 INHERITED_KEYS = (
@@ -273,10 +273,12 @@ class Qwen25VisionModel(MegatronModule):
     """Qwen2.5-VL's vision encoder + merger; forward(pixel_values, image_grid_thw) -> [N/4, out_hidden]."""
 
     def __init__(
-        self, hf_vision_cfg: dict, base_kwargs: dict, layer_spec: ModuleSpec | None = None, use_te: bool = False
+        self, hf_vision_cfg: dict, base_kwargs: dict, layer_spec: ModuleSpec | None = None, use_te: bool = False,
+        tp_group=None,
     ):
         config = vision_transformer_config(hf_vision_cfg, base_kwargs)
         super().__init__(config=config)
+        self.tp_group = tp_group  # distributed.ParallelDims.tp_group; Megatron's when None
         c = hf_vision_cfg
         self.merge = int(_hf_get(c, "spatial_merge_size", 2))
         self.patch_size = int(_hf_get(c, "patch_size", 14))
@@ -331,9 +333,11 @@ class Qwen25VisionModel(MegatronModule):
 
         The TP group must be passed: without it Megatron gives TP-replicated tensors (the patch
         embedding, norms) the same replica id on every TP rank and a TP>1 save is rejected."""
-        from megatron.core import parallel_state
+        tp_group = self.tp_group
+        if tp_group is None:
+            from megatron_vppo.distributed import ParallelDims
 
-        tp_group = parallel_state.get_tensor_model_parallel_group()
+            tp_group = ParallelDims.from_megatron().tp_group
         sd = {}
         for name, child in self.named_children():
             if name == "blocks":

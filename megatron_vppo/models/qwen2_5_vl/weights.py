@@ -18,6 +18,7 @@ produce the Megatron tensors it needs, reads only their HF sources, and slices p
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -53,6 +54,17 @@ def hf_name_v5(name: str) -> str:
     if name.startswith("model."):
         return "model.language_model." + name[len("model.") :]
     return name
+
+
+@functools.lru_cache(maxsize=65536)  # an engine sync looks every name up again
+def engine_param_name(name: str) -> str:
+    """An HF weight name in any spelling -> the parameter name in transformers 5.x's
+    `Qwen2_5_VLForConditionalGeneration` (`model.language_model.*`, `model.visual.*`, `lm_head.*`)."""
+    if name.startswith("language_model.model."):  # the nested spelling some exporters write
+        name = "model." + name[len("language_model.model.") :]
+    elif name.startswith("language_model.lm_head."):
+        name = "lm_head." + name[len("language_model.lm_head.") :]
+    return hf_name_v5(canonical_hf_name(name))
 
 
 class Qwen25VLWeights(WeightAdapter):

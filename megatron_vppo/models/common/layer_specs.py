@@ -1,4 +1,4 @@
-"""Which transformer-layer implementation the language model uses.
+"""Which transformer-layer implementation a GPT-style language model uses (shared by the model folders).
 
 * `transformer_engine` (GPU): Megatron-Core's TE spec (fused LayerNorm+Linear, FP8 when `config.fp8`
   is set — Megatron's TransformerBlock enters the FP8 autocast from the config's recipe itself;
@@ -23,7 +23,7 @@ from megatron_vppo.distributed import te_available
 def local_layer_spec():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_vppo.models.qwen2_5_vl.packed_attention import PackedSeqAttention
+    from megatron_vppo.models.common.packed_attention import PackedSeqAttention
 
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = PackedSeqAttention

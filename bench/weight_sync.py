@@ -11,7 +11,7 @@ the Megatron model at TP1, TP2 and PP2 (gloo processes on this machine), and tim
   later pipeline stages' tensors), as one flat buffer: the transport's own speed here;
 * export  — `export_hf_weights` drained (metadata pre-pass, TP gathers, PP sends, HF conversion);
 * sync    — the trainer's call, `push_to_engine(..., bucket_bytes=512 MiB, dst="replica")` as in
-  `train.loop.sync_engine_weights`, into the in-process `HFRolloutEngine` (in-place mode, unbucketed);
+  `sync.engine_push.sync_engine_weights`, into the in-process `HFRolloutEngine` (in-place mode, unbucketed);
   also with the CPU adapter's torch-function mode switched off (megatron_cpu: absent on GPU runs), in
   staged mode (the engine's all-or-nothing mode), and in-place from buckets (a bucket-size sweep).
 
@@ -91,18 +91,20 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from megatron_vppo.checkpoint.export import drain, export_hf_weights, export_plan, push_to_engine
     from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import destroy_distributed, init_distributed
     from megatron_vppo.rollout.hf_engine import HFRolloutEngine
+    from megatron_vppo.sync.engine_push import push_to_engine
+    from megatron_vppo.sync.plan import export_plan
+    from megatron_vppo.sync.stream import drain, export_hf_weights
 
     parallel = ParallelConfig(tp=tp, pp=pp)
-    init_distributed(parallel, **model_dims(read_model_config(hf_dir)))
-    m = load_model(hf_dir, parallel)
+    dims = init_distributed(parallel, **model_dims(read_model_config(hf_dir)))
+    m = load_model(hf_dir, parallel, dims=dims)
     device = next(m.chunks[0].parameters()).device  # cuda on GPU machines: memcpy is then device-to-device
     engine = HFRolloutEngine.from_pretrained(hf_dir, device=device) if rank == 0 else None
-    plan = export_plan(m.chunks, m.adapter)
+    plan = export_plan(m.chunks, m.adapter, dims=dims)
     res = {"bytes": plan.nbytes, "crossing": crossing_bytes(plan, tp, pp), "device": str(device)}
 
     if rank == 0:
@@ -139,10 +141,11 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
         res["gloo_latency"] = _median_time(pings, repeats, dist.barrier) / 50
         res["messages"] = sum(1 for x in plan.metas if x.tp_dim is not None or x.stage != 0)
 
-    def sync(**kw):  # the trainer's call (train.loop.sync_engine_weights), plus overrides
-        push_to_engine(m.chunks, m.adapter, engine, **{"bucket_bytes": 512 * MiB, "dst": "replica", **kw})
+    def sync(**kw):  # the trainer's call (sync.engine_push.sync_engine_weights), plus overrides
+        push_to_engine(m.chunks, m.adapter, engine, **{"bucket_bytes": 512 * MiB, "dst": "replica", "dims": dims, **kw})
 
-    res["export"] = _median_time(lambda: drain(export_hf_weights(m.chunks, m.adapter)), repeats, dist.barrier)
+    res["export"] = _median_time(lambda: drain(export_hf_weights(m.chunks, m.adapter, dims=dims)), repeats,
+                                 dist.barrier)
     res["sync"] = _median_time(sync, repeats, dist.barrier)
     res["staged"] = _median_time(lambda: sync(mode="staged"), repeats, dist.barrier)
     res["buckets"] = {}
@@ -151,12 +154,12 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
     sync()
     if rank == 0:
         # the engine ends up holding exactly the exported weights, on its own storage
-        ref = dict(export_hf_weights(m.chunks, m.adapter))
+        ref = dict(export_hf_weights(m.chunks, m.adapter, dims=dims))
         params = dict(engine.model.named_parameters())
         assert all(torch.equal(params[engine.spec.engine_param_name(k)], v) for k, v in ref.items())
         Path(out).write_text(json.dumps(res))
     else:
-        drain(export_hf_weights(m.chunks, m.adapter))
+        drain(export_hf_weights(m.chunks, m.adapter, dims=dims))
     destroy_distributed()
 
 
@@ -188,7 +191,7 @@ def table(results: dict, layers: int, repeats: int, command: str) -> str:
         f"({os.cpu_count()} cores, shared with other jobs; {platform.processor() or platform.machine()}). "
         "Ratio = time of one plain `copy_` of the same bytes into warm memory, measured in the same run on the "
         "same rank, divided by the measured time (target >= 0.5). \"sync\" is the trainer's call "
-        "(`train.loop.sync_engine_weights` -> `push_to_engine`: in-place mode, unbucketed, reused receive "
+        "(`sync.engine_push.sync_engine_weights` -> `push_to_engine`: in-place mode, unbucketed, reused receive "
         "buffers).",
         "",
         "| layout | memcpy GB/s | memcpy into fresh buffer GB/s | gloo send/recv GB/s (MB crossing ranks) "

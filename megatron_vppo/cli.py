@@ -63,7 +63,7 @@ def _train(rest: list[str]) -> int:
     try:
         cfg = load_config(config_path, overrides)
         _setup_logging()
-        from megatron_vppo.train.loop import train
+        from megatron_vppo.train.run import train
 
         train(cfg)
     except (ConfigError, LayoutError, DataError) as err:

@@ -1,4 +1,4 @@
-"""The HF-layout export stream (megatron_vppo.checkpoint.export) from a TP/PP-sharded model.
+"""The HF-layout export stream (megatron_vppo.sync: plan, stream, engine push, HF writer) from a TP/PP-sharded model.
 
 Oracle: the safetensors state dict the model was loaded from. The stream must reproduce it bit for
 bit — names, shapes, dtypes, values — at TP2×PP2 and TP2, with buckets of 1 KiB, 1 MiB and unbounded,
@@ -26,7 +26,7 @@ def _load(hf_dir, tp, pp, vpp=None):
 
 
 def _export_worker(rank, world, hf_dir, tp, pp):
-    from megatron_vppo.checkpoint.export import drain, export_hf_buckets, export_hf_weights
+    from megatron_vppo.sync.stream import drain, export_hf_buckets, export_hf_weights
     from megatron_vppo.rollout.buckets import iter_named_tensors
 
     m = _load(hf_dir, tp, pp)
@@ -79,7 +79,7 @@ def test_export_stream_equals_loaded_hf_state(tiny_model_dir, tiny_model_dir_tie
 
 
 def _vpp_worker(rank, world, hf_dir):
-    from megatron_vppo.checkpoint.export import export_hf_weights
+    from megatron_vppo.sync.stream import export_hf_weights
 
     m = _load(hf_dir, 1, 2, vpp=2)
     assert len(m.chunks) == 2
@@ -100,6 +100,8 @@ def test_export_stream_with_virtual_pipeline(tmp_path):
 
 
 class _FailingEngine:
+    in_process = False  # takes buckets
+
     def __init__(self, after):
         self.after = after
 
@@ -112,7 +114,8 @@ class _FailingEngine:
 
 
 def _failing_push_worker(rank, world, hf_dir):
-    from megatron_vppo.checkpoint.export import export_manifest, push_to_engine
+    from megatron_vppo.sync.engine_push import push_to_engine
+    from megatron_vppo.sync.plan import export_manifest
 
     m = _load(hf_dir, 2, 1)
     manifest = export_manifest(m.chunks, m.adapter)
@@ -150,7 +153,7 @@ class _AdapterFailingOnData:
 
 
 def _failing_conversion_worker(rank, world, hf_dir, tp, pp):
-    from megatron_vppo.checkpoint.export import push_to_engine
+    from megatron_vppo.sync.engine_push import push_to_engine
 
     m = _load(hf_dir, tp, pp)
     adapter = _AdapterFailingOnData(m.adapter, after=2)
@@ -171,7 +174,7 @@ def test_conversion_error_mid_stream_raises_everywhere_without_hanging(tiny_mode
 
 
 def test_save_hf_checkpoint_shards_and_is_atomic(tiny_model_dir, tmp_path):
-    from megatron_vppo.checkpoint.export import save_hf_checkpoint
+    from megatron_vppo.sync.hf_writer import save_hf_checkpoint
     from megatron_vppo.checkpoint.hf_load import SafetensorsDir
     from megatron_vppo.rollout.buckets import iter_buckets
 
@@ -216,7 +219,8 @@ class _BreakingEngine:
 
 
 def _push_worker(rank, world, hf_dir, other_dir, tp, pp):
-    from megatron_vppo.checkpoint.export import export_plan, push_to_engine
+    from megatron_vppo.sync.engine_push import push_to_engine
+    from megatron_vppo.sync.plan import export_plan
     from megatron_vppo.rollout.hf_engine import HFRolloutEngine
 
     m = _load(hf_dir, tp, pp)
@@ -272,7 +276,7 @@ def test_publish_failure_keeps_the_previous_directory(tmp_path, monkeypatch):
     import os
     from pathlib import Path
 
-    from megatron_vppo.checkpoint import export
+    from megatron_vppo.checkpoint import atomic_dir
 
     out, tmp = tmp_path / "out", tmp_path / ".out.tmp-1"
     for d, text in ((out, "old"), (tmp, "new")):
@@ -285,9 +289,9 @@ def test_publish_failure_keeps_the_previous_directory(tmp_path, monkeypatch):
             raise OSError("rename failed (simulated)")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(export.os, "rename", rename)
+    monkeypatch.setattr(atomic_dir.os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
-        export._publish(tmp, out, overwrite=True)
+        atomic_dir.publish(tmp, out, overwrite=True)
     assert (out / "model.safetensors").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-1", "out"]
 
@@ -324,7 +328,7 @@ def _main_params(optimizer, chunks, adapter) -> dict:
 def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap, pp=1, vpp=None):
     from test_vppo_layout_invariance import build_trainer, run_config
 
-    from megatron_vppo.checkpoint.export import export_hf_weights
+    from megatron_vppo.sync.stream import export_hf_weights
     from megatron_vppo.checkpoint.hf_load import gather_full_state
     from megatron_vppo.config import OptimConfig
     from megatron_vppo.train import loop, optimizer as optim_mod

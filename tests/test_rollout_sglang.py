@@ -128,7 +128,7 @@ def _groups_worker(rank, world_size, tp, pp):
 
     dims = init_distributed(ParallelConfig(tp=tp, pp=pp), num_attention_heads=4, num_query_groups=2, num_layers=2)
     try:
-        group, src = engine_groups(tp)
+        group, src = engine_groups(dims)
         members = dist.get_process_group_ranks(group) if group is not None else None
         gathered = all_gather_world([rank] if dims.engine_rank else [])
         return {"src": src, "members": members, "engine": dims.engine_rank, "gathered": gathered}

@@ -259,7 +259,7 @@ def test_update_equals_fresh_engine_and_broken_stream_refuses(engine, model_dir,
     manifest = [(n, tuple(t.shape), t.dtype) for n, t in stream]
 
     # a checkpoint written from the stream (the HF writer the trainer's export uses)
-    from megatron_vppo.checkpoint.export import save_hf_checkpoint
+    from megatron_vppo.sync.hf_writer import save_hf_checkpoint
 
     written = save_hf_checkpoint(iter(stream), tmp_path / "from_stream", other, source_dir=other)
 

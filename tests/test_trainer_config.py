@@ -156,11 +156,12 @@ def test_sglang_engine_branch_refuses_what_it_cannot_run(tmp_path, monkeypatch):
         load_config(None, ["rollout.sglang_mode=disaggregated"])
     with pytest.raises(ConfigError, match="engine_gpu_share"):
         load_config(None, ["rollout.engine_gpu_share=1.0"])
+    from megatron_vppo.distributed import ParallelDims
+
     cfg = RunConfig()
     cfg.rollout.engine = "sglang"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="needs a GPU"):
-        build_engine(cfg, tmp_path)
+        build_engine(cfg, tmp_path, ParallelDims.single(torch.device("cpu")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SGLang's colocated engine needs a GPU (and sglang)")
@@ -176,8 +177,8 @@ def test_sglang_engine_is_constructed_for_colocated_mode(tiny_model_dir):
     cfg = RunConfig()
     cfg.model.path = str(tiny_model_dir)
     cfg.rollout.engine, cfg.model.dtype, cfg.rollout.engine_gpu_share = "sglang", "bf16", 0.3
-    build_policy(cfg, Path(tiny_model_dir))  # process groups, as the trainer has them
-    engine = build_engine(cfg, Path(tiny_model_dir))
+    policy = build_policy(cfg, Path(tiny_model_dir))  # process groups, as the trainer has them
+    engine = build_engine(cfg, Path(tiny_model_dir), policy.dims)
     try:
         assert isinstance(engine, SGLangRolloutEngine) and engine.tp_size == 1
     finally:

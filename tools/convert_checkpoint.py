@@ -9,7 +9,7 @@ Without torchrun the tool starts the N*M processes (gloo on CPU, NCCL on GPUs) i
 hf-to-mcore loads the HF weights into a TP/PP-sharded model and saves it with Megatron-Core
 dist_checkpointing (torch_dist, global coordinates, so it loads at any other TP/PP), plus the HF
 config and tokenizer / processor files, so the checkpoint is self-contained (layout in
-`megatron_vppo.checkpoint.export`). mcore-to-hf loads a checkpoint at the given layout (default 1x1)
+`megatron_vppo.checkpoint.model_checkpoint`). mcore-to-hf loads a checkpoint at the given layout (default 1x1)
 and writes the HF directory through the same weight stream that feeds the rollout engine.
 Both outputs are written into a temporary directory and renamed into place at the end.
 """
@@ -31,24 +31,25 @@ def hf_to_mcore(hf: str, out: str, tp: int, pp: int, overwrite: bool = False) ->
 
     cfg = read_model_config(hf)
     parallel = ParallelConfig(tp=tp, pp=pp)
-    init_distributed(parallel, **model_dims(cfg))
-    m = load_model(hf, parallel)
-    save_model_checkpoint(m.chunks, out, cfg, hf_files=hf, overwrite=overwrite, source=str(Path(hf).resolve()))
+    dims = init_distributed(parallel, **model_dims(cfg))
+    m = load_model(hf, parallel, dims=dims)
+    save_model_checkpoint(m.chunks, out, cfg, hf_files=hf, overwrite=overwrite, source=str(Path(hf).resolve()),
+                          dims=dims)
 
 
 def mcore_to_hf(ckpt: str, out: str, tp: int = 1, pp: int = 1, hf_config: str | None = None,
                 overwrite: bool = False) -> None:
     """Per-rank body of `mcore-to-hf`."""
-    from megatron_vppo.checkpoint.export import export_hf_checkpoint
     from megatron_vppo.checkpoint.model_checkpoint import load_model, model_dims, read_model_config
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.distributed import init_distributed
+    from megatron_vppo.sync.hf_writer import export_hf_checkpoint
 
     cfg = read_model_config(ckpt, hf_config)
     parallel = ParallelConfig(tp=tp, pp=pp)
-    init_distributed(parallel, **model_dims(cfg))
-    m = load_model(ckpt, parallel, hf_files=hf_config)
-    export_hf_checkpoint(m.chunks, m.adapter, out, cfg, m.hf_files, overwrite=overwrite)
+    dims = init_distributed(parallel, **model_dims(cfg))
+    m = load_model(ckpt, parallel, hf_files=hf_config, dims=dims)
+    export_hf_checkpoint(m.chunks, m.adapter, out, cfg, m.hf_files, overwrite=overwrite, dims=dims)
 
 
 def _run(args) -> None:
@@ -60,8 +61,8 @@ def _run(args) -> None:
 
 def _user_errors():
     from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError
-    from megatron_vppo.checkpoint.export import ExportError
     from megatron_vppo.parallel_layout import LayoutError
+    from megatron_vppo.sync.plan import ExportError
 
     return (ExportError, CheckpointError, LayoutError, FileNotFoundError, FileExistsError, KeyError, ValueError)
 

@@ -43,9 +43,9 @@ def score(args) -> None:
 
     cfg = read_model_config(args.model, args.hf_config)
     parallel = ParallelConfig(tp=args.tp, pp=args.pp)
-    init_distributed(parallel, **model_dims(cfg))
+    dims = init_distributed(parallel, **model_dims(cfg))
     rows = read_rows(args.data, FIELDS)
-    m = load_model(args.model, parallel, ModelConfig(dtype=args.dtype), hf_files=args.hf_config)
+    m = load_model(args.model, parallel, ModelConfig(dtype=args.dtype), hf_files=args.hf_config, dims=dims)
     if m.hf_files is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer / processor files; pass --hf-config DIR")
     proc = VLProcessor.from_pretrained(m.hf_files)
@@ -59,8 +59,8 @@ def score(args) -> None:
 
 def _user_errors():
     from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError
-    from megatron_vppo.checkpoint.export import ExportError
     from megatron_vppo.parallel_layout import LayoutError
+    from megatron_vppo.sync.plan import ExportError
 
     return (InputRowError, ExportError, CheckpointError, LayoutError, FileNotFoundError, ValueError)
 

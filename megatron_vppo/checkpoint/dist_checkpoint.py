@@ -72,6 +72,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from megatron_vppo.checkpoint.atomic_dir import publish, temp_sibling
+from megatron_vppo.distributed import ParallelDims, all_gather_world, all_ranks_ok, barrier, broadcast_object
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "megatron_vppo.dist_checkpoint"
@@ -117,19 +120,6 @@ class LoadedCheckpoint:
 
 def checkpoint_name(step: int) -> str:
     return f"step_{int(step):07d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -301,12 +291,8 @@ def _hash_files(root: Path, rels: list[str]) -> dict:
 
 
 def _gather_objects(obj: Any) -> list:
-    """Every rank's `obj` (collective); [obj] without a process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
+    """Every rank's `obj` in rank order (collective); [obj] without a process group."""
+    return all_gather_world([obj])
 
 
 def _dcp_size_problem(path: Path) -> str | None:
@@ -422,16 +408,16 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def current_layout(num_chunks: int) -> dict:
-    from megatron.core import parallel_state as ps
-
+def current_layout(num_chunks: int, dims: ParallelDims | None = None) -> dict:
+    """The layout recorded in meta.json (`dims`: this rank's; default read from Megatron's groups)."""
+    dims = dims or ParallelDims.from_megatron()
     _, world = _dist_rank_world()
     return {
-        "tp": ps.get_tensor_model_parallel_world_size(),
-        "pp": ps.get_pipeline_model_parallel_world_size(),
-        "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
-        "cp": ps.get_context_parallel_world_size(),
-        "dp": ps.get_data_parallel_world_size(),
+        "tp": dims.tp,
+        "pp": dims.pp,
+        "vpp": dims.vpp,
+        "cp": dims.cp,
+        "dp": dims.dp,
         "world_size": world,
         "num_chunks": num_chunks,
     }
@@ -620,30 +606,6 @@ def _check_plain(obj: Any, where: str = "train_state") -> None:
     )
 
 
-def all_ranks_ok(ok: bool) -> bool:
-    """True iff `ok` on every rank (so one rank's failure stops all of them without a hang)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return ok
-    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _broadcast_str(value: str | None) -> str:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value  # type: ignore[return-value]
-    obj = [value]
-    torch.distributed.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 # ---------------------------------------------------------------------------------------------
 # Save
 
@@ -658,6 +620,7 @@ def save_checkpoint(
     train_state: dict | None = None,
     config: Any = None,
     keep_last: int = 0,
+    dims: ParallelDims | None = None,
 ) -> Path:
     """Write `ckpt_dir/step_XXXXXXX` from every rank (collective: call on all ranks).
 
@@ -665,7 +628,8 @@ def save_checkpoint(
     same on every rank (data-loader position, counters) as plain data — dict / list / str / int /
     float / bool / None / tensors (it is read back with weights_only=True); `step` is added to it.
     `config`: a RunConfig (or dict) snapshot for meta.json. `keep_last`: prune to the newest K
-    complete checkpoints after this one is complete (0 = keep all). Returns the final path.
+    complete checkpoints after this one is complete (0 = keep all). `dims`: this rank's layout, recorded
+    in meta.json (default: read from Megatron's groups). Returns the final path.
 
     A failure (a full disk included) removes the partial save and raises CheckpointError on every
     rank; SIGINT / SIGTERM during the save raise SaveInterrupted after it (see the module doc).
@@ -673,7 +637,7 @@ def save_checkpoint(
     _check_plain(train_state or {})
     with _signals_held() as held:
         final = _save(Path(ckpt_dir), int(step), model_chunks, optimizer, scheduler, train_state, config,
-                      keep_last)
+                      keep_last, dims)
         signums = [s for s in _gather_objects(held["signum"]) if s is not None]
     if signums:
         name = signal.Signals(signums[0]).name
@@ -685,7 +649,8 @@ def save_checkpoint(
     return final
 
 
-def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state, config, keep_last) -> Path:
+def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state, config, keep_last,
+          dims: ParallelDims | None) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -697,17 +662,18 @@ def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state
     ok, err = True, ""
     if rank == 0:
         nonce = secrets.token_hex(4)
+        tmp = temp_sibling(final, nonce, hidden=False)  # the form list_complete skips
         try:
             root.mkdir(parents=True, exist_ok=True)
-            (root / f"{name}.tmp-{nonce}" / DIST_SUBDIR).mkdir(parents=True)
-            (root / f"{name}.tmp-{nonce}" / RNG_SUBDIR).mkdir()
+            (tmp / DIST_SUBDIR).mkdir(parents=True)
+            (tmp / RNG_SUBDIR).mkdir()
         except OSError as e:
-            ok, err = False, f"cannot create {root / (name + '.tmp-' + nonce)}: {_reason(e)}"
-    nonce = _broadcast_str(nonce)
-    tmp = root / f"{name}.tmp-{nonce}"
+            ok, err = False, f"cannot create {tmp}: {_reason(e)}"
+    nonce = broadcast_object(nonce)
+    tmp = temp_sibling(final, nonce, hidden=False)
     _agree_or_clean_up(ok, err, root, final, tmp)
 
-    layout = current_layout(len(model_chunks))
+    layout = current_layout(len(model_chunks), dims)
     is_dist_opt = optimizer is not None and _is_distributed_optimizer(optimizer)
     # A per-parameter optimizer that never stepped holds no state; Megatron would save it without the
     # moments (and without the zero step) that a load then asks for. Its state is a fresh optimizer's:
@@ -785,20 +751,9 @@ def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state
             }
             _write_file(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
             _write_file(tmp / COMPLETE_MARKER, f"step {int(step)}\n".encode())
-            _fsync_dir(tmp)
-            old = None
-            if final.exists():  # re-saving a step (e.g. after resuming before it): replace it
-                old = root / f"{name}.tmp-replaced-{nonce}"
-                os.rename(final, old)
-            try:
-                os.rename(tmp, final)
-            except BaseException:
-                if old is not None:  # the next prune would delete it under its .tmp name: restore it
-                    os.rename(old, final)
-                raise
-            _fsync_dir(root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            # Re-saving a step (e.g. after resuming before it) replaces it; a failed rename puts the old
+            # one back (the next prune would delete it under its .tmp name).
+            publish(tmp, final, overwrite=True)
             prune_checkpoints(root, keep_last, protect=final)
         except Exception as e:  # noqa: BLE001
             ok, err = False, _reason(e)
@@ -848,7 +803,7 @@ def _agree_or_clean_up(ok: bool, err: str, root: Path, final: Path, tmp: Path) -
     free = free_bytes(root)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
     if free < DISK_FULL_BYTES or any(_looks_like_enospc(e) for e in errs):
         latest = find_latest_complete(root)
         raise CheckpointError(
@@ -993,6 +948,7 @@ def load_checkpoint(
     load_optimizer: bool = True,
     load_rng: bool = True,
     verify: bool = True,
+    dims: ParallelDims | None = None,
 ) -> LoadedCheckpoint:
     """Load a complete checkpoint into this rank's chunks / optimizer / scheduler (collective).
 
@@ -1000,7 +956,8 @@ def load_checkpoint(
     saved (see the module doc for which layouts its format allows); when it is not loaded, its fp32
     main params are refreshed from the loaded weights. Pass a freshly built scheduler. `verify`:
     check every file's size and sha256 first (`verify_checkpoint`); pass False only for a checkpoint
-    this process has just verified (e.g. chosen by `select_resume`).
+    this process has just verified (e.g. chosen by `select_resume`). `dims`: this rank's layout, compared
+    with the saved one (default: read from Megatron's groups).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -1012,7 +969,7 @@ def load_checkpoint(
         raise _corrupt(p, str(e)) from None
     rank, world = _dist_rank_world()
     saved_layout = meta.get("layout", {})
-    now_layout = current_layout(len(model_chunks))
+    now_layout = current_layout(len(model_chunks), dims)
     saved_opt = meta.get("optimizer")
 
     want_opt = optimizer is not None and load_optimizer and saved_opt is not None
@@ -1102,7 +1059,7 @@ def load_checkpoint(
         _raise_on_any_rank(err, p)
 
     train_state = dict(state.get("train_state") or {})
-    _barrier()
+    barrier()
     logger.info("loaded checkpoint %s (step %d)", p, meta["step"])
     return LoadedCheckpoint(
         path=p,
@@ -1131,10 +1088,7 @@ def check_sharding(sharded: dict) -> None:
 
     mine = [(t.key, tuple(t.global_offset)) for t in nested_values(sharded)
             if isinstance(t, ShardedTensor) and is_main_replica(t.replica_id)]
-    every = [mine]
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        every = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(every, mine)
+    every = _gather_objects(mine)
     count: dict = {}
     for part in every:
         for k in part:

@@ -98,21 +98,23 @@ def tp_shard(full: torch.Tensor, param: torch.Tensor, name: str, tp_rank: int, t
     return full
 
 
-def _tp_rank_size(tp_rank, tp_size):
+def _tp_rank_size(tp_rank, tp_size, dims=None):
     if tp_rank is None or tp_size is None:
-        from megatron.core import parallel_state as ps
+        from megatron_vppo.distributed import ParallelDims
 
-        tp_rank = ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
-        tp_size = ps.get_tensor_model_parallel_world_size() if tp_size is None else tp_size
+        dims = dims or ParallelDims.from_megatron()
+        tp_rank = dims.tp_rank if tp_rank is None else tp_rank
+        tp_size = dims.tp if tp_size is None else tp_size
     return tp_rank, tp_size
 
 
 @torch.no_grad()
-def load_hf_weights(model_chunks, hf_dir, adapter, *, tp_rank=None, tp_size=None) -> dict:
+def load_hf_weights(model_chunks, hf_dir, adapter, *, tp_rank=None, tp_size=None, dims=None) -> dict:
     """Copy an HF directory's tensors into this rank's parameters. Returns a small report
-    {"loaded": n_params, "hf_tensors_read": n, "unused_hf": [names not needed by this rank]}."""
+    {"loaded": n_params, "hf_tensors_read": n, "unused_hf": [names not needed by this rank]}.
+    The TP rank and size: `tp_rank`/`tp_size`, else `dims` (a ParallelDims), else Megatron's groups."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    tp_rank, tp_size = _tp_rank_size(tp_rank, tp_size)
+    tp_rank, tp_size = _tp_rank_size(tp_rank, tp_size, dims)
     reader = SafetensorsDir(hf_dir, adapter.canonical_hf_name)
 
     params: dict[str, torch.nn.Parameter] = {}
@@ -155,10 +157,10 @@ def gather_full_state(model_chunks, adapter=None, *, grads: bool = False, tp_gro
 
     With `grads=True` the gradients (`main_grad` when DDP keeps one, else `.grad`). Every TP rank
     must call it (collective). Tied output layers are included under their own name."""
-    from megatron.core import parallel_state as ps
+    from megatron_vppo.distributed import ParallelDims
 
-    group = tp_group or ps.get_tensor_model_parallel_group()
-    tp = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+    group = tp_group or ParallelDims.from_megatron().tp_group
+    tp = torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     out = {}
     for chunk in chunks:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_vppo.checkpoint.dist_checkpoint import all_ranks_ok
-from megatron_vppo.checkpoint.export import ExportError, _chunks, _publish, _tmp_sibling, copy_side_files
+from megatron_vppo.checkpoint.atomic_dir import publish, temp_sibling
+from megatron_vppo.distributed import ParallelDims, all_ranks_ok, broadcast_object
+from megatron_vppo.sync.hf_writer import copy_side_files
+from megatron_vppo.sync.plan import ExportError, chunk_list
 
 MODEL_FORMAT = "megatron_vppo.model_checkpoint"
 MODEL_META = "megatron_vppo_model.json"
@@ -106,11 +108,10 @@ def model_dims(hf_config) -> dict:
     return model_spec(hf_config).layout_dims(hf_config)
 
 
-def build_model(hf_config, parallel=None, model_cfg=None, dims=None):
+def build_model(hf_config, parallel=None, model_cfg=None, dims: ParallelDims | None = None):
     """(this rank's chunks, weight adapter) — after `init_distributed` (`dims`: what it returned;
     read from Megatron when None)."""
     from megatron_vppo.config import ModelConfig, ParallelConfig
-    from megatron_vppo.distributed import ParallelDims
 
     spec = model_spec(hf_config)
     model_cfg = model_cfg or ModelConfig()
@@ -120,7 +121,7 @@ def build_model(hf_config, parallel=None, model_cfg=None, dims=None):
     return chunks, spec.weight_adapter(hf_config, dims.tp, model_cfg.vocab_pad_multiple)
 
 
-def load_model(path, parallel=None, model_cfg=None, *, hf_files=None) -> LoadedModel:
+def load_model(path, parallel=None, model_cfg=None, *, hf_files=None, dims: ParallelDims | None = None) -> LoadedModel:
     """Build this rank's chunks and load an HF directory or a Megatron checkpoint into them
     (collective; after `init_distributed`)."""
     from megatron_vppo.checkpoint import dist_checkpoint as dc
@@ -128,12 +129,13 @@ def load_model(path, parallel=None, model_cfg=None, *, hf_files=None) -> LoadedM
 
     kind, step, hf = resolve_model_path(path, hf_files)
     cfg = read_model_config(path, hf_files)
-    chunks, adapter = build_model(cfg, parallel, model_cfg)
+    dims = dims or ParallelDims.from_megatron()
+    chunks, adapter = build_model(cfg, parallel, model_cfg, dims)
     if kind == "hf":
         load_hf_weights(chunks, path, adapter)
     else:
         try:
-            dc.load_checkpoint(step, chunks, load_rng=False)
+            dc.load_checkpoint(step, chunks, load_rng=False, dims=dims)
         except dc.CheckpointError as e:
             raise ExportError(
                 f"Megatron checkpoint {step} cannot be loaded: {e}. If it came from "
@@ -144,16 +146,8 @@ def load_model(path, parallel=None, model_cfg=None, *, hf_files=None) -> LoadedM
     return LoadedModel(chunks, adapter, cfg, hf, kind, step)
 
 
-def _same_on_all_ranks(value):
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, overwrite: bool = False,
-                          source: str | None = None) -> Path:
+                          source: str | None = None, dims: ParallelDims | None = None) -> Path:
     """Collective: write a self-contained Megatron model checkpoint (layout above) atomically —
     into a temporary sibling directory, renamed to `out_dir` only after every rank succeeded."""
     from megatron_vppo.checkpoint import dist_checkpoint as dc
@@ -166,11 +160,13 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
     tmp = None
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_sibling(out)
-    tmp = Path(_same_on_all_ranks(str(tmp) if tmp else None))
+        tmp = temp_sibling(out)
+    tmp = Path(broadcast_object(str(tmp) if tmp else None))
+    dims = dims or ParallelDims.from_megatron()
     ok, err = True, ""
     try:
-        step_dir = dc.save_checkpoint(tmp, 0, _chunks(model_chunks), config={"hf_config": cfg, "source": source})
+        step_dir = dc.save_checkpoint(tmp, 0, chunk_list(model_chunks), config={"hf_config": cfg, "source": source},
+                                      dims=dims)
     except Exception as e:  # noqa: BLE001 — save_checkpoint already agreed on failure across ranks
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -186,11 +182,11 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
                 "version": 1,
                 "checkpoint": step_dir.name,
                 "hf_dir": HF_SUBDIR,
-                "saved_layout": dc.current_layout(len(_chunks(model_chunks))),
+                "saved_layout": dc.current_layout(len(chunk_list(model_chunks)), dims),
                 "source": source,
             }
             (tmp / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n")
-            _publish(tmp, out, overwrite)
+            publish(tmp, out, overwrite=overwrite)
         except Exception as e:  # noqa: BLE001
             ok, err = False, f"{type(e).__name__}: {e}"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -35,7 +35,7 @@ VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = (
 )
 
 
-def _to_pil(image: Any):
+def to_pil(image: Any):
     """PIL image, path, raw bytes, or a `datasets` Image dict ({"bytes"| "path"}) -> RGB PIL."""
     from PIL import Image
 
@@ -158,7 +158,7 @@ class VLProcessor:
     # ---- tensors -------------------------------------------------------------------------------
     def process_images(self, images: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> pixel_values [N, C*temporal_patch*patch*patch] float32 (merge-window order), image_grid_thw [n, 3]."""
-        out = self.image_processor(images=[_to_pil(im) for im in images], return_tensors="pt")
+        out = self.image_processor(images=[to_pil(im) for im in images], return_tensors="pt")
         return out["pixel_values"].to(torch.float32), out["image_grid_thw"].to(torch.long)
 
     def image_grids(self, images: Sequence[Any]) -> torch.Tensor:
@@ -168,7 +168,7 @@ class VLProcessor:
         ip = self.image_processor
         rows = []
         for im in images:
-            w, h = _to_pil(im).size
+            w, h = to_pil(im).size
             rh, rw = self.spec.resized_size(h, w, ip)
             rows.append([1, rh // ip.patch_size, rw // ip.patch_size])
         return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)

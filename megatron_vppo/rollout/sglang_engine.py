@@ -43,8 +43,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, WeightStream, unpack_bucket
+from megatron_vppo.rollout.engine_args import refuse_engine_args
+from megatron_vppo.rollout.sglang_weights import engine_groups, mem_fraction_static, min_free_bytes
 from megatron_vppo.rollout.sglang_weights import as_buckets, contributions, run_rounds
 from megatron_vppo.rollout.engine import (
+    Manifest,
     RolloutOutput,
     RolloutRequest,
     SamplingParams,
@@ -310,6 +313,15 @@ def run_in_session(begin: Callable[[], Any], end: Callable[[], Any], body: Calla
     _check_result(end(), "end_weight_update")
 
 
+_SGLANG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _refuse_mode(mode: str | None, who: str) -> None:
+    if mode is not None:
+        raise ValueError(f"{who} updates from buckets in one SGLang session; update mode {mode!r} is for "
+                         "in-process engines (leave mode unset)")
+
+
 class SGLangRolloutEngine:
     """A colocated `sglang.Engine` (GPU); `launch` starts one. The engine object is passed in so the
     protocol (sessions, rounds, release/resume rules) runs the same against anything with its API.
@@ -317,6 +329,59 @@ class SGLangRolloutEngine:
     `weight_group` / `weight_src`: the gloo group of the trainer ranks whose GPUs host the engine's
     TP ranks (this rank first) and this rank's global rank; None for tp_size 1. The other members
     run `SGLangTPPeer`. `serialize`: how a payload becomes bytes (SGLang's serializer by default)."""
+
+    in_process = False  # takes byte-bounded buckets
+
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        refuse_engine_args("sglang", args)
+
+    @classmethod
+    def from_config(cls, cfg, model_dir, dims) -> "SGLangRolloutEngine | SGLangTPPeer | None":
+        """The trainer's colocated engine (collective over every rank): on each replica's engine rank an
+        `sglang.Engine` whose TP ranks sit on the GPUs of the trainer's TP group of pipeline stage 0; on
+        the other ranks of that group an `SGLangTPPeer` (it packs the weight payload its GPU's engine
+        rank reads); None on later stages. Its memory budget is `rollout.engine_gpu_share` of the GPU,
+        turned into SGLang's mem_fraction_static from the memory free now, after the model and
+        optimizer (docs/sglang.md). The weights are replaced by the trainer's before the first rollout,
+        so model.path only seeds the architecture."""
+        import logging
+
+        from megatron_vppo.config import ConfigError
+
+        device, tp = dims.device, cfg.parallel.tp
+        if device.type != "cuda":
+            raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")
+        first_gpu = device.index - dims.tp_rank  # SGLang's base_gpu_id for this group
+        if first_gpu < 0 or first_gpu + tp > torch.cuda.device_count():  # same verdict on every rank
+            raise ConfigError(f"parallel.tp={tp}: the tensor-parallel group does not sit on GPUs "
+                              f"{max(first_gpu, 0)}..{first_gpu + tp - 1} of one node, where the colocated "
+                              "SGLang engine puts its TP ranks; keep parallel.tp within a node's GPUs")
+        group, src = engine_groups(dims)  # collective over every rank
+        if src is None:
+            return None
+        try:  # the same inputs on every member, so every member refuses together
+            frac = mem_fraction_static(cfg.rollout.engine_gpu_share,
+                                       torch.cuda.get_device_properties(device).total_memory, min_free_bytes(group))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not dims.engine_rank:
+            return SGLangTPPeer(group, src, cfg.rollout.bucket_bytes)
+        logging.getLogger("megatron_vppo.train").info(
+            "SGLang engine: TP %d from GPU %d, mem_fraction_static %.3f (engine_gpu_share %.2f)",
+            tp, device.index, frac, cfg.rollout.engine_gpu_share)
+        return cls.launch(
+            str(model_dir),
+            tp_size=tp,
+            mem_fraction_static=frac,
+            dtype=_SGLANG_DTYPE[cfg.model.dtype],
+            base_gpu_id=device.index,
+            random_seed=cfg.train.seed,
+            enable_weights_cpu_backup=cfg.rollout.engine_weights_cpu_backup,
+            bucket_bytes=cfg.rollout.bucket_bytes,
+            weight_group=group,
+            weight_src=src,
+        )
 
     def __init__(
         self,
@@ -415,10 +480,13 @@ class SGLangRolloutEngine:
             raise RuntimeError(f"SGLang returned {len(out)} results for {len(items)} scoring requests")
         return [parse_score_output(o, resp) for o, (_, resp) in zip(out, items)]
 
-    def update_weights(self, stream: WeightStream) -> None:
+    def update_weights(self, stream: WeightStream, *, mode: str | None = None,
+                       expected: Manifest | None = None) -> None:
         """All engine TP ranks' payloads per bucket, in one session for the whole stream (collective
         over `weight_group`: every member calls this or `SGLangTPPeer.update_weights`). Everything that
-        can fail here fails inside a round, so the peers hear of it instead of waiting in a gather."""
+        can fail here fails inside a round, so the peers hear of it instead of waiting in a gather.
+        `expected` is not needed: SGLang's loader names an unknown tensor itself."""
+        _refuse_mode(mode, "SGLangRolloutEngine")
         session = {"open": False}
 
         def apply(payloads: list[bytes]) -> None:
@@ -498,7 +566,28 @@ class SGLangTPPeer:
         self.serialize = serialize or serialize_payload
         self.weight_version = 0
 
-    def update_weights(self, stream: WeightStream) -> None:
+    in_process = False
+
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        refuse_engine_args("sglang", args)
+
+    @classmethod
+    def from_config(cls, cfg, model_dir, dims) -> "SGLangRolloutEngine | SGLangTPPeer | None":
+        """Made by `SGLangRolloutEngine.from_config` on the engine's non-first TP ranks."""
+        return SGLangRolloutEngine.from_config(cfg, model_dir, dims)
+
+    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams) -> list[list[RolloutOutput]]:
+        raise RuntimeError("an SGLang TP peer hosts no engine entry point; generate on the replica's engine rank "
+                           "(ParallelDims.engine_rank)")
+
+    def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0) -> list[list[float]]:
+        raise RuntimeError("an SGLang TP peer hosts no engine entry point; score on the replica's engine rank "
+                           "(ParallelDims.engine_rank)")
+
+    def update_weights(self, stream: WeightStream, *, mode: str | None = None,
+                       expected: Manifest | None = None) -> None:
+        _refuse_mode(mode, "SGLangTPPeer")
         rounds = contributions(stream, self.bucket_bytes, self.serialize)
         try:
             run_rounds(rounds, self.weight_group, self.weight_src, False, None)
@@ -512,6 +601,9 @@ class SGLangTPPeer:
     def resume_memory(self) -> None:
         _empty_cache()
         _peer_barrier(self.weight_group)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the engine rank's `shutdown` stops the SGLang processes on this GPU too."""
 
 
 def engine_kwargs_for(dtype: str, engine_kwargs: dict) -> dict:
@@ -533,6 +625,19 @@ class SGLangServerEngine:
     paths / base64 / URLs), with one <|image_pad|> per image in `input_ids`, since tensors do not
     travel over JSON; the server's preprocessor must use the same min/max pixels as ours.
     """
+
+    in_process = False
+
+    @staticmethod
+    def check_engine_args(args: dict) -> None:
+        refuse_engine_args("sglang", args)
+
+    @classmethod
+    def from_config(cls, cfg, model_dir, dims) -> "SGLangServerEngine":
+        from megatron_vppo.config import ConfigError
+
+        raise ConfigError("SGLang servers are a library piece the trainer config does not select yet; use "
+                          "rollout.engine=sglang (colocated) or build SGLangServerEngine(urls) yourself")
 
     def __init__(
         self,
@@ -642,7 +747,9 @@ class SGLangServerEngine:
                 _check_result(f.result(), "init_weights_update_group")
         self._group_name = group_name
 
-    def update_weights(self, stream: WeightStream) -> None:
+    def update_weights(self, stream: WeightStream, *, mode: str | None = None,
+                       expected: Manifest | None = None) -> None:
+        _refuse_mode(mode, "SGLangServerEngine")
         if self._group is None:
             raise RuntimeError("call init_weight_update_group(...) before update_weights on SGLang servers")
         import torch.distributed as dist
@@ -678,3 +785,21 @@ class SGLangServerEngine:
 
     def resume_memory(self) -> None:
         self._all_ok("/resume_memory_occupation")
+
+    def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0) -> list[list[float]]:
+        """Prefill-only log-probs of given text-only responses over HTTP (temperature 1, as the colocated
+        engine). A pixel tensor (a perturbed view) cannot travel over JSON: such items are refused."""
+        if temperature != 1.0:
+            raise ValueError(f"SGLang scores prompts at temperature 1 only (asked {temperature}); use "
+                             "rollout.temperature=1.0 or train.old_logp_source=trainer")
+        if any(req.pixel_values is not None for req, _ in items):
+            raise ValueError("SGLangServerEngine cannot score image prompts (pixel tensors do not travel over "
+                             "HTTP); use train.old_logp_source=trainer")
+        bodies = [{"input_ids": list(req.prompt_ids) + list(resp), "sampling_params": {"max_new_tokens": 0},
+                   "return_logprob": True, "logprob_start_len": len(req.prompt_ids)} for req, resp in items]
+        outs = [self._post(self.urls[i % len(self.urls)], "/generate", b) for i, b in enumerate(bodies)]
+        return [parse_score_output(o, resp) for o, (_, resp) in zip(outs, items)]
+
+    def shutdown(self) -> None:
+        """Leave the servers running (they are not ours); forget the weight-update group."""
+        self._group = None

@@ -18,16 +18,13 @@ or ends early can never leave another waiting in a gather.
 """
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_vppo.distributed import GLOO_TIMEOUT, ParallelDims, all_gather_world
 from megatron_vppo.rollout.buckets import Bucket, WeightStream, iter_buckets, tensor_nbytes
-
-# A rollout (long generation on the engine rank) happens between two gloo waits; give it hours.
-GLOO_TIMEOUT = timedelta(hours=6)
 
 DONE = ("done", None)
 NEXT, STOP = "next", "stop"
@@ -132,18 +129,15 @@ def run_rounds(contribs: Iterator[tuple], group, src: int, is_src: bool,
         applied += 1
 
 
-def engine_groups(tp: int):
+def engine_groups(dims: ParallelDims):
     """(this rank's gloo group over the TP ranks of pipeline stage 0, that group's first global rank);
     (None, None) on ranks that host no engine rank. Collective over all ranks. With tp == 1 there is
     nothing to gather: (None, this rank) on stage 0."""
-    from megatron.core import parallel_state as ps
-
-    first_stage = ps.get_pipeline_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
-    if tp == 1:
+    first_stage = dims.pp_rank == 0 and dims.cp_rank == 0
+    if dims.tp == 1:
         return (None, dist.get_rank()) if first_stage else (None, None)
-    mine = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine if first_stage else None)
+    mine = dist.get_process_group_ranks(dims.tp_group)
+    every = all_gather_world([mine if first_stage else None])
     lists = sorted({tuple(r) for r in every if r is not None})
     for r in lists:  # SGLang puts TP rank i on GPU base_gpu_id + i: the trainer's TP ranks must sit there too
         if list(r) != list(range(r[0], r[0] + len(r))):

@@ -53,6 +53,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from megatron_vppo.models import spec_for_hf_config
 from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors, plan_manifest
 from megatron_vppo.rollout.engine import (
     RolloutOutput,
@@ -61,7 +62,6 @@ from megatron_vppo.rollout.engine import (
     request_seed,
     sample_seed,
 )
-from megatron_vppo.rollout.hf_engine import canonical_param_name
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
            torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -146,8 +146,8 @@ def _worker_logit_scale(worker, scale: float) -> int:
     return n
 
 
-def _checkpoint_tensors(model_dir: Path) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """{canonical name: (shape, is floating)} of the HF checkpoint in `model_dir` (headers only)."""
+def _checkpoint_tensors(model_dir: Path, spec) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """{engine parameter name: (shape, is floating)} of the HF checkpoint in `model_dir` (headers only)."""
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
@@ -159,7 +159,7 @@ def _checkpoint_tensors(model_dir: Path) -> dict[str, tuple[tuple[int, ...], boo
             for name in h.keys():
                 sl = h.get_slice(name)
                 dtype = str(sl.get_dtype())
-                out[canonical_param_name(name)] = (tuple(sl.get_shape()), dtype.startswith(("F", "BF")))
+                out[spec.engine_param_name(name)] = (tuple(sl.get_shape()), dtype.startswith(("F", "BF")))
     return out
 
 
@@ -174,11 +174,12 @@ class VLLMRolloutEngine:
         self.args = VLLMEngineArgs.parse(engine_args)
         self.model_dir = Path(model_dir)
         cfg = json.loads((self.model_dir / "config.json").read_text())
+        self.spec = spec_for_hf_config(cfg)
         self.image_token_id = int(cfg["image_token_id"])
-        self.merge_size = int(cfg.get("vision_config", {}).get("spatial_merge_size", 2))
-        self.patch_size = int(cfg.get("vision_config", {}).get("patch_size", 14))
+        geometry = self.spec.image_geometry(cfg)
+        self.merge_size, self.patch_size = geometry.merge_size, geometry.patch_size
         self.tied = bool(cfg.get("tie_word_embeddings") or cfg.get("text_config", {}).get("tie_word_embeddings"))
-        self._ckpt = _checkpoint_tensors(self.model_dir)
+        self._ckpt = _checkpoint_tensors(self.model_dir, self.spec)
         self.weight_version = 0
         self._broken: str | None = None
         self._released = False
@@ -194,8 +195,11 @@ class VLLMRolloutEngine:
         VLLMEngineArgs.parse(args)
 
     @classmethod
-    def from_config(cls, cfg, model_dir, device: torch.device) -> "VLLMRolloutEngine":
-        """The trainer's engine: the model's dtype, the run seed, the data section's image bounds."""
+    def from_config(cls, cfg, model_dir, dims) -> "VLLMRolloutEngine | None":
+        """The trainer's engine on each replica's engine rank (None elsewhere): the model's dtype, the
+        run seed, the data section's image bounds."""
+        if not dims.engine_rank:
+            return None
         return cls(model_dir, dtype=cfg.model.dtype, seed=cfg.train.seed, engine_args=cfg.rollout.engine_args,
                    max_model_len=cfg.rollout.engine_args.get("max_model_len")
                    or cfg.rollout.max_prompt_length + cfg.rollout.max_response_length,
@@ -342,9 +346,9 @@ class VLLMRolloutEngine:
             raise ValueError(
                 f"a request has {len(runs)} image(s) in its prompt ids but {len(images)} raw image(s); the vLLM engine "
                 "preprocesses images itself, so pass RolloutRequest.images (the PIL images / paths / bytes)")
-        from megatron_vppo.data.processor import _to_pil
+        from megatron_vppo.data.processor import to_pil
 
-        pil = [_to_pil(im) for im in images]
+        pil = [to_pil(im) for im in images]
         if req.image_grid_thw is not None:
             want = (req.image_grid_thw.prod(-1) // self.merge_size**2).tolist()
             if want != runs:
@@ -435,7 +439,7 @@ class VLLMRolloutEngine:
     # ------------------------------------------------------------------ weights
 
     def _resolve(self, name: str, shape, dtype: torch.dtype) -> str:
-        key = canonical_param_name(name)
+        key = self.spec.engine_param_name(name)
         entry = self._ckpt.get(key)
         if entry is None and self.tied and key == "lm_head.weight":
             entry = self._ckpt.get("model.language_model.embed_tokens.weight")
@@ -506,7 +510,7 @@ class VLLMRolloutEngine:
         weights: Any = self._checked_stream(stream, plan)
         if mode == "staged" or self._subproc:  # a child process takes one message, not an iterator
             weights = list(weights)
-            self._check_complete({canonical_param_name(n) for n, _ in weights}, "the weight stream")
+            self._check_complete({self.spec.engine_param_name(n) for n, _ in weights}, "the weight stream")
         version = self.weight_version + 1
         try:
             if self._subproc:

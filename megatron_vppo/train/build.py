@@ -9,21 +9,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
-from megatron_vppo.config import ConfigError, RunConfig, to_dict
+from megatron_vppo.config import ConfigError, RunConfig
 from megatron_vppo.data.dataset import DataError, check_data_file
-from megatron_vppo.train.loop import Trainer, sync_engine_weights
-from megatron_vppo.distributed import cpu_world_group
-from megatron_vppo.train.rollout_step import encode_prompts, is_engine_rank
+from megatron_vppo.distributed import ParallelDims, cpu_world_group
+from megatron_vppo.sync.engine_push import sync_engine_weights
+from megatron_vppo.train.checkpointer import Checkpointer
+from megatron_vppo.train.loop import Trainer
+from megatron_vppo.train.rollout_step import encode_prompts
 
 log = logging.getLogger("megatron_vppo.train")
-
-
-def _ckpt_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.train.output_dir) / "checkpoints"
 
 
 def _optimizer_steps(cfg: RunConfig) -> int:
@@ -63,69 +59,14 @@ def _single_process_rendezvous() -> None:
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
-_SGLANG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+def build_engine(cfg: RunConfig, model_dir: Path, dims: ParallelDims):
+    """This rank's part of its replica's rollout engine, or None (collective: call it on every rank).
 
-
-def build_engine(cfg: RunConfig, model_dir: Path):
-    """This rank's part of its replica's rollout engine (collective: call it on every rank).
-
-    The class comes from `rollout.ENGINES[rollout.engine]`; one with `from_config` builds itself
-    (vllm: on engine ranks, None elsewhere; see rollout/vllm_engine.py). hf: the in-process
-    transformers engine on engine ranks, None elsewhere. sglang (colocated): on
-    each replica's engine rank an `sglang.Engine` whose TP ranks sit on the GPUs of the trainer's TP
-    group of pipeline stage 0; on the other ranks of that group an `SGLangTPPeer` (it packs the
-    weight payload its GPU's engine rank reads); None on later stages. Its memory budget is
-    `rollout.engine_gpu_share` of the GPU, turned into SGLang's mem_fraction_static from the memory
-    free now, after the model and optimizer (docs/sglang.md). The weights are replaced by the trainer's
-    before the first rollout, so model.path only seeds the architecture.
-    """
+    One registry lookup: `rollout.ENGINES[rollout.engine].from_config` builds it (each engine module
+    says where its parts live and what they need)."""
     from megatron_vppo.rollout import ENGINES
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    engine_cls = ENGINES[cfg.rollout.engine]
-    if hasattr(engine_cls, "from_config"):  # engines that read their own settings (rollout.engine_args)
-        return engine_cls.from_config(cfg, model_dir, device) if is_engine_rank() else None
-    if cfg.rollout.engine == "sglang":
-        if device.type != "cuda":
-            raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")
-        from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine, SGLangTPPeer
-        from megatron_vppo.rollout.sglang_weights import engine_groups, mem_fraction_static, min_free_bytes
-
-        first_gpu = device.index - ps.get_tensor_model_parallel_rank()  # SGLang's base_gpu_id for this group
-        if first_gpu < 0 or first_gpu + cfg.parallel.tp > torch.cuda.device_count():  # same verdict on every rank
-            raise ConfigError(f"parallel.tp={cfg.parallel.tp}: the tensor-parallel group does not sit on GPUs "
-                              f"{max(first_gpu, 0)}..{first_gpu + cfg.parallel.tp - 1} of one node, where the colocated "
-                              "SGLang engine puts its TP ranks; keep parallel.tp within a node's GPUs")
-        group, src = engine_groups(cfg.parallel.tp)  # collective over every rank
-        if src is None:
-            return None
-        try:  # the same inputs on every member, so every member refuses together
-            frac = mem_fraction_static(cfg.rollout.engine_gpu_share,
-                                       torch.cuda.get_device_properties(device).total_memory, min_free_bytes(group))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if not is_engine_rank():
-            return SGLangTPPeer(group, src, cfg.rollout.bucket_bytes)
-        log.info("SGLang engine: TP %d from GPU %d, mem_fraction_static %.3f (engine_gpu_share %.2f)",
-                 cfg.parallel.tp, device.index, frac, cfg.rollout.engine_gpu_share)
-        return SGLangRolloutEngine.launch(
-            str(model_dir),
-            tp_size=cfg.parallel.tp,
-            mem_fraction_static=frac,
-            dtype=_SGLANG_DTYPE[cfg.model.dtype],
-            base_gpu_id=device.index,
-            random_seed=cfg.train.seed,
-            enable_weights_cpu_backup=cfg.rollout.engine_weights_cpu_backup,
-            bucket_bytes=cfg.rollout.bucket_bytes,
-            weight_group=group,
-            weight_src=src,
-        )
-    if not is_engine_rank():
-        return None
-    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
-    return HFRolloutEngine.from_pretrained(model_dir, device=device, dtype=dtype)
+    return ENGINES[cfg.rollout.engine].from_config(cfg, model_dir, dims)
 
 
 @dataclass
@@ -137,7 +78,7 @@ class Policy:
     adapter: object
     hf_config: dict
     arch: object
-    dims: object  # distributed.ParallelDims: this rank's place in the layout, made once here
+    dims: ParallelDims  # this rank's place in the layout, made once here
 
 
 def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
@@ -157,7 +98,7 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
     dims = init_distributed(cfg.parallel, **spec.layout_dims(hf_config), seed=cfg.train.seed)
     chunks = spec.build_chunks(hf_config, cfg.model, cfg.parallel, dims)
     adapter = spec.weight_adapter(hf_config, dims.tp, cfg.model.vocab_pad_multiple)
-    load_hf_weights(chunks, model_dir, adapter)
+    load_hf_weights(chunks, model_dir, adapter, dims=dims)
     for chunk in chunks:
         # J's denominator is the global valid-token count: Megatron divides summed grads by it.
         chunk.config.calculate_per_token_loss = True
@@ -168,7 +109,14 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
-    from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, read_meta, select_resume
+    """`build_run` without the checkpointer (benchmarks and tests that step the trainer themselves)."""
+    return build_run(cfg)[0]
+
+
+def build_run(cfg: RunConfig) -> tuple[Trainer, Checkpointer]:
+    """Everything a run needs: the trainer (resumed from the newest checkpoint that verifies, when
+    `train.resume` asks for it) with its engine in sync, and the checkpointer that saves it."""
+    from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, read_meta
     from megatron_vppo.data.dataset import PromptBatches, PromptDataset
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.reward.grade import Grader, GraderImportError, import_problem
@@ -216,13 +164,14 @@ def build_trainer(cfg: RunConfig) -> Trainer:
                       vocab_size=arch.vocab_size, dims=policy.dims)
 
     # The newest checkpoint that verifies (checksums), newer ones that do not are skipped and logged.
-    resume = select_resume(cfg.train.resume, _ckpt_dir(cfg))
+    checkpointer = Checkpointer.from_config(cfg, policy.dims)
+    resume = checkpointer.select_resume(cfg.train.resume)
     if resume is not None:
         check_resume_config(read_meta(resume).get("config"), cfg, resume, dist.get_rank())
         # Weights, optimizer, scheduler and RNG states from the checkpoint; the step and the data
         # position from its train_state, so the next batch is the one the stopped run would have drawn.
         loaded = load_checkpoint(resume, ddp_chunks, optimizer, scheduler, verify=False,
-                                 load_optimizer=cfg.train.load_optimizer)
+                                 load_optimizer=cfg.train.load_optimizer, dims=policy.dims)
         trainer.step = loaded.step
         if "data" in loaded.train_state and cfg.data.resume_position:
             batches.load_state_dict(loaded.train_state["data"])
@@ -236,31 +185,17 @@ def build_trainer(cfg: RunConfig) -> Trainer:
                  "restored" if loaded.rng_restored else "fresh")
 
     group = cpu_world_group()  # created now, on every rank: idle ranks wait for rollouts on it
-    trainer.engine = build_engine(cfg, model_dir)
+    trainer.engine = build_engine(cfg, model_dir, policy.dims)
     dist.barrier(group=group)  # an engine start takes minutes: the other ranks wait in gloo, not NCCL
-    sync_engine_weights(trainer)  # the engine starts from the trainer's weights (resume included)
+    # the engine starts from the trainer's weights (resume included)
+    sync_engine_weights(ddp_chunks, adapter, trainer.engine, engine_name=cfg.rollout.engine,
+                        bucket_bytes=cfg.rollout.bucket_bytes, dims=policy.dims, step=trainer.step)
 
     rank = dist.get_rank()
     trainer.logger = MetricsLogger(cfg.train.output_dir, rank, resume_step=trainer.step if resume else None)
     if rank == 0:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-    return trainer
-
-
-def maybe_save(trainer: Trainer, force: bool = False) -> None:
-    from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
-    from megatron_vppo.train.optimizer import force_param_sync
-    from megatron_vppo.train.nonfinite import check_finite
-
-    cfg = trainer.cfg
-    due = cfg.train.save_every > 0 and trainer.step % cfg.train.save_every == 0
-    if not (due or force or trainer.step == cfg.train.total_steps):
-        return
-    force_param_sync(trainer.model_chunks)  # the saved weights must be the stepped ones on every DP shard
-    check_finite(trainer.model_chunks, trainer.optimizer, what="checkpoint save", step=trainer.step)
-    save_checkpoint(_ckpt_dir(cfg), trainer.step, trainer.model_chunks, trainer.optimizer, trainer.scheduler,
-                    train_state={"data": trainer.train_batches.state_dict()}, config=to_dict(cfg),
-                    keep_last=cfg.train.keep_last)
+    return trainer, checkpointer
 
 
 def teardown(trainer: Trainer) -> None:
@@ -279,9 +214,9 @@ def teardown(trainer: Trainer) -> None:
                 except Exception as e:  # a plot must never fail a finished run
                     log.warning("could not plot metrics: %s", e)
     trainer.grader.close()
-    if trainer.engine is not None and hasattr(trainer.engine, "shutdown"):
+    if trainer.engine is not None:
         trainer.engine.shutdown()
     destroy_distributed()
 
 
-__all__ = ["build_engine", "build_trainer", "check_paths", "maybe_save", "teardown"]
+__all__ = ["build_engine", "build_run", "build_trainer", "check_paths", "teardown"]

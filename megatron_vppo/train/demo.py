@@ -57,7 +57,7 @@ def warm_start(model_dir: Path, train_path: Path, out_dir: Path, *, steps: int, 
         opt.step()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)
-    from megatron_vppo.checkpoint.export import copy_side_files
+    from megatron_vppo.sync.hf_writer import copy_side_files
 
     copy_side_files(model_dir, tmp)
     tmp.rename(out_dir)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_vppo.config import load_config
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
     from megatron_vppo.models import MODELS
-    from megatron_vppo.train.loop import train
+    from megatron_vppo.train.run import train
 
     t0 = time.perf_counter()
     out = Path(args.out)

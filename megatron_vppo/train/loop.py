@@ -23,6 +23,7 @@ from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_pixel_values, perturbed_images_at_grid
 from megatron_vppo.distributed import ParallelDims, all_gather_world, gather_data_parallel, sum_over_data_parallel
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
+from megatron_vppo.sync.engine_push import sync_engine_weights
 from megatron_vppo.train import passes
 from megatron_vppo.train.nonfinite import check_finite, guarded_step
 from megatron_vppo.train.optimizer import current_lr
@@ -395,7 +396,8 @@ def rl_step(trainer: Trainer) -> dict:
     metrics.update(update_policy(trainer, trajs, per_traj, minibatches))
     t3 = time.perf_counter()
     _engine_memory(trainer, resident=True)
-    sync_engine_weights(trainer)
+    sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine, engine_name=trainer.cfg.rollout.engine,
+                        bucket_bytes=trainer.cfg.rollout.bucket_bytes, dims=trainer.dims, step=trainer.step)
     t4 = time.perf_counter()
     lens = torch.tensor([t.response_len for t in trajs], dtype=torch.float64)
     metrics.update({
@@ -408,19 +410,6 @@ def rl_step(trainer: Trainer) -> dict:
 
 
 # ------------------------------------------------------------------------------ weights, eval
-
-
-def sync_engine_weights(trainer: Trainer) -> None:
-    """Stream HF-layout weights from the sharded trainer into each replica's engine (collective)."""
-    from megatron_vppo.checkpoint.export import push_to_engine
-
-    check_finite(trainer.model_chunks, what="engine weight update", step=trainer.step)
-    cfg = trainer.cfg
-    # A colocated SGLang engine at TP > 1 reads one payload per TP rank, each packed on that rank's own
-    # GPU (rollout/sglang_weights.py): every rank needs the full tensors, not only the replica's first.
-    dst = "all" if cfg.rollout.engine == "sglang" and cfg.parallel.tp > 1 else "replica"
-    push_to_engine(trainer.model_chunks, trainer.adapter, trainer.engine,
-                   bucket_bytes=cfg.rollout.bucket_bytes, dst=dst)
 
 
 def validate(trainer: Trainer) -> dict:
@@ -442,40 +431,3 @@ def validate(trainer: Trainer) -> dict:
     if errors["reward/grader_errors"]:
         out["val/grader_errors"] = errors["reward/grader_errors"]
     return out
-
-
-def train(cfg: RunConfig) -> dict:
-    """Run the configured number of steps; returns the last step's metrics."""
-    from megatron_vppo.train.build import build_trainer, maybe_save, teardown
-    from megatron_vppo.train.metrics_log import format_step_summary
-    from megatron_vppo.train.progress import progress
-
-    trainer = build_trainer(cfg)
-    last: dict = {}
-    total = cfg.train.total_steps
-    try:
-        if trainer.step == 0 and cfg.train.val_every > 0:
-            last = validate(trainer)
-            if trainer.logger:
-                trainer.logger.log(0, last)
-        bar = progress(total=total, desc="rl steps", unit="step", leave=True)
-        bar.update(min(trainer.step, total))
-        while trainer.step < total:
-            trainer.step += 1
-            t0 = time.perf_counter()
-            metrics = rl_step(trainer)
-            if cfg.train.val_every > 0 and (trainer.step % cfg.train.val_every == 0 or trainer.step == total):
-                metrics.update(validate(trainer))
-            metrics["time/step_s"] = time.perf_counter() - t0
-            if trainer.logger:
-                trainer.logger.log(trainer.step, metrics)
-            if dist.get_rank() == 0:
-                log.info(format_step_summary(trainer.step, total, metrics))
-            bar.update(1)
-            last = metrics
-            maybe_save(trainer)
-        bar.close()
-    finally:
-        teardown(trainer)
-    return last
-

@@ -19,11 +19,6 @@ from megatron_vppo.train.records import Sample, SampledGroup
 from megatron_vppo.train.rl_batch import Trajectory, shard
 
 
-def is_engine_rank() -> bool:
-    """For train/build.py's engine construction, which predates `dims`; new code reads `dims.engine_rank`."""
-    return ParallelDims.from_megatron().engine_rank
-
-
 def derived_seed(*parts: int) -> int:
     h = hashlib.blake2b("/".join(str(int(p)) for p in parts).encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") >> 1

@@ -1,0 +1,86 @@
+"""Feed the trainer's weights to the rollout engines (collective over all ranks).
+
+An in-process engine (`engine.in_process`: the HF and vLLM engines) gets the plain stream in reused
+receive buffers (it copies each tensor into its parameter as it arrives: in-place mode) plus the
+plan's manifest; other engines (SGLang) get byte-bounded buckets.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_vppo.distributed import ParallelDims, all_ranks_ok
+from megatron_vppo.megatron_cpu import without_device_redirect
+from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, iter_buckets
+from megatron_vppo.sync.plan import DESTINATIONS, ExportError, local_params, plan_for
+from megatron_vppo.sync.stream import drain, hf_stream
+
+UPDATE_MODES = ("in_place", "staged")
+
+
+def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+                   bucketed: bool | None = None, mode: str | None = None, dst: str = "rank0",
+                   dtype: torch.dtype | None = None, dims: ParallelDims | None = None) -> None:
+    """Export into `engine.update_weights` on the destination rank(s) (collective over all ranks).
+
+    `engine` may be None on ranks that hold none. An in-process engine (`engine.in_process`, e.g.
+    `HFRolloutEngine`) copies each tensor into its parameters as it arrives: it gets the plain stream
+    (in reused receive buffers), the stream's manifest (`expected=`, validated before the first copy)
+    and `mode` — "in_place" by default (one copy per tensor; a stream that breaks marks the engine
+    unusable until a complete update), or "staged" (all or nothing, one extra copy of the model).
+    Other engines (SGLang) get byte-bounded buckets of `bucket_bytes`. `bucketed` forces either form.
+    If the engine raises, the stream is still run to its end (so no rank hangs in a collective) and
+    every rank raises."""
+    in_process = engine is not None and engine.in_process
+    if mode is not None and mode not in UPDATE_MODES:
+        raise ValueError(f"mode={mode!r}: use one of {UPDATE_MODES}")
+    if mode is not None and engine is not None and not in_process:
+        raise ValueError(f"mode={mode!r} applies to in-process engines only; {type(engine).__name__} "
+                         "updates from buckets (leave mode unset)")
+    if dst not in DESTINATIONS:
+        raise ValueError(f"dst={dst!r}: use one of {DESTINATIONS}")
+    dims = dims or ParallelDims.from_megatron()
+    local = local_params(model_chunks, adapter)
+    plan = plan_for(local, adapter, None, dims)  # collective: every rank, whatever its engine
+    if bucketed is None:
+        bucketed = not in_process
+    # reused receive buffers only for a consumer that copies each tensor before asking for the next
+    stream = hf_stream(model_chunks, adapter, dims, dst=dst, dtype=dtype, plan=plan, local=local,
+                       reuse_buffers=in_process and not bucketed)
+    if bucketed:
+        stream = iter_buckets(stream, bucket_bytes)
+    err = None
+    with without_device_redirect():  # our own copy loop: the CPU adapter's per-call redirect is overhead
+        if engine is None:
+            drain(stream)
+        else:
+            try:
+                if in_process:
+                    engine.update_weights(stream, mode=mode or "in_place", expected=plan.manifest(dtype))
+                else:
+                    engine.update_weights(stream)
+            except Exception as e:  # noqa: BLE001 — finish the collective first
+                err = e
+                drain(stream)
+            else:
+                drain(stream)  # an engine that stopped early still owes the other ranks their collectives
+    if not all_ranks_ok(err is None):
+        if err is not None:
+            raise err
+        raise ExportError("weight update failed on another rank (see its log); this rank's engine, if any, "
+                          "was updated but the update is not consistent across ranks")
+
+
+def sync_engine_weights(model_chunks, adapter, engine, *, engine_name: str, bucket_bytes: int | None,
+                        dims: ParallelDims | None, step: int) -> None:
+    """Stream HF-layout weights from the sharded trainer into each replica's engine (collective).
+
+    `engine_name`: `rollout.engine`; `step`: named by the non-finite check. Refuses (on every rank)
+    weights that are not finite, before anything moves."""
+    from megatron_vppo.train.nonfinite import check_finite
+
+    check_finite(model_chunks, what="engine weight update", step=step)
+    dims = dims or ParallelDims.from_megatron()
+    # A colocated SGLang engine at TP > 1 reads one payload per TP rank, each packed on that rank's own
+    # GPU (rollout/sglang_weights.py): every rank needs the full tensors, not only the replica's first.
+    dst = "all" if engine_name == "sglang" and dims.tp > 1 else "replica"
+    push_to_engine(model_chunks, adapter, engine, bucket_bytes=bucket_bytes, dst=dst, dims=dims)

@@ -1,0 +1,73 @@
+"""Every rollout engine implements the whole `RolloutEngine` protocol the trainer codes against
+(by inspection: no engine is started, no GPU needed)."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from megatron_vppo.rollout import ENGINES
+from megatron_vppo.rollout.engine import RolloutEngine
+
+# Declared on the protocol: methods/classmethods and data attributes.
+MEMBERS = sorted(n for n in vars(RolloutEngine) if not n.startswith("_")) + ["in_process", "weight_version"]
+
+
+def _engine_classes():
+    from megatron_vppo.rollout.sglang_engine import SGLangServerEngine, SGLangTPPeer
+
+    return [ENGINES[name] for name in ENGINES] + [SGLangTPPeer, SGLangServerEngine]
+
+
+def _params(fn) -> dict:
+    return inspect.signature(fn).parameters
+
+
+def test_protocol_declares_what_callers_use():
+    for name in ("generate", "score", "update_weights", "release_memory", "resume_memory", "shutdown",
+                 "from_config", "check_engine_args"):
+        assert callable(getattr(RolloutEngine, name)), name
+    assert {"in_process", "weight_version"} <= set(RolloutEngine.__annotations__)
+    upd = _params(RolloutEngine.update_weights)
+    assert upd["mode"].kind is inspect.Parameter.KEYWORD_ONLY and upd["expected"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(_params(RolloutEngine.from_config)) == ["cfg", "model_dir", "dims"]
+
+
+@pytest.mark.parametrize("cls", _engine_classes(), ids=lambda c: c.__name__)
+def test_engine_class_has_every_protocol_member(cls):
+    missing = [m for m in MEMBERS if m not in ("weight_version",) and not hasattr(cls, m)]
+    assert not missing, f"{cls.__name__} lacks {missing}"
+    assert isinstance(cls.in_process, bool)
+    # weight_version is set per instance: its __init__ assigns it
+    assert "self.weight_version = 0" in inspect.getsource(cls.__init__)
+    for m in MEMBERS:
+        proto = getattr(RolloutEngine, m, None)
+        if not callable(proto) or m == "from_config":
+            continue
+        want = [p for p in _params(proto) if p != "self"]
+        got = _params(getattr(cls, m))
+        assert all(p in got for p in want), f"{cls.__name__}.{m}{inspect.signature(getattr(cls, m))} lacks {want}"
+    assert list(_params(cls.from_config)) == ["cfg", "model_dir", "dims"], cls.__name__
+    assert isinstance(inspect.getattr_static(cls, "from_config"), classmethod), cls.__name__
+    assert isinstance(inspect.getattr_static(cls, "check_engine_args"), staticmethod), cls.__name__
+
+
+def test_engines_without_engine_args_refuse_them():
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.rollout import check_engine_args
+
+    check_engine_args("hf", {})
+    for name in ("hf", "sglang"):
+        with pytest.raises(ConfigError, match=f"rollout.engine={name} takes none"):
+            check_engine_args(name, {"max_model_len": 8})
+
+
+def test_hf_engine_from_config_is_none_off_the_engine_rank(tmp_path):
+    """`from_config` decides per rank: a rank that is not its replica's TP0·PP0 rank holds no engine."""
+    from megatron_vppo.config import RunConfig
+    from megatron_vppo.distributed import ParallelDims
+
+    cfg = RunConfig()
+    for dims in (ParallelDims(tp=2, tp_rank=1), ParallelDims(pp=2, pp_rank=1)):
+        assert ENGINES["hf"].from_config(cfg, tmp_path, dims) is None
+        assert ENGINES["vllm"].from_config(cfg, tmp_path, dims) is None

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from megatron_vppo.data.processor import VLProcessor
+from megatron_vppo.train.records import Sample, SampledGroup
 from megatron_vppo.train.rl_batch import collate, collate_packed, ensure_positions
 from megatron_vppo.train.rollout_step import encode_prompts, to_trajectories
 
@@ -49,7 +50,7 @@ def test_pixels_processed_once_per_image_per_step_and_only_where_embedded(proc, 
     prompts = encode_prompts(proc, records)
     assert calls == [], "encoding a prompt must not process its pixels"
     eos = proc.eos_token_id
-    groups = [{"prompt": p, "outputs": [([11 + k, 12, eos], [-0.1] * 3, "stop", float(k % 2)) for k in range(4)]}
+    groups = [SampledGroup(p, [Sample([11 + k, 12, eos], [-0.1] * 3, "stop", float(k % 2)) for k in range(4)])
               for p in range(3)]
     trajs = to_trajectories(prompts, groups)
     ensure_positions(trajs, text_arch(tiny_model_dir))

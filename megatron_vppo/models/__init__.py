@@ -6,34 +6,15 @@ Adding a model is one folder (`models/<name>/`, with a `spec.py` defining `SPEC`
 """
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from megatron_vppo.lazy_registry import LazyRegistry
 from megatron_vppo.models.spec import ImageGeometry, ModelSpec
 
 
-class _LazyModels(Mapping):
-    """name -> ModelSpec; the module behind a name is imported when the name is looked up."""
-
-    def __init__(self, paths: dict[str, str]):
-        self._paths = dict(paths)
-
-    def __getitem__(self, name: str) -> ModelSpec:
-        if name not in self._paths:
-            raise KeyError(f"unknown model arch {name!r}; known: {sorted(self._paths)}")
-        module, attr = self._paths[name].split(":")
-        return getattr(importlib.import_module(module), attr)
-
-    def __iter__(self):
-        return iter(self._paths)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-
-MODELS: Mapping = _LazyModels({
+MODELS: Mapping = LazyRegistry("model arch", {
     "qwen2_5_vl": "megatron_vppo.models.qwen2_5_vl.spec:SPEC",
 })
 

@@ -8,33 +8,13 @@ validates `rollout.engine_args` with `check_engine_args(dict)` (only vllm takes 
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 
+from megatron_vppo.lazy_registry import LazyRegistry
 from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets, pack_bucket, unpack_bucket
 from megatron_vppo.rollout.engine import RolloutEngine, RolloutOutput, RolloutRequest, SamplingParams
 
-
-class _LazyEngines(Mapping):
-    """name -> engine class; the module behind a name is imported when the name is looked up."""
-
-    def __init__(self, paths: dict[str, str]):
-        self._paths = dict(paths)
-
-    def __getitem__(self, name: str):
-        if name not in self._paths:
-            raise KeyError(f"unknown rollout engine {name!r}; known: {sorted(self._paths)}")
-        module, attr = self._paths[name].split(":")
-        return getattr(importlib.import_module(module), attr)
-
-    def __iter__(self):
-        return iter(self._paths)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-
-ENGINES: Mapping = _LazyEngines({
+ENGINES: Mapping = LazyRegistry("rollout engine", {
     "hf": "megatron_vppo.rollout.hf_engine:HFRolloutEngine",
     "sglang": "megatron_vppo.rollout.sglang_engine:SGLangRolloutEngine",
     "vllm": "megatron_vppo.rollout.vllm_engine:VLLMRolloutEngine",

@@ -218,21 +218,17 @@ def collate(
             position_ids[:, i, :n] = t.position_ids
     labels = torch.zeros_like(input_ids)
     labels[:, :-1] = input_ids[:, 1:]
+    return _micro_batch(trajs, pixel_values_override, with_pixels, input_ids=input_ids, labels=labels,
+                        loss_mask=loss_mask, attention_mask=attention_mask, position_ids=position_ids,
+                        rows=list(range(len(trajs))), offsets=[0] * len(trajs))
+
+
+def _micro_batch(trajs, pixel_values_override, with_pixels, **layout) -> MicroBatch:
+    """The fields both layouts (padded rows, packed segments) fill the same way, around `layout`'s."""
     pixels, grids = _images(trajs, pixel_values_override, with_pixels)
-    return MicroBatch(
-        input_ids=input_ids,
-        labels=labels,
-        loss_mask=loss_mask,
-        attention_mask=attention_mask,
-        pixel_values=pixels,
-        image_grid_thw=grids,
-        num_real=len(trajs),
-        response_starts=[t.response_start for t in trajs],
-        response_lens=[t.response_len for t in trajs],
-        position_ids=position_ids,
-        rows=list(range(len(trajs))),
-        offsets=[0] * len(trajs),
-    )
+    return MicroBatch(pixel_values=pixels, image_grid_thw=grids, num_real=len(trajs),
+                      response_starts=[t.response_start for t in trajs],
+                      response_lens=[t.response_len for t in trajs], **layout)
 
 
 def collate_packed(
@@ -272,23 +268,10 @@ def collate_packed(
         position_ids[:, 0, off:] = torch.arange(seq_len - off)
         bounds.append(seq_len)
     sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-    pixels, grids = _images(trajs, pixel_values_override, with_pixels)
-    return MicroBatch(
-        input_ids=input_ids,
-        labels=labels,
-        loss_mask=loss_mask,
-        attention_mask=None,
-        pixel_values=pixels,
-        image_grid_thw=grids,
-        num_real=len(trajs),
-        response_starts=[t.response_start for t in trajs],
-        response_lens=[t.response_len for t in trajs],
-        position_ids=position_ids,
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        max_seqlen=max(sizes + [1]),
-        rows=[0] * len(trajs),
-        offsets=offsets,
-    )
+    return _micro_batch(trajs, pixel_values_override, with_pixels, input_ids=input_ids, labels=labels,
+                        loss_mask=loss_mask, attention_mask=None, position_ids=position_ids,
+                        cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(sizes + [1]),
+                        rows=[0] * len(trajs), offsets=offsets)
 
 
 def stack_views(a: MicroBatch, b: MicroBatch) -> MicroBatch:

@@ -33,6 +33,9 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 stale=0
 for name in "${LOCKS[@]}"; do
+  # Start from the committed lock, as --update does: uv keeps its pins where they still satisfy the .in,
+  # so "stale" means the .in changed, not that the registry gained a release dated before LOCK_DATE.
+  cp "$name.txt" "$tmp/$name.txt"
   compile "$name.in" "$tmp/$name.txt"
   if ! diff -u "$name.txt" "$tmp/$name.txt" > "$tmp/diff"; then
     cat "$tmp/diff"

@@ -416,12 +416,6 @@ def _check_consistent(rows: dict[int, dict], steps: int) -> None:
         assert rows[s]["rollout/logp_abs_diff_max"] <= TOL, (s, rows[s]["rollout/logp_abs_diff_max"])
 
 
-def test_trainer_three_steps_with_vllm_engine(run_assets):
-    rows = _train([sys.executable], run_assets["config"], run_assets["root"] / "tp1")
-    _check_consistent(rows, 3)
-    assert any("actor/loss" in rows[s] for s in (1, 2, 3))  # a policy update happened (weights synced after it)
-
-
 def test_trainer_tp2_pp2_feeds_the_vllm_engine(run_assets):
     """Four trainer ranks; the engine (on TP0·PP0) runs vLLM's core in a child process."""
     rows = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"],
@@ -431,12 +425,16 @@ def test_trainer_tp2_pp2_feeds_the_vllm_engine(run_assets):
 
 
 def test_trainer_engine_mode_vppo_image_perturbation_with_vllm(run_assets):
-    """old_logp_source=engine: π_old is vLLM's sampling log-prob and vLLM prefills the image-mode perturbed
-    view; the trainer's paired pass on the same batch each step (check_old_logp_every=1) agrees."""
+    """One process, three steps, old_logp_source=engine: π_old is vLLM's sampling log-prob and vLLM
+    prefills the image-mode perturbed view; the trainer's paired pass on the same batch each step
+    (check_old_logp_every=1) agrees — after step 1 that also proves the engine got the updated weights.
+    (Trainer mode with vLLM: the TP2×PP2 test above.)"""
     rows = _train([sys.executable], run_assets["config"], run_assets["root"] / "engine_vppo_image",
-                  "train.old_logp_source=engine", "algo.perturbation=image", "train.check_old_logp_every=1",
-                  "train.total_steps=2")
-    for s in (1, 2):
+                  "train.old_logp_source=engine", "algo.perturbation=image", "train.check_old_logp_every=1")
+    assert any("actor/loss" in rows[s] for s in (1, 2, 3))  # a policy update happened (weights synced after it)
+    checked = [s for s in (1, 2, 3) if "old_logp_check/dependency_corr" in rows.get(s, {})]
+    assert checked[:2] == [1, 2], sorted(rows)  # step 3 may be skipped by dynamic sampling
+    for s in checked:
         r = rows[s]
         assert r["response/trajectories"] > 0
         print(f"step {s}: " + ", ".join(f"{k}={r[k]:.9g}" for k in sorted(r) if k.startswith("old_logp_check/")))

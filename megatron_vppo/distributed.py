@@ -135,6 +135,11 @@ def all_ranks_ok(ok: bool) -> bool:
     return bool(t.item())
 
 
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any rank (one all-reduce of one number)."""
+    return not all_ranks_ok(not flag)
+
+
 def broadcast_object(obj, src: int = 0, group=None):
     """`src`'s python object on every rank of `group` (the world by default)."""
     if not _initialized():

@@ -28,6 +28,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_vppo.distributed import any_rank
 from megatron_vppo.errors import RunAbort
 
 log = logging.getLogger("megatron_vppo.train")
@@ -56,17 +57,6 @@ def _any_nonfinite(tensors: Iterable[torch.Tensor]) -> bool:
     if bool(torch.isfinite(sums).all()):
         return False
     return any(_exact_nonfinite(t) for t, s in zip(tensors, sums.tolist()) if not math.isfinite(s))
-
-
-def any_rank(flag) -> bool:
-    """True when `flag` is true on any rank (one all-reduce of one number)."""
-    value = float(flag)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        t = torch.tensor([value], dtype=torch.float32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        value = float(t.item())
-    return value > 0
 
 
 def _grad_tensors(ddp_chunks) -> list[torch.Tensor]:

@@ -149,13 +149,6 @@ def _gather_metadata(local_meta: list[tuple], dims: ParallelDims) -> list[ParamM
     return out
 
 
-def gather_param_metadata(model_chunks, adapter, dims: ParallelDims | None = None) -> list[ParamMeta]:
-    """Every parameter of the whole model (all stages) in the global stream order (collective over
-    the pipeline group)."""
-    dims = dims or ParallelDims.from_megatron()
-    return _gather_metadata(_local_metadata(local_params(model_chunks, adapter), dims.tp), dims)
-
-
 def plan_export(
     metas: Sequence[ParamMeta], adapter, group_key: Callable[[str], str] | None = None
 ) -> list[ExportGroup]:
@@ -228,8 +221,3 @@ def export_manifest(model_chunks, adapter, group_key=None, dims: ParallelDims | 
     """(hf_name, shape, dtype) of every tensor the stream will yield, in stream order — known before any
     tensor moves, so a consumer can validate a whole update up front (collective over the pipeline)."""
     return export_plan(model_chunks, adapter, group_key, dims).manifest()
-
-
-def export_nbytes(model_chunks, adapter, group_key=None, dims: ParallelDims | None = None) -> int:
-    """Total HF bytes the stream will carry (collective over the pipeline group)."""
-    return export_plan(model_chunks, adapter, group_key, dims).nbytes

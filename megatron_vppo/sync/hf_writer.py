@@ -137,11 +137,10 @@ def export_hf_checkpoint(
     bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
-    dims: ParallelDims | None = None,
+    dims: ParallelDims,
 ) -> Path:
     """Collective: global rank 0 writes the HF directory from the export stream, the others feed it.
     Every rank raises if the write failed."""
-    dims = dims or ParallelDims.from_megatron()
     rank = dist.get_rank() if dist.is_initialized() else 0
     exists = rank == 0 and Path(out_dir).exists() and not overwrite
     if not all_ranks_ok(not exists):

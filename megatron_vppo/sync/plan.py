@@ -186,19 +186,18 @@ _PLAN_CACHE: list[tuple[object, object, tuple, ExportPlan]] = []
 _PLAN_CACHE_SIZE = 4
 
 
-def export_plan(model_chunks, adapter, group_key: Callable[[str], str] | None = None,
-                dims: ParallelDims | None = None) -> ExportPlan:
+def export_plan(model_chunks, adapter, group_key: Callable[[str], str] | None = None, *,
+                dims: ParallelDims) -> ExportPlan:
     """Metadata pre-pass + conversion plan (collective over the pipeline group), cached per model."""
-    return plan_for(local_params(model_chunks, adapter), adapter, group_key, dims)
+    return plan_for(local_params(model_chunks, adapter), adapter, group_key, dims=dims)
 
 
-def plan_for(local: LocalParams, adapter, group_key: Callable[[str], str] | None = None,
-             dims: ParallelDims | None = None) -> ExportPlan:
+def plan_for(local: LocalParams, adapter, group_key: Callable[[str], str] | None = None, *,
+             dims: ParallelDims) -> ExportPlan:
     """`export_plan` from `local_params`' result (collective over the pipeline group).
 
     A cached plan is used only when every pipeline stage has one for its unchanged parameters (one
     integer all-reduce decides), so stages never disagree about running the pre-pass."""
-    dims = dims or ParallelDims.from_megatron()
     meta = _local_metadata(local, dims.tp)
     sig = tuple(meta)
     hit = next((plan for a, k, s, plan in _PLAN_CACHE if a is adapter and k is group_key and s == sig), None)
@@ -216,8 +215,8 @@ def plan_for(local: LocalParams, adapter, group_key: Callable[[str], str] | None
     return plan
 
 
-def export_manifest(model_chunks, adapter, group_key=None, dims: ParallelDims | None = None
+def export_manifest(model_chunks, adapter, group_key=None, *, dims: ParallelDims
                     ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(hf_name, shape, dtype) of every tensor the stream will yield, in stream order — known before any
     tensor moves, so a consumer can validate a whole update up front (collective over the pipeline)."""
-    return export_plan(model_chunks, adapter, group_key, dims).manifest()
+    return export_plan(model_chunks, adapter, group_key, dims=dims).manifest()

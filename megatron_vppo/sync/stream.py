@@ -66,7 +66,7 @@ def export_hf_weights(
     group_key: Callable[[str], str] | None = None,
     plan: ExportPlan | None = None,
     reuse_buffers: bool = False,
-    dims: ParallelDims | None = None,
+    dims: ParallelDims,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for the whole model on the destination rank(s); see the module doc.
 
@@ -75,11 +75,11 @@ def export_hf_weights(
     `plan`: an `export_plan` already computed on every rank (skips the pre-pass). `reuse_buffers`:
     received tensors live in buffers reused later in the stream, so a yielded tensor is valid only
     until the next item is requested — for consumers that copy each tensor as it arrives. `dims`:
-    this rank's layout (default: read from Megatron's groups).
+    this rank's layout (`init_distributed`'s result).
     """
     if dst not in DESTINATIONS:
         raise ValueError(f"dst={dst!r}: use one of {DESTINATIONS}")
-    return hf_stream(model_chunks, adapter, dims or ParallelDims.from_megatron(), dst=dst, dtype=dtype,
+    return hf_stream(model_chunks, adapter, dims, dst=dst, dtype=dtype,
                      group_key=group_key, plan=plan, reuse_buffers=reuse_buffers)
 
 
@@ -96,7 +96,7 @@ def hf_stream(model_chunks, adapter, dims: ParallelDims, *, dst: str, dtype: tor
     if dims.cp_rank != 0 or (dst == "rank0" and dims.dp_rank != 0):
         return  # identical replicas; another rank streams this model
     local = local or local_params(model_chunks, adapter)
-    groups = (plan or plan_for(local, adapter, group_key, dims)).groups
+    groups = (plan or plan_for(local, adapter, group_key, dims=dims)).groups
     params = {n: p for chunk in local for n, p in chunk}
     everywhere = dst == "all"
     tp, pp, tp_rank, pp_rank = dims.tp, dims.pp, dims.tp_rank, dims.pp_rank

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     pass
 
 
+# Defaults that pure functions outside the dataclasses also use (algo/loss.py, sync/buckets.py): one value each.
+TOKEN_CLIP_DEFAULTS = (0.2, 0.28)  # (clip_low, clip_high) of the token-level algorithms when algo.clip_* is unset
+DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024  # rollout.bucket_bytes
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1
@@ -80,7 +85,7 @@ class RolloutConfig:
     top_k: int = -1
     max_prompt_length: int = 4096
     max_response_length: int = 2048
-    bucket_bytes: int = 512 * 1024 * 1024
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
     # SGLang runs colocated (an engine per replica on the GPUs of its first pipeline stage; see
     # docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
     # it generates; it gives it all back while the trainer runs. The trainer turns it into SGLang's

@@ -2,7 +2,10 @@
 
     torchrun --nproc-per-node K tools/generate.py --model DIR --data IN.jsonl --out OUT.jsonl \
         --num-samples N --seed S [--temperature T --top-p P --top-k K --max-new-tokens M] \
-        [--engine hf|sglang|vllm] [--batch-size B] [--device cpu|cuda] [--dtype fp32|bf16]
+        [--engine hf|sglang|vllm] [--batch-size B] [--device cpu|cuda] [--dtype fp32|bf16] [--config RUN.yaml]
+
+Sampling settings left unset take the run config's values (rollout.top_p / top_k / max_response_length
+of --config, else config.py's defaults), as the trainer samples.
 
 Input lines: {"problem": str, "images": [path, ...]} (relative paths resolve against the data
 file's folder). Output: N lines per input, in input order, each
@@ -41,14 +44,23 @@ def parse_args(argv=None):
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=-1)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--top-p", type=float, default=None, help="rollout.top_p")
+    ap.add_argument("--top-k", type=int, default=None, help="rollout.top_k")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="rollout.max_response_length")
+    ap.add_argument("--config", default=None, help="run config YAML whose rollout.* settings are the defaults")
     ap.add_argument("--engine", choices=["hf", "sglang", "vllm"], default="hf")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences decoded together per rank (hf)")
     ap.add_argument("--device", default=None, help="hf engine device (default: cuda if available, else cpu)")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    from megatron_vppo.config import RunConfig, load_config
+
+    rollout = (load_config(args.config) if args.config else RunConfig()).rollout
+    for flag, value in (("top_p", rollout.top_p), ("top_k", rollout.top_k),
+                        ("max_new_tokens", rollout.max_response_length)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    return args
 
 
 def stop_ids(model_dir: Path, processor) -> tuple[int, ...]:

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from megatron_vppo.config import TOKEN_CLIP_DEFAULTS
+
 from .gspo import PAPER_CLIP_HIGH, PAPER_CLIP_LOW, gspo_policy_loss
 from .loss import vppo_policy_loss
 from .vppo import Shaping, compute_shaping
@@ -96,7 +98,7 @@ class Algorithm:
     shaping: ShapingFn  # (old, aug, mask, advantages, cfg, *, kl, group, minibatches, microbatches, with_metrics)
     loss: LossFn  # per micro-batch, at the last pipeline stage
     reads: frozenset[str]  # `algo.*` keys it reads (besides name)
-    clip_defaults: tuple[float, float] = (0.2, 0.28)  # (clip_low, clip_high) when algo.clip_* is unset
+    clip_defaults: tuple[float, float] = TOKEN_CLIP_DEFAULTS  # (clip_low, clip_high) when algo.clip_* is unset
     symmetric_clip: bool = False  # clip_high = clip_low
     unit: str = "token"  # what the loss's denominator counts: token | sequence (update_policy averages over it)
     check: Callable[[Any], None] = field(default=_no_check, compare=False)  # extra config rules (ValueError)

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Union
 
 import torch
 
-DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
+from megatron_vppo.config import DEFAULT_BUCKET_BYTES
 
 
 @dataclass(frozen=True)

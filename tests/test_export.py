@@ -27,7 +27,7 @@ def _load(hf_dir, tp, pp, vpp=None):
 
 def _export_worker(rank, world, hf_dir, tp, pp):
     from megatron_vppo.sync.stream import drain, export_hf_buckets, export_hf_weights
-    from megatron_vppo.rollout.buckets import iter_named_tensors
+    from megatron_vppo.sync.buckets import iter_named_tensors
 
     m = _load(hf_dir, tp, pp)
     out = {"buckets": {}}
@@ -106,7 +106,7 @@ class _FailingEngine:
         self.after = after
 
     def update_weights(self, stream):
-        from megatron_vppo.rollout.buckets import iter_named_tensors
+        from megatron_vppo.sync.buckets import iter_named_tensors
 
         for i, _ in enumerate(iter_named_tensors(stream)):
             if i == self.after:
@@ -176,7 +176,7 @@ def test_conversion_error_mid_stream_raises_everywhere_without_hanging(tiny_mode
 def test_save_hf_checkpoint_shards_and_is_atomic(tiny_model_dir, tmp_path):
     from megatron_vppo.sync.hf_writer import save_hf_checkpoint
     from megatron_vppo.checkpoint.hf_load import SafetensorsDir
-    from megatron_vppo.rollout.buckets import iter_buckets
+    from megatron_vppo.sync.buckets import iter_buckets
 
     ref = load_file(str(tiny_model_dir / "model.safetensors"))
     out = save_hf_checkpoint(iter_buckets(ref.items(), 4096), tmp_path / "sharded", tiny_model_dir,
@@ -207,7 +207,7 @@ class _BreakingEngine:
         self.engine, self.after = engine, after
 
     def update_weights(self, stream, **kw):
-        from megatron_vppo.rollout.buckets import iter_named_tensors
+        from megatron_vppo.sync.buckets import iter_named_tensors
 
         def dying():
             for i, item in enumerate(iter_named_tensors(stream)):
@@ -331,14 +331,15 @@ def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap, pp=1,
     from megatron_vppo.sync.stream import export_hf_weights
     from megatron_vppo.checkpoint.hf_load import gather_full_state
     from megatron_vppo.config import OptimConfig
-    from megatron_vppo.train import loop, optimizer as optim_mod
+    from megatron_vppo import distributed as dist_mod
+    from megatron_vppo.train import loop
 
     cfg = run_config(4)
     cfg.model.dtype = dtype
     cfg.optim = OptimConfig(lr=1e-3, use_distributed_optimizer=True)
     forced = []
-    real_sync = optim_mod.force_param_sync
-    optim_mod.force_param_sync = lambda chunks: forced.append(real_sync(chunks)) or forced[-1]
+    real_sync = dist_mod.force_param_sync
+    dist_mod.force_param_sync = lambda chunks: forced.append(real_sync(chunks)) or forced[-1]
     if pp > 1:  # interleaved: every DP rank's micro-batches must split into groups of pp
         cfg.train.micro_batch_size = 1
     trainer, proxy = build_trainer(model_dir, 1, pp, cfg, overlap=overlap, vpp=vpp)

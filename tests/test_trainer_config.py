@@ -148,7 +148,8 @@ def test_data_metrics_count_each_reason_and_log_new_skips_once(tmp_path, caplog)
 
 
 def test_sglang_engine_branch_refuses_what_it_cannot_run(tmp_path, monkeypatch):
-    from megatron_vppo.config import ConfigError, RunConfig, load_config
+    from megatron_vppo.config import ConfigError, RunConfig
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.train.build import build_engine
 
     # SGLang runs colocated only: the disaggregated choice is gone until the trainer can drive servers.
@@ -194,7 +195,8 @@ def test_eval_cli_bad_paths(tmp_path, tiny_model_dir):
 
 
 def test_reward_config_selects_the_grader_and_rejects_unknown_methods():
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     cfg = load_config(None, ["reward.method=math_verify", "reward.timeout_s=3"])
     assert (cfg.reward.method, cfg.reward.timeout_s, cfg.reward.extraction) == ("math_verify", 3.0, "lenient")

@@ -4,7 +4,7 @@ Adding an algorithm is one file (its loss, and its shaping if it has one) plus o
 The trainer reads only these fields: whether dynamic sampling filters groups, whether the perturbed
 view is scored (the paired no-grad pass / the engine's perturbed prefill), the shaping of GRPO
 advantages into Â and the token mask, the per-micro-batch loss, and the `algo.*` keys it reads — a key
-it does not read, set away from its default, is a ConfigError (config.validate_algorithm).
+it does not read, set away from its default, is a ConfigError (run_config.validate).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -179,3 +180,38 @@ def gather_full_state(model_chunks, adapter=None, *, grads: bool = False, tp_gro
                 t = torch.cat(parts, dim=p.partition_dim)
             out[name] = t.clone()
     return out
+
+
+def chunk_list(model_chunks) -> list[torch.nn.Module]:
+    """A model given as one module or as its list of (virtual pipeline) chunks, as a list."""
+    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+
+
+# Files that make an HF directory usable besides its weights (tokenizer, processor, chat template).
+HF_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "qwen.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def copy_side_files(src_dir, dst_dir) -> list[str]:
+    """Copy tokenizer / processor / chat-template / generation files (those present) from src_dir."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    copied = []
+    for f in sorted(set(HF_SIDE_FILES) | {p.name for p in src.glob("*.jinja")}):
+        if (src / f).is_file():
+            shutil.copy2(src / f, dst / f)
+            copied.append(f)
+    return copied

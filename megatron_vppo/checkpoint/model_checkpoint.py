@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from megatron_vppo.checkpoint.atomic_dir import publish, temp_sibling
 from megatron_vppo.distributed import ParallelDims, all_ranks_ok, broadcast_object
-from megatron_vppo.sync.hf_writer import copy_side_files
-from megatron_vppo.sync.plan import ExportError, chunk_list
+from megatron_vppo.checkpoint.hf_load import chunk_list, copy_side_files
+from megatron_vppo.errors import ExportError
 
 MODEL_FORMAT = "megatron_vppo.model_checkpoint"
 MODEL_META = "megatron_vppo_model.json"

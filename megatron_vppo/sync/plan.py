@@ -25,14 +25,11 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_vppo.checkpoint.hf_load import global_param_names
+from megatron_vppo.checkpoint.hf_load import chunk_list, global_param_names
+from megatron_vppo.errors import ExportError
 from megatron_vppo.distributed import ParallelDims
 
 DESTINATIONS = ("rank0", "replica", "all")
-
-
-class ExportError(RuntimeError):
-    """The export could not be produced or written; the message names what and the fix."""
 
 
 @dataclass(frozen=True)
@@ -91,11 +88,6 @@ class ExportPlan:
     @property
     def nbytes(self) -> int:
         return sum(g.hf_nbytes for g in self.groups)
-
-
-def chunk_list(model_chunks) -> list[torch.nn.Module]:
-    """A model given as one module or as its list of (virtual pipeline) chunks, as a list."""
-    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
 
 
 def comm_device() -> torch.device:

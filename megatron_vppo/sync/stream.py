@@ -1,7 +1,7 @@
 """Stream a TP/PP-sharded Megatron model's weights out in Hugging Face names and layout.
 
 One stream feeds the rollout engines (sync/engine_push.py, optionally packed into byte-bounded
-`rollout.buckets.Bucket`s) and the HF checkpoint writer (sync/hf_writer.py). Per data-parallel replica,
+`sync.buckets.Bucket`s) and the HF checkpoint writer (sync/hf_writer.py). Per data-parallel replica,
 after the plan (sync/plan.py): per parameter, the owning stage gathers the TP shards along
 `partition_dim` (the FULL Megatron layout, whose chunk r is TP rank r's shard) and sends it over the
 pipeline group to the destination rank(s); there the model's adapter (`mcore_to_hf`) turns each group
@@ -9,7 +9,7 @@ into HF tensors (QKV un-interleave, gate/up split, vocab padding removed, no lm_
 are tied).
 
 Before the first tensor moves, every rank completes the distributed optimizer's deferred parameter
-all-gather (`train.optimizer.force_param_sync`; with overlap_param_gather the shards of other DP ranks
+all-gather (`distributed.force_param_sync`; with overlap_param_gather the shards of other DP ranks
 would otherwise be the previous step's).
 
 Destinations (`dst`): "rank0" (global rank 0 only), "replica" (the first rank — TP 0, PP 0 — of every
@@ -26,8 +26,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_vppo import distributed
 from megatron_vppo.distributed import ParallelDims
-from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
+from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
 from megatron_vppo.sync.plan import (DESTINATIONS, ExportError, ExportPlan, LocalParams, ParamMeta, comm_device,
                                      local_params, plan_for)
 
@@ -88,11 +89,9 @@ def hf_stream(model_chunks, adapter, dims: ParallelDims, *, dst: str, dtype: tor
               local: LocalParams | None = None, reuse_buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The generator behind `export_hf_weights` (arguments checked by the caller; `local`: this rank's
     `plan.local_params`, when the caller has it already)."""
-    from megatron_vppo.train.optimizer import force_param_sync
-
     # Every rank, before any rank returns: after a distributed-optimizer step with overlapped param
     # gathers, each DP rank holds only its own updated shard until this all-gather completes.
-    force_param_sync(model_chunks)
+    distributed.force_param_sync(model_chunks)
     if dims.cp_rank != 0 or (dst == "rank0" and dims.dp_rank != 0):
         return  # identical replicas; another rank streams this model
     local = local or local_params(model_chunks, adapter)
@@ -188,7 +187,7 @@ def _move_stage(t, m: ParamMeta, dims: ParallelDims, pp_first, everywhere, dev, 
 def export_hf_buckets(
     model_chunks, adapter, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, **kwargs
 ) -> Iterator[Bucket]:
-    """`export_hf_weights` packed into byte-bounded buckets (`rollout.buckets.iter_buckets`;
+    """`export_hf_weights` packed into byte-bounded buckets (`sync.buckets.iter_buckets`;
     None or <= 0: one bucket). Same collective contract."""
     return iter_buckets(export_hf_weights(model_chunks, adapter, **kwargs), bucket_bytes)
 

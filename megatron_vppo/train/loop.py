@@ -22,8 +22,9 @@ from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weig
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_pixel_values, perturbed_images_at_grid
 from megatron_vppo.distributed import ParallelDims, all_gather_world, gather_data_parallel, sum_over_data_parallel
+from megatron_vppo.rollout import ENGINES
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
-from megatron_vppo.sync.engine_push import sync_engine_weights
+from megatron_vppo.train.engine_sync import sync_engine_weights
 from megatron_vppo.train import passes
 from megatron_vppo.train.nonfinite import check_finite, guarded_step
 from megatron_vppo.train.optimizer import current_lr
@@ -396,7 +397,8 @@ def rl_step(trainer: Trainer) -> dict:
     metrics.update(update_policy(trainer, trajs, per_traj, minibatches))
     t3 = time.perf_counter()
     _engine_memory(trainer, resident=True)
-    sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine, engine_name=trainer.cfg.rollout.engine,
+    sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine,
+                        engine_cls=ENGINES[trainer.cfg.rollout.engine],
                         bucket_bytes=trainer.cfg.rollout.bucket_bytes, dims=trainer.dims, step=trainer.step)
     t4 = time.perf_counter()
     lens = torch.tensor([t.response_len for t in trajs], dtype=torch.float64)

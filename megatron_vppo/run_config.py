@@ -161,9 +161,3 @@ def _validate_combinations(cfg: RunConfig, algo: Algorithm, engine_cls: type) ->
     if cfg.model.fp8 is None and cfg.model.fp8_recipe != RunConfig().model.fp8_recipe:
         raise ConfigError(f"model.fp8_recipe={cfg.model.fp8_recipe!r} is set, but model.fp8 is unset (no FP8 GEMMs "
                           "to scale); set model.fp8=hybrid or e4m3, or remove model.fp8_recipe")
-    if (cfg.train.max_tokens_per_micro_batch is not None and cfg.algo.tas_scope == "official"
-            and "tas_scope" in algo.reads):
-        raise ConfigError("algo.tas_scope=official normalises α per (mini-batch, device micro-batch) as the official "
-                          "code's fixed-size micro-batches do; with train.max_tokens_per_micro_batch the packed "
-                          "micro-batches differ from them, so the scopes would be neither; use algo.tas_scope=global "
-                          "or unset train.max_tokens_per_micro_batch")

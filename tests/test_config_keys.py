@@ -87,11 +87,6 @@ def test_settings_that_only_mean_something_together():
     with pytest.raises(ConfigError, match="model.fp8_recipe='tensorwise' is set, but model.fp8 is unset"):
         load_config(None, ["model.fp8_recipe=tensorwise"])
     load_config(None, ["model.fp8_recipe=tensorwise", "model.fp8=hybrid"])
-    # issue 20 item 8: official TAS scopes are the official code's fixed-size micro-batches, not packed ones
-    with pytest.raises(ConfigError, match="algo.tas_scope=official .* train.max_tokens_per_micro_batch"):
-        load_config(None, ["algo.tas_scope=official", "train.max_tokens_per_micro_batch=512"])
-    load_config(None, ["algo.tas_scope=official"])
-    load_config(None, ["train.max_tokens_per_micro_batch=512"])
 
 
 def test_eval_reads_the_run_configs_defaults(tmp_path):

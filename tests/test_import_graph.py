@@ -10,6 +10,7 @@ else to `pkg`."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import megatron_vppo
@@ -71,7 +72,9 @@ def _imports(tree: ast.AST, module: str, is_pkg: bool, known: set[str]) -> set[s
     return found
 
 
+@functools.lru_cache(maxsize=1)
 def import_graph() -> dict[str, set[str]]:
+    """module -> modules of the package it imports (parsed once per session; callers must not mutate)."""
     mods = _modules()
     known = set(mods)
     graph = {}

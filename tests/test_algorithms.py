@@ -14,11 +14,11 @@ import torch
 from dist_helpers import run_distributed
 
 
-def test_registry_holds_the_four_algorithms_and_their_semantics():
+def test_registry_holds_the_algorithms_and_their_semantics():
     from megatron_vppo.algo import ALGORITHMS
-    from megatron_vppo.config import AlgoConfig
+    from megatron_vppo.config import AlgoConfig, PapoConfig
 
-    assert set(ALGORITHMS) == {"grpo", "dapo", "vppo", "gspo"}
+    assert set(ALGORITHMS) == {"grpo", "dapo", "vppo", "gspo", "papo", "papo_d", "pgpo", "vepo"}
     cfg = AlgoConfig(entropy_coef=0.06)
     grpo, dapo, vppo, gspo = (ALGORITHMS[k].settings(cfg) for k in ("grpo", "dapo", "vppo", "gspo"))
     assert (grpo.clip_low, grpo.clip_high, grpo.entropy_coef) == (0.2, 0.2, 0.0)  # symmetric, no entropy
@@ -26,9 +26,22 @@ def test_registry_holds_the_four_algorithms_and_their_semantics():
     assert (vppo.clip_low, vppo.clip_high, vppo.entropy_coef) == (0.2, 0.28, 0.06)
     assert (gspo.clip_low, gspo.clip_high) == (3e-4, 4e-4)  # the GSPO paper's values
     assert [ALGORITHMS[k].dynamic_sampling for k in ("grpo", "dapo", "vppo", "gspo")] == [False, True, True, False]
-    assert [k for k, a in ALGORITHMS.items() if a.needs_perturbed_view] == ["vppo"]
+    assert [k for k, a in ALGORITHMS.items() if a.needs_perturbed_view] == ["vppo", "papo", "papo_d", "pgpo", "vepo"]
     assert ALGORITHMS["gspo"].unit == "sequence"
     assert ALGORITHMS["dapo"].settings(AlgoConfig(clip_low=0.1, clip_high=0.3)).clip_high == 0.3
+    # perception family (spec/perception_family.md): presets, views, recipes
+    papo_g, papo_d = ALGORITHMS["papo"].settings(cfg), ALGORITHMS["papo_d"].settings(cfg)
+    assert (papo_g.clip_high, papo_g.extra["gamma"], papo_g.extra["eta"], papo_g.entropy_coef) == (0.2, 0.02, 0.05, 0.0)
+    assert (papo_d.clip_high, papo_d.extra["gamma"], papo_d.extra["eta"]) == (0.28, 0.01, 0.03)
+    assert ALGORITHMS["papo"].settings(AlgoConfig(papo=PapoConfig(gamma=0.5))).extra["gamma"] == 0.5
+    assert [ALGORITHMS[k].dynamic_sampling for k in ("papo", "papo_d", "pgpo", "vepo")] == [False, True, True, False]
+    views = {k: ALGORITHMS[k].view(cfg) for k in ("papo", "pgpo", "vepo")}
+    assert (views["papo"].kind, views["papo"].prob, views["pgpo"].kind, views["vepo"].kind) == \
+        ("patches", 0.6, "blind", "noise")
+    assert views["vepo"].noise_std == 2.0
+    vepo = ALGORITHMS["vepo"].settings(cfg)
+    assert (vepo.clip_low, vepo.clip_high, vepo.entropy_coef) == (0.2, 0.2, 1e-3)
+    assert [k for k, a in ALGORITHMS.items() if not a.engine_view(cfg)] == ["pgpo", "vepo"]
 
 
 # ------------------------------------------------------------------------------------------ GSPO
@@ -171,6 +184,27 @@ def test_a_key_the_algorithm_does_not_read_is_an_error(name, key, value):
     with pytest.raises(ConfigError, match=rf"algo.{key}=.* algorithm '{name}' does not read it"):
         load_config(None, [f"algo.name={name}", f"algo.{key}={value}"])
     load_config(None, [f"algo.name=vppo", f"algo.{key}={value}"])  # vppo reads them all
+
+
+def test_perception_family_config_rules():
+    from megatron_vppo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="second_view_grad=true .* is not implemented"):
+        load_config(None, ["algo.name=papo", "algo.papo.second_view_grad=true"])
+    with pytest.raises(ConfigError, match="algorithm 'vppo' does not read it"):
+        load_config(None, ["algo.name=vppo", "algo.papo.gamma=0.1"])
+    with pytest.raises(ConfigError, match="view=blind changes no pixels"):
+        load_config(None, ["algo.name=pgpo", "algo.perturb_prob=0.3"])
+    load_config(None, ["algo.name=pgpo", "algo.pgpo.view=patches", "algo.perturb_prob=0.3"])
+    with pytest.raises(ConfigError, match="packed micro-batches do not take"):
+        load_config(None, ["algo.name=pgpo", "train.max_tokens_per_micro_batch=4096"])
+    with pytest.raises(ConfigError, match="old_logp_source=engine: the second view of algo.name=vepo"):
+        load_config(None, ["algo.name=vepo", "train.old_logp_source=engine"])
+    load_config(None, ["algo.name=papo_d", "train.old_logp_source=engine"])
+    with pytest.raises(ConfigError, match=r"algo.pgpo.threshold='mean' is not one of"):
+        load_config(None, ["algo.name=pgpo", "algo.pgpo.threshold=mean"])
+    with pytest.raises(ConfigError, match=r"algo.vepo.top_ratio=0.0 is out of range"):
+        load_config(None, ["algo.name=vepo", "algo.vepo.top_ratio=0"])
 
 
 def test_gspo_refuses_token_level_rollout_correction():

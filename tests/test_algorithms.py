@@ -220,32 +220,53 @@ def test_gspo_refuses_token_level_rollout_correction():
 
 
 VARIANTS = (("grpo", {}), ("dapo", {}), ("vppo", {"tas_scope": "global"}), ("vppo", {"tas_scope": "official"}),
-            ("gspo", {}))
+            ("gspo", {}), ("papo", {}), ("papo_d", {}), ("pgpo", {}), ("vepo", {}),
+            ("papo_d", {"old_logp_source": "engine"}))
 
 
 def _variants_worker(rank, world, config_path, out_root):
-    """One process: build the trainer once, then two RL steps per algorithm from the same data position."""
+    """One process: build the trainer once, then two RL steps per algorithm from the same data position.
+
+    `papo_d/engine` repeats papo_d from the weights papo_d started from (restored, and synced into the
+    engine) with old_logp_source=engine: the engine scores the masked view, and step 1 must equal the
+    trainer-mode step 1 (the same rollouts)."""
     from megatron_vppo.config import AlgoConfig, load_config, validate_algorithm
+    from megatron_vppo.sync.engine_push import sync_engine_weights
     from megatron_vppo.train.build import build_trainer, teardown
     from megatron_vppo.train.loop import rl_step
 
     cfg = load_config(config_path, [f"train.output_dir={out_root}/run", "train.val_every=0"])
     trainer = build_trainer(cfg)
     results = {}
+    snapshots = {}
     try:
         data_state = trainer.train_batches.state_dict()
         for name, extra in VARIANTS:
+            extra = dict(extra)
+            source = extra.pop("old_logp_source", "trainer")
+            params = [p for c in trainer.model_chunks for p in c.parameters()]
+            if source == "engine":  # back to the weights the trainer-mode run of `name` started from
+                with torch.no_grad():
+                    for p, s in zip(params, snapshots[name]):
+                        p.copy_(s)
+                sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine,
+                                    engine_name=trainer.cfg.rollout.engine, bucket_bytes=trainer.cfg.rollout.bucket_bytes,
+                                    dims=trainer.dims, step=0)
+            else:
+                snapshots[name] = [p.detach().clone() for p in params]
+            trainer.cfg.train.old_logp_source = source
             trainer.cfg.algo = AlgoConfig(name=name, **extra)
             validate_algorithm(trainer.cfg.algo)
             trainer.train_batches.load_state_dict(data_state)
-            before = [p.detach().clone() for c in trainer.model_chunks for p in c.parameters()]
+            before = [p.detach().clone() for p in params]
             steps = []
             for step in (1, 2):
                 trainer.step = step
                 steps.append(rl_step(trainer))
             after = [p.detach() for c in trainer.model_chunks for p in c.parameters()]
             change = max(float((a - b).abs().max()) for a, b in zip(after, before))
-            results[f"{name}/{extra.get('tas_scope', '')}"] = {"steps": steps, "weight_change": change}
+            tag = "engine" if source == "engine" else extra.get("tas_scope", "")
+            results[f"{name}/{tag}"] = {"steps": steps, "weight_change": change}
     finally:
         teardown(trainer)
     return results
@@ -267,7 +288,8 @@ def variant_runs(tiny_model_dir, tmp_path_factory):
     return run_distributed(_variants_worker, 1, str(config), str(root), timeout=600)[0]
 
 
-@pytest.mark.parametrize("key", ["grpo/", "dapo/", "vppo/global", "vppo/official", "gspo/"])
+@pytest.mark.parametrize("key", ["grpo/", "dapo/", "vppo/global", "vppo/official", "gspo/", "papo/", "papo_d/",
+                                 "pgpo/", "vepo/", "papo_d/engine"])
 def test_every_algorithm_trains_two_steps(variant_runs, key):
     run = variant_runs[key]
     for m in run["steps"]:
@@ -281,3 +303,18 @@ def test_every_algorithm_trains_two_steps(variant_runs, key):
         assert all(m["tas/alpha_min"] < 1.0 for m in run["steps"]), "TAS must scale some trajectory"
     if key == "gspo/":
         assert all("actor/seq_ratio_mean" in m for m in run["steps"])
+    if key.startswith("papo"):  # the perception term: k3 against the masked view, and its share of the loss
+        assert all(m["actor/papo/k3"] > 0 and m["actor/papo/term"] != 0 for m in run["steps"])
+    if key == "pgpo/":  # per-token weights that vary, with each response's mass kept (mean 1)
+        assert all(m["pgpo/weight_max"] > 1.0 and m["pgpo/weight_mean"] == pytest.approx(1.0) for m in run["steps"])
+    if key == "vepo/":  # the top 20 % of each response's tokens kept, by a nonzero visual divergence
+        assert all(0 < m["tgf/kept_token_frac"] < 0.5 and m["vepo/jsd_mean"] > 0 for m in run["steps"])
+
+
+def test_papo_engine_mode_equals_trainer_mode(variant_runs):
+    """old_logp_source=engine: the engine's sampling log-probs and its prefill of the masked image give the
+    trainer-mode step (same weights, same rollouts) to float tolerance."""
+    t, e = variant_runs["papo_d/"]["steps"][0], variant_runs["papo_d/engine"]["steps"][0]
+    assert e["reward/mean"] == t["reward/mean"] and e["response/trajectories"] == t["response/trajectories"]
+    for k in ("actor/loss", "actor/pg_loss", "actor/papo/k3", "actor/papo/term", "dependency/mean"):
+        assert e[k] == pytest.approx(t[k], abs=1e-5, rel=1e-4), k

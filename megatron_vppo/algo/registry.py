@@ -236,6 +236,7 @@ class Algorithm:
     divergence: bool = False  # the no-grad pass also reduces JSD and both entropies over the vocabulary (vepo)
     loss_reads_aug: bool = False  # the policy pass carries the second view's log-probs to the loss (papo)
     options: Callable[[Any], dict] = field(default=_no_options, compare=False)  # LossSettings.extra
+    panels: tuple = ()  # (title, candidate metric keys) plot panels of what this algorithm computes
 
     def settings(self, cfg: Any) -> LossSettings:
         low = self.clip_defaults[0] if cfg.clip_low is None else float(cfg.clip_low)
@@ -253,6 +254,9 @@ class Algorithm:
         return not self.divergence and self.view(cfg).kind == "patches"
 
 
+_PAPO_PANELS = (("PAPO k3 (current vs masked view)", ("actor/papo/k3",)),
+                ("PAPO perception term", ("actor/papo/term",)))
+
 ALGORITHMS: dict[str, Algorithm] = {
     "grpo": Algorithm("grpo", False, False, no_shaping, token_mean_loss, _PPO, symmetric_clip=True),
     "dapo": Algorithm("dapo", True, False, no_shaping, token_mean_loss, _PPO | {"clip_high"}),
@@ -264,13 +268,18 @@ ALGORITHMS: dict[str, Algorithm] = {
     # PAPO-G (on GRPO) and PAPO-D (on DAPO): spec/perception_family.md's presets
     "papo": Algorithm("papo", False, True, no_shaping, papo_loss, _PPO | {"papo", "perturbation"},
                       symmetric_clip=True, check=_papo_check, view=_papo_view, loss_reads_aug=True,
-                      options=_papo_options(0.02, 0.05)),
+                      options=_papo_options(0.02, 0.05), panels=_PAPO_PANELS),
     "papo_d": Algorithm("papo_d", True, True, no_shaping, papo_loss, _PPO | {"clip_high", "papo", "perturbation"},
-                        check=_papo_check, view=_papo_view, loss_reads_aug=True, options=_papo_options(0.01, 0.03)),
+                        check=_papo_check, view=_papo_view, loss_reads_aug=True, options=_papo_options(0.01, 0.03),
+                        panels=_PAPO_PANELS),
     "pgpo": Algorithm("pgpo", True, True, pgpo_shaping, token_mean_loss,
-                      _PPO | {"clip_high", "pgpo", "perturbation", "perturb_prob"}, check=_pgpo_check, view=_pgpo_view),
+                      _PPO | {"clip_high", "pgpo", "perturbation", "perturb_prob"}, check=_pgpo_check, view=_pgpo_view,
+                      panels=(("PGPO token weight max", ("pgpo/weight_max",)),
+                              ("PGPO share of tokens weighted < 1", ("pgpo/weight_below1_frac",)))),
     "vepo": Algorithm("vepo", False, True, vepo_shaping, kept_mean_loss, _PPO | {"vepo"}, symmetric_clip=True,
-                      unit="kept_token", view=_vepo_view, divergence=True, options=_vepo_options),
+                      unit="kept_token", view=_vepo_view, divergence=True, options=_vepo_options,
+                      panels=(("VEPO JSD (original vs noisy view)", ("vepo/jsd_mean",)),
+                              ("VEPO |H(Q) - H(P)|", ("vepo/entropy_gap_mean",)))),
 }
 
 

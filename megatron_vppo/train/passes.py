@@ -104,6 +104,9 @@ def _micro_batches(dims: ParallelDims, model_chunks, trajs: list[Trajectory], sh
     micro-batches that contribute nothing. `views`: the second view's pixels per trajectory; `blind`:
     the second view is the blind view (`blind_view`)."""
     model = _unwrap(model_chunks[0])
+    if blind and getattr(model.config, "transformer_impl", "local") == "transformer_engine":
+        raise ValueError("algo.pgpo.view=blind masks attention on image pads per key, which the Transformer Engine "
+                         "layers do not take; set model.transformer_impl=local or algo.pgpo.view=patches")
     ensure_positions(trajs, model.arch)  # once per trajectory per step: the trajectories carry them
     groups = micro_batch_groups(dims, trajs, shape, multiple_of)
     lengths = [round_up(max(sum(trajs[i].num_tokens for i in g), 1), SEQ_MULTIPLE * dims.tp) for g in groups]

@@ -301,11 +301,17 @@ def validate_algorithm(algo: "AlgoConfig") -> None:
     for f in dataclasses.fields(AlgoConfig):
         if f.name == "name" or f.name in spec.reads:
             continue
-        value = getattr(algo, f.name)
-        if value != getattr(default, f.name):
-            raise ConfigError(f"algo.{f.name}={value!r} is set, but algorithm {algo.name!r} does not read it "
-                              f"(it reads {', '.join(sorted(spec.reads))}); remove algo.{f.name} or choose an "
-                              f"algorithm that uses it")
+        value, default_value = getattr(algo, f.name), getattr(default, f.name)
+        if value == default_value:
+            continue
+        name = f.name
+        if dataclasses.is_dataclass(value):  # name the nested key that is set (algo.papo.gamma)
+            sub = next(g.name for g in dataclasses.fields(value)
+                       if getattr(value, g.name) != getattr(default_value, g.name))
+            name, value = f"{f.name}.{sub}", getattr(value, sub)
+        raise ConfigError(f"algo.{name}={value!r} is set, but algorithm {algo.name!r} does not read it "
+                          f"(it reads {', '.join(sorted(spec.reads))}); remove algo.{name} or choose an "
+                          f"algorithm that uses it")
     try:
         spec.check(algo)
     except ValueError as e:

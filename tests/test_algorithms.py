@@ -191,7 +191,7 @@ def test_perception_family_config_rules():
 
     with pytest.raises(ConfigError, match="second_view_grad=true .* is not implemented"):
         load_config(None, ["algo.name=papo", "algo.papo.second_view_grad=true"])
-    with pytest.raises(ConfigError, match="algorithm 'vppo' does not read it"):
+    with pytest.raises(ConfigError, match=r"algo.papo.gamma=0.1 is set, but algorithm 'vppo' does not read it"):
         load_config(None, ["algo.name=vppo", "algo.papo.gamma=0.1"])
     with pytest.raises(ConfigError, match="view=blind changes no pixels"):
         load_config(None, ["algo.name=pgpo", "algo.perturb_prob=0.3"])

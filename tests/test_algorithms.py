@@ -220,8 +220,8 @@ def test_gspo_refuses_token_level_rollout_correction():
 
 
 VARIANTS = (("grpo", {}), ("dapo", {}), ("vppo", {"tas_scope": "global"}), ("vppo", {"tas_scope": "official"}),
-            ("gspo", {}), ("papo", {}), ("papo_d", {}), ("pgpo", {}), ("vepo", {}),
-            ("papo_d", {"old_logp_source": "engine"}))
+            ("gspo", {}), ("papo", {}), ("papo_d", {"mini_batch_prompts": 2}), ("pgpo", {}), ("vepo", {}),
+            ("papo_d", {"old_logp_source": "engine", "mini_batch_prompts": 2}))
 
 
 def _variants_worker(rank, world, config_path, out_root):
@@ -229,7 +229,8 @@ def _variants_worker(rank, world, config_path, out_root):
 
     `papo_d/engine` repeats papo_d from the weights papo_d started from (restored, and synced into the
     engine) with old_logp_source=engine: the engine scores the masked view, and step 1 must equal the
-    trainer-mode step 1 (the same rollouts)."""
+    trainer-mode step 1 (the same rollouts). Both papo_d runs update once per step (one mini-batch), so
+    step 1's loss is taken before any optimizer step (Adam's moments differ between the two runs)."""
     from megatron_vppo.config import AlgoConfig, load_config, validate_algorithm
     from megatron_vppo.sync.engine_push import sync_engine_weights
     from megatron_vppo.train.build import build_trainer, teardown
@@ -241,9 +242,14 @@ def _variants_worker(rank, world, config_path, out_root):
     snapshots = {}
     try:
         data_state = trainer.train_batches.state_dict()
+        train_defaults = dict(vars(trainer.cfg.train))
         for name, extra in VARIANTS:
             extra = dict(extra)
             source = extra.pop("old_logp_source", "trainer")
+            for k, v in train_defaults.items():
+                setattr(trainer.cfg.train, k, v)
+            for k in [k for k in extra if k in train_defaults]:
+                setattr(trainer.cfg.train, k, extra.pop(k))
             params = [p for c in trainer.model_chunks for p in c.parameters()]
             if source == "engine":  # back to the weights the trainer-mode run of `name` started from
                 with torch.no_grad():

@@ -39,6 +39,11 @@ TESTED_EXTRAS = {"megatron-core": ("dev",)}
 EXCEPTIONS = {
     ("megatron-core", "flashinfer-python"): "megatron-core[dev] tests flashinfer ~=0.5 for its own inference "
     "engine, which this project does not use; flashinfer is SGLang's/vLLM's sampler/attention and follows their pin",
+    ("megatron-core", "opentelemetry-api"): "megatron-core[dev] tests opentelemetry-api ~=1.33.1 (optional tracing, "
+    "unused here); fastapi/anthropic in the engines' stacks require >=1.44, so no lock can honour both",
+    ("transformer-engine-torch", "transformer-engine-cu12"): "the sdist's static PKG-INFO names the CUDA 12 core; "
+    "its setup.py requires transformer-engine-cu{torch's CUDA major} when built, and the locked torch is CUDA 13 "
+    "(transformer-engine-cu13==2.11.0 is locked)",
 }
 
 # Packages deliberately kept out of a lock, with the version installed beside it (README GPU section).

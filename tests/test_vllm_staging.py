@@ -4,7 +4,6 @@ The child engine core reloads from safetensors files; these tests run the engine
 stream and writer on the tiny checkpoint without starting vLLM (the TP2·PP2 trainer run in
 tests/test_rollout_vllm.py drives the same path through a real child engine).
 """
-import gc
 import weakref
 
 import pytest
@@ -38,7 +37,6 @@ def test_update_is_written_tensor_by_tensor_holding_one(tiny_model_dir, tmp_path
 
     def stream():  # the trainer's stream: each tensor a fresh buffer; count how many earlier ones live
         for name, t in ckpt.items():
-            gc.collect()
             most_alive[0] = max(most_alive[0], sum(r() is not None for r in alive))
             t = (t + 1).requires_grad_(False)
             yield name, t

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_vppo.config import DataConfig
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning.model_spec import ModelSpec
 
@@ -45,7 +46,7 @@ GIB = 2**30
 # widths) and a prefill chunk's activations (~1 GiB). An estimate from those parts, not a measurement
 # (no GPU here): the middle of the 2-5 GiB range issue 18 read from SGLang's sources.
 SGLANG_RUNTIME_GIB = 3.0
-# rollout.bucket_bytes' default (megatron_vppo.rollout.buckets.DEFAULT_BUCKET_BYTES; tests/test_tuning.py
+# rollout.bucket_bytes' default (megatron_vppo.sync.buckets.DEFAULT_BUCKET_BYTES; tests/test_tuning.py
 # keeps them equal): the flattened bucket each GPU holds while the engine reads it during a weight sync.
 SYNC_BUCKET_BYTES = 512 * 1024 * 1024
 # fp32 [tokens, V/TP] temporaries the exact-KL dependency estimator adds to the no-grad pass (both views'
@@ -126,7 +127,7 @@ class Workload:
     micro_batch: int = 1
     global_batch: int = 128 * 8  # trajectories per optimizer step (mini-batch 128 prompts x G=8)
     images_per_sample: int = 1
-    max_pixels: int = 1003520
+    max_pixels: int = DataConfig.max_pixels
     # Extra fp32 [tokens, V/TP] tensors of the no-grad pass beyond the one working copy of the vocab-parallel
     # log-prob: 0 for the sampled_k3 dependency; the exact-KL estimator's count is set by the CLI.
     nograd_fp32_temporaries: int = 0

@@ -57,7 +57,8 @@ train: {{seed: 1, prompts_per_step: 2, mini_batch_prompts: 1, micro_batch_size: 
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONFAULTHANDLER="1")  # a hung run's ranks print their stacks (see _dump_stacks_and_kill)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for k in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -117,6 +118,15 @@ def _kill(p: subprocess.Popen) -> None:
     p.wait()
 
 
+def _dump_stacks_and_kill(p: subprocess.Popen) -> None:
+    """A run that hangs: SIGABRT makes every Python process below the launcher (ranks, checkpoint
+    writers) print all its threads' stacks into the log (PYTHONFAULTHANDLER), then kill the tree."""
+    for pid in _descendants(p.pid):
+        _signal(pid, signal.SIGABRT)
+    time.sleep(3)
+    _kill(p)
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -128,8 +138,8 @@ def _wait(p: subprocess.Popen, log: Path, timeout: float) -> str:
     try:
         p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(p)
-        raise AssertionError(f"timed out after {timeout:.0f}s:\n{log.read_text()[-6000:]}") from None
+        _dump_stacks_and_kill(p)
+        raise AssertionError(f"timed out after {timeout:.0f}s:\n{log.read_text()[-12000:]}") from None
     return log.read_text()
 
 
@@ -201,13 +211,11 @@ def _write_data(root: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def assets(tiny_model_dir, tmp_path_factory):
-    """A warm-started tiny model, the data and a config file, shared by every run of this module."""
-    from megatron_vppo.train.demo import warm_start
-
+def assets(warm_model_dir, tmp_path_factory):
+    """The warm-started tiny model (conftest), the data and a config file, shared by every run of this module."""
     root = tmp_path_factory.mktemp("trainer_e2e")
     clean, train, val = _write_data(root / "data")
-    model = warm_start(Path(tiny_model_dir), clean, root / "model_sft", steps=60, batch_size=8, lr=2e-3, seed=0)
+    model = warm_model_dir
     config = root / "run.yaml"
     config.write_text(CONFIG.format(model=model, train=train, val=val, min_px=PIXELS[0], max_px=PIXELS[1],
                                     steps=STEPS))
@@ -278,9 +286,10 @@ def test_killed_run_resumes_like_uninterrupted_and_ignores_half_written_checkpoi
     p = _start(torchrun(2) + args, log1)
     deadline = time.monotonic() + 300
     while not (ck / "step_0000002" / "COMPLETE").is_file():
-        if p.poll() is not None or time.monotonic() > deadline:
-            _kill(p)
-            raise AssertionError(f"no step-2 checkpoint:\n{log1.read_text()[-6000:]}")
+        if (rc := p.poll()) is not None or time.monotonic() > deadline:
+            _dump_stacks_and_kill(p)
+            why = f"exited with {rc}" if rc is not None else "still running after 300 s"
+            raise AssertionError(f"no step-2 checkpoint ({why}):\n{log1.read_text()[-12000:]}")
         time.sleep(0.05)
     _kill(p)  # SIGKILL to every rank: a crash, not a clean exit
 
@@ -419,12 +428,28 @@ def test_bf16_sequence_parallel_distributed_optimizer_dp2_matches_bf16_tp2(asset
 # ------------------------------------------------------------------ π_old source and rollout correction
 
 
+def _old_logp_worker(rank, world, config: str, runs: list[list[str]]) -> None:
+    """Several trainer runs one after another in one process: one import of torch / Megatron /
+    transformers instead of one per run (`megatron-vppo train` calls the same `train(cfg)`)."""
+    import multiprocessing as mp
+
+    from megatron_vppo.config import load_config
+    from megatron_vppo.train.run import train
+
+    mp.current_process()._config["daemon"] = False  # the last step's checkpoint save forks writers
+    for overrides in runs:
+        train(load_config(config, overrides))
+
+
 @pytest.fixture(scope="module")
 def old_logp_runs(assets):
     """Two steps at TP1 for each (old_logp_source, algorithm); trainer-mode VPPO with token-level TIS,
-    engine-mode VPPO with the fidelity check every step."""
-    out = {}
-    for source, algo in (("trainer", "vppo"), ("engine", "vppo"), ("trainer", "dapo"), ("engine", "dapo")):
+    engine-mode VPPO with the fidelity check every step. One process runs all four."""
+    from dist_helpers import run_distributed
+
+    cases = (("trainer", "vppo"), ("engine", "vppo"), ("trainer", "dapo"), ("engine", "dapo"))
+    runs = []
+    for source, algo in cases:
         d = assets["root"] / f"src_{source}_{algo}"
         extra = [f"train.old_logp_source={source}", f"algo.name={algo}", "train.total_steps=2",
                  "train.save_every=100", "train.val_every=0", f"train.output_dir={d}"]
@@ -433,9 +458,9 @@ def old_logp_runs(assets):
         if source == "trainer" and algo == "vppo":
             extra += ["algo.rollout_correction.level=token", "algo.rollout_correction.mode=truncate",
                       "algo.rollout_correction.cap=2.0"]
-        run(torchrun(1) + cli("train", str(assets["config"]), *extra), assets["root"] / f"src_{source}_{algo}.log")
-        out[source, algo] = metrics(d)
-    return out
+        runs.append(extra)
+    run_distributed(_old_logp_worker, 1, str(assets["config"]), runs, timeout=600)
+    return {case: metrics(assets["root"] / f"src_{case[0]}_{case[1]}") for case in cases}
 
 
 def test_old_logp_source_engine_matches_trainer(old_logp_runs):

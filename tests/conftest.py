@@ -155,3 +155,18 @@ def warm_model_dir(tiny_model_dir, tmp_path_factory):
         warm_start(Path(tiny_model_dir), train, d / "model", steps=60, batch_size=8, lr=2e-3, seed=0)
 
     return build_once(tmp_path_factory, "warm_tiny_qwen2_5_vl", build) / "model"
+
+
+# The longest test files first (seconds of the serial run, docs/ENGINEERING.md): under pytest-xdist
+# (`--dist loadfile`, one file per worker at a time, handed out in collection order) a long file that
+# starts last would leave one worker alone at the end. Files not listed keep their order after these.
+LONGEST_FIRST = (
+    "test_trainer_e2e.py", "test_rollout_vllm.py", "test_faults_checkpoint.py", "test_faults_run.py",
+    "test_dist_checkpoint.py", "test_vppo_layout_invariance.py", "test_export.py", "test_gpu_check.py",
+    "test_tuning.py", "test_model_parity.py", "test_vppo_passes.py", "test_convert.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

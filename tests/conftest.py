@@ -161,9 +161,10 @@ def warm_model_dir(tiny_model_dir, tmp_path_factory):
 # (`--dist loadfile`, one file per worker at a time, handed out in collection order) a long file that
 # starts last would leave one worker alone at the end. Files not listed keep their order after these.
 LONGEST_FIRST = (
-    "test_trainer_e2e.py", "test_rollout_vllm.py", "test_faults_checkpoint.py", "test_faults_run.py",
-    "test_dist_checkpoint.py", "test_vppo_layout_invariance.py", "test_export.py", "test_gpu_check.py",
-    "test_tuning.py", "test_model_parity.py", "test_vppo_passes.py", "test_convert.py",
+    "test_trainer_e2e.py", "test_trainer_e2e_modes.py", "test_tuning.py", "test_vppo_layout_invariance.py",
+    "test_rollout_vllm.py", "test_trainer_config.py", "test_faults_run.py", "test_faults_checkpoint.py",
+    "test_tiny_model.py", "test_gpu_check.py", "test_score.py", "test_sglang_contract.py", "test_vppo_passes.py",
+    "test_convert.py", "test_vocab_parallel.py", "test_export.py", "test_dist_checkpoint.py",
 )
 
 

@@ -41,7 +41,7 @@ setup(
     extras_require={
         # Same pins as requirements-gpu.in (tests/test_gpu_stack.py checks); the full lock is requirements-gpu.txt.
         "gpu": ["sglang==0.5.23", "transformer-engine[pytorch]==2.20.2", "megatron-core==0.16.1"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist"],
         "viz": ["tensorboard", "matplotlib"],
     },
     entry_points={"console_scripts": ["megatron-vppo=megatron_vppo.cli:main"]},

@@ -19,11 +19,19 @@ A new shared artefact: a session fixture here that calls `build_once(tmp_path_fa
 Keep process launches few: fold several checks into one torchrun / `dist_helpers.run_distributed` call.
 Ports: `dist_helpers.free_port()` (never `bind(0)` and reuse the number: see its comment).
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM's cache (model-inspection results) in a directory of this test run, never ~/.cache: every run, CI's
+# included, starts vLLM on a cold cache as a new machine does (issue 19: a warm cache hid a broken start).
+_VLLM_CACHE = tempfile.mkdtemp(prefix="vllm-cache-")
+os.environ["VLLM_CACHE_ROOT"] = _VLLM_CACHE
+atexit.register(shutil.rmtree, _VLLM_CACHE, True)
 
 import fcntl  # noqa: E402
 import json  # noqa: E402

@@ -51,7 +51,7 @@ def _old_logp_worker(rank, world, config: str, runs: list[list[str]]) -> None:
     transformers instead of one per run (`megatron-vppo train` calls the same `train(cfg)`)."""
     import multiprocessing as mp
 
-    from megatron_vppo.config import load_config
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.train.run import train
 
     mp.current_process()._config["daemon"] = False  # the last step's checkpoint save forks writers

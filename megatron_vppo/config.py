@@ -81,8 +81,11 @@ class RolloutConfig:
     max_prompt_length: int = 4096
     max_response_length: int = 2048
     bucket_bytes: int = 512 * 1024 * 1024
-    # SGLang runs colocated (an engine per replica on the GPUs of its first pipeline stage; see
-    # docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
+    # Ranks per rollout engine: one engine per engine_tp consecutive ranks of a node, so every GPU rolls
+    # out (world_size / engine_tp engines). None: the training TP for engines that span ranks (SGLang),
+    # 1 for the others (hf, vllm: an engine on every rank).
+    engine_tp: int | None = None
+    # SGLang runs colocated (an engine per rollout.engine_tp GPUs; see docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
     # it generates; it gives it all back while the trainer runs. The trainer turns it into SGLang's
     # mem_fraction_static from the memory free when the engine starts; the tuner's --rollout-share.
     engine_gpu_share: float = 0.5
@@ -346,6 +349,9 @@ def validate_choices(cfg: RunConfig) -> None:
     from megatron_vppo.rollout import check_engine_args
 
     check_engine_args(cfg.rollout.engine, cfg.rollout.engine_args)
+    from megatron_vppo.rollout import engine_tp_for
+
+    engine_tp_for(cfg.rollout.engine, cfg.rollout.engine_tp, cfg.parallel.tp)  # refuses what the engine cannot
     from megatron_vppo.algo.registry import ALGORITHMS
 
     perturbed = ALGORITHMS[cfg.algo.name].needs_perturbed_view
@@ -424,7 +430,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("rollout", "temperature"): _above(0.0, "RL samples; greedy rollouts make every group's answers identical"),
     ("rollout", "top_p"): Range(0.0, 1.0, lo_open=True), ("rollout", "top_k"): _at_least(-1, "-1 or 0: no top-k"),
     ("rollout", "max_prompt_length"): _at_least(1), ("rollout", "max_response_length"): _at_least(1),
-    ("rollout", "bucket_bytes"): _at_least(1),
+    ("rollout", "bucket_bytes"): _at_least(1), ("rollout", "engine_tp"): _at_least(1),
     ("rollout", "engine_gpu_share"): Range(0.0, 0.95, lo_open=True,
                                           why="the colocated engine's share of the GPU memory free at its start"),
     ("rollout", "max_dynamic_sampling_retries"): _at_least(0),

@@ -27,6 +27,21 @@ def check_engine_args(engine: str, args: dict) -> None:
     ENGINES[engine].check_engine_args(args)
 
 
+def engine_tp_for(engine: str, engine_tp: int | None, train_tp: int) -> int:
+    """Ranks per rollout engine (`rollout.engine_tp`): given, or the training TP for an engine class
+    that declares `tensor_parallel` (one engine spans several GPUs), else 1 (an engine on every rank).
+    An engine that cannot span ranks refuses engine_tp > 1 (a ConfigError naming the key)."""
+    cls = ENGINES[engine]
+    if engine_tp is None:
+        return train_tp if cls.tensor_parallel else 1
+    if engine_tp > 1 and not cls.tensor_parallel:
+        from megatron_vppo.config import ConfigError
+
+        raise ConfigError(f"rollout.engine_tp={engine_tp}: rollout.engine={engine} runs one engine per rank and "
+                          "cannot span several; set rollout.engine_tp=1 (or leave it unset)")
+    return engine_tp
+
+
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "ENGINES",
@@ -36,6 +51,7 @@ __all__ = [
     "RolloutRequest",
     "SamplingParams",
     "check_engine_args",
+    "engine_tp_for",
     "iter_buckets",
     "pack_bucket",
     "unpack_bucket",

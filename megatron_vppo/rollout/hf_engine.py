@@ -122,6 +122,7 @@ class HFRolloutEngine:
     # Takes plain (name, tensor) streams and copies each tensor as it arrives, so `push_to_engine`
     # hands it the unbucketed stream, the manifest and an update mode.
     in_process = True
+    tensor_parallel = False  # one engine per rank (rollout.engine_tp 1)
 
     def __init__(
         self,
@@ -166,8 +167,8 @@ class HFRolloutEngine:
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "HFRolloutEngine | None":
-        """The trainer's engine on each replica's engine rank (None elsewhere), on that rank's device in
-        the model's dtype."""
+        """The trainer's engine on every engine rank (with engine_tp 1: every rank), on that rank's device in
+        the model's dtype; None elsewhere."""
         if not dims.engine_rank:
             return None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]

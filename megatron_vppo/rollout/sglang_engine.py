@@ -331,6 +331,7 @@ class SGLangRolloutEngine:
     run `SGLangTPPeer`. `serialize`: how a payload becomes bytes (SGLang's serializer by default)."""
 
     in_process = False  # takes byte-bounded buckets
+    tensor_parallel = True  # one engine spans rollout.engine_tp GPUs
 
     @staticmethod
     def check_engine_args(args: dict) -> None:
@@ -338,10 +339,10 @@ class SGLangRolloutEngine:
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "SGLangRolloutEngine | SGLangTPPeer | None":
-        """The trainer's colocated engine (collective over every rank): on each replica's engine rank an
-        `sglang.Engine` whose TP ranks sit on the GPUs of the trainer's TP group of pipeline stage 0; on
-        the other ranks of that group an `SGLangTPPeer` (it packs the weight payload its GPU's engine
-        rank reads); None on later stages. Its memory budget is `rollout.engine_gpu_share` of the GPU,
+        """The trainer's colocated engines (collective over every rank): one per `dims.engine_tp`
+        consecutive ranks (`rollout.engine_tp`), so every GPU hosts an engine TP rank. On each engine's
+        first rank an `sglang.Engine` whose TP ranks sit on the GPUs of its ranks; on the others an
+        `SGLangTPPeer` (it packs the weight payload its GPU's engine rank reads). Its memory budget is `rollout.engine_gpu_share` of the GPU,
         turned into SGLang's mem_fraction_static from the memory free now, after the model and
         optimizer (docs/sglang.md). The weights are replaced by the trainer's before the first rollout,
         so model.path only seeds the architecture."""
@@ -349,14 +350,14 @@ class SGLangRolloutEngine:
 
         from megatron_vppo.config import ConfigError
 
-        device, tp = dims.device, cfg.parallel.tp
+        device, tp = dims.device, dims.engine_tp
         if device.type != "cuda":
             raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")
-        first_gpu = device.index - dims.tp_rank  # SGLang's base_gpu_id for this group
+        first_gpu = device.index - dims.engine_tp_rank  # SGLang's base_gpu_id for this engine
         if first_gpu < 0 or first_gpu + tp > torch.cuda.device_count():  # same verdict on every rank
-            raise ConfigError(f"parallel.tp={tp}: the tensor-parallel group does not sit on GPUs "
+            raise ConfigError(f"rollout.engine_tp={tp}: the engine's ranks {dims.engine_ranks} do not sit on GPUs "
                               f"{max(first_gpu, 0)}..{first_gpu + tp - 1} of one node, where the colocated "
-                              "SGLang engine puts its TP ranks; keep parallel.tp within a node's GPUs")
+                              "SGLang engine puts its TP ranks; keep rollout.engine_tp within a node's GPUs")
         group, src = engine_groups(dims)  # collective over every rank
         if src is None:
             return None
@@ -567,6 +568,7 @@ class SGLangTPPeer:
         self.weight_version = 0
 
     in_process = False
+    tensor_parallel = True
 
     @staticmethod
     def check_engine_args(args: dict) -> None:
@@ -627,6 +629,7 @@ class SGLangServerEngine:
     """
 
     in_process = False
+    tensor_parallel = False  # the servers' own layout; the trainer does not place them
 
     @staticmethod
     def check_engine_args(args: dict) -> None:

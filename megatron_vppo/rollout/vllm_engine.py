@@ -168,6 +168,7 @@ class VLLMRolloutEngine:
 
     # push_to_engine hands it the plain stream, the manifest and an update mode (no buckets).
     in_process = True
+    tensor_parallel = False  # one engine per rank (rollout.engine_tp 1)
 
     def __init__(self, model_dir, *, dtype="fp32", seed: int = 0, engine_args: "dict | VLLMEngineArgs | None" = None,
                  max_model_len: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -196,8 +197,8 @@ class VLLMRolloutEngine:
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "VLLMRolloutEngine | None":
-        """The trainer's engine on each replica's engine rank (None elsewhere): the model's dtype, the
-        run seed, the data section's image bounds."""
+        """The trainer's engine on every engine rank (with engine_tp 1: every rank; None elsewhere): the
+        model's dtype, the run seed, the data section's image bounds."""
         if not dims.engine_rank:
             return None
         return cls(model_dir, dtype=cfg.model.dtype, seed=cfg.train.seed, engine_args=cfg.rollout.engine_args,

@@ -211,12 +211,13 @@ def engine_score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
     engine prefill of each image trajectory's perturbed view. No trainer forward at all.
 
     A text-only trajectory has nothing to perturb: its aug is its old, exactly (dependency 0), as in the
-    trainer's pass. Each replica's engine scores its DP shard; every rank gets all results."""
+    trainer's pass. Each engine scores its shard (`dims.engine_index` of `dims.num_engines`); every rank
+    gets all results."""
     dims = trainer.dims
     res = [TokenScores(old=t.rollout_log_probs.float()) for t in trajs]
     if not algorithm_of(trainer.cfg).needs_perturbed_view:
         return res
-    idx = shard(list(range(len(trajs))), dims.dp_rank, dims.dp)
+    idx = shard(list(range(len(trajs))), dims.engine_index, dims.num_engines)
     scored = []
     if dims.engine_rank:
         views, pils = _perturbed_views_of(trainer, trajs, idx, with_images=True)

@@ -2,8 +2,8 @@
 
 Two deployments (docs/sglang.md has the protocol in full):
 
-* `SGLangRolloutEngine` — colocated: an `sglang.Engine` started by the trainer's first rank of each
-  replica, its TP ranks on the GPUs of the trainer's TP group (pipeline stage 0). Each update is one
+* `SGLangRolloutEngine` — colocated: an `sglang.Engine` on every `rollout.engine_tp` consecutive GPUs
+  (so every GPU hosts an engine TP rank), started by the engine's first trainer rank. Each update is one
   weight-update session (`begin_weight_update` ... `end_weight_update`, required since 0.5.21) of
   flattened-bucket calls to `update_weights_from_tensor`, one serialized payload per engine TP rank,
   each packed on that rank's GPU by the trainer rank sharing it (`sglang_weights.py`;

@@ -118,6 +118,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
     metrics["reward/mean"] = float(all_r.mean())
     metrics.update(grading_errors(groups_seen, cfg.reward.max_error_rate, f"step {trainer.step}"))
     metrics["rollout/attempts"] = attempt + 1
+    metrics["rollout/engines"] = trainer.dims.num_engines  # world_size / rollout.engine_tp generate
     metrics.update(data_metrics(trainer.train_batches, trainer.step, trainer.state.setdefault("data_log", {})))
     return to_trajectories(prompts_all, kept_groups), metrics
 

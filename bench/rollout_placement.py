@@ -48,7 +48,7 @@ def build(work: Path, sft_steps: int, prompts: int, response_len: int, group_siz
                    lr=2e-3, seed=0)
     cfg = load_config(DEMO_CONFIG, [
         f"model.path={work / f'model_sft{sft_steps}'}", f"data.train={data / 'train.jsonl'}", "data.val=",
-        f"train.output_dir={work / f'run_{os.environ["MASTER_PORT"]}'}", "train.val_every=0",
+        f"train.output_dir={work / ('run_' + os.environ['MASTER_PORT'])}", "train.val_every=0",
         "train.save_every=0", "parallel.pp=2", f"rollout.max_response_length={response_len}",
         f"train.prompts_per_step={prompts}", f"rollout.group_size={group_size}",
     ])
@@ -107,7 +107,7 @@ def worker(args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--response-len", type=int, default=32)
     ap.add_argument("--sft-steps", type=int, default=30)

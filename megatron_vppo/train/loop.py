@@ -22,6 +22,7 @@ from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weig
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_pixel_values, perturbed_images_at_grid
 from megatron_vppo.distributed import ParallelDims, all_gather_world, gather_data_parallel, sum_over_data_parallel
+from megatron_vppo.megatron_cpu import without_device_redirect
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
 from megatron_vppo.sync.engine_push import sync_engine_weights
 from megatron_vppo.train import passes
@@ -154,6 +155,11 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
     `with_images`: (views, perturbed PIL images per trajectory, None where there are none) — what an
     engine that preprocesses raw images (vLLM) scores.
     """
+    with without_device_redirect():  # our own tensor code: the CPU adapter's per-call dispatch is overhead
+        return _perturbed_views(trajs, processor, run_seed, step, offset, prob, mode, with_images)
+
+
+def _perturbed_views(trajs, processor, run_seed, step, offset, prob, mode, with_images):
     ip = processor.image_processor
     views, pils = [], []
     for i, t in enumerate(trajs):

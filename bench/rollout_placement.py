@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 
 def build(work: Path, sft_steps: int, prompts: int, response_len: int, group_size: int):
-    from megatron_vppo.config import load_config
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
     from megatron_vppo.distributed import barrier
     from megatron_vppo.models import MODELS

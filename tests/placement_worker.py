@@ -13,7 +13,7 @@ import megatron_vppo  # noqa: F401  (before transformers: the vLLM torchvision s
 
 
 def run_layout(config: str, out: str, steps: int, name: str, overrides: list[str]) -> None:
-    from megatron_vppo.config import load_config
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.train.build import build_run
     from megatron_vppo.train.loop import rl_step, validate
 

@@ -78,9 +78,9 @@ def format_table(rows: list[dict], gpu_mem_gib: float, top: int) -> str:
     lines.append(
         f"{n_fit} of {len(rows)} layouts fit in {gpu_mem_gib:g} GiB. Memory columns are GiB on the most "
         "loaded pipeline rank; total = the larger of training, weights+grads+optim + max(act+vision+bwd, nograd) + ovh, "
-        "and rollout (every GPU), weights+grads+optim + fixed ovh + rollout; kv = rollout - the engine's weights, "
-        "at least one full-length sequence; engines = rollout engines x their TP (rollout.engine_tp, default the "
-        "trainer's TP): one engine TP rank on every GPU."
+        "and rollout (every GPU), weights+grads+optim + fixed ovh + rollout + SGLang runtime + sync bucket; kv = rollout - "
+        "the engine's weights, at least one full-length sequence; engines = rollout engines x their TP "
+        "(rollout.engine_tp, default the trainer's TP): one engine TP rank on every GPU."
     )
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """The run's checkpoint directory and the decision when to save into it.
 
 `Checkpointer` is made once by train/build.py (which also asks it for the checkpoint to resume from)
-and used by the driver (train/run.py) after every step. Saving itself is checkpoint/dist_checkpoint.py.
+and used by the driver (train/run.py) after every step. Saving itself is the checkpoint/dist_checkpoint/ package.
 """
 from __future__ import annotations
 

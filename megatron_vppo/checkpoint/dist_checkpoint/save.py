@@ -91,6 +91,7 @@ def save_checkpoint(
     config: Any = None,
     keep_last: int = 0,
     dims: ParallelDims | None = None,
+    extra_meta: dict | None = None,
 ) -> Path:
     """Write `ckpt_dir/step_XXXXXXX` from every rank (collective: call on all ranks).
 
@@ -99,7 +100,8 @@ def save_checkpoint(
     float / bool / None / tensors (it is read back with weights_only=True); `step` is added to it.
     `config`: a RunConfig (or dict) snapshot for meta.json. `keep_last`: prune to the newest K
     complete checkpoints after this one is complete (0 = keep all). `dims`: this rank's layout, recorded
-    in meta.json (default: read from Megatron's groups). Returns the final path.
+    in meta.json (default: read from Megatron's groups). `extra_meta`: more JSON entries for meta.json
+    (the trainer records the model's structure and the checkpoint's parent there). Returns the final path.
 
     A failure (a full disk included) removes the partial save and raises CheckpointError on every
     rank; SIGINT / SIGTERM during the save raise SaveInterrupted after it (see the module doc).
@@ -107,7 +109,7 @@ def save_checkpoint(
     _check_plain(train_state or {})
     with signals_held() as held:
         final = _save(Path(ckpt_dir), int(step), model_chunks, optimizer, scheduler, train_state, config,
-                      keep_last, dims)
+                      keep_last, dims, extra_meta)
         signums = [s for s in gather_objects(held["signum"]) if s is not None]
     if signums:
         name = signal.Signals(signums[0]).name
@@ -119,7 +121,7 @@ def save_checkpoint(
     return final
 
 def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state, config, keep_last,
-          dims: ParallelDims | None) -> Path:
+          dims: ParallelDims | None, extra_meta: dict | None = None) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -218,6 +220,7 @@ def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state
                 "versions": _versions(),
                 "files": dict(sorted(files.items())),
             }
+            meta = {**_config_snapshot(extra_meta or {}), **meta}  # the format's own entries win
             write_file(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
             write_file(tmp / COMPLETE_MARKER, f"step {int(step)}\n".encode())
             # Re-saving a step (e.g. after resuming before it) replaces it; a failed rename puts the old

@@ -68,7 +68,8 @@ def _train(rest: list[str]) -> int:
         train(cfg)
     except (ConfigError, LayoutError, DataError) as err:
         if os.environ.get("RANK", "0") == "0":
-            kind = {ConfigError: "config", LayoutError: "parallel layout"}.get(type(err), "data")
+            kind = ("config" if isinstance(err, ConfigError) else
+                    "parallel layout" if isinstance(err, LayoutError) else "data")
             print(f"megatron-vppo train: {kind} error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # RunInterrupted / SaveInterrupted name what was saved

@@ -226,8 +226,39 @@ def test_startup_mistakes_are_one_line_before_the_model(setup, tmp_path, capsys)
         ro = _read_only_dir(tmp_path)
         rc, line = _train_cli(setup, capsys, f"train.output_dir={ro / 'run'}")
         assert rc == 2 and f"train.output_dir={ro / 'run'} is not writable" in line, line
+
+        def interrupted_build(*a, **k):  # a real Ctrl-C while the model is being built
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+            raise AssertionError("SIGINT did not interrupt the build")
+
+        build.build_policy = interrupted_build
+        rc, line = _train_cli(setup, capsys, out)  # 19.8: a real reason, not "interrupted: "
+        assert rc == 130 and "interrupted: SIGINT (Ctrl-C) before the first training step" in line, line
+        assert "continue with train.resume=auto" in line.lower()
+        from megatron_vppo.train import output_lock
+
+        assert not output_lock.held(tmp_path / "out")  # released on the way out
     finally:
         build.build_policy = orig
+
+
+def test_signals_between_steps_second_one_stops_at_once():
+    """22.6: the first SIGINT / SIGTERM (real signals to this process) is recorded as a stop request; a
+    second raises RunInterrupted at once; handlers are restored afterwards."""
+    from megatron_vppo.train.run import RunInterrupted, stop_between_steps
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted) as e:
+        with stop_between_steps() as stop:
+            stop["step"] = 7
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert stop["signum"] == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert e.value.signum == signal.SIGINT and "second SIGINT: stopped at once, during step 7" in str(e.value)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def _read_only_dir(tmp_path: Path) -> Path:

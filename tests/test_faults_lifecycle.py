@@ -213,6 +213,19 @@ def test_startup_mistakes_are_one_line_before_the_model(setup, tmp_path, capsys)
         (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
         rc, line = _train_cli(setup, capsys, out, f"model.path={other}")
         assert rc == 2 and "model_type 'llama' not in MODELS (known: qwen2_5_vl" in line, line
+        from megatron_vppo.train.evaluate import main as eval_main
+
+        assert eval_main(["--model", str(other), "--data", str(setup["train"])]) == 2  # eval: one line too
+        err = capsys.readouterr().err
+        assert err.startswith(f"megatron-vppo eval: error: --model {other}: model_type 'llama' not in MODELS"), err
+        sys.path.insert(0, str(REPO / "tools"))
+        try:
+            import generate
+        finally:
+            sys.path.remove(str(REPO / "tools"))
+        assert generate.main(["--model", str(other), "--data", str(setup["train"]), "--out", str(tmp_path / "g")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"generate.py: error: --model {other}: model_type 'llama' not in MODELS"), err
         rc, line = _train_cli(setup, capsys, out, f"data.train={setup['train'].parent}")
         assert rc == 2 and "is a directory but not one written by Dataset.save_to_disk" in line, line
         rc, line = _train_cli(setup, capsys, out, f"data.train={tmp_path / 'no_such_dir'}")

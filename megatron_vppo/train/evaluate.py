@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--timeout-s {args.timeout_s}: must be >= 0 (0: no deadline)")
     if not 0.0 <= args.max_grader_error_rate <= 1.0:
         ap.error(f"--max-grader-error-rate {args.max_grader_error_rate}: must be in [0, 1]")
+    from megatron_vppo.train.startup import model_dir_problem
+
+    problem = model_dir_problem(args.model, "--model")
+    if problem:
+        print(f"megatron-vppo eval: error: {problem}", file=sys.stderr)
+        return 2
     for flag, path, need in (("--model", Path(args.model), "config.json"), ("--data", Path(args.data), None)):
         if not (path / need).is_file() if need else not path.exists():
             print(f"megatron-vppo eval: error: {flag} {path} " +

@@ -20,6 +20,7 @@ Ranks other than 0 run the read-only checks (1, 2, 5-9) and find the same mistak
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -65,29 +66,40 @@ def check_config(cfg: RunConfig) -> None:
                               f"model.fp8=null")
 
 
-def check_paths(cfg: RunConfig) -> Path:
-    """Fail before any process group exists when the model or the data is not where the config says,
-    or the model is of a type MODELS does not know."""
-    import json
+def model_dir_problem(path: str | None, option: str) -> str | None:
+    """Why `path` is not a model directory of a type in MODELS (one line naming `option`), or None.
+    The trainer, `megatron-vppo eval` and tools/generate.py check their model this way first."""
+    from megatron_vppo.models import MODELS
 
-    from megatron_vppo.models import MODELS, check_hf_config
-
-    model_dir = Path(cfg.model.path) if cfg.model.path else None
+    model_dir = Path(path) if path else None
+    named = f"{option} {path}" if option.startswith("--") else f"{option}={path!r}"
     if model_dir is None or not (model_dir / "config.json").is_file():
         what = "is not set" if model_dir is None else (
             "does not exist" if not model_dir.exists() else "has no config.json")
-        raise ConfigError(
-            f"model.path={cfg.model.path!r} {what}; point it at a Hugging Face model directory of a type in "
-            f"MODELS (tools/convert_checkpoint.py mcore-to-hf turns a Megatron checkpoint into one)")
+        return (f"{named} {what}; point it at a Hugging Face model directory of a type in MODELS "
+                f"(tools/convert_checkpoint.py mcore-to-hf turns a Megatron checkpoint into one)")
     try:
         hf = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={model_dir}: config.json is unreadable ({e})") from None
-    model_type = hf.get("model_type")
+        return f"{named}: config.json is unreadable ({e})"
+    model_type = hf.get("model_type") if isinstance(hf, dict) else None
     known = sorted({t for name in MODELS for t in MODELS[name].hf_model_types})
     if model_type not in known:
-        raise ConfigError(f"model.path={model_dir}: model_type {model_type!r} not in MODELS (known: "
-                          f"{', '.join(known)}); point model.path at a model of a known type")
+        return (f"{named}: model_type {model_type!r} not in MODELS (known: {', '.join(known)}); point {option} "
+                f"at a model of a known type")
+    return None
+
+
+def check_paths(cfg: RunConfig) -> Path:
+    """Fail before any process group exists when the model or the data is not where the config says,
+    or the model is of a type MODELS does not know."""
+    from megatron_vppo.models import MODELS, check_hf_config
+
+    problem = model_dir_problem(cfg.model.path, "model.path")
+    if problem:
+        raise ConfigError(problem)
+    model_dir = Path(cfg.model.path)
+    hf = json.loads((model_dir / "config.json").read_text())
     try:
         check_hf_config(MODELS[cfg.model.arch], hf, f"model.path {model_dir}")
     except ValueError as e:

@@ -96,7 +96,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 def build_run(cfg: RunConfig, start: StartPlan | None = None) -> tuple[Trainer, Checkpointer]:
     """Everything a run needs: the trainer (resumed from the newest checkpoint that verifies, when
     `train.resume` asks for it) with its engine in sync, and the checkpointer that saves it. `start`:
-    what `train.startup.start_run` returned (run here when None: every check that needs no model)."""
+    what `start_run` (train/startup.py) returned (run here when None: every check that needs no model)."""
     from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, read_meta
     from megatron_vppo.data.dataset import PromptBatches, PromptDataset
     from megatron_vppo.data.processor import VLProcessor

@@ -33,11 +33,11 @@ class OutputDirBusy(ConfigError):
 
 def _read(fd: int) -> dict:
     os.lseek(fd, 0, os.SEEK_SET)
-    data = b""
+    raw = b""
     while chunk := os.read(fd, 4096):
-        data += chunk
+        raw += chunk
     try:
-        rec = json.loads(data.decode() or "{}")
+        rec = json.loads(raw.decode("utf-8") or "{}")
     except (ValueError, UnicodeDecodeError):
         return {}
     return rec if isinstance(rec, dict) else {}

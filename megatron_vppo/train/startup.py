@@ -1,4 +1,4 @@
-"""A run's start-up: every check that needs no model, in seconds, before `train.build.build_run` builds
+"""A run's start-up: every check that needs no model, in seconds, before `build_run` (train/build.py) builds
 the model and the engine (minutes). Each mistake is one line (ConfigError / DataError, exit 2).
 
 `start_run(cfg)` in order:

@@ -365,3 +365,30 @@ def test_resume_notices_only_keys_the_algorithm_reads():
     now = load_config(None, ["algo.name=grpo", "optim.lr=2e-5"])
     keys = {c.key for c in config_changes(saved, now)}
     assert "algo.name" in keys and "optim.lr" in keys and "algo.entropy_coef" not in keys, keys
+
+
+def test_structure_differences_name_every_field(tiny_model_dir, tmp_path):
+    """22.2: vocabulary, tokenizer files, layers, widths, heads and the vision tower are each named (the
+    trainer test above covers tied embeddings end to end)."""
+    import shutil
+
+    from megatron_vppo.checkpoint.model_structure import model_structure, structure_differences
+
+    saved = model_structure(tiny_model_dir)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    text["vocab_size"] = 152064
+    text["num_hidden_layers"] = text.get("num_hidden_layers", 2) + 1
+    text["num_attention_heads"] = text.get("num_attention_heads", 2) * 2
+    cfg["vision_config"]["depth"] = cfg["vision_config"].get("depth", 1) + 1
+    (other / "config.json").write_text(json.dumps(cfg))
+    tok = other / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"<|endoftext|>"', '"<|end|>"', 1))
+    diffs = structure_differences(saved, model_structure(other))
+    assert [d.split(":")[0].split(" (")[0] for d in diffs] == [
+        "num_attention_heads", "num_hidden_layers", "tokenizer", "vision.depth", "vocab_size"], diffs
+    assert f"vocab_size: {saved['vocab_size']} -> 152064" in diffs
+    assert structure_differences(saved, model_structure(tiny_model_dir)) == []
+    assert structure_differences(None, saved) == []  # a checkpoint from before the record: nothing compared

@@ -274,22 +274,43 @@ def test_signals_between_steps_second_one_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def _read_only_dir(tmp_path: Path) -> Path:
-    """A read-only filesystem (a tmpfs mounted ro; root ignores file modes), or a directory without write
-    permission for other users."""
-    point = tmp_path / "ro"
-    point.mkdir()
-    if os.geteuid() != 0:
-        point.chmod(0o555)
-        return point
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(point)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        pytest.skip(f"mounting a read-only tmpfs is not permitted here ({r.stderr.strip()})")
+def _tmpfs(tmp_path: Path, name: str, options: str) -> Path:
+    """A fresh tmpfs mounted with `options` (root only; skipped where mounting is not permitted),
+    unmounted at exit."""
     import atexit
 
+    point = tmp_path / name
+    point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a read-only or full filesystem is made with a tmpfs, which needs root to mount")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.strip()})")
     atexit.register(subprocess.run, ["umount", "-l", str(point)], check=False)
     return point
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    """A read-only filesystem (root ignores file modes); a directory without write permission otherwise."""
+    if os.geteuid() != 0:
+        point = tmp_path / "ro"
+        point.mkdir()
+        point.chmod(0o555)
+        return point
+    return _tmpfs(tmp_path, "ro", "ro,size=64k")
+
+
+def test_converter_on_a_full_disk_is_one_line(tiny_model_dir, tmp_path):
+    """19.10: `convert hf-to-mcore` onto a full disk (a 256 KiB tmpfs): exit 1, one line saying so, no
+    traceback, nothing half-written left."""
+    disk = _tmpfs(tmp_path, "small", "size=256k")
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "hf-to-mcore", "--hf",
+                          str(tiny_model_dir), "--out", str(disk / "mcore")], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("convert_checkpoint.py hf-to-mcore: error:")]
+    assert res.returncode == 1 and len(lines) == 1, res.stderr[-3000:]
+    assert "no space left" in lines[0].lower(), lines[0]
+    assert "Traceback" not in res.stderr and list(disk.iterdir()) == [], list(disk.iterdir())
 
 
 def test_skipped_rows_are_named_at_info(setup, tmp_path, caplog):

@@ -189,6 +189,10 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
     except Exception as e:  # noqa: BLE001 — save_checkpoint already agreed on failure across ranks
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if str(e).startswith("no space left on"):  # the trainer's fix (train.resume=auto) does not apply here
+            raise ExportError(f"no space left on the disk of {out} ({dc.free_bytes(out.parent)} bytes free): saving "
+                              f"the Megatron checkpoint failed; the partial save was removed. Fix: free space "
+                              f"there, or choose another --out") from None
         raise ExportError(f"saving the Megatron checkpoint to {out} failed: {e}") from e
     if rank == 0:
         try:

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from megatron_vppo.checkpoint.atomic_dir import publish, temp_sibling
-from megatron_vppo.checkpoint.dist_checkpoint.disk import agree_or_clean_up, reason
+from megatron_vppo.checkpoint.dist_checkpoint.disk import (
+    DISK_FULL_BYTES, agree_or_clean_up, free_bytes, looks_like_enospc, reason)
 from megatron_vppo.checkpoint.dist_checkpoint.format import (
     COMPLETE_MARKER, DIST_SUBDIR, FORMAT, FORMAT_VERSION, META_FILE, OPTIMIZER_SHARDING_TYPE, RNG_SUBDIR,
     CheckpointError, checkpoint_name, write_file)
@@ -181,7 +182,10 @@ def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         ok, err = False, f"rank {rank}: {reason(e)}"
-        logger.exception("checkpoint save failed on rank %d", rank)
+        if looks_like_enospc(err) or free_bytes(root) < DISK_FULL_BYTES:  # a full disk: the one line says it all
+            logger.error("checkpoint save failed on rank %d: %s", rank, err)
+        else:
+            logger.exception("checkpoint save failed on rank %d", rank)
     agree_or_clean_up(ok, err, root, final, tmp)
 
     delay = float(os.environ.get("MEGATRON_VPPO_TEST_SAVE_DELAY_S", "0") or 0)

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_vppo.config import ConfigError, RunConfig, to_dict
+from megatron_vppo.config import CONFIG_FILE, ConfigError, RunConfig, to_dict
 
 log = logging.getLogger("megatron_vppo.train")
 
 PREVIOUS_RUNS = "previous_runs"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "tensorboard")  # what a run writes
+RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "tensorboard", CONFIG_FILE)  # what a run writes
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:

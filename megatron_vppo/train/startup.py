@@ -7,14 +7,16 @@ the model and the engine (minutes). Each mistake is one line (ConfigError / Data
 2. the paths: `model.path` is a model whose `model_type` is in MODELS; the data files exist and are data;
 3. the output directory (global rank 0): created and writable, then locked for the run's life
    (`output_lock.py`: a second run on it exits at once naming the first);
-4. the resolved config saved into the output directory — the place for issue 19 item 6 (`save_config`);
+4. (`--print-config` has printed and exited before this sequence: cli.py);
 5. a finished run (`train.resume=auto` at `train.total_steps`): said so, nothing built;
 6. the output directory's plan (`resume.check_output_dir`): another run refused or moved aside, a
    failed start's leftovers cleared, a branch's newer checkpoints moved aside — decided here, carried
    out by rank 0 last, once every check passed;
 7. the checkpoint to resume from has the configured model's structure (`checkpoint/model_structure.py`);
 8. the data has at least one usable row (reasons with counts otherwise);
-9. the grader's package imports.
+9. the grader's package imports;
+10. the resolved config saved as `<output_dir>/config.yaml` (rank 0, after the plan: never over another
+    run's).
 
 Ranks other than 0 run the read-only checks (1, 2, 5-9) and find the same mistakes.
 """
@@ -27,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_vppo.config import ConfigError, RunConfig
+from megatron_vppo.config import ConfigError, RunConfig, save_config
 from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.train import output_lock
 from megatron_vppo.train.resume import apply_output_plan, check_output_dir, checkpoint_dir
@@ -104,6 +106,9 @@ def check_paths(cfg: RunConfig) -> Path:
         check_hf_config(MODELS[cfg.model.arch], hf, f"model.path {model_dir}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from megatron_vppo.rollout import check_engine_model
+
+    check_engine_model(cfg.rollout.engine, model_dir)  # e.g. vLLM on CPU and a head_dim it cannot run
     if not cfg.data.train:
         raise ConfigError("data.train is empty; set it to a parquet/jsonl/arrow file or a saved dataset dir")
     for key in ("train", "val"):
@@ -127,11 +132,6 @@ def prepare_output_dir(out: Path) -> None:
         raise ConfigError(f"train.output_dir={out} is not writable ({e.strerror or e}); choose a writable "
                           f"directory for train.output_dir") from None
     output_lock.acquire(out)
-
-
-def save_config(cfg: RunConfig, out: Path) -> None:
-    """The resolved config written into the output directory at start (issue 19 item 6: the first-hour
-    change fills this in; the directory is created, writable and locked by now)."""
 
 
 # ------------------------------------------------------------------------------ 5, 7: the checkpoint
@@ -210,7 +210,7 @@ def check_rows(path: str, option: str, keys: dict) -> None:
 
 
 def start_run(cfg: RunConfig) -> StartPlan:
-    """Steps 1-9 of the module doc. Returns the model directory, or the finished run's last checkpoint
+    """Steps 1-10 of the module doc. Returns the model directory, or the finished run's last checkpoint
     (`complete`) when there is nothing to train."""
     from megatron_vppo.reward.grade import GraderImportError, import_problem
 
@@ -219,7 +219,6 @@ def start_run(cfg: RunConfig) -> StartPlan:
     out = Path(cfg.train.output_dir)
     if _rank() == 0:
         prepare_output_dir(out)
-        save_config(cfg, out)
     done = finished_run(cfg)
     if done is not None:
         if _rank() == 0:
@@ -240,6 +239,7 @@ def start_run(cfg: RunConfig) -> StartPlan:
         raise GraderImportError(problem)
     if _rank() == 0:
         apply_output_plan(out, plan)
+        save_config(cfg, out)  # <output_dir>/config.yaml: this start's resolved settings, once no other run's is there
     return StartPlan(model_dir)
 
 

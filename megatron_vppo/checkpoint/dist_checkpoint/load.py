@@ -97,7 +97,10 @@ def load_checkpoint(
     except BaseException as e:  # noqa: BLE001 — torch DCP's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise corrupt(p, first_line(e)) from e
+        why = first_line(e)
+        if "shape" in why.lower():  # another model, not a damaged file: skipping to an older one cannot help
+            raise another_model(p, why) from e
+        raise corrupt(p, why) from e
 
     # From here on a failure can be local to one rank (one pipeline stage's chunk, one rank's RNG
     # file): agree on it before the next collective, or the other ranks block there forever.
@@ -106,7 +109,7 @@ def load_checkpoint(
         try:
             unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
         except Exception as e:  # noqa: BLE001
-            err = corrupt(p, f"model chunk {i} does not match the checkpoint ({e})")
+            err = another_model(p, f"model chunk {i} does not match the checkpoint ({e})")
             break
     raise_on_any_rank(err, p)
 
@@ -158,6 +161,12 @@ def load_checkpoint(
         scheduler_loaded=sched_loaded,
         rng_restored=rng_restored,
     )
+
+def another_model(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} was saved from a model of another structure than the one model.path builds ({what}). "
+        f"Fix: set model.path to the model the run was trained from (meta.json config.model.path)")
+
 
 def raise_on_any_rank(err: CheckpointError | None, path: Path) -> None:
     """Collective: raise `err` here, or a pointer to the failing rank's log on every other rank."""

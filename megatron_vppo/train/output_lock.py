@@ -72,9 +72,13 @@ def acquire(output_dir: str | Path) -> Path:
     rec = {"host": socket.gethostname(), "pid": os.getpid(),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "argv": sys.argv}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0)
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0)
+        os.fsync(fd)
+    except OSError as e:  # a full disk: the flock is the lock; the record only names its holder
+        log.warning("train.output_dir=%s: locked, but the holder could not be recorded in %s (%s)", out, path,
+                    e.strerror)
     _HELD[key] = fd
     return path
 

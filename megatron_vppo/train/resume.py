@@ -37,7 +37,8 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
 # ------------------------------------------------------------------------------ the output directory
 
 
-def _metrics_steps(path: Path) -> list[int]:
+def metrics_steps(path: Path) -> list[int]:
+    """The steps of metrics.jsonl's readable lines (a torn or foreign line is skipped)."""
     steps = []
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -61,7 +62,7 @@ def failed_start_files(out: Path) -> list[Path]:
     if ck.is_dir() and any(p.name.startswith("step_") for p in ck.iterdir()):
         return []
     metrics = out / "metrics.jsonl"
-    if metrics.is_file() and any(s >= 1 for s in _metrics_steps(metrics)):
+    if metrics.is_file() and any(s >= 1 for s in metrics_steps(metrics)):
         return []
     return [out / name for name in RUN_FILES if name != "checkpoints" and (out / name).exists()]
 

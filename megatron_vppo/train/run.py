@@ -98,6 +98,9 @@ def _steps(cfg: RunConfig, trainer, checkpointer) -> dict:
             last = validate(trainer)
             if trainer.logger:
                 trainer.logger.log(0, last)
+        if trainer.step >= total and dist.get_rank() == 0:
+            log.warning("resumed at step %d: the run is already complete (train.total_steps=%d); nothing to train. "
+                        "To train further, raise train.total_steps", trainer.step, total)
         bar = progress(total=total, desc="rl steps", unit="step", leave=True)
         bar.update(min(trainer.step, total))
         while trainer.step < total:

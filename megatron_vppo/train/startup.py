@@ -32,7 +32,7 @@ from pathlib import Path
 from megatron_vppo.config import ConfigError, RunConfig, save_config
 from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.train import output_lock
-from megatron_vppo.train.resume import apply_output_plan, check_output_dir, checkpoint_dir
+from megatron_vppo.train.resume import apply_output_plan, check_output_dir, checkpoint_dir, metrics_steps
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -113,6 +113,9 @@ def check_paths(cfg: RunConfig) -> Path:
         raise ConfigError("data.train is empty; set it to a parquet/jsonl/arrow file or a saved dataset dir")
     for key in ("train", "val"):
         path = getattr(cfg.data, key)
+        if path and not Path(path).exists():
+            raise ConfigError(f"data.{key}={path!r} does not exist; pass a .parquet/.jsonl/.json/.arrow file "
+                              f"or a directory written by Dataset.save_to_disk")
         if path:
             check_data_file(path, f"data.{key}")
     return model_dir
@@ -134,11 +137,26 @@ def prepare_output_dir(out: Path) -> None:
     output_lock.acquire(out)
 
 
+def _save_config(cfg: RunConfig, out: Path) -> None:
+    """<output_dir>/config.yaml: this start's resolved settings (once no other run's is there). On a full
+    disk a warning only: a resume must start there (it needs no space until its next save)."""
+    from megatron_vppo.checkpoint.dist_checkpoint import DISK_FULL_BYTES, free_bytes
+
+    try:
+        save_config(cfg, out)
+    except ConfigError as e:
+        if free_bytes(out) >= DISK_FULL_BYTES:
+            raise
+        log.warning("%s (the disk is full); the run starts without it", e)
+
+
 # ------------------------------------------------------------------------------ 5, 7: the checkpoint
 
 
 def finished_run(cfg: RunConfig) -> Path | None:
-    """With train.resume=auto: the newest complete checkpoint when it is at train.total_steps already."""
+    """With train.resume=auto: the newest complete checkpoint when it is at train.total_steps already and
+    metrics.jsonl does not run past it (a record that does, from a continuation that crashed, is cut back
+    by a normal resume)."""
     from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError, find_latest_complete, read_meta
 
     if cfg.train.resume != "auto":
@@ -148,7 +166,10 @@ def finished_run(cfg: RunConfig) -> Path | None:
         step = int(read_meta(latest).get("step", -1)) if latest is not None else -1
     except (CheckpointError, TypeError, ValueError):
         return None
-    return latest if step >= cfg.train.total_steps else None
+    if step < cfg.train.total_steps or any(s > step for s in metrics_steps(Path(cfg.train.output_dir) /
+                                                                             "metrics.jsonl")):
+        return None
+    return latest
 
 
 def resume_candidate(cfg: RunConfig) -> Path | None:
@@ -239,7 +260,7 @@ def start_run(cfg: RunConfig) -> StartPlan:
         raise GraderImportError(problem)
     if _rank() == 0:
         apply_output_plan(out, plan)
-        save_config(cfg, out)  # <output_dir>/config.yaml: this start's resolved settings, once no other run's is there
+        _save_config(cfg, out)
     return StartPlan(model_dir)
 
 

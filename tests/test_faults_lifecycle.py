@@ -192,7 +192,7 @@ def _train_cli(setup, capsys, *overrides: str) -> tuple[int, str]:
     return rc, lines[0]
 
 
-def test_startup_mistakes_are_one_line_before_the_model(setup, tmp_path, capsys):
+def test_startup_mistakes_are_one_line_before_the_model(setup, tmp_path, capsys, tmpfs):
     """22.8 / 19.10 / 19.9: each mistake is exit 2 and one line, found before any model is built."""
     import megatron_vppo.train.build as build
 
@@ -236,7 +236,7 @@ def test_startup_mistakes_are_one_line_before_the_model(setup, tmp_path, capsys)
         rc, line = _train_cli(setup, capsys, out, f"data.train={bad}")
         assert rc == 2 and "every row is invalid (5 rows: empty_problem=1, missing_image=4; first: row 0: " \
                            "missing_image" in line, line
-        ro = _read_only_dir(tmp_path)
+        ro = _read_only_dir(tmp_path, tmpfs)
         rc, line = _train_cli(setup, capsys, f"train.output_dir={ro / 'run'}")
         assert rc == 2 and f"train.output_dir={ro / 'run'} is not writable" in line, line
 
@@ -274,36 +274,43 @@ def test_signals_between_steps_second_one_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def _tmpfs(tmp_path: Path, name: str, options: str) -> Path:
-    """A fresh tmpfs mounted with `options` (root only; skipped where mounting is not permitted),
-    unmounted at exit."""
-    import atexit
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, options) -> a fresh tmpfs under tmp_path (root only; skipped where mounting is not
+    permitted), unmounted after the test."""
+    mounts = []
 
-    point = tmp_path / name
-    point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("a read-only or full filesystem is made with a tmpfs, which needs root to mount")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.strip()})")
-    atexit.register(subprocess.run, ["umount", "-l", str(point)], check=False)
-    return point
+    def mount(name: str, options: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("a read-only or full filesystem is made with a tmpfs, which needs root to mount")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.strip()})")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
-def _read_only_dir(tmp_path: Path) -> Path:
+def _read_only_dir(tmp_path: Path, tmpfs) -> Path:
     """A read-only filesystem (root ignores file modes); a directory without write permission otherwise."""
     if os.geteuid() != 0:
         point = tmp_path / "ro"
         point.mkdir()
         point.chmod(0o555)
         return point
-    return _tmpfs(tmp_path, "ro", "ro,size=64k")
+    return tmpfs("ro", "ro,size=64k")
 
 
-def test_converter_on_a_full_disk_is_one_line(tiny_model_dir, tmp_path):
+def test_converter_on_a_full_disk_is_one_line(tiny_model_dir, tmpfs):
     """19.10: `convert hf-to-mcore` onto a full disk (a 256 KiB tmpfs): exit 1, one line saying so, no
     traceback, nothing half-written left."""
-    disk = _tmpfs(tmp_path, "small", "size=256k")
+    disk = tmpfs("small", "size=256k")
     res = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "hf-to-mcore", "--hf",
                           str(tiny_model_dir), "--out", str(disk / "mcore")], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ def layout_dims(hf_config) -> dict:
                 num_layers=a.num_layers, vision_num_heads=(cfg.get("vision_config") or {}).get("num_heads"))
 
 
-def build_chunks(hf_config, model_cfg=None, parallel=None, dims=None) -> list:
+def build_chunks(hf_config, model_cfg, parallel, dims) -> list:
     from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
 
     return build_model_chunks(hf_config, model_cfg, parallel, dims=dims)

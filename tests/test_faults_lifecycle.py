@@ -386,7 +386,8 @@ def test_eval_timeout_flag(capsys):
 
 def test_resume_notices_only_keys_the_algorithm_reads():
     """22.7: vppo -> grpo on resume does not report algo.entropy_coef (grpo does not read it) as taking effect."""
-    from megatron_vppo.config import load_config, to_dict
+    from megatron_vppo.config import to_dict
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.train.resume import config_changes
 
     saved = to_dict(load_config(None, ["algo.name=vppo", "algo.entropy_coef=0.06", "optim.lr=1e-5"]))

@@ -2,9 +2,11 @@
 
 Two runs in one directory mix their checkpoints and metrics (the second resumes from the first's newest
 checkpoint, both append to metrics.jsonl, one's pruning deletes the other's half-written save). Global
-rank 0 holds an exclusive `flock` on `<output_dir>/.run.lock` from before the model is built until the
+rank 0 holds an exclusive lock on `<output_dir>/.run.lock` from before the model is built until the
 run ends; the kernel drops it when the process dies, however it dies (SIGKILL included), so a lock is
-never stale by itself. The file also records who holds it (host, pid, start time): a second run is
+never stale by itself. It is a POSIX record lock (`lockf`), not a `flock`: children forked by the run
+(Megatron's checkpoint writers, mid-save when the run is killed) do not inherit it, so they cannot keep
+a dead run's directory locked. The file also records who holds it (host, pid, start time): a second run is
 refused at once naming them, and a run that finds the record of a holder that no longer holds the lock
 (a killed run) takes it over with a warning.
 """
@@ -57,7 +59,7 @@ def acquire(output_dir: str | Path) -> Path:
         return path
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX record lock: see the module doc
     except OSError:
         holder = _read(fd)
         os.close(fd)
@@ -76,7 +78,7 @@ def acquire(output_dir: str | Path) -> Path:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0)
         os.fsync(fd)
-    except OSError as e:  # a full disk: the flock is the lock; the record only names its holder
+    except OSError as e:  # a full disk: the lock is held; the record only names its holder
         log.warning("train.output_dir=%s: locked, but the holder could not be recorded in %s (%s)", out, path,
                     e.strerror)
     _HELD[key] = fd
@@ -93,7 +95,7 @@ def release(output_dir: str | Path) -> None:
         os.ftruncate(fd, 0)
     except OSError:
         pass
-    os.close(fd)  # closing the descriptor releases the flock
+    os.close(fd)  # closing the descriptor releases the lock
 
 
 def held(output_dir: str | Path) -> bool:

@@ -105,7 +105,7 @@ class _FailingEngine:
     def __init__(self, after):
         self.after = after
 
-    def update_weights(self, stream):
+    def update_weights(self, stream, expected=None):
         from megatron_vppo.sync.buckets import iter_named_tensors
 
         for i, _ in enumerate(iter_named_tensors(stream)):

@@ -1,6 +1,7 @@
 """SGLang engines: the CPU-testable translation layer, the trainer side of the weight-update
 group over real gloo processes, and GPU-only end-to-end checks (skipped without CUDA + sglang)."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -141,11 +142,20 @@ def test_sglang_engine_matches_hf_engine(tiny_model_dir):
     eng = SGLangRolloutEngine.launch(str(tiny_model_dir), dtype="float32", mem_fraction_static=0.3, disable_cuda_graph=True)
     try:
         hf = HFRolloutEngine.from_pretrained(tiny_model_dir, device="cuda")
-        reqs = [RolloutRequest([10, 11, 12, 13]), RolloutRequest([20, 21])]
-        outs = eng.generate(reqs, 2, SamplingParams(temperature=1.0, max_new_tokens=8))
+        from conftest import make_test_images
+        from megatron_vppo.data.processor import VLProcessor
+
+        enc = VLProcessor.from_pretrained(tiny_model_dir).encode("How many shapes?", [make_test_images()[0]])
+        image_pad = int(json.loads((tiny_model_dir / "config.json").read_text())["image_token_id"])
+        reqs = [RolloutRequest([10, 11, 12, 13]), RolloutRequest([20, 21]),
+                RolloutRequest(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"])]
+        # banned tokens: the engine re-scores SGLang's log-probs onto the full vocabulary (docs/sglang.md)
+        outs = eng.generate(reqs, 2, SamplingParams(temperature=1.0, max_new_tokens=8, banned_token_ids=(image_pad,)))
         items = [(r, o.token_ids) for r, s in zip(reqs, outs) for o in s]
         ref = hf.score(items)
         for (r, _), o, lp in zip(items, [o for s in outs for o in s], ref):
+            assert image_pad not in o.token_ids and 0 < len(o.token_ids) <= 8
+            assert len(o.log_probs) == len(lp) == len(o.token_ids)  # lengths first: zip would hide a short list
             assert max(abs(a - b) for a, b in zip(o.log_probs, lp)) < 1e-3
         # weight update through flattened buckets, then generation on the new weights
         from safetensors.torch import load_file
@@ -162,7 +172,9 @@ def test_sglang_engine_matches_hf_engine(tiny_model_dir):
         hf.update_weights(sd.items())
         outs = eng.generate(reqs, 1, SamplingParams(temperature=1.0, max_new_tokens=8))
         ref = hf.score([(r, s[0].token_ids) for r, s in zip(reqs, outs)])
+        assert len(outs) == len(ref) == len(reqs)
         for s, lp in zip(outs, ref):
+            assert len(s[0].log_probs) == len(lp) == len(s[0].token_ids)
             assert max(abs(a - b) for a, b in zip(s[0].log_probs, lp)) < 1e-3
     finally:
         eng.shutdown()

@@ -55,8 +55,8 @@ def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = 
             try:
                 if in_process:
                     engine.update_weights(stream, mode=mode or "in_place", expected=plan.manifest(dtype))
-                else:
-                    engine.update_weights(stream)
+                else:  # the manifest too: SGLang checks its names before the first payload
+                    engine.update_weights(stream, expected=plan.manifest(dtype))
             except Exception as e:  # noqa: BLE001 — finish the collective first
                 err = e
                 drain(stream)

@@ -75,7 +75,8 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
     check_hf_config(spec, hf_config, f"model.path {model_dir}")
     arch = spec.text_arch(hf_config)
     dims = init_distributed(cfg.parallel, **spec.layout_dims(hf_config), seed=cfg.train.seed)
-    chunks = spec.build_chunks(hf_config, cfg.model, cfg.parallel, dims)
+    # no random init: load_hf_weights writes every parameter (it refuses a chunk it cannot fill)
+    chunks = spec.build_chunks(hf_config, cfg.model, cfg.parallel, dims, init_weights=False)
     adapter = spec.weight_adapter(hf_config, dims.tp, cfg.model.vocab_pad_multiple)
     load_hf_weights(chunks, model_dir, adapter, dims=dims)
     for chunk in chunks:
@@ -188,7 +189,10 @@ def teardown(trainer: Trainer) -> None:
             path = Path(trainer.cfg.train.output_dir) / "metrics.jsonl"
             if path.exists():
                 try:
-                    plot_metrics(path, Path(trainer.cfg.train.output_dir) / "metrics.png")
+                    from megatron_vppo.algo.registry import get_algorithm
+
+                    plot_metrics(path, Path(trainer.cfg.train.output_dir) / "metrics.png",
+                                 extra_panels=get_algorithm(trainer.cfg.algo.name).panels)
                 except Exception as e:  # a plot must never fail a finished run
                     log.warning("could not plot metrics: %s", e)
     trainer.grader.close()

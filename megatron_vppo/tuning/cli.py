@@ -75,7 +75,7 @@ def format_table(rows: list[dict], gpu_mem_gib: float, top: int) -> str:
     lines.append(
         f"{n_fit} of {len(rows)} layouts fit in {gpu_mem_gib:g} GiB. Memory columns are GiB on the most "
         "loaded pipeline rank; total = the larger of training, weights+grads+optim + max(act+vision+bwd, nograd) + ovh, "
-        "and rollout (stage 0), weights+grads+optim + fixed ovh + rollout; kv = rollout - the engine's weights, "
+        "and rollout (stage 0), weights+grads+optim + fixed ovh + rollout + SGLang runtime + sync bucket; kv = rollout - the engine's weights, "
         "at least one full-length sequence."
     )
     return "\n".join(lines)

@@ -44,12 +44,19 @@ def te_layer_spec(qk_layernorm: bool = False):
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
-def lm_layer_spec(config):
+def lm_layer_spec(config, layer_class=None):
     """The spec for `config.transformer_impl` ('transformer_engine' or 'local'), with q/k norms when
-    `config.qk_layernorm`."""
+    `config.qk_layernorm`. `layer_class` (a TransformerLayer subclass) replaces the layer module, for a
+    model that adds something between layers (e.g. Qwen3-VL's DeepStack features); submodules keep
+    their names, so weights and checkpoints do not change."""
     qk = bool(getattr(config, "qk_layernorm", False))
     if getattr(config, "transformer_impl", "local") == "transformer_engine":
-        return te_layer_spec(qk)
-    if getattr(config, "fp8", None):
-        raise ValueError("fp8 needs transformer_impl=transformer_engine (GPU)")
-    return local_layer_spec(qk)
+        spec = te_layer_spec(qk)
+    else:
+        if getattr(config, "fp8", None):
+            raise ValueError("fp8 needs transformer_impl=transformer_engine (GPU)")
+        spec = local_layer_spec(qk)
+    if layer_class is not None:
+        spec = copy.copy(spec)
+        spec.module = layer_class
+    return spec

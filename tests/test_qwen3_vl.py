@@ -1,0 +1,268 @@
+"""Qwen3-VL on Megatron equals transformers' `Qwen3VLForConditionalGeneration` (fp32) at every layout.
+
+Batch: a two-image prompt (grids [1,4,6] and [1,8,4]), a one-image prompt and a text-only one, right
+padded. The tiny model (models/qwen3_vl/tiny.py) has QK-norm, head_dim != hidden/heads, an uneven
+interleaved mrope_section, an interpolated position table and DeepStack into LM layers 0-2 of 4, so
+the PP2 split holds a DeepStack layer (2) on stage 1. One 4-rank launch runs every layout in turn
+(process groups rebuilt per layout): TP1 (x DP4), TP2, PP2, TP2+SP, TP2xPP2, each through Megatron's
+schedule with gradients; TP1 and TP2 also run the batch packed (thd) and compare with padded.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_test_images
+from dist_helpers import run_distributed
+from test_model_parity import _gather_tp, _vocab_parallel_logprobs, next_token_logprobs_full, response_mask, \
+    weighted_objective
+
+LOGIT_ATOL = 1e-4
+GRAD_RTOL = 1e-4
+PACKED_ATOL = 1e-5
+LAYOUTS = [(1, 1, False), (2, 1, False), (1, 2, False), (2, 1, True), (2, 2, False)]  # (tp, pp, sp)
+
+
+def make_batch(model_dir, seq_multiple=2):
+    from megatron_vppo.data.processor import VLProcessor, collate
+
+    proc = VLProcessor.from_pretrained(model_dir)
+    a, b = make_test_images()
+    samples = [
+        proc.encode("Compare <image> with <image>: how many shapes?", [a, b], response="3 shapes. \\boxed{3}"),
+        proc.encode("<image> What colour is the triangle?", [b], response="green \\boxed{green}"),
+        proc.encode("What is 4 + 3?", [], response="4 + 3 = 7, so \\boxed{7}"),
+    ]
+    batch = collate(samples, proc.pad_token_id)
+    pad = -batch["input_ids"].shape[1] % seq_multiple
+    if pad:
+        for k, v in (("input_ids", proc.pad_token_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+            batch[k] = F.pad(batch[k], (0, pad), value=v)
+    batch["lengths"] = batch["attention_mask"].sum(-1)
+    batch["token_weights"] = torch.rand(batch["input_ids"].shape, generator=torch.Generator().manual_seed(3))
+    return batch
+
+
+def hf_reference(model_dir, batch):
+    """transformers' logits, response log-probs and parameter gradients (v5 names) on `batch`."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pos, _ = hf.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                     image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
+             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    logp = next_token_logprobs_full(out.logits, batch["input_ids"])
+    weighted_objective(logp, batch).backward()
+    grads = {n: p.grad.detach().clone() for n, p in hf.named_parameters() if p.grad is not None}
+    assert len(grads) == len(list(hf.parameters()))
+    return dict(batch=batch, logits=out.logits.detach(), logp=logp.detach(), grads=grads, positions=pos)
+
+
+@pytest.fixture(scope="module")
+def q3_dir(tmp_path_factory):
+    from megatron_vppo.models import MODELS
+
+    return MODELS["qwen3_vl"].make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(q3_dir):
+    return hf_reference(q3_dir, make_batch(q3_dir))
+
+
+# ---------------------------------------------------------------- worker (every rank)
+
+
+def packed_batch(batch, arch):
+    """The padded batch as one thd row [1, T] of its real tokens, per-segment positions, cu_seqlens."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_vppo.models import MODELS
+
+    spec = MODELS[arch.arch_name]
+    ids, pos, grids, offset = [], [], list(batch["image_grid_thw"]), 0
+    for r, n in enumerate(batch["lengths"].tolist()):
+        row = batch["input_ids"][r, :n]
+        counts = []  # this row's image grids (images are consumed in order across the batch)
+        tokens = int((row == arch.image_token_id).sum())
+        while tokens > 0:
+            g = grids[offset]
+            counts.append(g)
+            tokens -= int(g.prod()) // arch.spatial_merge_size ** 2
+            offset += 1
+        ids.append(row)
+        pos.append(spec.trajectory_positions(arch, row, torch.stack(counts) if counts else None))
+    lens = torch.tensor([len(x) for x in ids])
+    cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=int(lens.max()),
+                          max_seqlen_kv=int(lens.max()))
+    return torch.cat(ids)[None], torch.cat(pos, dim=1)[:, None], psp
+
+
+def run_layout(model_dir, batch, tp, pp, sp):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_vppo.checkpoint.hf_load import gather_full_state, load_hf_weights
+    from megatron_vppo.config import ParallelConfig
+    from megatron_vppo.distributed import init_distributed
+    from megatron_vppo.models import MODELS
+
+    spec = MODELS["qwen3_vl"]
+    cfg = spec.load_hf_config(model_dir)
+    arch = spec.text_arch(cfg)
+    par = ParallelConfig(tp=tp, pp=pp, sp=sp)
+    dims = init_distributed(par, **spec.layout_dims(cfg), seed=11)
+    chunks = spec.build_chunks(cfg, None, par, dims)
+    adapter = spec.weight_adapter(cfg, tp)
+    load_hf_weights(chunks, model_dir, adapter)
+    for c in chunks:
+        c.train()
+        c.zero_grad(set_to_none=True)
+    captured = {}
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model(mb["input_ids"], attention_mask=mb["attention_mask"], pixel_values=mb["pixel_values"],
+                    image_grid_thw=mb["image_grid_thw"])
+
+        def loss_func(logits):
+            logp = _vocab_parallel_logprobs(logits, mb["input_ids"], arch.vocab_size)
+            captured["logits"] = _gather_tp(logits.detach())[..., : arch.vocab_size]
+            captured["logp"] = logp.detach()
+            loss = weighted_objective(logp, mb)
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    b, s = batch["input_ids"].shape
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([batch]), model=chunks, num_microbatches=1,
+        seq_length=chunks[0].pipeline_seq_length(s), micro_batch_size=b, forward_only=False,
+    )
+    # What finalize_model_grads does: SP norm weights saw only this rank's tokens, QK-norms only its heads.
+    for c in chunks:
+        for n, p in c.named_parameters():
+            if p.grad is None or tp == 1:
+                continue
+            if (sp and getattr(p, "sequence_parallel", False)) or "q_layernorm" in n or "k_layernorm" in n:
+                torch.distributed.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+    res = dict(logits=captured.get("logits"), logp=captured.get("logp"),
+               grads=gather_full_state(chunks, adapter, grads=True), params=None, packed=None,
+               pp_rank=ps.get_pipeline_model_parallel_rank())
+    if (tp, pp) == (2, 2):
+        res["params"] = gather_full_state(chunks, adapter)
+    if pp == 1 and not sp:
+        ids, pos, psp = packed_batch(batch, arch)
+        with torch.no_grad():
+            lg = chunks[0](ids, position_ids=pos, pixel_values=batch["pixel_values"],
+                           image_grid_thw=batch["image_grid_thw"], packed_seq_params=psp)
+            pad = chunks[0](batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+        mask = batch["attention_mask"].bool()
+        res["packed"] = (_gather_tp(lg)[0] - _gather_tp(pad)[mask]).abs().max().item()
+    return res
+
+
+def _worker(rank, world, model_dir, batch, layouts):
+    return [run_layout(model_dir, batch, *layout) for layout in layouts]
+
+
+# ---------------------------------------------------------------- checks (parent)
+
+
+def check_forward(res, ref, tag):
+    mask, rmask = ref["batch"]["attention_mask"].bool(), response_mask(ref["batch"])
+    last = [r for r in res if r["logits"] is not None]
+    assert last, f"{tag}: no rank returned logits"
+    worst = 0.0
+    for r in last:
+        d_logits = (r["logits"] - ref["logits"])[mask].abs().max().item()
+        d_logp = (r["logp"] - ref["logp"])[rmask].abs().max().item()
+        worst = max(worst, d_logits, d_logp)
+    print(f"{tag}: logits/log-prob max abs diff {worst:.2e}")
+    assert worst <= LOGIT_ATOL, f"{tag}: logits max abs diff {worst:.3e}"
+    return worst
+
+
+def check_grads(res, ref, adapter, tag):
+    merged = {}
+    for r in res:
+        merged.update(r["grads"])
+    hf_grads = adapter.mcore_to_hf(merged)
+    missing = sorted(set(ref["grads"]) - set(hf_grads))
+    assert not missing, f"{tag}: no Megatron gradient for {missing[:4]}"
+    worst = (0.0, "")
+    for name, g_ref in ref["grads"].items():
+        g = hf_grads[name]
+        assert g.shape == g_ref.shape, f"{tag}: {name} grad shape {tuple(g.shape)} vs {tuple(g_ref.shape)}"
+        rel = (g - g_ref).abs().max().item() / max(g_ref.abs().max().item(), 1e-12)
+        worst = max(worst, (rel, name))
+    print(f"{tag}: worst relative grad error {worst[0]:.2e} ({worst[1]})")
+    assert worst[0] <= GRAD_RTOL, f"{tag}: worst relative grad error {worst[0]:.3e} at {worst[1]}"
+    return worst[0]
+
+
+def test_rope_index_equals_transformers(reference, q3_dir):
+    """The vectorised index (and each trajectory's own positions) equal transformers' get_rope_index."""
+    from megatron_vppo.models import MODELS
+    from megatron_vppo.models.qwen3_vl.rope import get_rope_index
+
+    spec = MODELS["qwen3_vl"]
+    arch = spec.text_arch(spec.load_hf_config(q3_dir))
+    batch = reference["batch"]
+    mask = batch["attention_mask"].bool()
+    ours, _ = get_rope_index(arch, batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"])
+    assert torch.equal(ours[:, mask], reference["positions"][:, mask])
+    _, pos, _ = packed_batch(batch, arch)
+    assert torch.equal(pos[:, 0], reference["positions"][:, mask])
+
+
+def test_interleaved_mrope_matches_transformers(q3_dir):
+    """Our angles give transformers' cos/sin for the tiny model's uneven mrope_section."""
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from megatron_vppo.models import MODELS
+    from megatron_vppo.models.qwen3_vl.rope import InterleavedMRoPE
+
+    spec = MODELS["qwen3_vl"]
+    arch = spec.text_arch(spec.load_hf_config(q3_dir))
+    hf = Qwen3VLTextRotaryEmbedding(Qwen3VLConfig.from_pretrained(q3_dir).text_config)
+    pos = torch.randint(0, 500, (3, 2, 7))
+    cos, sin = hf(torch.zeros(1, dtype=torch.float32), pos)
+    emb = InterleavedMRoPE(arch.head_dim, arch.rope_theta)(pos, list(arch.mrope_section))  # [s, b, 1, d]
+    ours = emb[:, :, 0].transpose(0, 1)
+    assert torch.allclose(ours.cos(), cos, atol=1e-6) and torch.allclose(ours.sin(), sin, atol=1e-6)
+
+
+def test_every_layout_logits_grads_and_packing(q3_dir, reference):
+    """TP1, TP2, PP2 (DeepStack layer 2 on stage 1), TP2+SP and TP2xPP2 in one 4-rank launch."""
+    from safetensors.torch import load_file
+
+    from megatron_vppo.models import MODELS
+
+    spec = MODELS["qwen3_vl"]
+    cfg = spec.load_hf_config(q3_dir)
+    assert spec.text_arch(cfg).num_deepstack == 3 and spec.text_arch(cfg).num_layers == 4  # layer 2 on stage 1
+    res = run_distributed(_worker, 4, str(q3_dir), reference["batch"], LAYOUTS)
+    worst_logit = worst_grad = worst_packed = 0.0
+    for i, (tp, pp, sp) in enumerate(LAYOUTS):
+        tag = f"TP{tp}xPP{pp}{'+SP' if sp else ''}"
+        per = [r[i] for r in res]
+        worst_logit = max(worst_logit, check_forward(per, reference, tag))
+        worst_grad = max(worst_grad, check_grads(per, reference, spec.weight_adapter(cfg, tp), tag))
+        for r in per:
+            if r["packed"] is not None:
+                print(f"{tag}: packed vs padded logits max abs diff {r['packed']:.2e}")
+                assert r["packed"] <= PACKED_ATOL
+                worst_packed = max(worst_packed, r["packed"])
+    print(f"all layouts: logits {worst_logit:.2e}, relative grads {worst_grad:.2e}, packed {worst_packed:.2e}")
+    # HF -> Megatron (TP2xPP2 shards) -> HF reproduces every tensor bit for bit.
+    merged = {}
+    for r in res:
+        merged.update(r[LAYOUTS.index((2, 2, False))]["params"])
+    back = spec.weight_adapter(cfg, 2).mcore_to_hf(merged)
+    orig = load_file(str(q3_dir / "model.safetensors"))
+    assert sorted(back) == sorted(orig)
+    for k, v in orig.items():
+        assert torch.equal(back[k], v), f"{k} changed in the HF -> Megatron -> HF round trip"

@@ -21,7 +21,7 @@ PACKED_ATOL = 1e-5
 LAYOUTS = [(1, 1, False), (2, 1, False), (1, 2, False), (2, 1, True), (2, 2, False)]  # (tp, pp, sp)
 
 
-def make_batch(model_dir, seq_multiple=2):
+def make_batch(model_dir, seq_multiple=2, small=False):
     from megatron_vppo.data.processor import VLProcessor, collate
 
     proc = VLProcessor.from_pretrained(model_dir)
@@ -31,6 +31,8 @@ def make_batch(model_dir, seq_multiple=2):
         proc.encode("<image> What colour is the triangle?", [b], response="green \\boxed{green}"),
         proc.encode("What is 4 + 3?", [], response="4 + 3 = 7, so \\boxed{7}"),
     ]
+    if small:  # one short one-image prompt and a text-only one
+        samples = [proc.encode("<image> Colour?", [a], response="red"), proc.encode("4 + 3?", [], response="7")]
     batch = collate(samples, proc.pad_token_id)
     pad = -batch["input_ids"].shape[1] % seq_multiple
     if pad:
@@ -98,7 +100,7 @@ def packed_batch(batch, arch):
     return torch.cat(ids)[None], torch.cat(pos, dim=1)[:, None], psp
 
 
-def run_layout(model_dir, batch, tp, pp, sp):
+def run_layout(model_dir, batch, tp, pp, sp, packed=True):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -151,7 +153,7 @@ def run_layout(model_dir, batch, tp, pp, sp):
                pp_rank=ps.get_pipeline_model_parallel_rank())
     if (tp, pp) == (2, 2):
         res["params"] = gather_full_state(chunks, adapter)
-    if pp == 1 and not sp:
+    if packed and pp == 1 and not sp:
         ids, pos, psp = packed_batch(batch, arch)
         with torch.no_grad():
             lg = chunks[0](ids, position_ids=pos, pixel_values=batch["pixel_values"],
@@ -163,8 +165,8 @@ def run_layout(model_dir, batch, tp, pp, sp):
     return res
 
 
-def _worker(rank, world, model_dir, batch, layouts):
-    return [run_layout(model_dir, batch, *layout) for layout in layouts]
+def _worker(rank, world, model_dir, batch, layouts, packed=True):
+    return [run_layout(model_dir, batch, *layout, packed=packed) for layout in layouts]
 
 
 # ---------------------------------------------------------------- checks (parent)
@@ -266,3 +268,27 @@ def test_every_layout_logits_grads_and_packing(q3_dir, reference):
     assert sorted(back) == sorted(orig)
     for k, v in orig.items():
         assert torch.equal(back[k], v), f"{k} changed in the HF -> Megatron -> HF round trip"
+
+
+# Qwen3-VL-2B-Instruct's widths (its public config.json), with 2 LM layers, 2 vision blocks and one
+# DeepStack merger so the test stays cheap; the tokenizer (and so the vocabulary) is the tiny one.
+QWEN3_VL_2B_WIDTHS = dict(
+    text_config=dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8,
+                     head_dim=128, num_hidden_layers=2,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                      "mrope_interleaved": True}),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_heads=16, depth=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[0]),
+)
+
+
+def test_real_widths_tp1(tmp_path):
+    """A model at Qwen3-VL-2B's real widths (few layers): logits and every gradient at TP1."""
+    from megatron_vppo.models import MODELS
+
+    spec = MODELS["qwen3_vl"]
+    model_dir = spec.make_tiny_model(tmp_path / "q3_2b_widths", seed=2, **QWEN3_VL_2B_WIDTHS)
+    ref = hf_reference(model_dir, make_batch(model_dir, small=True))
+    res = [r[0] for r in run_distributed(_worker, 1, str(model_dir), ref["batch"], [(1, 1, False)], False)]
+    check_forward(res, ref, "2B widths TP1")
+    check_grads(res, ref, spec.weight_adapter(spec.load_hf_config(model_dir), 1), "2B widths TP1")

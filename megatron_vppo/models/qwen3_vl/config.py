@@ -8,6 +8,7 @@ explicit `head_dim` (not hidden/heads), SwiGLU, GQA, and interleaved multimodal 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -132,3 +133,14 @@ def lm_transformer_config(hf_cfg, model: ModelConfig | None = None, parallel: Pa
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+# The vision MLP width is zero-padded to a multiple of this (and of TP) so that checkpoints at every
+# TP size dividing it have the same global shapes and reshard freely (GELU(0)·0 = 0: exact).
+VISION_FFN_MULTIPLE = 8
+
+
+def vision_ffn_size(intermediate_size: int, tp: int) -> int:
+    """The vision MLP width Megatron holds: `intermediate_size` rounded up to lcm(tp, 8)."""
+    step = math.lcm(max(1, tp), VISION_FFN_MULTIPLE)
+    return -(-intermediate_size // step) * step

@@ -85,7 +85,8 @@ def make_tiny_model(out_dir, seed: int = 0, tokenizer: str = "bpe", tie_word_emb
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
     GenerationConfig(
-        bos_token_id=special_ids["<|endoftext|>"], eos_token_id=[special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
+        bos_token_id=special_ids["<|endoftext|>"],
+        eos_token_id=[special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
         pad_token_id=special_ids["<|endoftext|>"], do_sample=True, temperature=1.0, top_p=0.99, top_k=0,
     ).save_pretrained(str(out))
     _save_tokenizer(tok, out)

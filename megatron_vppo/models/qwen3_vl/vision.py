@@ -12,7 +12,8 @@
 
 No window reordering (every block attends the whole frame), so rows stay in the processor's order.
 Like Qwen2.5-VL's tower, its TransformerConfig is its own (no SP/PP/CP; activations [N, 1, D]
-replicated over TP), the MLP width is zero-padded to a multiple of TP (GELU(0)·0 = 0), and the 2-D
+replicated over TP), the MLP width is zero-padded (`config.vision_ffn_size`: a multiple of lcm(TP, 8),
+so checkpoints reshard between TP sizes; GELU(0)·0 = 0), and the 2-D
 rotary and the TP layer spec are the ones models/qwen2_5_vl/vision.py defines.
 """
 from __future__ import annotations
@@ -31,12 +32,12 @@ from megatron_vppo.models.qwen2_5_vl.vision import (
     _packed,
     frame_cu_seqlens,
     in_channels,
-    padded_ffn_size,
     patch_positions,
     rope_theta,
     rotary_freqs,
     vision_layer_spec,
 )
+from megatron_vppo.models.qwen3_vl.config import vision_ffn_size
 
 __all__ = ["INHERITED_KEYS", "Qwen3VisionModel", "vision_transformer_config", "position_embedding_weights"]
 
@@ -66,7 +67,7 @@ def vision_transformer_config(hf_vision_cfg: dict, base_kwargs: dict) -> Transfo
     kw.update(
         num_layers=int(_get(hf_vision_cfg, "depth")), hidden_size=hidden, num_attention_heads=heads,
         num_query_groups=heads, kv_channels=hidden // heads,
-        ffn_hidden_size=padded_ffn_size(int(_get(hf_vision_cfg, "intermediate_size")), tp),
+        ffn_hidden_size=vision_ffn_size(int(_get(hf_vision_cfg, "intermediate_size")), tp),
         gated_linear_unit=False, activation_func=_ACTIVATIONS[act], add_bias_linear=True, add_qkv_bias=True,
         normalization="LayerNorm", layernorm_epsilon=1e-6, hidden_dropout=0.0, attention_dropout=0.0,
         sequence_parallel=False, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,

@@ -10,8 +10,8 @@ Layouts (a pure permutation plus zero padding, so HF -> Megatron -> HF is bit-ex
 * LM gate/up: fc1 on rank r is [gate_r; up_r], so the full tensor is [gate_0; up_0; gate_1; …];
 * embedding / output layer: rows zero-padded to `padded_vocab_size`; tied output comes from embed_tokens;
 * vision QKV: HF [Q; K; V] over all heads -> per head [q_h; k_h; v_h]; vision MLP (not gated) rows of
-  fc1 / columns of fc2 zero-padded to a multiple of TP; patch embed, position table, LayerNorms and
-  the (DeepStack) mergers keep HF's layout.
+  fc1 / columns of fc2 zero-padded to `vision_ffn_size` (the same at every TP dividing 8); patch
+  embed, position table, LayerNorms and the (DeepStack) mergers keep HF's layout.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import re
 import torch
 
 from megatron_vppo.models.common.lm_config import padded_vocab_size
-from megatron_vppo.models.qwen2_5_vl.vision import padded_ffn_size
-from megatron_vppo.models.qwen3_vl.config import load_hf_config, text_arch
+from megatron_vppo.models.qwen3_vl.config import load_hf_config, text_arch, vision_ffn_size
 from megatron_vppo.models.weight_adapter import Group, WeightAdapter
 
 LM = "language_model."
@@ -85,7 +84,7 @@ class Qwen3VLWeights(WeightAdapter):
             self.v_heads = int(v["num_heads"])
             self.v_hd = int(v["hidden_size"]) // self.v_heads
             self.v_inter = int(v["intermediate_size"])
-            self.v_ffn = padded_ffn_size(self.v_inter, tp)
+            self.v_ffn = vision_ffn_size(self.v_inter, tp)
             if self.v_heads % tp:
                 raise ValueError(f"tp={tp} must divide the vision num_heads={self.v_heads}")
 
@@ -157,9 +156,8 @@ class Qwen3VLWeights(WeightAdapter):
         if s in _BLOCK_SAME:
             return p + _BLOCK_SAME[s], t
         if s.startswith("attn.qkv."):
-            h, hd = self.v_heads, self.v_hd
-            return p + "self_attention.linear_qkv." + s.rsplit(".", 1)[1], \
-                t.reshape(3, h, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+            qkv = t.reshape(3, self.v_heads, self.v_hd, *t.shape[1:])
+            return p + "self_attention.linear_qkv." + s.rsplit(".", 1)[1], qkv.transpose(0, 1).reshape(t.shape)
         if s.startswith("mlp.linear_fc1."):
             return p + s, self._pad_rows(t, self.v_ffn)
         if s == "mlp.linear_fc2.weight":
@@ -178,8 +176,8 @@ class Qwen3VLWeights(WeightAdapter):
         if s in inverse:
             return p + inverse[s], t
         if s.startswith("self_attention.linear_qkv."):
-            h, hd = self.v_heads, self.v_hd
-            return p + "attn.qkv." + s.rsplit(".", 1)[1], t.reshape(h, 3, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+            per_head = t.reshape(self.v_heads, 3, self.v_hd, *t.shape[1:])
+            return p + "attn.qkv." + s.rsplit(".", 1)[1], per_head.transpose(0, 1).reshape(t.shape)
         if s.startswith("mlp.linear_fc1."):
             return p + s, t[: self.v_inter]
         if s == "mlp.linear_fc2.weight":

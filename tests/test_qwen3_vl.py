@@ -305,3 +305,52 @@ def test_convert_checkpoint_round_trip_tp2pp2_is_bit_exact(q3_dir, tmp_path):
     run_distributed(_mcore_to_hf, 1, str(ckpt), str(out), 1, 1)
     _assert_same_hf(q3_dir, out)
     Qwen3VLForConditionalGeneration.from_pretrained(out)
+
+
+def test_perturbation_at_16px_patches(q3_dir):
+    """VPPO's perturbation at Qwen3-VL's geometry (16-px cells, 32-px merge units): pixel and image
+    modes agree through the model's own processor, and exactly the seeded cells turn black."""
+    import numpy as np
+    from PIL import Image
+
+    from megatron_vppo.data.perturb import (cell_order, draw_cell_masks, make_generator, perturb_images_and_process,
+                                            perturb_pixel_values)
+    from megatron_vppo.data.processor import VLProcessor
+
+    proc = VLProcessor.from_pretrained(q3_dir)
+    geo, ip = proc.geometry, proc.image_processor
+    assert (geo.patch_size, geo.merge_size) == (16, 2)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(1, 256, (96, 160, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(1, 256, (64, 64, 3), dtype=np.uint8))]
+    orig = ip(images=images, return_tensors="pt")
+    pv, thw = orig["pixel_values"], orig["image_grid_thw"]
+    assert thw.tolist() == [[1, 6, 10], [1, 4, 4]]
+    px = perturb_pixel_values(pv, thw, make_generator(5, 1, 2), ip.image_mean, ip.image_std, geometry=geo)
+    im = perturb_images_and_process(images, make_generator(5, 1, 2), lambda ims: ip(images=ims, return_tensors="pt"),
+                                    cell=geo.patch_size)
+    assert torch.equal(im["image_grid_thw"], thw)
+    torch.testing.assert_close(px, im["pixel_values"], atol=1e-5, rtol=0)
+    masks = draw_cell_masks([(h, w) for _, h, w in thw.tolist()], make_generator(5, 1, 2))
+    assert torch.equal((px != pv).any(-1), torch.cat([cell_order(m, geo.merge_size) for m in masks]))
+    black = -torch.tensor(ip.image_mean) / torch.tensor(ip.image_std)
+    rows = px[(px != pv).any(-1)].view(-1, 3, 2 * 16 * 16)
+    torch.testing.assert_close(rows, black.view(1, 3, 1).expand_as(rows))
+
+
+def test_spec_protocol_and_no_name_outside_the_model_folder():
+    """Every registered spec satisfies the typed protocol; no code outside models/qwen3_vl/ and the
+    registry line names the model (the extension points carried it)."""
+    import subprocess
+    from pathlib import Path
+
+    from megatron_vppo.models import MODELS, ModelSpec
+
+    for name in MODELS:
+        assert isinstance(MODELS[name], ModelSpec), name
+    root = Path(__file__).resolve().parents[1]
+    hits = subprocess.run(["git", "grep", "-n", "-i", "qwen3_vl\\|qwen3vl\\|qwen3-vl", "--", "megatron_vppo", "tools",
+                           "bench", "scripts", ":!megatron_vppo/models/qwen3_vl"], cwd=root, capture_output=True,
+                          text=True).stdout.splitlines()
+    assert [h for h in hits if not h.startswith("megatron_vppo/models/__init__.py:")] == [], hits
+    assert len(hits) == 1, hits  # the registry line

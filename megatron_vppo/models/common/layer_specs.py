@@ -47,7 +47,7 @@ def te_layer_spec(qk_layernorm: bool = False):
 def lm_layer_spec(config, layer_class=None):
     """The spec for `config.transformer_impl` ('transformer_engine' or 'local'), with q/k norms when
     `config.qk_layernorm`. `layer_class` (a TransformerLayer subclass) replaces the layer module, for a
-    model that adds something between layers (e.g. Qwen3-VL's DeepStack features); submodules keep
+    model that adds something between layers (e.g. vision features added after early layers); submodules keep
     their names, so weights and checkpoints do not change."""
     qk = bool(getattr(config, "qk_layernorm", False))
     if getattr(config, "transformer_impl", "local") == "transformer_engine":

@@ -354,3 +354,31 @@ def test_spec_protocol_and_no_name_outside_the_model_folder():
                           text=True).stdout.splitlines()
     assert [h for h in hits if not h.startswith("megatron_vppo/models/__init__.py:")] == [], hits
     assert len(hits) == 1, hits  # the registry line
+
+
+def test_hf_engine_generates_like_transformers(q3_dir):
+    """The in-process engine on Qwen3-VL (positions and vision dtype from its spec): KV-cached sampling
+    gives transformers' no-cache logits, and its log-probs equal the engine's re-score."""
+    from test_rollout_hf_engine import SAMPLING, _oracle_logits
+
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.rollout.engine import RolloutRequest
+    from megatron_vppo.rollout.hf_engine import HFRolloutEngine
+
+    proc = VLProcessor.from_pretrained(q3_dir)
+    a, b = make_test_images()
+    encs = [proc.encode("Compare <image> and <image>.", [a, b]), proc.encode("What is 3 + 4?"),
+            proc.encode("<image> Find the area.", [b])]
+    reqs = [RolloutRequest(e["input_ids"].tolist(), e["pixel_values"], e["image_grid_thw"]) for e in encs]
+    eng = HFRolloutEngine.from_pretrained(q3_dir, record_logits=True)
+    outs = eng.generate(reqs, n=2, sampling=SAMPLING)
+    worst = 0.0
+    for req, samples in zip(reqs, outs):
+        for o in samples:
+            ref = _oracle_logits(eng.model, req, o.token_ids)
+            worst = max(worst, float((o.logits - ref).abs().max()))
+    items = [(r, o.token_ids) for r, s in zip(reqs, outs) for o in s]
+    scored = eng.score(items, temperature=SAMPLING.temperature)
+    lp_diff = max(abs(x - y) for s, o in zip(scored, [o for s in outs for o in s]) for x, y in zip(s, o.log_probs))
+    print(f"HF engine on Qwen3-VL: cached vs full logits {worst:.2e}, generated vs re-scored log-probs {lp_diff:.2e}")
+    assert worst <= 1e-5 and lp_diff <= 1e-5

@@ -382,3 +382,23 @@ def test_hf_engine_generates_like_transformers(q3_dir):
     lp_diff = max(abs(x - y) for s, o in zip(scored, [o for s in outs for o in s]) for x, y in zip(s, o.log_probs))
     print(f"HF engine on Qwen3-VL: cached vs full logits {worst:.2e}, generated vs re-scored log-probs {lp_diff:.2e}")
     assert worst <= 1e-5 and lp_diff <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_8b", "qwen3_vl_32b"])
+def test_tuner_param_count_matches_transformers(name):
+    """The tuner's ModelShape (from the Qwen3-VL spec) counts transformers' own parameters, DeepStack
+    mergers, position table and QK-norms included."""
+    import json
+    from pathlib import Path
+
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from megatron_vppo.tuning import load_model_spec
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "model_configs" / f"{name}.json"
+    cfg = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg))
+    shape = load_model_spec(path)
+    assert shape.deepstack == 3 and shape.vision_full_attn_blocks == 27 and shape.qk_norm and not shape.qkv_bias
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())

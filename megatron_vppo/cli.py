@@ -1,10 +1,14 @@
 """`megatron-vppo` command line: one entry point, each sub-command imported lazily so `--help` is fast.
 
-    megatron-vppo train CONFIG.yaml [section.key=value ...]   (under torchrun for more than one process)
-    megatron-vppo demo [--out DIR] [--steps N]               (tiny offline demo on CPU)
+    megatron-vppo train CONFIG.yaml [section.key=value ...] [--print-config]   (torchrun for > 1 process)
+    megatron-vppo demo [--out DIR] [--steps N]                (tiny offline demo on CPU)
     megatron-vppo eval --model DIR --data PATH [--k 8] [--temperature 1.0] [--engine hf|vllm]
-    megatron-vppo convert ...                                 (= tools/convert_checkpoint.py)
-    megatron-vppo tune ...                                    (= tools/tune_parallelism.py)
+    megatron-vppo convert hf-to-mcore|mcore-to-hf ...         (= tools/convert_checkpoint.py)
+    megatron-vppo tune --model CONFIG.json --gpus N ...       (= tools/tune_parallelism.py)
+    megatron-vppo score --model DIR --data IN --out OUT ...   (= tools/score.py)
+    megatron-vppo generate --model DIR --data IN --out OUT ... (= tools/generate.py)
+
+`megatron-vppo COMMAND --help` shows each command's options.
 """
 from __future__ import annotations
 
@@ -18,12 +22,12 @@ from pathlib import Path
 _TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
-def _run_tool(name: str, argv: list[str]) -> int:
+def _run_tool(name: str, argv: list[str], command: str) -> int:
     script = _TOOLS / f"{name}.py"
     if not script.exists():
         print(f"megatron-vppo: {script} not found (tools/ ships with the source checkout)", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *argv]
+    sys.argv = [f"megatron-vppo {command}", *argv]  # argparse's usage line names the command the user ran
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
@@ -44,15 +48,47 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
 
 
+TRAIN_HELP = """\
+usage: megatron-vppo train [CONFIG.yaml] [section.key=value ...] [--print-config]
+       torchrun --nproc-per-node N -m megatron_vppo.cli train CONFIG.yaml [section.key=value ...]
+
+Train with the settings of CONFIG.yaml (optional: every key has a default) and `section.key=value`
+overrides (type-checked; an unknown key is an error naming the nearest valid one).
+Sections: {sections} (megatron_vppo/config.py holds every key and its
+default; examples/configs/ holds example configs).
+The resolved config is saved as `config.yaml` in train.output_dir when the run starts.
+
+options:
+  -h, --help      show this help and exit
+  --print-config  print the resolved config as YAML and exit, before anything is loaded
+
+examples:
+  megatron-vppo train examples/configs/demo_cpu.yaml model.path=/path/to/hf_dir data.train=train.parquet
+  megatron-vppo train CONFIG.yaml rollout.engine=vllm rollout.engine_args.kv_cache_gib=2 --print-config
+"""
+
+
 def _train(rest: list[str]) -> int:
-    """`train CONFIG [k=v ...]`. A mistake in the config, the paths or the parallel sizes is reported in
-    one line with exit code 2, before any process group could hang on it (every rank finds the same
-    mistake; rank 0 prints it)."""
-    from megatron_vppo.config import ConfigError, load_config
+    """`train CONFIG [k=v ...] [--print-config]`. A mistake in the config, the paths or the parallel sizes
+    is reported in one line with exit code 2, before any process group could hang on it (every rank
+    finds the same mistake; rank 0 prints it)."""
+    from megatron_vppo.config import ConfigError, RunConfig, config_yaml, load_config
     from megatron_vppo.data.dataset import DataError
     from megatron_vppo.errors import RunAbort
     from megatron_vppo.parallel_layout import LayoutError
 
+    if "-h" in rest or "--help" in rest:
+        import dataclasses
+
+        print(TRAIN_HELP.format(sections=", ".join(f.name for f in dataclasses.fields(RunConfig))), end="")
+        return 0
+    print_config = "--print-config" in rest
+    rest = [a for a in rest if a != "--print-config"]
+    flags = [a for a in rest if a.startswith("-")]
+    if flags:
+        print(f"megatron-vppo train: unknown option {flags[0]} (options: --print-config, --help; settings are "
+              f"section.key=value)", file=sys.stderr)
+        return 2
     if not rest or "=" in rest[0]:
         config_path, overrides = None, rest
     else:
@@ -62,6 +98,9 @@ def _train(rest: list[str]) -> int:
         return 2
     try:
         cfg = load_config(config_path, overrides)
+        if print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         _setup_logging()
         from megatron_vppo.train.run import train
 
@@ -126,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_vppo.tuning.cli import main as tune_main
 
         return tune_main(rest)
-    return _run_tool(_TOOL_SCRIPTS[command], rest)
+    return _run_tool(_TOOL_SCRIPTS[command], rest, command)
 
 
 if __name__ == "__main__":

@@ -463,3 +463,29 @@ def validate_ranges(cfg: RunConfig) -> None:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+CONFIG_FILE = "config.yaml"  # the resolved config a run saves in train.output_dir
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (every key, defaults included): `load_config` of it gives `cfg` back."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: RunConfig, out_dir: str | Path | None = None) -> Path:
+    """Write `config_yaml(cfg)` to `<train.output_dir>/config.yaml` (atomically: temp file + rename) and
+    return its path; a directory that cannot be written is a ConfigError naming it."""
+    out = Path(cfg.train.output_dir if out_dir is None else out_dir)
+    path = out / CONFIG_FILE
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(config_yaml(cfg), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        raise ConfigError(f"train.output_dir={str(out)!r}: cannot write {CONFIG_FILE} ({e.strerror}); "
+                          "choose a writable train.output_dir") from None
+    return path

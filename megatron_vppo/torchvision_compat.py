@@ -12,20 +12,28 @@ processors built on them) work. torchvision's compiled ops stay unavailable, as 
 reports (`torchvision.extension._has_ops()` is False; calling one raises torchvision's own error).
 
 A no-op when torchvision is absent, already imported, or its extension loads (a CPU torchvision
-from PyTorch's index, any GPU machine). `install()` runs from `megatron_vppo/__init__.py`, so every
-process that imports this package is covered before transformers can import torchvision; it only
-adds an import hook, and the check (which needs torch) runs when torchvision is first imported.
-"""
-from __future__ import annotations
+from PyTorch's index, any GPU machine). Two ways in, one hook per process:
 
-import importlib.util
+* at interpreter start-up, for every process of the venv: `scripts/bootstrap.sh` runs
+  `install_startup_hook()` with the venv's python, which copies this file into the
+  venv's site-packages as `_megatron_vppo_torchvision_compat.py` plus a `.pth` line that imports it and
+  calls `install()`. Processes that never import megatron_vppo (vLLM's model-inspection subprocess
+  `python -m vllm.model_executor.models.registry`, a plain `python -c "import torchvision"`) need it.
+  The copy is self-contained (stdlib `sys` only at import; torch is imported when torchvision is), so
+  it costs well under a millisecond at start-up and works from any directory.
+* `import megatron_vppo` calls `install()` too (a venv without the start-up hook, e.g. a GPU stack);
+  it adds nothing when a hook (either copy's) is already waiting or has already acted.
+"""
+
 import sys
-from pathlib import Path
 
 _LIB = None  # the torch.library.Library holding the schemas; kept alive for the process
+SITE_MODULE = "_megatron_vppo_torchvision_compat"  # the start-up copy's module name in site-packages
+PTH_NAME = SITE_MODULE + ".pth"
+_MARK = "_megatron_vppo_torchvision_hook"  # attribute that identifies a hook from either copy
 
 
-def _extension_loads(package_dir: Path) -> bool:
+def _extension_loads(package_dir) -> bool:
     import torch
 
     libs = sorted(package_dir.glob("_C*.so")) + sorted(package_dir.glob("_C*.pyd"))
@@ -38,6 +46,16 @@ def _extension_loads(package_dir: Path) -> bool:
     return False
 
 
+def _schemas_defined() -> bool:
+    import torch
+
+    try:
+        torch._C._dispatch_find_schema_or_throw("torchvision::nms", "")
+        return True
+    except RuntimeError:
+        return False
+
+
 def ensure_torchvision_importable() -> bool:
     """Define `torchvision::nms` / `torchvision::qnms` schemas when torchvision's ops cannot load.
     Returns True when it did (the workaround is active), False when nothing was needed."""
@@ -46,10 +64,15 @@ def ensure_torchvision_importable() -> bool:
         return True
     if "torchvision" in sys.modules:
         return False
+    import importlib.util
+    from pathlib import Path
+
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         return False
     if _extension_loads(Path(spec.origin).parent):
+        return False
+    if _schemas_defined():  # the other copy of this module (start-up / package) already did it
         return False
     import torch
 
@@ -60,8 +83,16 @@ def ensure_torchvision_importable() -> bool:
     return True
 
 
+def active() -> bool:
+    """Whether this process runs with the workaround (from either copy of this module)."""
+    copies = (sys.modules.get(__name__), sys.modules.get(SITE_MODULE), sys.modules.get("megatron_vppo.torchvision_compat"))
+    return any(m is not None and getattr(m, "_LIB", None) is not None for m in copies)
+
+
 class _BeforeTorchvision:
     """sys.meta_path entry: on the first `import torchvision`, apply the workaround, step aside."""
+
+    _megatron_vppo_torchvision_hook = True
 
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision":
@@ -73,11 +104,50 @@ class _BeforeTorchvision:
 _HOOK = _BeforeTorchvision()
 
 
-def install() -> None:
-    if "torchvision" not in sys.modules and _HOOK not in sys.meta_path:
-        sys.meta_path.insert(0, _HOOK)
+def install() -> bool:
+    """Add the import hook unless torchvision is already imported or a hook is already waiting.
+    Returns True when this call added it."""
+    if "torchvision" in sys.modules or any(getattr(f, _MARK, False) for f in sys.meta_path):
+        return False
+    sys.meta_path.insert(0, _HOOK)
+    return True
 
 
 def uninstall() -> None:
     if _HOOK in sys.meta_path:
         sys.meta_path.remove(_HOOK)
+
+
+# --------------------------------------------------------------------------- the start-up hook
+
+
+def startup_hook_files(site_dir) -> dict:
+    """{path: text} of what `install_startup_hook` writes into `site_dir`."""
+    from pathlib import Path
+
+    site = Path(site_dir)
+    src = Path(__file__).read_text(encoding="utf-8")
+    line = f"import {SITE_MODULE}; {SITE_MODULE}.install()\n"  # site.py executes .pth lines starting with `import`
+    return {site / f"{SITE_MODULE}.py": src, site / PTH_NAME: line}
+
+
+def install_startup_hook(site_dir=None) -> list:
+    """Write the self-contained copy and its `.pth` into `site_dir` (default: this interpreter's
+    purelib, i.e. the venv's site-packages). Idempotent; returns the paths written."""
+    import sysconfig
+    from pathlib import Path
+
+    written = []
+    for path, text in startup_hook_files(site_dir or sysconfig.get_paths()["purelib"]).items():
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)  # a concurrent interpreter start-up never sees half a file
+            written.append(path)
+        if path.suffix == ".py":  # its bytecode too: start-ups then skip compiling it (PYTHONDONTWRITEBYTECODE)
+            import importlib.util
+            import py_compile
+
+            if written or not Path(importlib.util.cache_from_source(str(path))).exists():
+                py_compile.compile(str(path), doraise=True)
+    return written

@@ -2,11 +2,19 @@
 
 Keep this file small; put fixtures that only one test file needs in that file.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM's cache (model-inspection results) in a directory of this test run, never ~/.cache: every run, CI's
+# included, starts vLLM on a cold cache as a new machine does (issue 19: a warm cache hid a broken start).
+_VLLM_CACHE = tempfile.mkdtemp(prefix="vllm-cache-")
+os.environ["VLLM_CACHE_ROOT"] = _VLLM_CACHE
+atexit.register(shutil.rmtree, _VLLM_CACHE, True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

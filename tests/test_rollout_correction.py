@@ -13,7 +13,7 @@ from megatron_vppo.algo.loss import vppo_policy_loss
 from megatron_vppo.algo.rollout_correction import check_correction, mismatch_metrics, rollout_weights
 
 REPO = Path(__file__).resolve().parents[1]
-VECTORS = REPO / ".." / "shared" / "spec" / "vectors"
+VECTORS = REPO / "tests" / "data" / "vectors"  # the spec's vectors, copied (tests/test_algo_golden.py)
 
 
 def transcribed(old, roll, mask, level, mode, cap):
@@ -121,7 +121,6 @@ def test_bad_settings_name_the_key(bad):
         check_correction(**kw)
 
 
-@pytest.mark.skipif(not VECTORS.is_dir(), reason=f"golden vectors directory {VECTORS} is absent")
 @pytest.mark.parametrize("level,mode", [("token", "truncate"), ("token", "mask"), ("sequence", "truncate")])
 def test_golden_cli_with_rollout_log_probs(tmp_path, level, mode):
     """The CLI's weights and losses equal the transcription applied to its own uncorrected outputs."""

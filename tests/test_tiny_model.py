@@ -243,3 +243,47 @@ def test_qwen_vocabulary(tmp_path):
     assert p.build_prompt("<image>hi") == spec_prompt(VISION + "hi")
     cfg_json = json.loads((d / "config.json").read_text())
     assert cfg_json["text_config"]["vocab_size"] == 152064
+
+
+def test_make_tiny_model_size_flags(tmp_path, tiny_model_dir):
+    """tools/make_tiny_model.py's size flags (issue 19): `--head-dim 32` makes a model vLLM's CPU attention
+    takes (hidden = heads x head_dim, M-RoPE sections follow), loadable by transformers; the defaults are the
+    tiny model's (head_dim 16, which the vLLM start-up check refuses); inconsistent sizes are a usage error."""
+    import sys
+    from pathlib import Path
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.models.qwen2_5_vl.config import text_arch
+    from megatron_vppo.models.qwen2_5_vl.tiny import QWEN_SPECIAL_TOKENS, mrope_sections, tiny_config_dict
+    from megatron_vppo.rollout.vllm_engine import check_model
+
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    sys.path.insert(0, tools)
+    try:
+        import make_tiny_model as tool
+    finally:
+        sys.path.remove(tools)
+    out = tmp_path / "hd32"
+    tool.main(["--out", str(out), "--head-dim", "32", "--num-layers", "1", "--num-kv-heads", "1"])
+    cfg = json.loads((out / "config.json").read_text())
+    arch = text_arch(cfg)
+    assert (arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers,
+            arch.head_dim, arch.intermediate_size, arch.mrope_section) == (128, 4, 1, 1, 32, 256, (4, 6, 6))
+    check_model(out, cuda=False)  # accepted by the vLLM engine's start-up check
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out))
+    with pytest.raises(ConfigError, match="head_dim is 16"):  # the default tiny model
+        check_model(tiny_model_dir, cuda=False)
+    # the defaults are unchanged: the tiny config of every test
+    ids = {t: 600 + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
+    args = tool.parse_args(["--out", "x"])
+    assert tool.text_config_overrides(args) == {}
+    assert tiny_config_dict(640, ids) == tiny_config_dict(640, ids, text_config={})
+    assert tiny_config_dict(640, ids)["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]
+    assert mrope_sections(128) == [16, 24, 24]  # Qwen2.5-VL's own
+    for bad in (["--hidden-size", "100", "--head-dim", "32"], ["--num-heads", "4", "--num-kv-heads", "3"],
+                ["--num-layers", "0"]):
+        with pytest.raises(SystemExit):
+            tool.main(["--out", str(tmp_path / "bad"), *bad])
+        assert not (tmp_path / "bad" / "config.json").exists()

@@ -202,3 +202,73 @@ def test_reward_config_selects_the_grader_and_rejects_unknown_methods():
         load_config(None, ["reward.method=exact_match"])
     with pytest.raises(ConfigError, match="did you mean 'method'"):
         load_config(None, ["reward.methd=mathruler"])
+
+
+# --------------------------------------------------------------------------- issue 19: the first hour
+
+
+def test_print_config_prints_the_resolved_yaml_before_loading_anything(tmp_path, config, monkeypatch, capsys):
+    """`train ... --print-config`: exit 0, every key (defaults included) as YAML that loads back to the
+    same config; nothing is built (the model path need not even exist)."""
+    from megatron_vppo import cli
+    from megatron_vppo.config import load_config, to_dict
+
+    def boom(*a, **k):
+        raise AssertionError("--print-config built the run")
+
+    monkeypatch.setattr("megatron_vppo.train.run.train", boom)
+    args = [str(config), f"model.path={tmp_path / 'not_there'}", "rollout.engine=vllm",
+            "rollout.engine_args.kv_cache_gib=2", "algo.name=dapo"]
+    assert cli.main(["train", *args, "--print-config"]) == 0
+    text = capsys.readouterr().out
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(text)
+    assert to_dict(load_config(printed)) == to_dict(load_config(args[0], args[1:]))
+    assert "engine_args:\n    kv_cache_gib: 2" in text and "top_p:" in text  # overrides and defaults alike
+
+
+def test_save_config_writes_config_yaml_or_names_the_directory(tmp_path):
+    from megatron_vppo.config import ConfigError, load_config, save_config, to_dict
+
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'run'}", "optim.lr=3e-4"])
+    path = save_config(cfg)
+    assert path == tmp_path / "run" / "config.yaml" and to_dict(load_config(path)) == to_dict(cfg)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"train.output_dir=.*file/run.*cannot write config.yaml"):
+        save_config(cfg, tmp_path / "file" / "run")
+
+
+def test_vllm_with_a_head_dim_it_cannot_run_is_one_line_at_start(tmp_path, config, tiny_model_dir, capsys):
+    """The tiny model (head_dim 16) with rollout.engine=vllm on CPU: refused before the model loads (it used to
+    build the engine and die at the first generate after a 184-line log), by train, eval and generate."""
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.rollout import check_engine_model
+    from megatron_vppo.rollout.vllm_engine import check_model
+
+    with pytest.raises(ConfigError) as e:
+        check_engine_model("vllm", tiny_model_dir)
+    msg = str(e.value)
+    assert "\n" not in msg and "head_dim is 16" in msg and "rollout.engine=hf" in msg, msg
+    check_engine_model("hf", tiny_model_dir)  # the in-process engine takes any model
+    check_model(tiny_model_dir, cuda=True)  # GPU backends: no CPU restriction
+    res = _cli("train", str(config), "rollout.engine=vllm")
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("megatron-vppo train: config error:")]
+    assert len(lines) == 1 and "head_dim is 16" in lines[0] and "rollout.engine=hf" in lines[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "Loading weights" not in res.stdout + res.stderr
+    from megatron_vppo.train.evaluate import main as eval_main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+1?", "images": [], "answer": "2"}) + "\n")
+    capsys.readouterr()
+    assert eval_main(["--model", str(tiny_model_dir), "--data", str(data), "--engine", "vllm"]) == 2
+    assert "head_dim is 16" in capsys.readouterr().err
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import generate
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    assert generate.main(["--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o.jsonl"),
+                          "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "generate.py: error:" in err and "head_dim is 16" in err

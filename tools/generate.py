@@ -101,6 +101,15 @@ def main(argv=None):
         if rank == 0:
             print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.rollout import check_engine_model
+
+    try:  # e.g. vLLM on CPU and a head_dim it cannot run: one line now, not a log at the first generate
+        check_engine_model(args.engine, args.model)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
     if world > 1:
         import datetime
 

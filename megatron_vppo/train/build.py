@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_vppo.config import ConfigError, RunConfig
+from megatron_vppo.config import ConfigError, RunConfig, save_config
 from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.distributed import ParallelDims, cpu_world_group
 from megatron_vppo.sync.engine_push import sync_engine_weights
@@ -36,6 +36,9 @@ def check_paths(cfg: RunConfig) -> Path:
         raise ConfigError(
             f"model.path={cfg.model.path!r} {what}; point it at an HF Qwen2.5-VL directory "
             f"(tools/convert_checkpoint.py mcore-to-hf turns a Megatron checkpoint into one)")
+    from megatron_vppo.rollout import check_engine_model
+
+    check_engine_model(cfg.rollout.engine, model_dir)  # e.g. vLLM on CPU and a head_dim it cannot run
     if not cfg.data.train:
         raise ConfigError("data.train is empty; set it to a parquet/jsonl/arrow file or a saved dataset dir")
     for key in ("train", "val"):
@@ -128,6 +131,8 @@ def build_run(cfg: RunConfig) -> tuple[Trainer, Checkpointer]:
     # when asked to, before the rendezvous the other ranks wait in).
     if check_output_dir(cfg) and int(os.environ.get("RANK", "0")) == 0:
         move_previous_run(Path(cfg.train.output_dir))
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(cfg)  # <output_dir>/config.yaml: the resolved settings of this start
     problem = import_problem(cfg.reward.method)  # every rank, before the model loads: a reward of 0 is no default
     if problem:
         raise GraderImportError(problem)

@@ -73,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-rows", type=int, default=512)
     ap.add_argument("--val-rows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="RL steps (= train.total_steps; default: the demo config's 30)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.total_steps=5")
     args = ap.parse_args(argv)
+    if args.steps is not None:
+        if args.steps < 1:
+            ap.error(f"--steps {args.steps}: must be >= 1")
+        args.overrides = [*args.overrides, f"train.total_steps={args.steps}"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from megatron_vppo.config import load_config

@@ -142,9 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megatron-vppo eval: error: {flag} {path} " +
                   (f"has no {need}; pass an HF Qwen2.5-VL directory" if need else "does not exist"), file=sys.stderr)
             return 2
+    from megatron_vppo.config import ConfigError
     from megatron_vppo.data.dataset import DataError
     from megatron_vppo.errors import RunAbort
+    from megatron_vppo.rollout import check_engine_model
 
+    try:
+        check_engine_model(args.engine, args.model)  # e.g. vLLM on CPU and a head_dim it cannot run
+    except ConfigError as err:
+        print(f"megatron-vppo eval: error: {err}", file=sys.stderr)
+        return 2
     try:
         res = evaluate_model(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
                              max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,

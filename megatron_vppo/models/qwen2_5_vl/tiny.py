@@ -201,16 +201,24 @@ def _round_vocab(n: int, kind: str) -> int:
     return v
 
 
+_TINY_HIDDEN = 64
+
+
 def tiny_config_dict(
     vocab_size: int, special_ids: dict[str, int], tie_word_embeddings: bool = False, **overrides
 ) -> dict:
     """The tiny Qwen2.5-VL config as a nested dict. `overrides` may name top-level keys, or
-    `text_config` / `vision_config` dicts that are merged into the defaults."""
+    `text_config` / `vision_config` dicts that are merged into the defaults.
+
+    Qwen2.5-VL's head size is hidden_size / num_attention_heads: a `text_config` `head_dim` sets
+    hidden_size (it must agree when both are given) and is not written; a new hidden_size without an
+    intermediate_size gets 2 x hidden; the M-RoPE sections follow the head size (Qwen's 1/4, 3/8, 3/8
+    split of head_dim / 2) unless `rope_parameters` is overridden."""
     text = dict(
         model_type="qwen2_5_vl_text",
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=_TINY_HIDDEN,
+        intermediate_size=2 * _TINY_HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -246,10 +254,26 @@ def tiny_config_dict(
         initializer_range=0.02,
     )
     overrides = dict(overrides)
-    text.update(overrides.pop("text_config", {}) or {})
+    text_over = dict(overrides.pop("text_config", {}) or {})
+    want_head_dim = text_over.pop("head_dim", None)
+    text.update(text_over)
     vision.update(overrides.pop("vision_config", {}) or {})
+    heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}")
+    if want_head_dim is not None:
+        if "hidden_size" in text_over and text["hidden_size"] != want_head_dim * heads:
+            raise ValueError(f"hidden_size {text['hidden_size']} != head_dim {want_head_dim} x num_attention_heads "
+                             f"{heads} (Qwen2.5-VL's head size is hidden_size / num_attention_heads)")
+        text["hidden_size"] = want_head_dim * heads
+    if text["hidden_size"] % heads:
+        raise ValueError(f"hidden_size {text['hidden_size']} is not divisible by num_attention_heads {heads}")
+    if "intermediate_size" not in text_over and text["hidden_size"] != _TINY_HIDDEN:
+        text["intermediate_size"] = 2 * text["hidden_size"]  # the tiny default's ratio
     vision["out_hidden_size"] = text["hidden_size"]
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    head_dim = text["hidden_size"] // heads
+    if "rope_parameters" not in text_over and head_dim % 2 == 0:
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=mrope_sections(head_dim))
     section = text["rope_parameters"]["mrope_section"]
     if sum(section) * 2 != head_dim:
         raise ValueError(
@@ -270,6 +294,15 @@ def tiny_config_dict(
     )
     cfg.update(overrides)
     return cfg
+
+
+def mrope_sections(head_dim: int) -> list[int]:
+    """Qwen2.5-VL's (temporal, height, width) split of head_dim / 2 rotary pairs: 1/4, 3/8, 3/8
+    ([16, 24, 24] at head_dim 128, [2, 3, 3] at the tiny model's 16)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
 
 
 @torch.no_grad()

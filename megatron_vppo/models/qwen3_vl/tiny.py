@@ -43,7 +43,12 @@ def tiny_config_dict(vocab_size: int, special_ids: dict[str, int], tie_word_embe
         out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2], initializer_range=0.02,
     )
     overrides = dict(overrides)
-    text.update(overrides.pop("text_config", {}) or {})
+    text_over = dict(overrides.pop("text_config", {}) or {})
+    text.update(text_over)
+    if "rope_parameters" not in text_over:  # keep Qwen3-VL's t/h/w proportions ([24, 20, 20] of 64)
+        half = text["head_dim"] // 2
+        hw = half * 5 // 16
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[half - 2 * hw, hw, hw])
     vision.update(overrides.pop("vision_config", {}) or {})
     vision["out_hidden_size"] = text["hidden_size"]
     section = text["rope_parameters"]["mrope_section"]

@@ -79,8 +79,9 @@ class ModelSpec(Protocol):
     def layout_dims(self, hf_config: dict) -> dict:
         """Keyword arguments `distributed.init_distributed` validates the layout against."""
 
-    def tuner_model(self, hf_config: dict, name: str = "model", where: str | None = None) -> Any:
-        """The tuner's shape description (tuning.model_shape.ModelShape) of this config."""
+    def tuner_fields(self, hf_config: dict) -> dict:
+        """The tuner's `ModelShape` fields this family derives from its own config keys (window
+        attention, QK-norm, DeepStack, ...; tuning/model_spec.py reads the shared ones itself)."""
 
     # ---- Megatron side -------------------------------------------------------------------------
     def build_chunks(self, hf_config: dict, model_cfg: "ModelConfig | None" = None,

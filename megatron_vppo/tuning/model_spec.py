@@ -3,7 +3,7 @@
 `spec_from_dict` reads the fields every Qwen-VL-style config has (text fields in `text_config` or at
 the top level, `vision_config`); what differs between model families (window attention, QK-norm,
 gated or plain vision MLP, DeepStack mergers, ...) is passed by the model's own spec
-(`models.MODELS[arch].tuner_model`, which `load_model_spec` calls). Parameter counts are derived here
+(`models.MODELS[arch].tuner_fields`, which `load_model_spec` asks). Parameter counts are derived here
 from those fields, so memory and FLOP estimates share one source; the defaults describe Qwen2.5-VL.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _as_int(v, key: str, where: str) -> int:
 def spec_from_dict(cfg: dict, name: str = "model", where: str | None = None, **family) -> ModelShape:
     """Build a ModelShape from a parsed HF config dict; every missing field is named at once.
     `where` (e.g. the file path) prefixes error messages; defaults to `name`. `family`: the
-    ModelShape fields a model's spec derives from its own config keys (`tuner_model`)."""
+    ModelShape fields a model's spec derives from its own config keys (`tuner_fields`)."""
     src = where or name
     if not isinstance(cfg, dict):
         raise ModelSpecError(f"{src}: config must be a JSON object, got {type(cfg).__name__}")
@@ -196,7 +196,7 @@ def load_model_spec(path: str | Path) -> ModelShape:
     name = p.parent.name if p.name == "config.json" else p.stem
     if not isinstance(cfg, dict):
         raise ModelSpecError(f"{p}: config must be a JSON object, got {type(cfg).__name__}")
-    return _model_spec_of(cfg, str(p)).tuner_model(cfg, name=name, where=str(p))
+    return spec_from_dict(cfg, name=name, where=str(p), **_model_spec_of(cfg, str(p)).tuner_fields(cfg))
 
 
 def _model_spec_of(cfg: dict, where: str):

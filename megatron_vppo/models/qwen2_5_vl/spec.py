@@ -66,18 +66,15 @@ class Qwen25VLSpec:
 
         return make(out_dir, seed=seed, **kwargs)
 
-    def tuner_model(self, hf_config, name: str = "model", where: str | None = None):
-        """The tuner's ModelShape: the shared fields plus Qwen2.5-VL's window / full-attention blocks."""
-        from megatron_vppo.tuning.model_spec import spec_from_dict
-
-        cfg = self.load_hf_config(hf_config)
-        v = cfg.get("vision_config") or {}
-        family = {}
+    def tuner_fields(self, hf_config) -> dict:
+        """Qwen2.5-VL's window attention and its full-attention blocks."""
+        v = _config.load_hf_config(hf_config).get("vision_config") or {}
+        fields = {}
         if v.get("window_size") is not None:
-            family["window_size"] = int(v["window_size"])
+            fields["window_size"] = int(v["window_size"])
         if v.get("fullatt_block_indexes") is not None:
-            family["vision_full_attn_blocks"] = len(v["fullatt_block_indexes"])
-        return spec_from_dict(cfg, name=name, where=where, **family)
+            fields["vision_full_attn_blocks"] = len(v["fullatt_block_indexes"])
+        return fields
 
     def trajectory_positions(self, arch, input_ids, image_grid_thw=None):
         return _rope_index.trajectory_positions(arch, input_ids, image_grid_thw)

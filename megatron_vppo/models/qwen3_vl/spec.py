@@ -29,18 +29,14 @@ class Qwen3VLSpec:
         return dict(num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
                     num_layers=a.num_layers, vision_num_heads=(cfg.get("vision_config") or {}).get("num_heads"))
 
-    def tuner_model(self, hf_config, name: str = "model", where: str | None = None):
-        """The tuner's ModelShape: full attention in every vision block, QK-norm without QKV bias,
-        a plain GELU vision MLP with LayerNorms, the learned position table and the DeepStack mergers."""
-        from megatron_vppo.tuning.model_spec import spec_from_dict
-
-        cfg = self.load_hf_config(hf_config)
-        v = cfg.get("vision_config") or {}
-        return spec_from_dict(
-            cfg, name=name, where=where, qkv_bias=False, qk_norm=True, vision_gated_mlp=False,
-            vision_norm_bias=True, patch_embed_bias=True, vision_pos_embed=int(v.get("num_position_embeddings", 0)),
-            deepstack=len(v.get("deepstack_visual_indexes") or ()), vision_full_attn_blocks=int(v.get("depth", 0)),
-        )
+    def tuner_fields(self, hf_config) -> dict:
+        """Full attention in every vision block, QK-norm without QKV bias, a plain GELU vision MLP with
+        LayerNorms, the learned position table and the DeepStack mergers."""
+        v = _config.load_hf_config(hf_config).get("vision_config") or {}
+        return dict(qkv_bias=False, qk_norm=True, vision_gated_mlp=False, vision_norm_bias=True, patch_embed_bias=True,
+                    vision_pos_embed=int(v.get("num_position_embeddings", 0)),
+                    deepstack=len(v.get("deepstack_visual_indexes") or ()),
+                    vision_full_attn_blocks=int(v.get("depth", 0)))
 
     def build_chunks(self, hf_config, model_cfg=None, parallel=None, dims=None) -> list:
         from megatron_vppo.models.qwen3_vl.model import build_model_chunks

@@ -196,7 +196,7 @@ def test_compute_shaping_config_object_and_metrics():
     assert m["tas/alpha_min"] <= m["tas/alpha_mean"] <= m["tas/alpha_max"]
     assert {"dependency/p50", "dependency/p90", "dependency/p99"} <= set(m)
     # DAPO: no shaping, all valid tokens kept
-    d = compute_shaping(old, None, mask, adv, AlgoConfig(name="dapo"))
+    d = compute_shaping(old, None, mask, adv, AlgoConfig(name="dapo"), tas=False)
     assert torch.equal(d.alpha, torch.ones(B, dtype=torch.float64)) and torch.equal(d.tgf_mask, mask)
     with pytest.raises(ValueError, match="needs kl"):
         compute_shaping(old, aug, mask, adv, AlgoConfig(dependency_estimator="exact_kl"))

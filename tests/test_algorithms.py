@@ -151,7 +151,8 @@ def test_gspo_micro_batch_losses_add_up_to_the_batch_loss():
 
 
 def test_old_vppo_section_names_the_algo_section(tmp_path):
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     path = tmp_path / "old.yaml"
     path.write_text("vppo:\n  algorithm: dapo\n  clip_high: 0.3\n")
@@ -166,7 +167,8 @@ def test_old_vppo_section_names_the_algo_section(tmp_path):
 @pytest.mark.parametrize("name, key, value", [("grpo", "clip_high", 0.3), ("dapo", "entropy_coef", 0.1),
                                               ("gspo", "dual_clip", 2.0), ("dapo", "tas_scope", "official")])
 def test_a_key_the_algorithm_does_not_read_is_an_error(name, key, value):
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     with pytest.raises(ConfigError, match=rf"algo.{key}=.* algorithm '{name}' does not read it"):
         load_config(None, [f"algo.name={name}", f"algo.{key}={value}"])
@@ -174,7 +176,8 @@ def test_a_key_the_algorithm_does_not_read_is_an_error(name, key, value):
 
 
 def test_gspo_refuses_token_level_rollout_correction():
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     with pytest.raises(ConfigError, match="rollout_correction.level=sequence"):
         load_config(None, ["algo.name=gspo", "algo.rollout_correction.level=token"])
@@ -191,7 +194,8 @@ VARIANTS = (("grpo", {}), ("dapo", {}), ("vppo", {"tas_scope": "global"}), ("vpp
 
 def _variants_worker(rank, world, config_path, out_root):
     """One process: build the trainer once, then two RL steps per algorithm from the same data position."""
-    from megatron_vppo.config import AlgoConfig, load_config, validate_algorithm
+    from megatron_vppo.config import AlgoConfig
+    from megatron_vppo.run_config import load_config, validate_algorithm
     from megatron_vppo.train.build import build_trainer, teardown
     from megatron_vppo.train.loop import rl_step
 

@@ -224,9 +224,9 @@ def _lm_forward(model_dir, batch, tp, pp, with_vision=True):
 
     cfg = load_hf_config(model_dir)
     par = ParallelConfig(tp=tp, pp=pp)
-    init_distributed(par, num_attention_heads=4, num_query_groups=2, num_layers=2)
-    chunks = build_model_chunks(cfg, None, par, with_vision=with_vision)
-    load_hf_weights(chunks, model_dir, Qwen25VLWeights(cfg, tp=tp))
+    dims = init_distributed(par, num_attention_heads=4, num_query_groups=2, num_layers=2)
+    chunks = build_model_chunks(cfg, None, par, dims=dims, with_vision=with_vision)
+    load_hf_weights(chunks, model_dir, Qwen25VLWeights(cfg, tp=tp), dims=dims)
     out = {}
 
     def step(it, model):
@@ -288,12 +288,12 @@ def _error_worker(rank, world, model_dir, bad_dirs, batch):
     from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
 
     cfg = load_hf_config(model_dir)
-    init_distributed(ParallelConfig(tp=1), num_attention_heads=4, num_query_groups=2, num_layers=2)
-    chunks = build_model_chunks(cfg)
+    dims = init_distributed(ParallelConfig(tp=1), num_attention_heads=4, num_query_groups=2, num_layers=2)
+    chunks = build_model_chunks(cfg, dims=dims)
     msgs = []
     for d in bad_dirs:
         try:
-            load_hf_weights(chunks, d, Qwen25VLWeights(cfg, tp=1))
+            load_hf_weights(chunks, d, Qwen25VLWeights(cfg, tp=1), dims=dims)
             msgs.append("no error")
         except (KeyError, ValueError) as e:
             msgs.append(f"{type(e).__name__}: {e}")

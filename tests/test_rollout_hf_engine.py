@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_vppo.rollout.buckets import iter_buckets
+from megatron_vppo.sync.buckets import iter_buckets
 from megatron_vppo.rollout.engine import RolloutEngine, RolloutRequest, SamplingParams
 from megatron_vppo.rollout.hf_engine import (
     HFRolloutEngine,

@@ -5,11 +5,9 @@ import importlib.util
 import pytest
 import torch
 
-from megatron_vppo.rollout.buckets import iter_buckets, pack_bucket
+from megatron_vppo.sync.buckets import iter_buckets, pack_bucket
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams, sample_seed
 from megatron_vppo.rollout.sglang_engine import (
-    collapse_image_pads,
-    distributed_update_request,
     expand_requests,
     group_outputs,
     parse_sglang_output,
@@ -86,37 +84,12 @@ def test_flattened_bucket_payload_layout():
         assert torch.equal(rebuilt[n], t)
 
 
-def test_distributed_update_body_and_pads():
-    body = distributed_update_request([("w", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(4))], "g", False)
-    assert body == {"names": ["w", "b"], "dtypes": ["bfloat16", "float32"], "shapes": [[2, 3], [4]], "group_name": "g", "flush_cache": False}
-    assert collapse_image_pads([1, 9, 9, 9, 2, 9, 9, 3], 9) == [1, 9, 2, 9, 3]
-
-
 @pytest.mark.parametrize("bound", [64, None])
 def test_loose_pairs_and_buckets_become_buckets_in_order(bound):
     pairs = [(f"t{i}", torch.full((4,), float(i))) for i in range(6)]
     stream = pairs[:2] + list(iter_buckets(pairs[2:4], None)) + pairs[4:]
     names = [n for b in as_buckets(iter(stream), bound) for n in b.names]
     assert names == [n for n, _ in pairs]
-
-
-def _group_worker(rank, world_size, port):
-    """Trainer rank 0 + a stand-in 'server' rank form the group the way both sides do."""
-    from megatron_vppo.rollout.sglang_engine import new_weight_update_group
-    import torch.distributed as dist
-
-    pg = new_weight_update_group("127.0.0.1", port, world_size, rank, "vppo_test_group", backend="gloo")
-    t = torch.arange(6, dtype=torch.float32) if rank == 0 else torch.zeros(6)
-    dist.broadcast(t, src=0, group=pg)
-    return t
-
-
-def test_weight_update_group_broadcasts_over_gloo():
-    from dist_helpers import free_port, run_distributed
-
-    results = run_distributed(_group_worker, 2, free_port())
-    for t in results:
-        assert torch.equal(t, torch.arange(6, dtype=torch.float32))
 
 
 def _groups_worker(rank, world_size, tp, pp):

@@ -249,7 +249,8 @@ def _check_run(out: Path, rows: dict, steps: int, layout: dict) -> None:
 def test_tp2_trains_end_to_end(assets, tp2_run):
     _check_run(tp2_run["out"], tp2_run["metrics"], STEPS, {"tp": 2, "pp": 1, "dp": 1, "world_size": 2})
     # the resolved config saved at start (issue 19): the run's settings, every key
-    from megatron_vppo.config import load_config, to_dict
+    from megatron_vppo.config import to_dict
+    from megatron_vppo.run_config import load_config
 
     run_cfg = load_config(assets["config"], [f"train.output_dir={tp2_run['out']}", "parallel.tp=2"])
     assert to_dict(load_config(tp2_run["out"] / "config.yaml")) == to_dict(run_cfg)

@@ -244,6 +244,7 @@ def _one_case(hf_cfg, tp, pp, seq, mb, n_micro, recompute, sp, base_rss):
     from megatron_vppo.algo.loss import vppo_policy_loss
     from megatron_vppo.algo.vocab_parallel import vocab_parallel_log_prob
     from megatron_vppo.config import ModelConfig, OptimConfig, ParallelConfig
+    from megatron_vppo.distributed import ParallelDims
     from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
     from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
@@ -272,7 +273,8 @@ def _one_case(hf_cfg, tp, pp, seq, mb, n_micro, recompute, sp, base_rss):
         return model(input_ids=tok), functools.partial(loss_fn, tok)
 
     par = ParallelConfig(tp=tp, pp=pp, sp=sp)
-    chunks = build_model_chunks(hf_cfg, ModelConfig(dtype="fp32", recompute=recompute), par)
+    dims = ParallelDims.from_megatron(sp=sp)  # the layout init_distributed made, with this case's sp
+    chunks = build_model_chunks(hf_cfg, ModelConfig(dtype="fp32", recompute=recompute), par, dims=dims)
     ddp, opt, _ = build_optimizer(chunks, OptimConfig(), "fp32", total_steps=10)
     attach_to_model_config(ddp, opt)
     fb = get_forward_backward_func()

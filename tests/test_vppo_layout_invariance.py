@@ -89,14 +89,15 @@ def run_config(micro_batch_size: int, **algo):
 class GradCapture:
     """Optimizer proxy: on `step()` record the full HF-named gradients, then step (or not)."""
 
-    def __init__(self, optimizer, chunks, adapter, really_step: bool = True):
+    def __init__(self, optimizer, chunks, adapter, tp_group, really_step: bool = True):
         self._opt, self._chunks, self._adapter, self._really_step = optimizer, chunks, adapter, really_step
+        self._tp_group = tp_group
         self.grads: list[dict] = []
 
     def step(self):
         from megatron_vppo.checkpoint.hf_load import gather_full_state
 
-        full = gather_full_state(self._chunks, self._adapter, grads=True)
+        full = gather_full_state(self._chunks, self._adapter, grads=True, tp_group=self._tp_group)
         self.grads.append(self._adapter.mcore_to_hf(full))
         if self._really_step:
             return self._opt.step()
@@ -119,7 +120,7 @@ def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vp
     cfg.model.path = str(model_dir)
     cfg.model.arch = spec_for_hf_config(model_dir).name
     pol = build_policy(cfg, model_dir, total_steps=1, overlap=overlap)
-    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, really_step)
+    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, pol.dims.tp_group, really_step)
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                       optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
                       val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
@@ -414,7 +415,7 @@ def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
     cfg.model.path = str(model_dir)
     cfg.model.arch = spec_for_hf_config(model_dir).name
     pol = build_policy(cfg, model_dir, total_steps=1)
-    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter)
+    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, pol.dims.tp_group)
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                       optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
                       val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,

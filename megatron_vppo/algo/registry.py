@@ -4,7 +4,7 @@ Adding an algorithm is one file (its loss, and its shaping if it has one) plus o
 The trainer reads only these fields: whether dynamic sampling filters groups, whether the perturbed
 view is scored (the paired no-grad pass / the engine's perturbed prefill), the shaping of GRPO
 advantages into Â and the token mask, the per-micro-batch loss, and the `algo.*` keys it reads — a key
-it does not read, set away from its default, is a ConfigError (config.validate_algorithm).
+it does not read, set away from its default, is a ConfigError (run_config.validate).
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from megatron_vppo.config import TOKEN_CLIP_DEFAULTS
 
 from .gspo import PAPER_CLIP_HIGH, PAPER_CLIP_LOW, gspo_policy_loss
 from .loss import vppo_policy_loss
@@ -96,7 +98,7 @@ class Algorithm:
     shaping: ShapingFn  # (old, aug, mask, advantages, cfg, *, kl, group, minibatches, microbatches, with_metrics)
     loss: LossFn  # per micro-batch, at the last pipeline stage
     reads: frozenset[str]  # `algo.*` keys it reads (besides name)
-    clip_defaults: tuple[float, float] = (0.2, 0.28)  # (clip_low, clip_high) when algo.clip_* is unset
+    clip_defaults: tuple[float, float] = TOKEN_CLIP_DEFAULTS  # (clip_low, clip_high) when algo.clip_* is unset
     symmetric_clip: bool = False  # clip_high = clip_low
     unit: str = "token"  # what the loss's denominator counts: token | sequence (update_policy averages over it)
     check: Callable[[Any], None] = field(default=_no_check, compare=False)  # extra config rules (ValueError)

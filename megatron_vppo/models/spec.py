@@ -84,9 +84,9 @@ class ModelSpec(Protocol):
         attention, QK-norm, DeepStack, ...; tuning/model_spec.py reads the shared ones itself)."""
 
     # ---- Megatron side -------------------------------------------------------------------------
-    def build_chunks(self, hf_config: dict, model_cfg: "ModelConfig | None" = None,
-                     parallel: "ParallelConfig | None" = None, dims: "ParallelDims | None" = None) -> list:
-        """This rank's Megatron model chunks (`ModelChunk`s), after `init_distributed`."""
+    def build_chunks(self, hf_config: dict, model_cfg: "ModelConfig", parallel: "ParallelConfig",
+                     dims: "ParallelDims") -> list:
+        """This rank's Megatron model chunks (`ModelChunk`s), after `init_distributed` (its `dims`)."""
 
     def weight_adapter(self, hf_config: dict, tp: int = 1, vocab_pad_multiple: int = 128) -> "WeightAdapter":
         """HF <-> Megatron names and layouts at this TP size."""

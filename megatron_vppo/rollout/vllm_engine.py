@@ -54,7 +54,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from megatron_vppo.models import spec_for_hf_config
-from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors, plan_manifest
+from megatron_vppo.sync.buckets import WeightStream, iter_named_tensors, plan_manifest
 from megatron_vppo.rollout.engine import (
     RolloutOutput,
     RolloutRequest,
@@ -195,6 +195,17 @@ class VLLMRolloutEngine:
 
     # push_to_engine hands it the plain stream, the manifest and an update mode (no buckets).
     in_process = True
+    takes_pixel_values = False  # vLLM preprocesses raw images itself (image-level perturbations only)
+    weights_on_every_tp_rank = False
+    reads = frozenset()  # no bucket_bytes: it takes the plain stream
+
+    @classmethod
+    def standalone(cls, model_dir, *, dtype: str = "fp32", seed: int = 0, device: str | None = None,
+                   max_model_len: int | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None, max_batch_size: int = 16) -> "VLLMRolloutEngine":
+        """One vLLM engine for this process (its core in a child process when the world size > 1)."""
+        return cls(model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len, min_pixels=min_pixels,
+                   max_pixels=max_pixels, engine_args={"max_num_seqs": max(max_batch_size, 1)})
 
     def __init__(self, model_dir, *, dtype="fp32", seed: int = 0, engine_args: "dict | VLLMEngineArgs | None" = None,
                  max_model_len: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -219,7 +230,7 @@ class VLLMRolloutEngine:
 
     @staticmethod
     def check_engine_args(args: dict) -> None:
-        """Config-time validation of `rollout.engine_args` (config.validate_choices, via ENGINES)."""
+        """Config-time validation of `rollout.engine_args` (run_config.validate, via ENGINES)."""
         VLLMEngineArgs.parse(args)
 
     @staticmethod

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from megatron_vppo.config import ConfigError, RunConfig, save_config
 from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.distributed import ParallelDims, cpu_world_group
-from megatron_vppo.sync.engine_push import sync_engine_weights
+from megatron_vppo.rollout import ENGINES
+from megatron_vppo.train.engine_sync import sync_engine_weights
 from megatron_vppo.train.checkpointer import Checkpointer
 from megatron_vppo.train.loop import Trainer
 from megatron_vppo.train.rollout_step import encode_prompts
@@ -67,8 +68,6 @@ def build_engine(cfg: RunConfig, model_dir: Path, dims: ParallelDims):
 
     One registry lookup: `rollout.ENGINES[rollout.engine].from_config` builds it (each engine module
     says where its parts live and what they need)."""
-    from megatron_vppo.rollout import ENGINES
-
     return ENGINES[cfg.rollout.engine].from_config(cfg, model_dir, dims)
 
 
@@ -193,7 +192,7 @@ def build_run(cfg: RunConfig) -> tuple[Trainer, Checkpointer]:
     trainer.engine = build_engine(cfg, model_dir, policy.dims)
     dist.barrier(group=group)  # an engine start takes minutes: the other ranks wait in gloo, not NCCL
     # the engine starts from the trainer's weights (resume included)
-    sync_engine_weights(ddp_chunks, adapter, trainer.engine, engine_name=cfg.rollout.engine,
+    sync_engine_weights(ddp_chunks, adapter, trainer.engine, engine_cls=ENGINES[cfg.rollout.engine],
                         bucket_bytes=cfg.rollout.bucket_bytes, dims=policy.dims, step=trainer.step)
 
     rank = dist.get_rank()

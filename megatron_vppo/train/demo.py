@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, f"train.total_steps={args.steps}"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from megatron_vppo.config import load_config
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
     from megatron_vppo.models import MODELS
     from megatron_vppo.train.run import train

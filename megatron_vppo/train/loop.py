@@ -22,13 +22,14 @@ from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weig
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_pixel_values, perturbed_images_at_grid
 from megatron_vppo.distributed import ParallelDims, all_gather_world, gather_data_parallel, sum_over_data_parallel
+from megatron_vppo.rollout import ENGINES
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
-from megatron_vppo.sync.engine_push import sync_engine_weights
+from megatron_vppo.train.engine_sync import sync_engine_weights
 from megatron_vppo.train import passes
 from megatron_vppo.train.nonfinite import check_finite, guarded_step
 from megatron_vppo.train.optimizer import current_lr
 from megatron_vppo.train.records import ShapedTrajectory, TokenScores
-from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
+from megatron_vppo.train.rl_batch import chunks, pack_by_tokens, padded_length, responses_to_matrix, shard
 from megatron_vppo.train.rollout_step import encode_prompts, grading_errors, sample_groups, to_trajectories
 
 log = logging.getLogger("megatron_vppo.train")
@@ -239,16 +240,25 @@ def minibatch_index_lists(cfg: RunConfig, n_traj: int) -> list[list[int]]:
     return chunks(list(range(n_traj)), per)
 
 
-def official_scopes(cfg: RunConfig, dims: ParallelDims, minibatches: list[list[int]]) -> tuple[list, list]:
-    """tas_scope official: min/max per (DP rank, mini-batch), μ per micro-batch — as the reference."""
-    dp = dims.dp
+def official_scopes(cfg: RunConfig, dims: ParallelDims, minibatches: list[list[int]], trajs: list
+                    ) -> tuple[list, list]:
+    """tas_scope official: min/max per (DP rank, mini-batch), μ per micro-batch — the reference's
+    per-device statistics, over the shards and micro-batches `update_policy` really runs: count-based
+    chunks of micro_batch_size, or, packed (`train.max_tokens_per_micro_batch`), the token-balanced DP
+    shards and first-fit-decreasing bins of `passes.micro_batch_groups`."""
+    dp, max_tokens = dims.dp, cfg.train.max_tokens_per_micro_batch
     mbs, micro = [], []
     for mb in minibatches:
         for r in range(dp):
-            part = shard(mb, r, dp)
-            if part:
-                mbs.append(part)
+            part = passes.data_parallel_shard(mb, trajs, max_tokens, r, dp)
+            if not part:
+                continue
+            mbs.append(part)
+            if max_tokens is None:
                 micro.extend(chunks(part, cfg.train.micro_batch_size))
+            else:
+                micro.extend([part[i] for i in g] for g in pack_by_tokens([trajs[i].num_tokens for i in part],
+                                                                          max_tokens))
     return mbs, micro
 
 
@@ -268,7 +278,7 @@ def shape_step(trainer: Trainer, trajs, scored: list[TokenScores]):
     kl = _matrix([r.kl for r in scored])
     minibatches = minibatch_index_lists(cfg, len(trajs))
     official = "tas_scope" in algorithm_of(cfg).reads and cfg.algo.tas_scope == "official"
-    mbs, micro = official_scopes(cfg, trainer.dims, minibatches) if official else (None, None)
+    mbs, micro = official_scopes(cfg, trainer.dims, minibatches, trajs) if official else (None, None)
     shaping = algorithm_of(cfg).shaping(old, aug, mask, adv, cfg.algo, kl=kl, minibatches=mbs, microbatches=micro)
     weights, metrics = rollout_correction(cfg, trajs, old, mask)
     per_traj = []
@@ -396,7 +406,8 @@ def rl_step(trainer: Trainer) -> dict:
     metrics.update(update_policy(trainer, trajs, per_traj, minibatches))
     t3 = time.perf_counter()
     _engine_memory(trainer, resident=True)
-    sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine, engine_name=trainer.cfg.rollout.engine,
+    sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine,
+                        engine_cls=ENGINES[trainer.cfg.rollout.engine],
                         bucket_bytes=trainer.cfg.rollout.bucket_bytes, dims=trainer.dims, step=trainer.step)
     t4 = time.perf_counter()
     lens = torch.tensor([t.response_len for t in trajs], dtype=torch.float64)

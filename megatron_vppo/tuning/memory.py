@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_vppo.config import DataConfig
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning.model_spec import ModelShape
 
@@ -114,7 +115,7 @@ class Workload:
     micro_batch: int = 1
     global_batch: int = 128 * 8  # trajectories per optimizer step (mini-batch 128 prompts x G=8)
     images_per_sample: int = 1
-    max_pixels: int = 1003520
+    max_pixels: int = DataConfig.max_pixels
     # Extra fp32 [tokens, V/TP] tensors of the no-grad pass beyond the one working copy of the vocab-parallel
     # log-prob: 0 for the sampled_k3 dependency; the exact-KL estimator's count is set by the CLI.
     nograd_fp32_temporaries: int = 0

@@ -104,13 +104,6 @@ def text_arch(hf_cfg) -> QwenTextArch:
     )
 
 
-def vision_config_dict(hf_cfg) -> dict:
-    cfg = load_hf_config(hf_cfg)
-    if "vision_config" not in cfg:
-        raise ValueError("config has no vision_config; not a Qwen2.5-VL config")
-    return dict(cfg["vision_config"])
-
-
 def lm_transformer_config(
     hf_cfg,
     model: ModelConfig | None = None,

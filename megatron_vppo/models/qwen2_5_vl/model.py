@@ -193,12 +193,11 @@ def build_model_chunks(hf_config, model_cfg=None, parallel=None, *, dims=None,
                        with_vision=True) -> list[Qwen25VLModel]:
     """This rank's model chunk(s) (one per virtual pipeline stage), after `init_distributed`.
 
-    `dims` (distributed.ParallelDims; read from Megatron once when None) says which chunks hold the
+    `dims` (distributed.ParallelDims, `init_distributed`'s result) says which chunks hold the
     first stage (embeddings, vision) and the last (output layer). Parameters are created on CPU
     (`use_cpu_initialization`) and moved to the current GPU if any."""
-    from megatron_vppo.distributed import ParallelDims
-
-    dims = dims or ParallelDims.from_megatron()
+    if dims is None:
+        raise TypeError("build_model_chunks needs dims= (the ParallelDims init_distributed returned)")
     vpp = dims.vpp or 1
     chunks = []
     for v in range(vpp):

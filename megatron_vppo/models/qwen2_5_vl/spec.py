@@ -30,7 +30,7 @@ class Qwen25VLSpec:
         return dict(num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
                     num_layers=a.num_layers, vision_num_heads=(cfg.get("vision_config") or {}).get("num_heads"))
 
-    def build_chunks(self, hf_config, model_cfg=None, parallel=None, dims=None) -> list:
+    def build_chunks(self, hf_config, model_cfg, parallel, dims) -> list:
         from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
 
         return build_model_chunks(hf_config, model_cfg, parallel, dims=dims)

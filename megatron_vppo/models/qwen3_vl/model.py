@@ -173,9 +173,8 @@ class Qwen3VLModel(MegatronModule):
 
 def build_model_chunks(hf_config, model_cfg=None, parallel=None, *, dims=None, with_vision=True) -> list:
     """This rank's model chunk(s) (one per virtual pipeline stage), after `init_distributed`."""
-    from megatron_vppo.distributed import ParallelDims
-
-    dims = dims or ParallelDims.from_megatron()
+    if dims is None:
+        raise TypeError("build_model_chunks needs dims= (the ParallelDims init_distributed returned)")
     vpp = dims.vpp or 1
     chunks = [
         Qwen3VLModel(hf_config, model_cfg, parallel, pre_process=dims.first_stage and v == 0,

@@ -38,7 +38,7 @@ class Qwen3VLSpec:
                     deepstack=len(v.get("deepstack_visual_indexes") or ()),
                     vision_full_attn_blocks=int(v.get("depth", 0)))
 
-    def build_chunks(self, hf_config, model_cfg=None, parallel=None, dims=None) -> list:
+    def build_chunks(self, hf_config, model_cfg, parallel, dims) -> list:
         from megatron_vppo.models.qwen3_vl.model import build_model_chunks
 
         return build_model_chunks(hf_config, model_cfg, parallel, dims=dims)

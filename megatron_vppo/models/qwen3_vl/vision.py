@@ -202,12 +202,8 @@ class Qwen3VisionModel(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Distributed-checkpoint view, each block under `blocks.{i}.` with its own TP sharding (the TP
-        group is passed so TP-replicated tensors get distinct replica ids)."""
+        group, `ParallelDims.tp_group` given at construction, gives TP-replicated tensors distinct replica ids)."""
         tp_group = self.tp_group
-        if tp_group is None:
-            from megatron_vppo.distributed import ParallelDims
-
-            tp_group = ParallelDims.from_megatron().tp_group
         sd = {}
         for name, child in self.named_children():
             if name in ("blocks", "deepstack_mergers"):

@@ -116,7 +116,7 @@ def run_layout(model_dir, batch, tp, pp, sp, packed=True):
     dims = init_distributed(par, **spec.layout_dims(cfg), seed=11)
     chunks = spec.build_chunks(cfg, None, par, dims)
     adapter = spec.weight_adapter(cfg, tp)
-    load_hf_weights(chunks, model_dir, adapter)
+    load_hf_weights(chunks, model_dir, adapter, dims=dims)
     for c in chunks:
         c.train()
         c.zero_grad(set_to_none=True)
@@ -148,11 +148,11 @@ def run_layout(model_dir, batch, tp, pp, sp, packed=True):
                 continue
             if (sp and getattr(p, "sequence_parallel", False)) or "q_layernorm" in n or "k_layernorm" in n:
                 torch.distributed.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
-    res = dict(logits=captured.get("logits"), logp=captured.get("logp"),
-               grads=gather_full_state(chunks, adapter, grads=True), params=None, packed=None,
+    res = dict(logits=captured.get("logits"), logp=captured.get("logp"), params=None, packed=None,
+               grads=gather_full_state(chunks, adapter, grads=True, tp_group=dims.tp_group),
                pp_rank=ps.get_pipeline_model_parallel_rank())
     if (tp, pp) == (2, 2):
-        res["params"] = gather_full_state(chunks, adapter)
+        res["params"] = gather_full_state(chunks, adapter, tp_group=dims.tp_group)
     if packed and pp == 1 and not sp:
         ids, pos, psp = packed_batch(batch, arch)
         with torch.no_grad():

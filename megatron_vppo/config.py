@@ -54,6 +54,36 @@ class RolloutCorrectionConfig:
 
 
 @dataclass
+class PapoConfig:
+    """PAPO (spec/perception_family.md): the implicit perception loss on GRPO (`papo`) or DAPO (`papo_d`)."""
+    gamma: float | None = None  # k3 coefficient γ; None: the preset's (papo 0.02, papo_d 0.01)
+    eta: float | None = None  # sampled-entropy coefficient η; None: the preset's (papo 0.05 (7B), papo_d 0.03)
+    mask_ratio: float = 0.6  # share of 14-px patches blackened in the second view
+    clamp_k3_small: bool = False  # clamp k3 to [0, 0.2] instead of [-10, 10] (an option of the authors' scripts)
+    second_view_grad: bool = False  # TRL's variant (masked forward with gradient); not implemented: refused
+
+
+@dataclass
+class PgpoConfig:
+    """PGPO: per-token advantage weights from the second view (algo/pgpo.py)."""
+    view: str = "blind"  # blind (attention masked on the prompt's image pads) | patches (algo.perturb_prob)
+    tau: float = 0.4
+    beta: float = 2.0
+    threshold: str = "fixed"  # fixed | quantile (the authors' development code)
+    low_weight_floor: float = 0.0  # 0 (paper) | 0.1 (the authors' development code)
+    mass_normalization: bool = True  # true (paper) | false (the authors' development code)
+
+
+@dataclass
+class VepoConfig:
+    """VEPO: token selection by visual divergence (algo/vepo.py)."""
+    noise_std: float = 2.0  # std of the Gaussian noise on normalised pixel_values (authors' code: 2·√12 ≈ 6.93)
+    alpha: float = 0.7
+    top_ratio: float = 0.2
+    entropy_coef: float = 1e-3  # sampled-entropy bonus over the kept tokens (the VEPO recipe)
+
+
+@dataclass
 class AlgoConfig:
     """The RL algorithm and its settings (spec §3–§6 and the recipe table of §7 for vppo).
 
@@ -61,7 +91,7 @@ class AlgoConfig:
     and a key it does not read, set away from its default, is a ConfigError — unless the file wrote it for
     the algorithm a command-line `algo.name=` replaced (then it is dropped with one info line;
     `run_config.validate`)."""
-    name: str = "vppo"  # a name in megatron_vppo.algo.ALGORITHMS (grpo | dapo | vppo | gspo)
+    name: str = "vppo"  # a name in megatron_vppo.algo.ALGORITHMS (grpo | dapo | vppo | gspo | papo | papo_d | pgpo | vepo)
     # None: the algorithm's own default (Algorithm.clip_defaults): 0.2 / 0.28 for the token-level
     # algorithms, 3e-4 / 4e-4 for gspo (its paper's values; the ratio there is a per-token geometric mean)
     clip_low: float | None = None
@@ -76,6 +106,9 @@ class AlgoConfig:
     perturb_prob: float = 0.5
     # trainer π_old vs the engine's sampling log-probs (old_logp_source=trainer only)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    papo: PapoConfig = field(default_factory=PapoConfig)
+    pgpo: PgpoConfig = field(default_factory=PgpoConfig)
+    vepo: VepoConfig = field(default_factory=VepoConfig)
 
 
 @dataclass
@@ -307,6 +340,8 @@ _CHOICES = {
     ("algo", "dependency_estimator"): {"sampled_k3", "exact_kl"},
     ("algo", "tas_scope"): {"global", "official"},
     ("algo", "perturbation"): {"pixel", "image"},
+    ("algo.pgpo", "view"): {"blind", "patches"},
+    ("algo.pgpo", "threshold"): {"fixed", "quantile"},
     ("train", "old_logp_source"): {"trainer", "engine"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
@@ -315,11 +350,18 @@ _CHOICES = {
 }
 
 
+def _section(cfg: RunConfig, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate_choices(cfg: RunConfig) -> None:
     """The fixed choices above; the registries' choices (model.arch, algo.name, rollout.engine) and
     what the chosen entries read are checked by `run_config.validate`."""
     for (section, key), allowed in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
+        value = getattr(_section(cfg, section), key)
         if value not in allowed:
             shown = sorted(str(a) for a in allowed)
             raise ConfigError(f"{section}.{key}={value!r} is not one of {shown}")
@@ -396,10 +438,21 @@ RANGES: dict[tuple[str, str], Range] = {
 }
 
 
+# Numeric fields of the nested algo sections (RANGES holds the top-level sections' fields).
+NESTED_RANGES: dict[tuple[str, str], Range] = {
+    ("algo.papo", "gamma"): _at_least(0.0), ("algo.papo", "eta"): _at_least(0.0),
+    ("algo.papo", "mask_ratio"): _PROB,
+    ("algo.pgpo", "tau"): Range(0.0, 1.0, lo_open=True, why="w = I/τ below the threshold"),
+    ("algo.pgpo", "beta"): _at_least(0.0), ("algo.pgpo", "low_weight_floor"): _PROB,
+    ("algo.vepo", "noise_std"): _at_least(0.0), ("algo.vepo", "alpha"): _PROB,
+    ("algo.vepo", "top_ratio"): Range(0.0, 1.0, lo_open=True), ("algo.vepo", "entropy_coef"): _at_least(0.0),
+}
+
+
 def validate_ranges(cfg: RunConfig) -> None:
     """One line per bad value, naming the key and its allowed range, before anything is built."""
-    for (section, key), allowed in RANGES.items():
-        value = getattr(getattr(cfg, section), key)
+    for (section, key), allowed in {**RANGES, **NESTED_RANGES}.items():
+        value = getattr(_section(cfg, section), key)
         if value is None:
             continue
         if not allowed.contains(value):

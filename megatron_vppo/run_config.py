@@ -129,6 +129,10 @@ def _drop_or_refuse(cfg: RunConfig, governed, reads, what: str, chosen: str, fil
             setattr(getattr(cfg, section), name, copy.deepcopy(default_value))
             continue
         shown = ", ".join(sorted(k for k in reads if k.split(".")[0] == key.split(".")[0])) or "none of them"
+        if dataclasses.is_dataclass(value):  # name the nested key that is set (algo.papo.gamma)
+            sub = next(f.name for f in dataclasses.fields(value)
+                       if getattr(value, f.name) != getattr(default_value, f.name))
+            key, value = f"{key}.{sub}", getattr(value, sub)
         raise ConfigError(f"{key}={value!r} is set, but {what} {chosen!r} does not read it (it reads {shown}); "
                           f"remove {key} or choose an {what} that reads it")
 
@@ -142,6 +146,14 @@ def _validate_combinations(cfg: RunConfig, algo: Algorithm, engine_cls: type) ->
                           f"{cfg.rollout.engine} cannot take (it preprocesses raw images itself); set "
                           "algo.perturbation=image (the blackened image, which it preprocesses to the trainer's "
                           "pixels), or use train.old_logp_source=trainer")
+    if (algo.needs_perturbed_view and algo.view(cfg.algo).kind == "blind"
+            and cfg.train.max_tokens_per_micro_batch is not None):
+        raise ConfigError("algo.pgpo.view=blind masks attention on image pads, which packed micro-batches do not take; "
+                          "unset train.max_tokens_per_micro_batch or set algo.pgpo.view=patches")
+    if cfg.train.old_logp_source == "engine" and algo.needs_perturbed_view and not algo.engine_view(cfg.algo):
+        raise ConfigError(f"train.old_logp_source=engine: the second view of algo.name={cfg.algo.name} is not an "
+                          "image the engine can score (vepo needs full distributions; pgpo.view=blind an attention "
+                          "mask); use train.old_logp_source=trainer (or algo.pgpo.view=patches for pgpo)")
     rc = cfg.algo.rollout_correction
     try:
         check_correction(rc.level, rc.mode, rc.cap)

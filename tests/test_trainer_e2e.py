@@ -360,11 +360,10 @@ def test_bad_rows_are_skipped_counted_and_logged(tp2_run):
 
 
 def test_eval_cli_prints_table_and_json_matching_trainer_validation(assets, tp2_run):
-    """`megatron-vppo eval` on the starting model with the run's seed and sampling settings reproduces
-    the trainer's step-0 validation accuracy (same prompts, seeds and grading)."""
+    """`megatron-vppo eval --config RUN.yaml` on the starting model reproduces the trainer's step-0
+    validation accuracy (same prompts, seeds, sampling settings and grading: all read from the run config)."""
     text = run([sys.executable, *cli("eval", "--model", str(assets["model"]), "--data", str(assets["val"]),
-                                     "--k", "2", "--max-new-tokens", "6", "--seed", "1",
-                                     "--min-pixels", PIXELS[0], "--max-pixels", PIXELS[1])],
+                                     "--config", str(assets["config"]))],
                assets["root"] / "eval.log", timeout=200)
     lines = text.strip().splitlines()
     res = json.loads(lines[-1])

@@ -160,9 +160,43 @@ def train_side_step(trainer, proxy, trajs) -> dict:
     )
 
 
-def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False):
+# The perception family (spec/perception_family.md) rides in the same launches: after the VPPO step the
+# same trainer runs one step of each, in this order, from the weights the previous step left (the same
+# at every layout), so each layout's numbers are again compared with TP1's.
+PERCEPTION = ("papo", "vepo", "pgpo")  # pgpo last: its blind view has no packed form (packed runs stop before it)
+PGPO_WEIGHT_ATOL = 1e-3  # see check_same_perception: the min-max gain on this model's tiny k3 range
+PGPO_GRAD_RTOL = 1e-4  # PGPO's gradient inherits that gain through Â_{i,t} = w_t·A_i (its loss still ≤ ATOL)
+
+
+def perception_steps(trainer, proxy, trajs, names=PERCEPTION, **overrides) -> dict:
+    """One step (paired pass -> shaping -> update) per perception algorithm; what each computes."""
+    from megatron_vppo.config import AlgoConfig
+    from megatron_vppo.run_config import validate_algorithm
+    from megatron_vppo.train import loop
+
+    out = {}
+    for name in names:
+        trainer.cfg.algo = AlgoConfig(name=name, **overrides.get(name, {}))
+        validate_algorithm(trainer.cfg.algo)
+        first = len(proxy.grads)
+        scored = loop.score_step_batch(trainer, trajs)
+        per_traj, minibatches, metrics = loop.shape_step(trainer, trajs, scored)
+        upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
+        keep_grads = trainer.dims.tp_rank == 0 and trainer.dims.dp_rank == 0
+        out[name] = dict(old=[r.old for r in scored], aug=[r.aug for r in scored],
+                         jsd=[r.jsd for r in scored], per_traj=per_traj, minibatches=minibatches,
+                         metrics={**metrics, **upd}, loss=upd["actor/loss"],
+                         grads=proxy.grads[first:] if keep_grads else None)
+    return out
+
+
+def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False, perception=True):
     trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs), sp=sp)
-    return train_side_step(trainer, proxy, trajs)
+    out = train_side_step(trainer, proxy, trajs)
+    if out["grads"] is not None:
+        out["grads"] = list(out["grads"])  # the VPPO step's; the perception steps append theirs after
+    out["perception"] = perception_steps(trainer, proxy, trajs) if perception else None
+    return out
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -184,7 +218,9 @@ ARCHS = ("qwen2_5_vl", "qwen3_vl")
 
 
 def _archs_worker(rank, world, model_dirs, all_trajs, tp, pp, mbs, sp=False):
-    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp) for d, t in zip(model_dirs, all_trajs)]
+    """Every arch in turn; the perception algorithms' steps run on the first (Qwen2.5-VL) only."""
+    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp, perception=i == 0)
+            for i, (d, t) in enumerate(zip(model_dirs, all_trajs))]
 
 
 @pytest.fixture(scope="module")
@@ -292,12 +328,76 @@ def test_reference_batch_is_nontrivial(arch, references, all_trajs):
     print(f"TP1 reference step: {reference['seconds']:.1f}s, J = {reference['loss']:.6f}")
 
 
+def check_same_perception(results, ref, tag):
+    """Each perception algorithm's step at this layout equals its TP1 step: both views' log-probs,
+    VEPO's JSD, PGPO's per-token weights, the kept-token masks, Â, the loss and the gradients."""
+    for algo in results[0]["perception"]:
+        want = ref["perception"][algo]
+        for rank, r in enumerate(results):
+            got = r["perception"][algo]
+            d = {"old_logp": _max_diff(got["old"], want["old"]), "aug_logp": _max_diff(got["aug"], want["aug"]),
+                 "advantage": max(abs(a.advantage - b.advantage) for a, b in zip(got["per_traj"], want["per_traj"])),
+                 "loss": abs(got["loss"] - want["loss"])}
+            if want["jsd"][0] is not None:
+                d["jsd"] = _max_diff(got["jsd"], want["jsd"])
+            weights = want["per_traj"][0].token_weight is not None
+            if weights:
+                d["token_weight"] = _max_diff([p.token_weight for p in got["per_traj"]],
+                                              [p.token_weight for p in want["per_traj"]])
+                # PGPO's per-response min-max divides by the range of log(1 + k3), which on this tiny random
+                # model is ~1e-3: the weights amplify the ≤ 1e-6 log-prob differences of the layouts ~100×.
+                # They must equal the weights of this layout's own (old, aug) exactly, and TP1's within that gain.
+                from megatron_vppo.algo.pgpo import pgpo_token_weights
+                from megatron_vppo.train.rl_batch import responses_to_matrix
+
+                old, mask = responses_to_matrix(got["old"])
+                w = pgpo_token_weights(old, responses_to_matrix(got["aug"])[0], mask)
+                d["token_weight_vs_own_inputs"] = _max_diff([p.token_weight for p in got["per_traj"]],
+                                                            [w[i, : len(p.old_logp)] for i, p in enumerate(got["per_traj"])])
+            print(f"{tag} {algo} rank {rank}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
+            for key, v in d.items():
+                tol = PGPO_WEIGHT_ATOL if key == "token_weight" else ATOL
+                assert v <= tol, f"{tag} {algo} rank {rank}: {key} differs from TP1 by {v:.3e}"
+            assert all(torch.equal(a.tgf_mask, b.tgf_mask) for a, b in zip(got["per_traj"], want["per_traj"])), \
+                f"{tag} {algo} rank {rank}: kept-token mask differs"
+        for step in range(len(want["minibatches"])):
+            merged = {}
+            for r in results:
+                if r["perception"][algo]["grads"] is not None:
+                    merged.update(r["perception"][algo]["grads"][step])
+            rel, name = _worst_grad(merged, want["grads"][step])
+            print(f"{tag} {algo}: optimizer step {step}: worst relative gradient difference {rel:.1e} ({name})")
+            tol = PGPO_GRAD_RTOL if algo == "pgpo" else GRAD_RTOL_LAYOUT
+            assert rel <= tol, f"{tag} {algo}: step {step} gradient of {name} differs by {rel:.3e}"
+
+
+def test_reference_perception_steps_are_nontrivial(reference, trajs):
+    """What each perception method computes on the fixed batch is not degenerate (TP1)."""
+    per = reference["perception"]
+    img = [i for i, t in enumerate(trajs) if t.has_image]
+    text = [i for i, t in enumerate(trajs) if not t.has_image]
+    for algo in PERCEPTION:  # the second view moves image trajectories only
+        assert all(torch.equal(per[algo]["aug"][i], per[algo]["old"][i]) for i in text), algo
+        assert max(float((per[algo]["aug"][i] - per[algo]["old"][i]).abs().max()) for i in img) > 1e-4, algo
+        assert all(torch.isfinite(g).all() for step in per[algo]["grads"] for g in step.values())
+    m = per["papo"]["metrics"]
+    assert m["actor/papo/k3"] > 0 and m["actor/papo/term"] != 0.0
+    w = torch.cat([p.token_weight for p in per["pgpo"]["per_traj"]])
+    assert float(w.max()) > 1.2 and float(w.min()) < 0.8, "PGPO weights should vary"
+    for p, t in zip(per["pgpo"]["per_traj"], trajs):  # mass normalisation: each response's weights sum to L
+        assert float(p.token_weight.sum()) == pytest.approx(t.response_len, rel=1e-9)
+    kept = [p.tgf_mask for p in per["vepo"]["per_traj"]]
+    assert all(int(k.sum()) == -(-len(k) // 5) for k in kept), "VEPO keeps ceil(0.2 L) tokens per response"
+    assert max(float(per["vepo"]["jsd"][i].max()) for i in img) > 0
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, model_dirs, all_trajs, references):
     world, tp, pp, mbs, *sp = LAYOUTS[name]
     results = run_distributed(_archs_worker, world, model_dirs, all_trajs, tp, pp, mbs, *sp)
     for i, arch in enumerate(ARCHS):
         check_same([r[i] for r in results], references[i], f"{name} {arch}")
+    check_same_perception([r[0] for r in results], references[0], name)  # perception steps: Qwen2.5-VL
 
 
 # ------------------------------------------------------------------- transformers oracle (TP1)
@@ -403,7 +503,10 @@ def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
     cfg.train.max_tokens_per_micro_batch = budget
     if not sp:
         trainer, proxy = build_trainer(model_dir, tp, pp, cfg)
-        return train_side_step(trainer, proxy, trajs)
+        out = train_side_step(trainer, proxy, trajs)
+        out["grads"] = None if out["grads"] is None else list(out["grads"])
+        out["perception"] = perception_steps(trainer, proxy, trajs, names=("papo", "vepo"))
+        return out
     # build_trainer with sequence parallel on
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
@@ -439,3 +542,5 @@ def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs
         assert counts[0] != counts[1], counts
     results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, tp, pp, budget, name.endswith("SP"))
     check_same(results, reference, name)
+    if "perception" in results[0]:
+        check_same_perception(results, reference, name)

@@ -28,6 +28,7 @@ class Shaping:
     shaped_advantages: Tensor  # [B]
     tgf_mask: Tensor           # [B, T] {0,1}, dtype of the response mask
     metrics: dict[str, float] = field(default_factory=dict)
+    token_weights: Tensor | None = None  # [B, T] per-token advantage weights (PGPO): Â_{i,t} = w_t · Â_i
 
 
 def _reduce(values: list[Tensor], op, group) -> list[Tensor]:

@@ -214,7 +214,10 @@ def teardown(trainer: Trainer) -> None:
             path = Path(trainer.cfg.train.output_dir) / "metrics.jsonl"
             if path.exists():
                 try:
-                    plot_metrics(path, Path(trainer.cfg.train.output_dir) / "metrics.png")
+                    from megatron_vppo.algo.registry import get_algorithm
+
+                    plot_metrics(path, Path(trainer.cfg.train.output_dir) / "metrics.png",
+                                 extra_panels=get_algorithm(trainer.cfg.algo.name).panels)
                 except Exception as e:  # a plot must never fail a finished run
                     log.warning("could not plot metrics: %s", e)
     trainer.grader.close()

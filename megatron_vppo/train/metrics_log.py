@@ -275,16 +275,22 @@ def format_step_summary(
     return " | ".join([head, *parts])
 
 
-def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Plot reward, validation accuracy, dependency mean and kept-token fraction over steps (PNG)."""
+def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path,
+                 extra_panels: Iterable[tuple[str, tuple[str, ...]]] = ()) -> Path:
+    """Plot reward, validation accuracy, dependency mean and kept-token fraction over steps (PNG), then
+    `extra_panels` (the algorithm's own: `Algorithm.panels` in algo/registry.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_jsonl)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    for ax, (title, candidates) in zip(axes.flat, PLOT_PANELS):
+    panels = list(PLOT_PANELS) + list(extra_panels)
+    nrows = -(-len(panels) // 2)
+    fig, axes = plt.subplots(nrows, 2, figsize=(10, 3.5 * nrows), constrained_layout=True, squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, candidates) in zip(axes.flat, panels):
         key = next((k for k in candidates if any(_is_scalar(r.get(k)) for r in rows)), None)
         ax.set_title(title)
         ax.set_xlabel("step")

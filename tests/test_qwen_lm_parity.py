@@ -364,5 +364,20 @@ def test_te_spec_and_fp8_recipe(tiny_model_dir, recipe):
         tiny_model_dir, ModelConfig(transformer_impl="transformer_engine", fp8="hybrid", fp8_recipe=recipe)
     )
     assert c.transformer_impl == "transformer_engine" and c.fp8 == "hybrid"
+    assert str(getattr(c.fp8_recipe, "value", c.fp8_recipe)) == recipe  # the config's recipe reaches Megatron
     assert lm_layer_spec(c) is not None
-    assert get_fp8_recipe(c) is not None
+    fp8_recipe = get_fp8_recipe(c)
+    import transformer_engine.pytorch as te
+    from transformer_engine.common.recipe import DelayedScaling, Float8CurrentScaling, Format
+
+    assert isinstance(fp8_recipe, {"delayed": DelayedScaling, "tensorwise": Float8CurrentScaling}[recipe])
+    assert fp8_recipe.fp8_format == Format.HYBRID
+    # one TE forward under that recipe (FP8 GEMM dims: multiples of 16), close to the bf16 product
+    torch.manual_seed(0)
+    lin = te.Linear(64, 128, bias=False, params_dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    with te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe):
+        y = lin(x)
+    assert lin.fp8 and isinstance(lin.fp8_meta["recipe"], type(fp8_recipe))  # it ran in FP8, this recipe
+    ref = x.float() @ lin.weight.float().t()
+    assert torch.isfinite(y).all() and (y.float() - ref).norm() / ref.norm() < 0.1

@@ -1,6 +1,7 @@
 """SGLang engines: the CPU-testable translation layer, the trainer side of the weight-update
 group over real gloo processes, and GPU-only end-to-end checks (skipped without CUDA + sglang)."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -92,42 +93,42 @@ def test_loose_pairs_and_buckets_become_buckets_in_order(bound):
     assert names == [n for n, _ in pairs]
 
 
-def _groups_worker(rank, world_size, tp, pp):
+def _groups_worker(rank, world_size):
     import torch.distributed as dist
 
     from megatron_vppo.config import ParallelConfig
-    from megatron_vppo.distributed import all_gather_world, destroy_distributed, init_distributed
+    from megatron_vppo.distributed import all_gather_world, destroy_distributed, init_distributed, with_engines
     from megatron_vppo.rollout.sglang_weights import engine_groups
 
-    dims = init_distributed(ParallelConfig(tp=tp, pp=pp), num_attention_heads=4, num_query_groups=2, num_layers=2)
+    base = init_distributed(ParallelConfig(tp=2, pp=2), num_attention_heads=4, num_query_groups=2, num_layers=2)
     try:
-        group, src = engine_groups(dims)
-        members = dist.get_process_group_ranks(group) if group is not None else None
-        gathered = all_gather_world([rank] if dims.engine_rank else [])
-        return {"src": src, "members": members, "engine": dims.engine_rank, "gathered": gathered}
+        out = {}
+        for etp in (2, 1, 4):  # the training layout (TP2xPP2) does not decide where engines sit
+            dims = with_engines(base, etp)
+            group, src = engine_groups(dims)
+            members = dist.get_process_group_ranks(group) if group is not None else None
+            gathered = all_gather_world([rank] if dims.engine_rank else [])
+            out[etp] = {"src": src, "members": members, "engine": dims.engine_rank, "gathered": gathered}
+        return out
     finally:
         destroy_distributed()
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 2), (1, 2)])
-def test_engine_groups_are_the_stage0_tp_groups(tp, pp):
-    """Each replica's engine rank and its TP peers on pipeline stage 0 share one gloo group led by the
-    engine rank; later stages host nothing."""
+def test_engine_groups_put_an_engine_tp_rank_on_every_rank():
+    """Every rank hosts an engine TP rank: engine_tp consecutive ranks share one gloo group led by the
+    engine's entry rank, at any engine_tp dividing the world, whatever the training layout (one launch)."""
     from dist_helpers import run_distributed
 
     world = 4
-    got = run_distributed(_groups_worker, world, tp, pp, timeout=300)
-    stage0 = [r for r in range(world) if (r // (world // pp)) == 0]  # Megatron order: pp is the slowest dim
-    engines = [r for r in range(world) if got[r]["engine"]]
-    for r, g in enumerate(got):
-        assert g["gathered"] == engines  # every rank receives every engine rank's list, in rank order
-        if r not in stage0:
-            assert g["src"] is None and g["members"] is None
-        elif tp == 1:
-            assert g["src"] == r and g["members"] is None and g["engine"]
-        else:
-            lead = r - r % tp
-            assert g["src"] == lead and g["members"] == list(range(lead, lead + tp)) and g["engine"] == (r == lead)
+    got = run_distributed(_groups_worker, world, timeout=300)
+    for etp in (2, 1, 4):
+        engines = list(range(0, world, etp))
+        for r in range(world):
+            g = got[r][etp]
+            assert g["gathered"] == engines  # every rank receives every engine rank's list, in rank order
+            lead = r - r % etp
+            assert g["src"] == lead and g["engine"] == (r == lead)
+            assert g["members"] == (None if etp == 1 else list(range(lead, lead + etp)))
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -141,11 +142,20 @@ def test_sglang_engine_matches_hf_engine(tiny_model_dir):
     eng = SGLangRolloutEngine.launch(str(tiny_model_dir), dtype="float32", mem_fraction_static=0.3, disable_cuda_graph=True)
     try:
         hf = HFRolloutEngine.from_pretrained(tiny_model_dir, device="cuda")
-        reqs = [RolloutRequest([10, 11, 12, 13]), RolloutRequest([20, 21])]
-        outs = eng.generate(reqs, 2, SamplingParams(temperature=1.0, max_new_tokens=8))
+        from conftest import make_test_images
+        from megatron_vppo.data.processor import VLProcessor
+
+        enc = VLProcessor.from_pretrained(tiny_model_dir).encode("How many shapes?", [make_test_images()[0]])
+        image_pad = int(json.loads((tiny_model_dir / "config.json").read_text())["image_token_id"])
+        reqs = [RolloutRequest([10, 11, 12, 13]), RolloutRequest([20, 21]),
+                RolloutRequest(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"])]
+        # banned tokens: the engine re-scores SGLang's log-probs onto the full vocabulary (docs/sglang.md)
+        outs = eng.generate(reqs, 2, SamplingParams(temperature=1.0, max_new_tokens=8, banned_token_ids=(image_pad,)))
         items = [(r, o.token_ids) for r, s in zip(reqs, outs) for o in s]
         ref = hf.score(items)
         for (r, _), o, lp in zip(items, [o for s in outs for o in s], ref):
+            assert image_pad not in o.token_ids and 0 < len(o.token_ids) <= 8
+            assert len(o.log_probs) == len(lp) == len(o.token_ids)  # lengths first: zip would hide a short list
             assert max(abs(a - b) for a, b in zip(o.log_probs, lp)) < 1e-3
         # weight update through flattened buckets, then generation on the new weights
         from safetensors.torch import load_file
@@ -162,7 +172,9 @@ def test_sglang_engine_matches_hf_engine(tiny_model_dir):
         hf.update_weights(sd.items())
         outs = eng.generate(reqs, 1, SamplingParams(temperature=1.0, max_new_tokens=8))
         ref = hf.score([(r, s[0].token_ids) for r, s in zip(reqs, outs)])
+        assert len(outs) == len(ref) == len(reqs)
         for s, lp in zip(outs, ref):
+            assert len(s[0].log_probs) == len(lp) == len(s[0].token_ids)
             assert max(abs(a - b) for a, b in zip(s[0].log_probs, lp)) < 1e-3
     finally:
         eng.shutdown()

@@ -12,7 +12,10 @@ import pytest
 from megatron_vppo.config import RolloutConfig
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning import KERNELS, Precision, Workload, estimate_memory, load_model_spec, spec_from_dict, tune
+from megatron_vppo.tuning.search import precision_for
 from megatron_vppo.tuning.cli import run as cli_run
+from megatron_vppo.tuning.memory import SGLANG_RUNTIME_GIB
+from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES
 from megatron_vppo.tuning.memory import GIB
 from megatron_vppo.tuning.model_spec import ModelSpecError
 from megatron_vppo.tuning.search import TuningError
@@ -129,7 +132,10 @@ def test_tool_json_and_exit_codes(tmp_path):
     train = static + dyn + b["overhead"]
     assert b["rollout"] == pytest.approx(RolloutConfig().engine_gpu_share * 80, abs=0.01)  # one default
     fixed = KERNELS["te"].fixed_overhead_gib
-    assert rows[0]["mem_gib"] == pytest.approx(max(train, static + fixed + b["rollout"]), abs=0.01)
+    # the engine's share holds weights + KV only: SGLang's runtime and the sync bucket come on top
+    assert b["engine_runtime"] == SGLANG_RUNTIME_GIB and b["sync_buffers"] == DEFAULT_BUCKET_BYTES / 2**30
+    rollout = static + fixed + b["rollout"] + b["engine_runtime"] + b["sync_buffers"]
+    assert rows[0]["mem_gib"] == pytest.approx(max(train, rollout), abs=0.01)
     assert b["kv_cache"] == pytest.approx(b["rollout"] - b["engine_weights"], abs=0.01)
     bad = subprocess.run(tool + ["--gpus", "6"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error:" in bad.stderr
@@ -149,8 +155,9 @@ def test_tuner_offers_no_context_parallel_layouts():
 
 
 def test_rollout_share_must_hold_the_engines_weights_and_a_sequence():
-    """The colocated engine (TP = the trainer's, on stage 0) holds the HF model / TP in bf16 inside its share;
-    a share smaller than that cannot fit, whatever the trainer needs."""
+    """The colocated engines (TP = the trainer's, one engine TP rank on every GPU of every stage) hold the
+    HF model / TP in bf16 inside their share; a share smaller than that cannot fit, whatever the trainer
+    needs. `engine_tp` sizes the engine independently of the trainer's TP."""
     spec = load_model_spec(SPEC_32B)
     prec = Precision()  # bf16
     for tp, share, ok in [(2, 0.35, False), (2, 0.45, True), (4, 0.25, True), (4, 0.19, False)]:
@@ -160,8 +167,15 @@ def test_rollout_share_must_hold_the_engines_weights_and_a_sequence():
         assert first.engine_weights == pytest.approx(spec.total_params() * 2 / tp)
         assert first.min_kv == pytest.approx(PAPER_32B.seq_len * spec.layers * 2 * (spec.kv_heads // tp) * spec.hd * 2)
         assert first.rollout_fits is ok, (tp, share, first.kv_cache / GIB)
-        assert all(s.rollout == 0 for s in est.stages[1:])  # only stage 0 hosts the engine
-        assert est.total_gib * GIB >= first.static + first.rollout
+        # every stage hosts engine TP ranks (world / tp engines): the same share, weights and KV on each
+        assert all((s.rollout, s.engine_weights, s.min_kv) == (first.rollout, first.engine_weights, first.min_kv)
+                   for s in est.stages[1:])
+        assert est.total_gib * GIB >= max(s.static + s.rollout for s in est.stages)
+    wide = estimate_memory(spec, Layout(tp=2, pp=4, dp=4), PAPER_32B, prec=prec, gpu_mem_gib=80.0,
+                           rollout_share=0.45, engine_tp=4)
+    assert wide.stages[2].engine_weights == pytest.approx(spec.total_params() * 2 / 4)
+    row = tune(spec, 32, 79.6, PAPER_32B, prec=precision_for("bf16", fp8=True), rollout_share=0.5)[0].as_dict()
+    assert (row["engines"], row["engine_tp"]) == (32 // row["tp"], row["tp"])  # all 32 GPUs generate
 
 
 def test_megatron_vppo_tune_needs_no_tools_dir(monkeypatch, tmp_path, capsys):
@@ -354,3 +368,14 @@ def test_memory_estimate_matches_measured_cpu_peak(layout_name):
     print("\n".join(report))
     bad = [r for r in report if not 0.75 <= float(r.rsplit(" ", 1)[1]) <= 1.25]
     assert report and not bad, "estimate off by more than 25 %:\n" + "\n".join(bad) + "\n\nall:\n" + "\n".join(report)
+
+
+def test_grad_accum_fusion_is_what_the_model_config_sets():
+    """The tuner's kernels count the output layer's weight-grad temp unless wgrad accumulation is fused;
+    both presets must say what the model config builds (it sets gradient_accumulation_fusion=False)."""
+    from megatron_vppo.models.qwen2_5_vl.config import lm_transformer_config
+
+    hf = json.loads((Path(__file__).resolve().parents[1] / "examples/model_configs/qwen2_5_vl_3b.json").read_text())
+    hf = dict(hf, num_hidden_layers=1)
+    fused = lm_transformer_config(hf).gradient_accumulation_fusion
+    assert KERNELS["te"].grad_accum_fusion == KERNELS["local"].grad_accum_fusion == fused

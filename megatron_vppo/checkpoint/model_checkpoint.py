@@ -109,14 +109,15 @@ def model_dims(hf_config) -> dict:
     return model_spec(hf_config).layout_dims(hf_config)
 
 
-def build_model(hf_config, parallel=None, model_cfg=None, *, dims: ParallelDims):
-    """(this rank's chunks, weight adapter) — after `init_distributed` (`dims`: what it returned)."""
+def build_model(hf_config, parallel=None, model_cfg=None, *, dims: ParallelDims, init_weights: bool = True):
+    """(this rank's chunks, weight adapter) — after `init_distributed` (`dims`: what it returned).
+    `init_weights=False` when every parameter is loaded next."""
     from megatron_vppo.config import ModelConfig, ParallelConfig
 
     spec = model_spec(hf_config)
     model_cfg = model_cfg or ModelConfig()
     parallel = parallel or ParallelConfig()
-    chunks = spec.build_chunks(hf_config, model_cfg, parallel, dims)
+    chunks = spec.build_chunks(hf_config, model_cfg, parallel, dims, init_weights=init_weights)
     return chunks, spec.weight_adapter(hf_config, dims.tp, model_cfg.vocab_pad_multiple)
 
 
@@ -128,7 +129,7 @@ def load_model(path, parallel=None, model_cfg=None, *, hf_files=None, dims: Para
 
     kind, step, hf = resolve_model_path(path, hf_files)
     cfg = read_model_config(path, hf_files)
-    chunks, adapter = build_model(cfg, parallel, model_cfg, dims=dims)
+    chunks, adapter = build_model(cfg, parallel, model_cfg, dims=dims, init_weights=False)  # every param is loaded next
     if kind == "hf":
         load_hf_weights(chunks, path, adapter, dims=dims)
     else:

@@ -85,8 +85,9 @@ class ModelSpec(Protocol):
 
     # ---- Megatron side -------------------------------------------------------------------------
     def build_chunks(self, hf_config: dict, model_cfg: "ModelConfig", parallel: "ParallelConfig",
-                     dims: "ParallelDims") -> list:
-        """This rank's Megatron model chunks (`ModelChunk`s), after `init_distributed` (its `dims`)."""
+                     dims: "ParallelDims", *, init_weights: bool = True) -> list:
+        """This rank's Megatron model chunks (`ModelChunk`s), after `init_distributed` (its `dims`);
+        `init_weights=False` may skip the random init when every parameter is loaded right after."""
 
     def weight_adapter(self, hf_config: dict, tp: int = 1, vocab_pad_multiple: int = 128) -> "WeightAdapter":
         """HF <-> Megatron names and layouts at this TP size."""

@@ -2,8 +2,8 @@
 
 One deployment (docs/sglang.md has the protocol in full):
 
-* `SGLangRolloutEngine` — colocated: an `sglang.Engine` started by the trainer's first rank of each
-  replica, its TP ranks on the GPUs of the trainer's TP group (pipeline stage 0). Each update is one
+* `SGLangRolloutEngine` — colocated: an `sglang.Engine` on every `rollout.engine_tp` consecutive GPUs
+  (so every GPU hosts an engine TP rank), started by the engine's first trainer rank. Each update is one
   weight-update session (`begin_weight_update` ... `end_weight_update`, required since 0.5.21) of
   flattened-bucket calls to `update_weights_from_tensor`, one serialized payload per engine TP rank,
   each packed on that rank's GPU by the trainer rank sharing it (`sglang_weights.py`;
@@ -23,8 +23,14 @@ Differences from the in-process engine worth knowing:
   * Per-sample seeds need `sampling_seed` (and `enable_deterministic_inference` for bitwise
     reproducibility); enable `use_sampling_seed`.
   * Log-prob convention: ours is the temperature-scaled, unfiltered softmax (engine.py). SGLang
-    returns the temperature-scaled one unless SGLANG_RETURN_ORIGINAL_LOGPROB is set; not yet
-    verified on a GPU at T != 1 — check it with the trainer's consistency gate.
+    returns the temperature-scaled one unless SGLANG_RETURN_ORIGINAL_LOGPROB is set, but after its
+    `logit_bias` (our banned tokens): normalised without them. With banned tokens the colocated
+    engine therefore replaces the sampling log-probs by a prefill-only score of the sampled
+    responses (no bias: the full vocabulary), which is the convention at T = 1 (and T = 0, greedy:
+    unscaled); other temperatures with banned tokens are refused (SGLang scores at T = 1 only).
+  * Names: before the first update, the stream's manifest is checked against the tensor names of
+    the checkpoint the engine loaded (SGLang's qwen2_5_vl `load_weights` skips a name it does not
+    know without a word); a mismatch is refused before any payload is sent.
   * fp32 engines use `attention_backend="triton"` (FlashAttention 3 has no fp32 kernels).
   * An update that fails midway cannot be rolled back inside SGLang: the session is closed, and the
     engine marks itself unusable (`generate` raises) until a later complete update succeeds.
@@ -32,7 +38,9 @@ Differences from the in-process engine worth knowing:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -80,8 +88,11 @@ def to_sglang_sampling_params(
         "no_stop_trim": True,
     }
     if sampling.banned_token_ids:
-        # SGLang's SamplingParams.logit_bias (token id string -> bias added to the logits); a large
-        # negative bias bans the token without affecting the returned log-probs' normaliser.
+        # SGLang's SamplingParams.logit_bias (token id string -> bias added to the logits). SGLang adds
+        # it BEFORE its sampler takes log-probs (ModelRunner._preprocess_logits ->
+        # SamplingBatchInfo.apply_logits_bias, then layers/sampler.py), so the sampling log-probs are
+        # normalised without the banned tokens; SGLangRolloutEngine.generate re-scores them
+        # (banned_logprob_rescore) to get the project's full-vocabulary convention back.
         d["logit_bias"] = {str(t): -1.0e9 for t in sampling.banned_token_ids}
     if use_sampling_seed and seed is not None:
         d["sampling_seed"] = int(seed) & 0x7FFFFFFF
@@ -175,6 +186,71 @@ def group_outputs(flat: Sequence[dict], num_requests: int, n: int) -> list[list[
         raise RuntimeError(f"SGLang returned {len(flat)} results for {num_requests} x {n} samples")
     parsed = [parse_sglang_output(o) for o in flat]
     return [parsed[r * n : (r + 1) * n] for r in range(num_requests)]
+
+
+def banned_logprob_rescore(sampling: SamplingParams) -> bool:
+    """Whether this call's sampling log-probs must be re-scored: SGLang normalises them without the
+    banned tokens (their logit_bias is applied first). Its prefill scoring has no bias and no
+    temperature, i.e. the convention at T = 1 and at T = 0 (greedy: unscaled log-probs)."""
+    if not sampling.banned_token_ids:
+        return False
+    if sampling.temperature not in (0.0, 1.0):
+        raise ValueError(
+            f"rollout.temperature={sampling.temperature} with banned tokens: SGLang applies their logit_bias before "
+            "it takes log-probs and scores prompts at temperature 1 only, so its log-probs would miss the banned "
+            "tokens' share of the normaliser; use rollout.temperature=1.0, or rollout.engine=vllm / hf")
+    return True
+
+
+def with_scored_log_probs(outputs: list[list[RolloutOutput]], scores: Sequence[Sequence[float]]
+                          ) -> list[list[RolloutOutput]]:
+    """`outputs` (request-major) with each sample's log-probs replaced by its prefill score."""
+    flat = [o for group in outputs for o in group]
+    if len(scores) != len(flat):
+        raise RuntimeError(f"{len(scores)} scores for {len(flat)} samples")
+    it = iter(scores)
+    out = []
+    for group in outputs:
+        row = []
+        for o in group:
+            lp = [float(x) for x in next(it)]
+            if len(lp) != len(o.token_ids):
+                raise RuntimeError(f"a re-scored sample has {len(lp)} log-probs for {len(o.token_ids)} tokens")
+            row.append(RolloutOutput(token_ids=o.token_ids, log_probs=lp, finish_reason=o.finish_reason))
+        out.append(row)
+    return out
+
+
+def checkpoint_names(model_dir) -> set[str]:
+    """The tensor names (transformers' parameter spelling) of the HF checkpoint in `model_dir`."""
+    from safetensors import safe_open
+
+    from megatron_vppo.models import spec_for_hf_config
+
+    model_dir = Path(model_dir)
+    spec = spec_for_hf_config(json.loads((model_dir / "config.json").read_text()))
+    names = set()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            names.update(spec.engine_param_name(n) for n in h.keys())
+    if not names:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to check the update's names against")
+    return names
+
+
+def check_manifest_names(manifest_names: Sequence[str], ckpt: set[str], engine_name) -> None:
+    """Refuse an update whose names differ from the checkpoint the engine loaded (both in
+    transformers' spelling via `engine_name`): SGLang's loader skips unknown names silently, and a
+    checkpoint tensor the stream lacks would stay stale. A tied lm_head may come or not."""
+    got = {engine_name(n) for n in manifest_names}
+    optional = {"lm_head.weight"} if "lm_head.weight" not in ckpt else set()
+    unknown = sorted(got - ckpt - optional)
+    missing = sorted(ckpt - got)
+    if unknown or missing:
+        raise ValueError(
+            f"the weight update does not match the SGLang engine's checkpoint: {len(unknown)} name(s) it does not "
+            f"have (SGLang would skip them silently), e.g. {unknown[:3]}, and {len(missing)} it would keep stale, "
+            f"e.g. {missing[:3]}; is model.path the model being trained? (nothing was sent to the engine)")
 
 
 # ----------------------------------------------------------------------------- process environment
@@ -277,6 +353,7 @@ class SGLangRolloutEngine:
     run `SGLangTPPeer`. `serialize`: how a payload becomes bytes (SGLang's serializer by default)."""
 
     in_process = False  # takes byte-bounded buckets
+    tensor_parallel = True  # one engine spans rollout.engine_tp GPUs
     takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
     weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
     reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup"})
@@ -296,10 +373,10 @@ class SGLangRolloutEngine:
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "SGLangRolloutEngine | SGLangTPPeer | None":
-        """The trainer's colocated engine (collective over every rank): on each replica's engine rank an
-        `sglang.Engine` whose TP ranks sit on the GPUs of the trainer's TP group of pipeline stage 0; on
-        the other ranks of that group an `SGLangTPPeer` (it packs the weight payload its GPU's engine
-        rank reads); None on later stages. Its memory budget is `rollout.engine_gpu_share` of the GPU,
+        """The trainer's colocated engines (collective over every rank): one per `dims.engine_tp`
+        consecutive ranks (`rollout.engine_tp`), so every GPU hosts an engine TP rank. On each engine's
+        first rank an `sglang.Engine` whose TP ranks sit on the GPUs of its ranks; on the others an
+        `SGLangTPPeer` (it packs the weight payload its GPU's engine rank reads). Its memory budget is `rollout.engine_gpu_share` of the GPU,
         turned into SGLang's mem_fraction_static from the memory free now, after the model and
         optimizer (docs/sglang.md). The weights are replaced by the trainer's before the first rollout,
         so model.path only seeds the architecture."""
@@ -307,14 +384,14 @@ class SGLangRolloutEngine:
 
         from megatron_vppo.config import ConfigError
 
-        device, tp = dims.device, cfg.parallel.tp
+        device, tp = dims.device, dims.engine_tp
         if device.type != "cuda":
             raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")
-        first_gpu = device.index - dims.tp_rank  # SGLang's base_gpu_id for this group
+        first_gpu = device.index - dims.engine_tp_rank  # SGLang's base_gpu_id for this engine
         if first_gpu < 0 or first_gpu + tp > torch.cuda.device_count():  # same verdict on every rank
-            raise ConfigError(f"parallel.tp={tp}: the tensor-parallel group does not sit on GPUs "
+            raise ConfigError(f"rollout.engine_tp={tp}: the engine's ranks {dims.engine_ranks} do not sit on GPUs "
                               f"{max(first_gpu, 0)}..{first_gpu + tp - 1} of one node, where the colocated "
-                              "SGLang engine puts its TP ranks; keep parallel.tp within a node's GPUs")
+                              "SGLang engine puts its TP ranks; keep rollout.engine_tp within a node's GPUs")
         group, src = engine_groups(dims)  # collective over every rank
         if src is None:
             return None
@@ -352,6 +429,7 @@ class SGLangRolloutEngine:
         weight_group=None,
         weight_src: int | None = None,
         serialize: Callable[[dict], bytes] | None = None,
+        model_dir=None,
     ):
         if tp_size > 1 and weight_group is None:
             raise ValueError("SGLangRolloutEngine(tp_size > 1) needs weight_group: one payload per engine TP rank, "
@@ -368,6 +446,8 @@ class SGLangRolloutEngine:
         self._broken: str | None = None
         self._released = False
         self._weights_valid = True  # the checkpoint's weights, until a release drops them
+        self.model_dir = model_dir  # the checkpoint the engine loaded: an update's names are checked against it
+        self._checked_names: tuple | None = None
 
     @classmethod
     def launch(
@@ -405,7 +485,8 @@ class SGLangRolloutEngine:
                 **engine_kwargs_for(dtype, engine_kwargs),
             )
         return cls(engine, tp_size=tp_size, weights_cpu_backup=enable_weights_cpu_backup, bucket_bytes=bucket_bytes,
-                   use_sampling_seed=use_sampling_seed, weight_group=weight_group, weight_src=weight_src)
+                   use_sampling_seed=use_sampling_seed, weight_group=weight_group, weight_src=weight_src,
+                   model_dir=str(model_path))
 
     def _check_usable(self) -> None:
         if self._broken:
@@ -419,9 +500,14 @@ class SGLangRolloutEngine:
 
     def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams) -> list[list[RolloutOutput]]:
         self._check_usable()
+        rescore = banned_logprob_rescore(sampling)
         kwargs = expand_requests(requests, n, sampling, self.use_sampling_seed)
         out = self._engine.generate(**kwargs)
-        return group_outputs(out if isinstance(out, list) else [out], len(requests), n)
+        outputs = group_outputs(out if isinstance(out, list) else [out], len(requests), n)
+        if rescore:  # SGLang's sampling log-probs exclude the banned tokens from the normaliser
+            items = [(r, o.token_ids) for r, group in zip(requests, outputs) for o in group]
+            outputs = with_scored_log_probs(outputs, self.score(items))
+        return outputs
 
     def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0) -> list[list[float]]:
         """Prefill-only log-probs of given responses (old_logp_source=engine). SGLang 0.5.23 computes
@@ -443,7 +529,8 @@ class SGLangRolloutEngine:
         """All engine TP ranks' payloads per bucket, in one session for the whole stream (collective
         over `weight_group`: every member calls this or `SGLangTPPeer.update_weights`). Everything that
         can fail here fails inside a round, so the peers hear of it instead of waiting in a gather.
-        `expected` is not needed: SGLang's loader names an unknown tensor itself."""
+        `expected` (the stream's manifest) is checked against the checkpoint's names before anything
+        is sent, once per manifest: SGLang's loader skips a name it does not know without a word."""
         _refuse_mode(mode, "SGLangRolloutEngine")
         session = {"open": False}
 
@@ -452,7 +539,8 @@ class SGLangRolloutEngine:
                 raise RuntimeError("the SGLang engine's memory is released; call resume_memory() before update_weights")
             if len(payloads) != self.tp_size:
                 raise RuntimeError(f"{len(payloads)} payloads for {self.tp_size} engine TP ranks")
-            if not session["open"]:
+            if not session["open"]:  # inside the first round, so the TP peers hear of a refusal
+                self._check_names(expected)
                 _check_result(self._engine.begin_weight_update(), "begin_weight_update")
                 session["open"] = True
             _check_result(self._engine.update_weights_from_tensor(
@@ -466,9 +554,10 @@ class SGLangRolloutEngine:
             if session["open"]:
                 _check_result(self._engine.flush_cache(), "flush_cache")  # KV computed with the old weights
         except BaseException as e:
-            self._broken = (
-                f"SGLang weight update failed midway ({type(e).__name__}: {e}); the engine may hold a mix "
-                "of old and new weights and refuses to generate until a complete update succeeds")
+            if session["open"]:  # a refusal before the session changed nothing
+                self._broken = (
+                    f"SGLang weight update failed midway ({type(e).__name__}: {e}); the engine may hold a mix "
+                    "of old and new weights and refuses to generate until a complete update succeeds")
             raise
         finally:
             _ipc_collect()  # our buckets' IPC blocks, now that the engine let go of them
@@ -476,6 +565,18 @@ class SGLangRolloutEngine:
         if session["open"]:  # an empty stream loads nothing and changes nothing
             self._weights_valid = True
             self.weight_version += 1
+
+    def _check_names(self, expected: Manifest | None) -> None:
+        """The manifest against the loaded checkpoint's names, once per manifest (module docstring)."""
+        if expected is None or self.model_dir is None:
+            return
+        names = tuple(n for n, _, _ in expected)
+        if names != self._checked_names:
+            from megatron_vppo.models import spec_for_hf_config
+
+            spec = spec_for_hf_config(json.loads((Path(self.model_dir) / "config.json").read_text()))
+            check_manifest_names(names, checkpoint_names(self.model_dir), spec.engine_param_name)
+            self._checked_names = names
 
     def release_memory(self) -> None:
         _check_result(self._engine.release_memory_occupation(), "release_memory_occupation")
@@ -525,6 +626,7 @@ class SGLangTPPeer:
         self.weight_version = 0
 
     in_process = False
+    tensor_parallel = True
     takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
     weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
     reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup"})

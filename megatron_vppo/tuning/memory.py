@@ -14,9 +14,13 @@ Dynamic, the larger of two phases:
   no-grad    the paired VPPO pass: 2 views x micro-batch x seq x V/TP logits plus the fp32 log-softmax
              temporaries, reduced to per-token scalars at once (design decision 3)
 Plus framework overhead (CUDA context, NCCL/cuBLAS workspaces, allocator slack).
-Rollout (pipeline stage 0, where each replica's colocated SGLang engine lives; it releases everything while
-the trainer runs): static + fixed overhead + the engine's share of the GPU (`rollout.engine_gpu_share`),
-which must hold the engine's weights (HF model / TP) and KV cache for at least one full-length sequence.
+Rollout (every GPU: the colocated SGLang engines sit on every rank, one per `rollout.engine_tp`
+consecutive GPUs, so world / engine_tp engines generate; each releases everything while the trainer
+runs): static + fixed overhead + the engine's share of the GPU (`rollout.engine_gpu_share`), which must
+hold the engine's weights (HF model / engine_tp) and KV cache for at least one full-length sequence,
++ SGLang's runtime outside that share (SGLang sizes only weights + KV from `mem_fraction_static`; its
+process's CUDA context, decode CUDA graphs and forward workspace come on top: SGLANG_RUNTIME_GIB)
++ the weight sync's buffer (one flattened bucket of `rollout.bucket_bytes` per GPU while it is read).
 
 Saved-activation counts per decoder layer and token (elements; h hidden, q = heads*head_dim,
 kv = kv_heads*head_dim, f ffn width, t = TP, t_sp = t with sequence parallel else 1):
@@ -38,6 +42,14 @@ from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning.model_spec import ModelShape
 
 GIB = 2**30
+# SGLang 0.5.23 memory outside mem_fraction_static, per engine GPU: the scheduler process's CUDA context
+# and NCCL/cuBLAS workspaces (~0.5-1 GiB), decode CUDA graphs up to cuda_graph_max_bs (~1-2 GiB at 32B
+# widths) and a prefill chunk's activations (~1 GiB). An estimate from those parts, not a measurement
+# (no GPU here): the middle of the 2-5 GiB range issue 18 read from SGLang's sources.
+SGLANG_RUNTIME_GIB = 3.0
+# rollout.bucket_bytes' default (megatron_vppo.sync.buckets.DEFAULT_BUCKET_BYTES; tests/test_tuning.py
+# keeps them equal): the flattened bucket each GPU holds while the engine reads it during a weight sync.
+SYNC_BUCKET_BYTES = 512 * 1024 * 1024
 # fp32 [tokens, V/TP] temporaries the exact-KL dependency estimator adds to the no-grad pass (both views'
 # log-softmax and the KL terms; an upper bound worked out from the code, not measured).
 EXACT_KL_FP32_TEMPORARIES = 4
@@ -61,15 +73,16 @@ class Kernels:
 
 
 KERNELS = {
-    # GPU: TE fused LayerNorm+Linear, flash attention with native GQA, fused SwiGLU, wgrad fused into
-    # main_grad. RoPE stays unfused (the project sets apply_rope_fusion=False for 3-D M-RoPE).
+    # GPU: TE fused LayerNorm+Linear, flash attention with native GQA, fused SwiGLU. RoPE stays unfused
+    # (the project sets apply_rope_fusion=False for 3-D M-RoPE) and so does the wgrad accumulation: the
+    # model config sets gradient_accumulation_fusion=False (tests/test_tuning.py keeps the two equal).
     "te": Kernels(
         name="te",
         norm_saved=2,
         gqa_expanded_kv=False,
         mlp_saved_f=3,
         rope_saved=4,
-        grad_accum_fusion=True,
+        grad_accum_fusion=False,
         deallocate_pipeline_outputs=True,
         fixed_overhead_gib=2.5,
         fragmentation=0.08,
@@ -142,6 +155,8 @@ class StageMemory:
     rollout: float = 0.0  # the engine's share of the GPU while it generates (stage 0)
     engine_weights: float = 0.0  # the engine's weights inside that share
     min_kv: float = 0.0  # KV cache of one full-length sequence on one engine rank
+    engine_runtime: float = 0.0  # SGLang's memory outside its share (context, CUDA graphs, workspace)
+    sync_buffers: float = 0.0  # the weight sync's bucket on this GPU
 
     @property
     def static(self) -> float:
@@ -161,7 +176,9 @@ class StageMemory:
 
     @property
     def rollout_phase(self) -> float:
-        return self.static + self.fixed_overhead + self.rollout if self.rollout else 0.0
+        if not self.rollout:
+            return 0.0
+        return self.static + self.fixed_overhead + self.rollout + self.engine_runtime + self.sync_buffers
 
     @property
     def bwd_peak(self) -> float:
@@ -185,7 +202,8 @@ class StageMemory:
 
     def as_gib(self) -> dict:
         keys = ("weights", "grads", "optimizer", "activations", "vision_act", "logits", "transient",
-                "bwd_peak", "nograd", "overhead", "rollout", "engine_weights", "kv_cache", "min_kv")
+                "bwd_peak", "nograd", "overhead", "rollout", "engine_weights", "kv_cache", "min_kv",
+                "engine_runtime", "sync_buffers")
         out = {k: getattr(self, k) / GIB for k in keys}
         out.update(stage=self.stage, params=self.params, total=self.total / GIB, peak_phase=self.peak_phase)
         return out
@@ -330,9 +348,11 @@ def estimate_memory(
     gpu_mem_gib: float = 80.0,
     rollout_share: float = 0.0,
     vocab_multiple: int = 128,
+    engine_tp: int | None = None,
 ) -> MemoryEstimate:
     """`rollout_share`: the colocated engine's share of each GPU while it generates (0: no colocated
-    engine); its TP size is the trainer's, on the GPUs of pipeline stage 0."""
+    engine), on every GPU of every stage; `engine_tp`: its TP size (`rollout.engine_tp`; None: the
+    trainer's TP)."""
     if recompute not in ("none", "full"):
         raise ValueError(f"recompute={recompute!r}: use 'none' or 'full'")
     t, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
@@ -396,8 +416,9 @@ def estimate_memory(
         dynamic = max(sm.train_dynamic, sm.nograd)
         sm.fixed_overhead = kernels.fixed_overhead_gib * GIB
         sm.overhead = sm.fixed_overhead + kernels.fragmentation * dynamic
-        if first and rollout_share > 0:
+        if rollout_share > 0:  # an engine TP rank on every GPU, whatever the stage
             sm.rollout = rollout_share * gpu_mem_gib * GIB
-            sm.engine_weights, sm.min_kv = engine_rank_bytes(spec, t, prec, wl.seq_len)
+            sm.engine_weights, sm.min_kv = engine_rank_bytes(spec, engine_tp or t, prec, wl.seq_len)
+            sm.engine_runtime, sm.sync_buffers = SGLANG_RUNTIME_GIB * GIB, SYNC_BUCKET_BYTES
         est.stages.append(sm)
     return est

@@ -30,10 +30,11 @@ class Qwen25VLSpec:
         return dict(num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
                     num_layers=a.num_layers, vision_num_heads=(cfg.get("vision_config") or {}).get("num_heads"))
 
-    def build_chunks(self, hf_config, model_cfg, parallel, dims) -> list:
+    def build_chunks(self, hf_config, model_cfg, parallel, dims, *, init_weights: bool = True) -> list:
+        """`init_weights=False` when every parameter is loaded right after (HF directory, checkpoint)."""
         from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
 
-        return build_model_chunks(hf_config, model_cfg, parallel, dims=dims)
+        return build_model_chunks(hf_config, model_cfg, parallel, dims=dims, init_weights=init_weights)
 
     def weight_adapter(self, hf_config, tp: int = 1, vocab_pad_multiple: int = 128) -> Qwen25VLWeights:
         return Qwen25VLWeights(hf_config, tp=tp, vocab_pad_multiple=vocab_pad_multiple)

@@ -38,7 +38,9 @@ class Qwen3VLSpec:
                     deepstack=len(v.get("deepstack_visual_indexes") or ()),
                     vision_full_attn_blocks=int(v.get("depth", 0)))
 
-    def build_chunks(self, hf_config, model_cfg, parallel, dims) -> list:
+    def build_chunks(self, hf_config, model_cfg, parallel, dims, *, init_weights: bool = True) -> list:
+        """Always initialises (`init_weights=False`, the skip-init fast path, is not implemented here yet:
+        correct, only slower to build)."""
         from megatron_vppo.models.qwen3_vl.model import build_model_chunks
 
         return build_model_chunks(hf_config, model_cfg, parallel, dims=dims)

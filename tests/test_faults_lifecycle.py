@@ -105,8 +105,10 @@ def test_one_run_per_dir_signals_lineage_stale_lock_and_structure(setup, tiny_mo
     (out / "tensorboard").mkdir()
 
     # 22.1 + 22.6: A runs with no scheduled saves; B on the same directory is refused at once
-    a = Trainer(setup, out, "train.total_steps=40", "train.save_every=0")
-    a.wait_for("step 1/40")
+    # far more steps than the test lets it run: the SIGINT below must arrive between steps, never after the
+    # last one, however long refusing B takes on a loaded machine
+    a = Trainer(setup, out, "train.total_steps=100000", "train.save_every=0")
+    a.wait_for("step 1/100000")
     assert "removed the leftovers of a run that never completed a step" in a.out
     t0 = time.monotonic()
     b = run(setup, out)
@@ -117,7 +119,7 @@ def test_one_run_per_dir_signals_lineage_stale_lock_and_structure(setup, tiny_mo
     print(f"second run refused in {time.monotonic() - t0:.1f}s")
 
     # 22.6: SIGINT between steps: the step finishes, a checkpoint is saved although save_every=0, exit 130
-    a.wait_for("step 2/40")
+    a.wait_for("step 2/100000")
     a.proc.send_signal(signal.SIGINT)
     assert a.wait() == 130, a.out[-4000:]
     stop = [ln for ln in a.out.splitlines() if ln.startswith("megatron-vppo train: interrupted: SIGINT: stopped after")]

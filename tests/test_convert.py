@@ -61,7 +61,14 @@ def converted(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("convert") / "mcore_tp2pp2"
     proc = _cli("hf-to-mcore", "--hf", tiny_model_dir, "--out", out, "--tp", 2, "--pp", 2)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out.parent / "hf_to_mcore.log").write_text(proc.stdout + proc.stderr)
     return out
+
+
+def _assert_quiet(text: str) -> None:
+    """No per-rank third-party notices (torch's ShardedTensor deprecation, Megatron's Apex / TE fallbacks)."""
+    for noise in ("DTensor", "ShardedTensor", "FutureWarning", "Apex"):
+        assert noise not in text, text[-3000:]
 
 
 def test_cli_roundtrip_tp2pp2_to_tp1_is_bit_exact(tiny_model_dir, converted, tmp_path):
@@ -71,6 +78,8 @@ def test_cli_roundtrip_tp2pp2_to_tp1_is_bit_exact(tiny_model_dir, converted, tmp
     proc = _cli("mcore-to-hf", "--ckpt", converted, "--out", out)  # loads at TP1 (resharding)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _assert_same_hf(Path(tiny_model_dir), out)
+    _assert_quiet(proc.stdout + proc.stderr)
+    _assert_quiet((converted.parent / "hf_to_mcore.log").read_text())
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 

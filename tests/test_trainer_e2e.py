@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 BAD_REASONS = ("missing_image", "corrupt_image", "placeholder_mismatch", "empty_answer")
 # Logged every step a policy update happened (the one-line summary reads the same keys).
-STEP_KEYS = ("reward/mean", "rollout/attempts", "actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/lr",
+STEP_KEYS = ("reward/mean", "rollout/attempts", "actor/loss", "actor/pg_loss", "actor/grad_norm",
+             "actor/grad_norm_max", "actor/lr",
              "dependency/mean", "tas/alpha_mean", "tgf/kept_token_frac", "response/len_mean", "data/rows_seen",
              "data/rows_skipped", "time/step_s")
 PIXELS = ("3136", "12544")  # min/max pixels: 56x56 .. 112x112 images, a handful of image tokens
@@ -233,6 +234,8 @@ def _check_run(out: Path, rows: dict, steps: int, layout: dict) -> None:
         missing = [k for k in STEP_KEYS if k not in rows[s]]
         assert not missing, f"step {s} lacks {missing}"
         assert rows[s]["response/trajectories"] > 0 and "actor/skipped" not in rows[s]
+        # mean and max over the step's two mini-batches (mini_batch_prompts 1 of prompts_per_step 2)
+        assert 0.0 < rows[s]["actor/grad_norm"] <= rows[s]["actor/grad_norm_max"]
         assert all(isinstance(v, (int, float)) for k, v in rows[s].items() if k != "step")
     assert all("val/accuracy" in rows[s] for s in range(2, steps + 1, 2))
     assert 0.0 < rows[1]["reward/mean"] < 1.0  # the warm start makes some, not all, answers right
@@ -253,6 +256,11 @@ def test_tp2_trains_end_to_end(assets, tp2_run):
 
     run_cfg = load_config(assets["config"], [f"train.output_dir={tp2_run['out']}", "parallel.tp=2"])
     assert to_dict(load_config(tp2_run["out"] / "config.yaml")) == to_dict(run_cfg)
+    # log noise (issue 19), counted in the captured run: the in-process engine's one model load, no
+    # Megatron parameter list, no per-rank deprecation notices
+    lines = tp2_run["log"].splitlines()
+    assert sum("Loading weights" in ln for ln in lines) <= 1, [ln for ln in lines if "Loading weights" in ln]
+    assert not [ln for ln in lines if "Params for bucket" in ln or "DTensor" in ln or "FutureWarning" in ln]
     assert complete_checkpoints(tp2_run["out"]) == ["step_0000002", "step_0000004"]  # keep_last 2
     assert "step 4/4 | reward" in tp2_run["log"]  # the one-line summary
 
@@ -376,6 +384,20 @@ def test_eval_cli_prints_table_and_json_matching_trainer_validation(assets, tp2_
     assert int(table["prompts"]) == n_val
 
 
+def test_eval_of_a_trainer_checkpoint_names_the_conversion(assets, tp2_run, capsys):
+    """`eval --model <a trainer step dir>` (or the run's directory): one line naming `convert mcore-to-hf`
+    with that step, not "no config.json" (issue 19)."""
+    from megatron_vppo.train.evaluate import main as eval_main
+
+    step = tp2_run["out"] / "checkpoints" / f"step_{STEPS:07d}"
+    for model in (step, tp2_run["out"]):
+        capsys.readouterr()
+        assert eval_main(["--model", str(model), "--data", str(assets["val"])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "is a Megatron checkpoint" in err, err
+        assert f"megatron-vppo convert mcore-to-hf --ckpt {step} --out HF_DIR" in err, err
+
+
 def test_tp2_sequence_parallel_matches_tp2(assets, tp2_run):
     """parallel.sp=true with the distributed optimizer (the config's): activations split over the
     sequence between the TP ranks must not change the rollouts or the loss of the TP2 run."""
@@ -454,6 +476,9 @@ def test_old_logp_source_engine_matches_trainer(old_logp_runs):
             assert t[s]["response/trajectories"] == e[s]["response/trajectories"]
         for k in ("actor/loss", "actor/pg_loss") + (("dependency/mean", "tgf/kept_token_frac") if algo == "vppo" else ()):
             assert e[1][k] == pytest.approx(t[1][k], abs=1e-5, rel=1e-4), (algo, k)
+    for source in ("trainer", "engine"):  # DAPO computes no dependency and keeps every token: none logged
+        rows = old_logp_runs[source, "dapo"]
+        assert not [k for k in rows[1] if k.startswith(("dependency/", "tgf/", "tas/"))], sorted(rows[1])
     chk = old_logp_runs["engine", "vppo"]
     for s in (1, 2):
         assert chk[s]["old_logp_check/dependency_corr"] >= 0.999

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_vppo.config import ConfigError, RunConfig, to_dict
+from megatron_vppo.config import CONFIG_FILE, ConfigError, RunConfig, to_dict
 
 log = logging.getLogger("megatron_vppo.train")
 
 PREVIOUS_RUNS = "previous_runs"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "tensorboard")  # what a run writes
+# what a run writes (config.yaml: its resolved config, config.save_config; it alone is not "another run")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "tensorboard", CONFIG_FILE)
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:

@@ -88,8 +88,9 @@ def _train(rest: list[str]) -> int:
         return 2
     try:
         cfg = load_config(config_path, overrides)
-        if print_config:
-            print(config_yaml(cfg), end="")
+        if print_config:  # before any model, process group or output directory
+            if os.environ.get("RANK", "0") == "0":
+                print(config_yaml(cfg), end="")
             return 0
         _setup_logging()
         from megatron_vppo.train.run import train

@@ -163,13 +163,13 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(converted, tmp_path):
 
 def test_score_detects_megatron_checkpoint(tiny_model_dir, converted, tmp_path):
     """tools/score.py on the converted checkpoint gives exactly what it gives on the HF directory."""
-    from test_score import ROWS, _score_worker
+    from test_score import _rows, _score_worker
     from conftest import make_test_images
 
     for img, name in zip(make_test_images(), ("a.png", "b.png")):
         img.save(tmp_path / name)
     data = tmp_path / "in.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(tiny_model_dir)))
     outs = {}
     for kind, model in (("mcore", converted), ("hf", tiny_model_dir)):
         outs[kind] = tmp_path / f"{kind}.jsonl"

@@ -1,7 +1,7 @@
 """megatron_vppo: a Megatron-Core trainer for VPPO RL on Qwen2.5-VL.
 
 CPU development: `scripts/bootstrap.sh` (or `make test`) pins torch 2.13.0 first and installs
-requirements-cpu.txt against it. GPU: `pip install -r requirements-gpu.txt && pip install -e . --no-deps` (the locked stack; `[gpu]` names its pins).
+requirements-cpu.txt against it. GPU: README.md "On GPUs" (locked torch, then TE's torch extension built against it, then the lock; `[gpu]` names its pins).
 """
 import os
 
@@ -40,7 +40,8 @@ setup(
     ],
     extras_require={
         # Same pins as requirements-gpu.in (tests/test_gpu_stack.py checks); the full lock is requirements-gpu.txt.
-        "gpu": ["sglang==0.5.23", "transformer-engine[pytorch]==2.20.2", "megatron-core==0.16.1"],
+        # TE's torch extension (transformer-engine-torch, sdist only) is built against the installed torch: README.
+        "gpu": ["sglang==0.5.23", "transformer-engine[core_cu13]==2.11.0", "megatron-core==0.16.1"],
         "test": ["pytest", "pytest-timeout"],
         "viz": ["tensorboard", "matplotlib"],
     },

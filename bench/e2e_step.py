@@ -40,7 +40,7 @@ VLLM_TEXT = dict(hidden_size=128, intermediate_size=256,
 def build(work: Path, sft_steps: int, response_len: int, engine: str = "hf"):
     import torch
 
-    from megatron_vppo.config import load_config
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
     from megatron_vppo.models import MODELS
     from megatron_vppo.train.build import build_trainer

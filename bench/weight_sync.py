@@ -11,7 +11,7 @@ the Megatron model at TP1, TP2 and PP2 (gloo processes on this machine), and tim
   later pipeline stages' tensors), as one flat buffer: the transport's own speed here;
 * export  — `export_hf_weights` drained (metadata pre-pass, TP gathers, PP sends, HF conversion);
 * sync    — the trainer's call, `push_to_engine(..., bucket_bytes=512 MiB, dst="replica")` as in
-  `sync.engine_push.sync_engine_weights`, into the in-process `HFRolloutEngine` (in-place mode, unbucketed);
+  `train.engine_sync.sync_engine_weights`, into the in-process `HFRolloutEngine` (in-place mode, unbucketed);
   also with the CPU adapter's torch-function mode switched off (megatron_cpu: absent on GPU runs), in
   staged mode (the engine's all-or-nothing mode), and in-place from buckets (a bucket-size sweep).
 
@@ -141,7 +141,7 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
         res["gloo_latency"] = _median_time(pings, repeats, dist.barrier) / 50
         res["messages"] = sum(1 for x in plan.metas if x.tp_dim is not None or x.stage != 0)
 
-    def sync(**kw):  # the trainer's call (sync.engine_push.sync_engine_weights), plus overrides
+    def sync(**kw):  # the trainer's call (train.engine_sync.sync_engine_weights), plus overrides
         push_to_engine(m.chunks, m.adapter, engine, **{"bucket_bytes": 512 * MiB, "dst": "replica", "dims": dims, **kw})
 
     res["export"] = _median_time(lambda: drain(export_hf_weights(m.chunks, m.adapter, dims=dims)), repeats,
@@ -191,7 +191,7 @@ def table(results: dict, layers: int, repeats: int, command: str) -> str:
         f"({os.cpu_count()} cores, shared with other jobs; {platform.processor() or platform.machine()}). "
         "Ratio = time of one plain `copy_` of the same bytes into warm memory, measured in the same run on the "
         "same rank, divided by the measured time (target >= 0.5). \"sync\" is the trainer's call "
-        "(`sync.engine_push.sync_engine_weights` -> `push_to_engine`: in-place mode, unbucketed, reused receive "
+        "(`train.engine_sync.sync_engine_weights` -> `push_to_engine`: in-place mode, unbucketed, reused receive "
         "buffers).",
         "",
         "| layout | memcpy GB/s | memcpy into fresh buffer GB/s | gloo send/recv GB/s (MB crossing ranks) "

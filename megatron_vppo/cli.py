@@ -62,7 +62,8 @@ def _train(rest: list[str]) -> int:
     """`train CONFIG [k=v ...] [--print-config]`. A mistake in the config, the paths or the parallel sizes
     is reported in one line with exit code 2, before any process group could hang on it (every rank
     finds the same mistake; rank 0 prints it)."""
-    from megatron_vppo.config import ConfigError, RunConfig, config_yaml, load_config
+    from megatron_vppo.config import ConfigError, RunConfig, config_yaml
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.data.dataset import DataError
     from megatron_vppo.errors import RunAbort
     from megatron_vppo.parallel_layout import LayoutError

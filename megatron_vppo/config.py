@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     pass
 
 
+# Defaults that pure functions outside the dataclasses also use (algo/loss.py, sync/buckets.py): one value each.
+TOKEN_CLIP_DEFAULTS = (0.2, 0.28)  # (clip_low, clip_high) of the token-level algorithms when algo.clip_* is unset
+DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024  # rollout.bucket_bytes
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1
@@ -49,12 +54,44 @@ class RolloutCorrectionConfig:
 
 
 @dataclass
+class PapoConfig:
+    """PAPO (spec/perception_family.md): the implicit perception loss on GRPO (`papo`) or DAPO (`papo_d`)."""
+    gamma: float | None = None  # k3 coefficient γ; None: the preset's (papo 0.02, papo_d 0.01)
+    eta: float | None = None  # sampled-entropy coefficient η; None: the preset's (papo 0.05 (7B), papo_d 0.03)
+    mask_ratio: float = 0.6  # share of 14-px patches blackened in the second view
+    clamp_k3_small: bool = False  # clamp k3 to [0, 0.2] instead of [-10, 10] (an option of the authors' scripts)
+    second_view_grad: bool = False  # TRL's variant (masked forward with gradient); not implemented: refused
+
+
+@dataclass
+class PgpoConfig:
+    """PGPO: per-token advantage weights from the second view (algo/pgpo.py)."""
+    view: str = "blind"  # blind (attention masked on the prompt's image pads) | patches (algo.perturb_prob)
+    tau: float = 0.4
+    beta: float = 2.0
+    threshold: str = "fixed"  # fixed | quantile (the authors' development code)
+    low_weight_floor: float = 0.0  # 0 (paper) | 0.1 (the authors' development code)
+    mass_normalization: bool = True  # true (paper) | false (the authors' development code)
+
+
+@dataclass
+class VepoConfig:
+    """VEPO: token selection by visual divergence (algo/vepo.py)."""
+    noise_std: float = 2.0  # std of the Gaussian noise on normalised pixel_values (authors' code: 2·√12 ≈ 6.93)
+    alpha: float = 0.7
+    top_ratio: float = 0.2
+    entropy_coef: float = 1e-3  # sampled-entropy bonus over the kept tokens (the VEPO recipe)
+
+
+@dataclass
 class AlgoConfig:
     """The RL algorithm and its settings (spec §3–§6 and the recipe table of §7 for vppo).
 
     `name` picks an entry of `megatron_vppo.algo.ALGORITHMS`; each algorithm declares the keys it reads,
-    and a key it does not read, set away from its default here, is a ConfigError (never ignored)."""
-    name: str = "vppo"  # grpo | dapo | vppo | gspo
+    and a key it does not read, set away from its default, is a ConfigError — unless the file wrote it for
+    the algorithm a command-line `algo.name=` replaced (then it is dropped with one info line;
+    `run_config.validate`)."""
+    name: str = "vppo"  # a name in megatron_vppo.algo.ALGORITHMS (grpo | dapo | vppo | gspo | papo | papo_d | pgpo | vepo)
     # None: the algorithm's own default (Algorithm.clip_defaults): 0.2 / 0.28 for the token-level
     # algorithms, 3e-4 / 4e-4 for gspo (its paper's values; the ratio there is a per-token geometric mean)
     clip_low: float | None = None
@@ -69,18 +106,21 @@ class AlgoConfig:
     perturb_prob: float = 0.5
     # trainer π_old vs the engine's sampling log-probs (old_logp_source=trainer only)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    papo: PapoConfig = field(default_factory=PapoConfig)
+    pgpo: PgpoConfig = field(default_factory=PgpoConfig)
+    vepo: VepoConfig = field(default_factory=VepoConfig)
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | sglang | vllm (megatron_vppo.rollout.ENGINES)
+    engine: str = "hf"  # a name in megatron_vppo.rollout.ENGINES (hf | sglang | vllm)
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 0.99
     top_k: int = -1
     max_prompt_length: int = 4096
     max_response_length: int = 2048
-    bucket_bytes: int = 512 * 1024 * 1024
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
     # SGLang runs colocated (an engine per replica on the GPUs of its first pipeline stage; see
     # docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
     # it generates; it gives it all back while the trainer runs. The trainer turns it into SGLang's
@@ -92,6 +132,13 @@ class RolloutConfig:
     max_dynamic_sampling_retries: int = 4
     # Engine-specific settings, validated by the engine (vllm: rollout/vllm_engine.py VLLMEngineArgs).
     engine_args: dict = field(default_factory=dict)
+
+
+# rollout.* keys the trainer reads whatever the engine; the others belong to the engines that declare them
+# (`RolloutEngine.reads`) or, for ALGORITHM_ROLLOUT_KEYS, to the algorithms with dynamic sampling.
+ROLLOUT_KEYS_EVERY_ENGINE_READS = frozenset({"engine", "engine_args", "group_size", "temperature", "top_p", "top_k",
+                                             "max_prompt_length", "max_response_length"})
+ALGORITHM_ROLLOUT_KEYS = frozenset({"max_dynamic_sampling_retries"})
 
 
 @dataclass
@@ -256,29 +303,6 @@ def check_renamed_sections(data: dict) -> None:
         raise ConfigError(f"the `{old}:` section is now `{new}:`; {detail}")
 
 
-def validate_algorithm(algo: "AlgoConfig") -> None:
-    """The algorithm exists, and every key it does not read keeps its default (a setting that would be
-    ignored is an error that names the algorithm and the key)."""
-    from megatron_vppo.algo.registry import ALGORITHMS
-
-    if algo.name not in ALGORITHMS:
-        raise ConfigError(f"algo.name={algo.name!r} is not one of {sorted(ALGORITHMS)}")
-    spec = ALGORITHMS[algo.name]
-    default = AlgoConfig()
-    for f in dataclasses.fields(AlgoConfig):
-        if f.name == "name" or f.name in spec.reads:
-            continue
-        value = getattr(algo, f.name)
-        if value != getattr(default, f.name):
-            raise ConfigError(f"algo.{f.name}={value!r} is set, but algorithm {algo.name!r} does not read it "
-                              f"(it reads {', '.join(sorted(spec.reads))}); remove algo.{f.name} or choose an "
-                              f"algorithm that uses it")
-    try:
-        spec.check(algo)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def _yaml_error(where: str, err: Exception) -> ConfigError:
     """A YAML syntax error as one line: file:line:column and what the parser expected."""
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
@@ -287,30 +311,25 @@ def _yaml_error(where: str, err: Exception) -> ConfigError:
     return ConfigError(f"{at}: YAML syntax error: {what or err}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML file + `key=value` overrides -> a RunConfig whose every value has been range-checked."""
+def read_config_file(path: str | Path | None) -> dict:
+    """A config YAML's sections as a dict ({} for None); errors are one ConfigError line."""
     import yaml
 
-    data: dict = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise _yaml_error(str(path), e) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-    data = apply_overrides(data, list(overrides or []))
-    check_renamed_sections(data)
-    cfg = from_dict(RunConfig, data)
-    validate_choices(cfg)
-    validate_ranges(cfg)
-    return cfg
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(path), e) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
 
 
 _CHOICES = {
@@ -321,8 +340,9 @@ _CHOICES = {
     ("algo", "dependency_estimator"): {"sampled_k3", "exact_kl"},
     ("algo", "tas_scope"): {"global", "official"},
     ("algo", "perturbation"): {"pixel", "image"},
+    ("algo.pgpo", "view"): {"blind", "patches"},
+    ("algo.pgpo", "threshold"): {"fixed", "quantile"},
     ("train", "old_logp_source"): {"trainer", "engine"},
-    ("rollout", "engine"): {"hf", "sglang", "vllm"},
     ("optim", "lr_schedule"): {"constant", "cosine", "linear"},
     ("reward", "method"): {"mathruler", "math_verify"},
     ("reward", "extraction"): {"lenient", "mathruler"},
@@ -330,50 +350,21 @@ _CHOICES = {
 }
 
 
+def _section(cfg: RunConfig, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate_choices(cfg: RunConfig) -> None:
-    validate_algorithm(cfg.algo)
+    """The fixed choices above; the registries' choices (model.arch, algo.name, rollout.engine) and
+    what the chosen entries read are checked by `run_config.validate`."""
     for (section, key), allowed in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
+        value = getattr(_section(cfg, section), key)
         if value not in allowed:
             shown = sorted(str(a) for a in allowed)
             raise ConfigError(f"{section}.{key}={value!r} is not one of {shown}")
-    from megatron_vppo.models import MODELS
-
-    if cfg.model.arch not in MODELS:
-        raise ConfigError(f"model.arch={cfg.model.arch!r} is not a known model; known: {sorted(MODELS)}")
-    if not isinstance(cfg.rollout.engine_args, dict):
-        raise ConfigError(f"rollout.engine_args must be a mapping, got {cfg.rollout.engine_args!r}")
-    from megatron_vppo.rollout import check_engine_args
-
-    check_engine_args(cfg.rollout.engine, cfg.rollout.engine_args)
-    from megatron_vppo.algo.registry import ALGORITHMS
-
-    perturbed = ALGORITHMS[cfg.algo.name].needs_perturbed_view
-    if (cfg.rollout.engine == "vllm" and cfg.train.old_logp_source == "engine" and perturbed
-            and cfg.algo.perturbation != "image"):
-        raise ConfigError("train.old_logp_source=engine has the engine score the perturbed view; "
-                          f"algo.perturbation={cfg.algo.perturbation!r} edits pixel_values, which rollout.engine=vllm "
-                          "cannot take (vLLM preprocesses raw images itself); set algo.perturbation=image (the "
-                          "blackened image, which vLLM preprocesses to the trainer's pixels), or use "
-                          "train.old_logp_source=trainer")
-    _validate_old_logp_source(cfg)
-
-
-def _validate_old_logp_source(cfg: RunConfig) -> None:
-    from megatron_vppo.algo.rollout_correction import check_correction
-
-    rc = cfg.algo.rollout_correction
-    try:
-        check_correction(rc.level, rc.mode, rc.cap)
-    except ValueError as e:
-        raise ConfigError(f"algo.{e}") from None
-    if cfg.train.old_logp_source == "engine":
-        if rc.level != "none":
-            raise ConfigError("algo.rollout_correction applies with train.old_logp_source=trainer only (in engine "
-                              "mode π_old is the engine's own log-prob); set algo.rollout_correction.level=none")
-        if cfg.algo.dependency_estimator == "exact_kl":
-            raise ConfigError("algo.dependency_estimator=exact_kl needs full distributions, which only the trainer's "
-                              "pass has; use train.old_logp_source=trainer or algo.dependency_estimator=sampled_k3")
 
 
 @dataclass(frozen=True)
@@ -447,10 +438,21 @@ RANGES: dict[tuple[str, str], Range] = {
 }
 
 
+# Numeric fields of the nested algo sections (RANGES holds the top-level sections' fields).
+NESTED_RANGES: dict[tuple[str, str], Range] = {
+    ("algo.papo", "gamma"): _at_least(0.0), ("algo.papo", "eta"): _at_least(0.0),
+    ("algo.papo", "mask_ratio"): _PROB,
+    ("algo.pgpo", "tau"): Range(0.0, 1.0, lo_open=True, why="w = I/τ below the threshold"),
+    ("algo.pgpo", "beta"): _at_least(0.0), ("algo.pgpo", "low_weight_floor"): _PROB,
+    ("algo.vepo", "noise_std"): _at_least(0.0), ("algo.vepo", "alpha"): _PROB,
+    ("algo.vepo", "top_ratio"): Range(0.0, 1.0, lo_open=True), ("algo.vepo", "entropy_coef"): _at_least(0.0),
+}
+
+
 def validate_ranges(cfg: RunConfig) -> None:
     """One line per bad value, naming the key and its allowed range, before anything is built."""
-    for (section, key), allowed in RANGES.items():
-        value = getattr(getattr(cfg, section), key)
+    for (section, key), allowed in {**RANGES, **NESTED_RANGES}.items():
+        value = getattr(_section(cfg, section), key)
         if value is None:
             continue
         if not allowed.contains(value):

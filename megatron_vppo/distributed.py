@@ -309,3 +309,21 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def force_param_sync(model_chunks) -> bool:
+    """Complete the distributed optimizer's deferred parameter all-gather now (collective over DP).
+
+    With overlap_param_gather, `optimizer.step()` updates only this DP rank's shard of each parameter;
+    the other shards arrive in the next forward's pre-hooks. Whatever reads the weights outside a
+    forward (engine weight sync, HF export, checkpoint save) must call this first, on every rank, or it
+    reads stale shards at DP >= 2. Megatron's own `start_param_sync(force_sync=True)`: waits for an
+    all-gather in flight, else runs one synchronously; the next forward then finds the params
+    gathered. Returns whether anything was synced (False for chunks without deferred gathers)."""
+    synced = False
+    for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+            synced = True
+    return synced

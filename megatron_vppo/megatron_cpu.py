@@ -180,10 +180,6 @@ def apply_cpu_adapter(force: bool = False) -> bool:
     return True
 
 
-def cpu_adapter_active() -> bool:
-    return _APPLIED
-
-
 def without_device_redirect():
     """Context in which torch calls skip the CUDA->CPU redirect mode (a no-op where it is not active).
 

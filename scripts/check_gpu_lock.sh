@@ -2,8 +2,11 @@
 # The GPU locks are their .in files resolved by `uv pip compile` for Linux x86_64 / Python 3.11, as
 # PyPI stood at LOCK_DATE (so a lock does not drift when unrelated packages publish new releases):
 # requirements-gpu.txt (SGLang) and requirements-gpu-vllm.txt (vLLM; the two engines cannot share one).
-# Needs a package registry; not part of the test suite.
+# Then scripts/lock_ranges.py checks every pin against the Requires-Dist each locked package declares,
+# extras included (megatron-core's tested `dev` extra; documented exceptions in docs/gpu_stack.md).
+# Needs a package registry; not part of the test suite (tests/test_gpu_stack.py tests the range logic offline).
 #   scripts/check_gpu_lock.sh            re-resolve into temp files; fail if a committed lock differs
+#                                        or a pin is outside a dependent's declared range
 #   scripts/check_gpu_lock.sh --update   write the locks (after editing an .in or LOCK_DATE)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +29,21 @@ if [[ "${1:-}" == "--update" ]]; then
     compile "$name.in" "$name.txt"
     echo "check_gpu_lock: wrote $name.txt ($(grep -c '==' "$name.txt") pins)"
   done
-  exit 0
+fi
+
+# lock_ranges.py needs `packaging`: the project's venv has it
+PY="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
+ranges() {
+  local bad=0
+  for name in "${LOCKS[@]}"; do
+    "$PY" scripts/lock_ranges.py "$name.in" "$name.txt" || bad=1
+  done
+  return $bad
+}
+
+if [[ "${1:-}" == "--update" ]]; then
+  ranges
+  exit $?
 fi
 
 tmp="$(mktemp -d)"
@@ -45,4 +62,5 @@ for name in "${LOCKS[@]}"; do
     echo "check_gpu_lock: $name.txt matches $name.in ($(grep -c '==' "$name.txt") pins)"
   fi
 done
+ranges || stale=1
 exit $stale

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Unpack the SGLang source files the CPU contract tests run (tests/sglang_source.py FILES) from the pinned
+# Unpack the SGLang source files the CPU contract tests run (tests/sglang_source.py ALL_FILES) from the pinned
 # wheel: `import sglang` needs its CUDA stack, so the wheel is downloaded (no dependencies, nothing
 # installed) and only those pure-Python files are kept.
 #   scripts/fetch_sglang_source.sh PYTHON sglang==X.Y.Z OUT_DIR
@@ -13,7 +13,7 @@ trap 'rm -rf "$wheels"' EXIT
 import sys, zipfile
 from pathlib import Path
 sys.path.insert(0, "tests")
-from sglang_source import FILES
+from sglang_source import ALL_FILES as FILES
 wheel = next(Path(sys.argv[1]).glob("sglang-*.whl"))
 out = Path(sys.argv[2])
 with zipfile.ZipFile(wheel) as z:

@@ -196,7 +196,7 @@ def test_compute_shaping_config_object_and_metrics():
     assert m["tas/alpha_min"] <= m["tas/alpha_mean"] <= m["tas/alpha_max"]
     assert {"dependency/p50", "dependency/p90", "dependency/p99"} <= set(m)
     # DAPO: no shaping, all valid tokens kept
-    d = compute_shaping(old, None, mask, adv, AlgoConfig(name="dapo"))
+    d = compute_shaping(old, None, mask, adv, AlgoConfig(name="dapo"), tas=False)
     assert torch.equal(d.alpha, torch.ones(B, dtype=torch.float64)) and torch.equal(d.tgf_mask, mask)
     # ... and it reports none of VPPO's signals (a constant "dep 0 | kept 1" would read as a result, issue 19)
     assert not [k for k in d.metrics if k.startswith(("dependency/", "tgf/", "tas/"))], d.metrics

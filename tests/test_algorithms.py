@@ -14,11 +14,11 @@ import torch
 from dist_helpers import run_distributed
 
 
-def test_registry_holds_the_four_algorithms_and_their_semantics():
+def test_registry_holds_the_algorithms_and_their_semantics():
     from megatron_vppo.algo import ALGORITHMS
-    from megatron_vppo.config import AlgoConfig
+    from megatron_vppo.config import AlgoConfig, PapoConfig
 
-    assert set(ALGORITHMS) == {"grpo", "dapo", "vppo", "gspo"}
+    assert set(ALGORITHMS) == {"grpo", "dapo", "vppo", "gspo", "papo", "papo_d", "pgpo", "vepo"}
     cfg = AlgoConfig(entropy_coef=0.06)
     grpo, dapo, vppo, gspo = (ALGORITHMS[k].settings(cfg) for k in ("grpo", "dapo", "vppo", "gspo"))
     assert (grpo.clip_low, grpo.clip_high, grpo.entropy_coef) == (0.2, 0.2, 0.0)  # symmetric, no entropy
@@ -26,9 +26,22 @@ def test_registry_holds_the_four_algorithms_and_their_semantics():
     assert (vppo.clip_low, vppo.clip_high, vppo.entropy_coef) == (0.2, 0.28, 0.06)
     assert (gspo.clip_low, gspo.clip_high) == (3e-4, 4e-4)  # the GSPO paper's values
     assert [ALGORITHMS[k].dynamic_sampling for k in ("grpo", "dapo", "vppo", "gspo")] == [False, True, True, False]
-    assert [k for k, a in ALGORITHMS.items() if a.needs_perturbed_view] == ["vppo"]
+    assert [k for k, a in ALGORITHMS.items() if a.needs_perturbed_view] == ["vppo", "papo", "papo_d", "pgpo", "vepo"]
     assert ALGORITHMS["gspo"].unit == "sequence"
     assert ALGORITHMS["dapo"].settings(AlgoConfig(clip_low=0.1, clip_high=0.3)).clip_high == 0.3
+    # perception family (spec/perception_family.md): presets, views, recipes
+    papo_g, papo_d = ALGORITHMS["papo"].settings(cfg), ALGORITHMS["papo_d"].settings(cfg)
+    assert (papo_g.clip_high, papo_g.extra["gamma"], papo_g.extra["eta"], papo_g.entropy_coef) == (0.2, 0.02, 0.05, 0.0)
+    assert (papo_d.clip_high, papo_d.extra["gamma"], papo_d.extra["eta"]) == (0.28, 0.01, 0.03)
+    assert ALGORITHMS["papo"].settings(AlgoConfig(papo=PapoConfig(gamma=0.5))).extra["gamma"] == 0.5
+    assert [ALGORITHMS[k].dynamic_sampling for k in ("papo", "papo_d", "pgpo", "vepo")] == [False, True, True, False]
+    views = {k: ALGORITHMS[k].view(cfg) for k in ("papo", "pgpo", "vepo")}
+    assert (views["papo"].kind, views["papo"].prob, views["pgpo"].kind, views["vepo"].kind) == \
+        ("patches", 0.6, "blind", "noise")
+    assert views["vepo"].noise_std == 2.0
+    vepo = ALGORITHMS["vepo"].settings(cfg)
+    assert (vepo.clip_low, vepo.clip_high, vepo.entropy_coef) == (0.2, 0.2, 1e-3)
+    assert [k for k, a in ALGORITHMS.items() if not a.engine_view(cfg)] == ["pgpo", "vepo"]
 
 
 # ------------------------------------------------------------------------------------------ GSPO
@@ -151,7 +164,8 @@ def test_gspo_micro_batch_losses_add_up_to_the_batch_loss():
 
 
 def test_old_vppo_section_names_the_algo_section(tmp_path):
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     path = tmp_path / "old.yaml"
     path.write_text("vppo:\n  algorithm: dapo\n  clip_high: 0.3\n")
@@ -166,15 +180,39 @@ def test_old_vppo_section_names_the_algo_section(tmp_path):
 @pytest.mark.parametrize("name, key, value", [("grpo", "clip_high", 0.3), ("dapo", "entropy_coef", 0.1),
                                               ("gspo", "dual_clip", 2.0), ("dapo", "tas_scope", "official")])
 def test_a_key_the_algorithm_does_not_read_is_an_error(name, key, value):
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     with pytest.raises(ConfigError, match=rf"algo.{key}=.* algorithm '{name}' does not read it"):
         load_config(None, [f"algo.name={name}", f"algo.{key}={value}"])
     load_config(None, [f"algo.name=vppo", f"algo.{key}={value}"])  # vppo reads them all
 
 
+def test_perception_family_config_rules():
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
+
+    with pytest.raises(ConfigError, match="second_view_grad=true .* is not implemented"):
+        load_config(None, ["algo.name=papo", "algo.papo.second_view_grad=true"])
+    with pytest.raises(ConfigError, match=r"algo.papo.gamma=0.1 is set, but algorithm 'vppo' does not read it"):
+        load_config(None, ["algo.name=vppo", "algo.papo.gamma=0.1"])
+    with pytest.raises(ConfigError, match="view=blind changes no pixels"):
+        load_config(None, ["algo.name=pgpo", "algo.perturb_prob=0.3"])
+    load_config(None, ["algo.name=pgpo", "algo.pgpo.view=patches", "algo.perturb_prob=0.3"])
+    with pytest.raises(ConfigError, match="packed micro-batches do not take"):
+        load_config(None, ["algo.name=pgpo", "train.max_tokens_per_micro_batch=4096"])
+    with pytest.raises(ConfigError, match="old_logp_source=engine: the second view of algo.name=vepo"):
+        load_config(None, ["algo.name=vepo", "train.old_logp_source=engine"])
+    load_config(None, ["algo.name=papo_d", "train.old_logp_source=engine"])
+    with pytest.raises(ConfigError, match=r"algo.pgpo.threshold='mean' is not one of"):
+        load_config(None, ["algo.name=pgpo", "algo.pgpo.threshold=mean"])
+    with pytest.raises(ConfigError, match=r"algo.vepo.top_ratio=0.0 is out of range"):
+        load_config(None, ["algo.name=vepo", "algo.vepo.top_ratio=0"])
+
+
 def test_gspo_refuses_token_level_rollout_correction():
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     with pytest.raises(ConfigError, match="rollout_correction.level=sequence"):
         load_config(None, ["algo.name=gspo", "algo.rollout_correction.level=token"])
@@ -186,32 +224,61 @@ def test_gspo_refuses_token_level_rollout_correction():
 
 
 VARIANTS = (("grpo", {}), ("dapo", {}), ("vppo", {"tas_scope": "global"}), ("vppo", {"tas_scope": "official"}),
-            ("gspo", {}))
+            ("gspo", {}), ("papo", {}), ("papo_d", {"mini_batch_prompts": 2}), ("pgpo", {}), ("vepo", {}),
+            ("papo_d", {"old_logp_source": "engine", "mini_batch_prompts": 2}))
 
 
 def _variants_worker(rank, world, config_path, out_root):
-    """One process: build the trainer once, then two RL steps per algorithm from the same data position."""
-    from megatron_vppo.config import AlgoConfig, load_config, validate_algorithm
+    """One process: build the trainer once, then two RL steps per algorithm from the same data position.
+
+    `papo_d/engine` repeats papo_d from the weights papo_d started from (restored, and synced into the
+    engine) with old_logp_source=engine: the engine scores the masked view, and step 1 must equal the
+    trainer-mode step 1 (the same rollouts). Both papo_d runs update once per step (one mini-batch), so
+    step 1's loss is taken before any optimizer step (Adam's moments differ between the two runs)."""
+    from megatron_vppo.config import AlgoConfig
+    from megatron_vppo.run_config import load_config, validate_algorithm
+    from megatron_vppo.rollout import ENGINES
+    from megatron_vppo.train.engine_sync import sync_engine_weights
     from megatron_vppo.train.build import build_trainer, teardown
     from megatron_vppo.train.loop import rl_step
 
     cfg = load_config(config_path, [f"train.output_dir={out_root}/run", "train.val_every=0"])
     trainer = build_trainer(cfg)
     results = {}
+    snapshots = {}
     try:
         data_state = trainer.train_batches.state_dict()
+        train_defaults = dict(vars(trainer.cfg.train))
         for name, extra in VARIANTS:
+            extra = dict(extra)
+            source = extra.pop("old_logp_source", "trainer")
+            for k, v in train_defaults.items():
+                setattr(trainer.cfg.train, k, v)
+            for k in [k for k in extra if k in train_defaults]:
+                setattr(trainer.cfg.train, k, extra.pop(k))
+            params = [p for c in trainer.model_chunks for p in c.parameters()]
+            if source == "engine":  # back to the weights the trainer-mode run of `name` started from
+                with torch.no_grad():
+                    for p, s in zip(params, snapshots[name]):
+                        p.copy_(s)
+                sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine,
+                                    engine_cls=ENGINES[trainer.cfg.rollout.engine], bucket_bytes=trainer.cfg.rollout.bucket_bytes,
+                                    dims=trainer.dims, step=0)
+            else:
+                snapshots[name] = [p.detach().clone() for p in params]
+            trainer.cfg.train.old_logp_source = source
             trainer.cfg.algo = AlgoConfig(name=name, **extra)
             validate_algorithm(trainer.cfg.algo)
             trainer.train_batches.load_state_dict(data_state)
-            before = [p.detach().clone() for c in trainer.model_chunks for p in c.parameters()]
+            before = [p.detach().clone() for p in params]
             steps = []
             for step in (1, 2):
                 trainer.step = step
                 steps.append(rl_step(trainer))
             after = [p.detach() for c in trainer.model_chunks for p in c.parameters()]
             change = max(float((a - b).abs().max()) for a, b in zip(after, before))
-            results[f"{name}/{extra.get('tas_scope', '')}"] = {"steps": steps, "weight_change": change}
+            tag = "engine" if source == "engine" else extra.get("tas_scope", "")
+            results[f"{name}/{tag}"] = {"steps": steps, "weight_change": change}
     finally:
         teardown(trainer)
     return results
@@ -233,7 +300,8 @@ def variant_runs(tiny_model_dir, tmp_path_factory):
     return run_distributed(_variants_worker, 1, str(config), str(root), timeout=600)[0]
 
 
-@pytest.mark.parametrize("key", ["grpo/", "dapo/", "vppo/global", "vppo/official", "gspo/"])
+@pytest.mark.parametrize("key", ["grpo/", "dapo/", "vppo/global", "vppo/official", "gspo/", "papo/", "papo_d/",
+                                 "pgpo/", "vepo/", "papo_d/engine"])
 def test_every_algorithm_trains_two_steps(variant_runs, key):
     run = variant_runs[key]
     for m in run["steps"]:
@@ -247,3 +315,18 @@ def test_every_algorithm_trains_two_steps(variant_runs, key):
         assert all(m["tas/alpha_min"] < 1.0 for m in run["steps"]), "TAS must scale some trajectory"
     if key == "gspo/":
         assert all("actor/seq_ratio_mean" in m for m in run["steps"])
+    if key.startswith("papo"):  # the perception term: k3 against the masked view, and its share of the loss
+        assert all(m["actor/papo/k3"] > 0 and m["actor/papo/term"] != 0 for m in run["steps"])
+    if key == "pgpo/":  # per-token weights that vary, with each response's mass kept (mean 1)
+        assert all(m["pgpo/weight_max"] > 1.0 and m["pgpo/weight_mean"] == pytest.approx(1.0) for m in run["steps"])
+    if key == "vepo/":  # the top 20 % of each response's tokens kept, by a nonzero visual divergence
+        assert all(0 < m["tgf/kept_token_frac"] < 0.5 and m["vepo/jsd_mean"] > 0 for m in run["steps"])
+
+
+def test_papo_engine_mode_equals_trainer_mode(variant_runs):
+    """old_logp_source=engine: the engine's sampling log-probs and its prefill of the masked image give the
+    trainer-mode step (same weights, same rollouts) to float tolerance."""
+    t, e = variant_runs["papo_d/"]["steps"][0], variant_runs["papo_d/engine"]["steps"][0]
+    assert e["reward/mean"] == t["reward/mean"] and e["response/trajectories"] == t["response/trajectories"]
+    for k in ("actor/loss", "actor/pg_loss", "actor/papo/k3", "actor/papo/term", "dependency/mean"):
+        assert e[k] == pytest.approx(t[k], abs=1e-5, rel=1e-4), k

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from megatron_vppo import cli
-from megatron_vppo.config import RunConfig, load_config
+from megatron_vppo.config import RunConfig
+from megatron_vppo.run_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -104,7 +105,7 @@ def test_demo_steps_is_train_total_steps(monkeypatch, tmp_path):
         seen["overrides"] = list(overrides)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr("megatron_vppo.config.load_config", fake_load)
+    monkeypatch.setattr("megatron_vppo.run_config.load_config", fake_load)
     with pytest.raises(RuntimeError, match="stop"):
         demo.main(["--out", str(tmp_path), "--steps", "5"])
     assert seen["overrides"][-1] == "train.total_steps=5"

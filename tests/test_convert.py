@@ -116,16 +116,16 @@ def _tp1_logits(rank, world, ckpt, hf):
     from megatron_vppo.distributed import init_distributed
     from conftest import make_test_images
 
-    init_distributed(ParallelConfig(), **model_dims(read_model_config(ckpt)))
+    dims = init_distributed(ParallelConfig(), **model_dims(read_model_config(ckpt)))
     proc = VLProcessor.from_pretrained(hf)
     batch = collate([proc.encode("<image>Red or blue?", make_test_images()[:1], response="red"),
                      proc.encode("No image.", response="fine")], proc.pad_token_id)
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
               pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
     torch.manual_seed(123)  # different init for the two models: only loading can make them agree
-    from_ckpt = load_model(ckpt).chunks[0]
+    from_ckpt = load_model(ckpt, dims=dims).chunks[0]
     torch.manual_seed(456)
-    from_hf = load_model(hf).chunks[0]
+    from_hf = load_model(hf, dims=dims).chunks[0]
     with torch.no_grad():
         return from_ckpt(**kw), from_hf(**kw), batch
 

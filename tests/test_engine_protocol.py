@@ -14,9 +14,9 @@ MEMBERS = sorted(n for n in vars(RolloutEngine) if not n.startswith("_")) + ["in
 
 
 def _engine_classes():
-    from megatron_vppo.rollout.sglang_engine import SGLangServerEngine, SGLangTPPeer
+    from megatron_vppo.rollout.sglang_engine import SGLangTPPeer
 
-    return [ENGINES[name] for name in ENGINES] + [SGLangTPPeer, SGLangServerEngine]
+    return [ENGINES[name] for name in ENGINES] + [SGLangTPPeer]
 
 
 def _params(fn) -> dict:
@@ -50,6 +50,18 @@ def test_engine_class_has_every_protocol_member(cls):
     assert list(_params(cls.from_config)) == ["cfg", "model_dir", "dims"], cls.__name__
     assert isinstance(inspect.getattr_static(cls, "from_config"), classmethod), cls.__name__
     assert isinstance(inspect.getattr_static(cls, "check_engine_args"), staticmethod), cls.__name__
+
+
+@pytest.mark.parametrize("cls", _engine_classes(), ids=lambda c: c.__name__)
+def test_engine_class_declares_its_capabilities(cls):
+    """Capabilities are class attributes (read before any engine exists, the same on every rank), and the
+    rollout.* keys an engine declares are engine keys of RolloutConfig."""
+    from megatron_vppo.run_config import ENGINE_KEYS
+
+    for name in ("in_process", "takes_pixel_values", "weights_on_every_tp_rank"):
+        assert isinstance(inspect.getattr_static(cls, name), bool), f"{cls.__name__}.{name}"
+    assert isinstance(cls.reads, frozenset) and {f"rollout.{k}" for k in cls.reads} <= ENGINE_KEYS, cls.reads
+    assert isinstance(inspect.getattr_static(cls, "standalone"), classmethod), cls.__name__
 
 
 def test_engines_without_engine_args_refuse_them():

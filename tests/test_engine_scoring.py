@@ -47,11 +47,11 @@ def _trainer_worker(rank, world, model_dir):
     from megatron_vppo.train.scoring import score_trajectories, to_trajectory
 
     cfg = read_model_config(model_dir)
-    init_distributed(ParallelConfig(), **model_dims(cfg))
-    m = load_model(model_dir, ParallelConfig())
+    dims = init_distributed(ParallelConfig(), **model_dims(cfg))
+    m = load_model(model_dir, ParallelConfig(), dims=dims)
     proc, samples = _samples(model_dir)
     trajs = [to_trajectory(s, i) for i, s in enumerate(samples)]
-    kw = dict(vocab_size=text_arch(cfg).vocab_size, pad_id=proc.pad_token_id, micro_batch_size=2)
+    kw = dict(vocab_size=text_arch(cfg).vocab_size, pad_id=proc.pad_token_id, micro_batch_size=2, dims=dims)
     orig = score_trajectories(m.chunks, trajs, **kw)
     for t, v in zip(trajs, _views(proc, samples)):
         t.pixel_values = v

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vppo.config import load_config
+from megatron_vppo.run_config import load_config
 from megatron_vppo.distributed import layout_from_config
 from megatron_vppo.parallel_layout import validate_layout
 from megatron_vppo.tuning import KERNELS, Workload, estimate_memory, load_model_spec

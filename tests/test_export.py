@@ -21,25 +21,25 @@ def _load(hf_dir, tp, pp, vpp=None):
     from megatron_vppo.distributed import init_distributed
 
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
-    init_distributed(parallel, **model_dims(read_model_config(hf_dir)))
-    return load_model(hf_dir, parallel)
+    dims = init_distributed(parallel, **model_dims(read_model_config(hf_dir)))
+    return load_model(hf_dir, parallel, dims=dims)
 
 
 def _export_worker(rank, world, hf_dir, tp, pp):
     from megatron_vppo.sync.stream import drain, export_hf_buckets, export_hf_weights
-    from megatron_vppo.rollout.buckets import iter_named_tensors
+    from megatron_vppo.sync.buckets import iter_named_tensors
 
     m = _load(hf_dir, tp, pp)
     out = {"buckets": {}}
     for b in BUCKETS:
-        buckets = list(export_hf_buckets(m.chunks, m.adapter, b))
+        buckets = list(export_hf_buckets(m.chunks, m.adapter, b, dims=m.dims))
         out["buckets"][b] = (
             [x.nbytes for x in buckets],
             [(n, t.clone()) for n, t in iter_named_tensors(buckets)],
         )
     # every rank receives with dst="all"; dst="replica" feeds the replica's first rank only
-    out["all"] = {n: t.clone() for n, t in export_hf_weights(m.chunks, m.adapter, dst="all")}
-    out["replica_count"] = drain(export_hf_weights(m.chunks, m.adapter, dst="replica"))
+    out["all"] = {n: t.clone() for n, t in export_hf_weights(m.chunks, m.adapter, dst="all", dims=m.dims)}
+    out["replica_count"] = drain(export_hf_weights(m.chunks, m.adapter, dst="replica", dims=m.dims))
     return out
 
 
@@ -83,7 +83,7 @@ def _vpp_worker(rank, world, hf_dir):
 
     m = _load(hf_dir, 1, 2, vpp=2)
     assert len(m.chunks) == 2
-    return [(n, t.clone()) for n, t in export_hf_weights(m.chunks, m.adapter)]
+    return [(n, t.clone()) for n, t in export_hf_weights(m.chunks, m.adapter, dims=m.dims)]
 
 
 def test_export_stream_with_virtual_pipeline(tmp_path):
@@ -105,8 +105,8 @@ class _FailingEngine:
     def __init__(self, after):
         self.after = after
 
-    def update_weights(self, stream):
-        from megatron_vppo.rollout.buckets import iter_named_tensors
+    def update_weights(self, stream, expected=None):
+        from megatron_vppo.sync.buckets import iter_named_tensors
 
         for i, _ in enumerate(iter_named_tensors(stream)):
             if i == self.after:
@@ -118,9 +118,9 @@ def _failing_push_worker(rank, world, hf_dir):
     from megatron_vppo.sync.plan import export_manifest
 
     m = _load(hf_dir, 2, 1)
-    manifest = export_manifest(m.chunks, m.adapter)
+    manifest = export_manifest(m.chunks, m.adapter, dims=m.dims)
     try:
-        push_to_engine(m.chunks, m.adapter, _FailingEngine(3) if rank == 0 else None, bucket_bytes=1024)
+        push_to_engine(m.chunks, m.adapter, _FailingEngine(3) if rank == 0 else None, bucket_bytes=1024, dims=m.dims)
     except Exception as e:  # noqa: BLE001
         return manifest, f"{type(e).__name__}: {e}"
     return manifest, None
@@ -159,7 +159,7 @@ def _failing_conversion_worker(rank, world, hf_dir, tp, pp):
     adapter = _AdapterFailingOnData(m.adapter, after=2)
     engine = _FailingEngine(after=10**9) if rank == 0 else None  # consumes everything it is given
     try:
-        push_to_engine(m.chunks, adapter, engine, bucket_bytes=1024)
+        push_to_engine(m.chunks, adapter, engine, bucket_bytes=1024, dims=m.dims)
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     return None
@@ -176,7 +176,7 @@ def test_conversion_error_mid_stream_raises_everywhere_without_hanging(tiny_mode
 def test_save_hf_checkpoint_shards_and_is_atomic(tiny_model_dir, tmp_path):
     from megatron_vppo.sync.hf_writer import save_hf_checkpoint
     from megatron_vppo.checkpoint.hf_load import SafetensorsDir
-    from megatron_vppo.rollout.buckets import iter_buckets
+    from megatron_vppo.sync.buckets import iter_buckets
 
     ref = load_file(str(tiny_model_dir / "model.safetensors"))
     out = save_hf_checkpoint(iter_buckets(ref.items(), 4096), tmp_path / "sharded", tiny_model_dir,
@@ -207,7 +207,7 @@ class _BreakingEngine:
         self.engine, self.after = engine, after
 
     def update_weights(self, stream, **kw):
-        from megatron_vppo.rollout.buckets import iter_named_tensors
+        from megatron_vppo.sync.buckets import iter_named_tensors
 
         def dying():
             for i, item in enumerate(iter_named_tensors(stream)):
@@ -227,15 +227,15 @@ def _push_worker(rank, world, hf_dir, other_dir, tp, pp):
     # the engine starts on other weights; the trainer's sync (default: in place, unbucketed) replaces them
     engine = HFRolloutEngine.from_pretrained(other_dir) if rank == 0 else None
     ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()} if engine else None
-    assert export_plan(m.chunks, m.adapter) is export_plan(m.chunks, m.adapter)  # reused, every stage agrees
-    push_to_engine(m.chunks, m.adapter, engine, dst="replica")
+    assert export_plan(m.chunks, m.adapter, dims=m.dims) is export_plan(m.chunks, m.adapter, dims=m.dims)  # reused, every stage agrees
+    push_to_engine(m.chunks, m.adapter, engine, dst="replica", dims=m.dims)
     out = {}
     if engine:
         out["first"] = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
         out["ptrs_same"] = ptrs == {n: p.data_ptr() for n, p in engine.model.named_parameters()}
         out["version"] = engine.weight_version
     try:
-        push_to_engine(m.chunks, m.adapter, _BreakingEngine(engine, 5) if engine else None, dst="replica")
+        push_to_engine(m.chunks, m.adapter, _BreakingEngine(engine, 5) if engine else None, dst="replica", dims=m.dims)
     except Exception as e:  # noqa: BLE001
         out["err"] = f"{type(e).__name__}: {e}"
     if engine:
@@ -243,7 +243,7 @@ def _push_worker(rank, world, hf_dir, other_dir, tp, pp):
             engine.score([])  # usability check without a request
         except RuntimeError as e:
             out["unusable"] = str(e)
-    push_to_engine(m.chunks, m.adapter, engine, dst="replica", mode="staged" if tp > 1 else None)
+    push_to_engine(m.chunks, m.adapter, engine, dst="replica", mode="staged" if tp > 1 else None, dims=m.dims)
     if engine:
         engine.score([])
         out["version_after"] = engine.weight_version
@@ -331,14 +331,15 @@ def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap, pp=1,
     from megatron_vppo.sync.stream import export_hf_weights
     from megatron_vppo.checkpoint.hf_load import gather_full_state
     from megatron_vppo.config import OptimConfig
-    from megatron_vppo.train import loop, optimizer as optim_mod
+    from megatron_vppo import distributed as dist_mod
+    from megatron_vppo.train import loop
 
     cfg = run_config(4)
     cfg.model.dtype = dtype
     cfg.optim = OptimConfig(lr=1e-3, use_distributed_optimizer=True)
     forced = []
-    real_sync = optim_mod.force_param_sync
-    optim_mod.force_param_sync = lambda chunks: forced.append(real_sync(chunks)) or forced[-1]
+    real_sync = dist_mod.force_param_sync
+    dist_mod.force_param_sync = lambda chunks: forced.append(real_sync(chunks)) or forced[-1]
     if pp > 1:  # interleaved: every DP rank's micro-batches must split into groups of pp
         cfg.train.micro_batch_size = 1
     trainer, proxy = build_trainer(model_dir, 1, pp, cfg, overlap=overlap, vpp=vpp)
@@ -349,10 +350,10 @@ def _dp2_step_export_worker(rank, world, model_dir, trajs, dtype, overlap, pp=1,
     for _ in range(2):  # the second round's forwards start from the forced sync's state
         loop.update_policy(trainer, trajs, per_traj, minibatches)  # two optimizer steps
         main = _main_params(proxy._opt, chunks, adapter)
-        live = gather_full_state(chunks, adapter)  # what the parameters hold before the export
+        live = gather_full_state(chunks, adapter, tp_group=trainer.dims.tp_group)  # what the parameters hold before the export
         stale = max(float((live[n].float() - main[n]).abs().max()) for n in main)
         n_forced = len(forced)
-        exported = {n: t.clone() for n, t in export_hf_weights(chunks, adapter, dst="all")}
+        exported = {n: t.clone() for n, t in export_hf_weights(chunks, adapter, dst="all", dims=trainer.dims)}
         expected = adapter.mcore_to_hf({n: main[n].to(live[n].dtype) for n in main})  # this stage's
         rounds.append(dict(stale=stale, forced=forced[n_forced:], exported=exported, expected=expected))
     config = chunks[0].module.config

@@ -483,7 +483,8 @@ def test_resume_prints_config_changes_and_a_new_lr_takes_effect(base_run):
 def test_resume_refuses_a_change_that_cannot_take_effect(base_run):
     """model.dtype: the saved optimizer state belongs to the old dtype — refused with reason and fix."""
     from megatron_vppo.checkpoint.dist_checkpoint import read_meta
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.train.resume import check_resume_config
 
     ck = base_run["out"] / "checkpoints" / "step_0000001"

@@ -136,7 +136,9 @@ def test_every_numeric_field_has_a_range_checked_at_load():
     import dataclasses
     import typing
 
-    from megatron_vppo.config import RANGES, ConfigError, RunConfig, load_config
+    from megatron_vppo.config import RANGES, ConfigError, RunConfig
+
+    from megatron_vppo.run_config import load_config
 
     numeric = []
     for name, cls in typing.get_type_hints(RunConfig).items():
@@ -181,7 +183,8 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(assets, tmp_path):
     assert res.returncode == 2
     line = one_line_error(res, "megatron-vppo train: config error:")
     assert f"{bad}:4:8: YAML syntax error" in line, line
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     with pytest.raises(ConfigError, match=r"^override 'optim.lr=\[': the value: YAML syntax error: .*; quote it$"):
         load_config(None, ["optim.lr=["])
@@ -232,7 +235,9 @@ def test_error_messages_name_options_that_exist():
     """Every option an error message suggests is a real config key (or eval flag)."""
     import re
 
-    from megatron_vppo.config import RunConfig, load_config
+    from megatron_vppo.config import RunConfig
+
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.train.evaluate import main as eval_main  # noqa: F401  (its flags are checked below)
 
     sources = [REPO / "megatron_vppo" / p for p in ("data/dataset.py", "checkpoint/dist_checkpoint.py",

@@ -4,6 +4,7 @@ Re-resolving the lock needs a registry and lives in scripts/check_gpu_lock.sh; t
 edits that make the files disagree (a pin changed in one place only).
 """
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,94 @@ def test_vllm_gpu_lock_agrees_with_its_in_and_the_cpu_vllm():
         assert name in lock, f"{name} is in requirements-gpu-vllm.in but not in its lock: scripts/check_gpu_lock.sh --update"
         if spec.startswith("=="):
             assert lock[name] == spec, f"vllm lock has {name}{lock[name]}, requirements-gpu-vllm.in pins {spec}"
+
+
+# ---- pins inside the ranges their dependents declare (scripts/lock_ranges.py; issue 18 item 2) ----------
+
+FIXTURES = REPO / "tests" / "data" / "lock_ranges"  # METADATA excerpts of the pinned wheels / sdist
+
+
+@pytest.fixture(scope="module")
+def lr():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock_ranges", REPO / "scripts" / "lock_ranges.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["lock_ranges"] = mod  # its dataclass looks itself up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _meta(*names):
+    return {n.rsplit("-", 1)[0]: (FIXTURES / f"{n}.METADATA").read_text() for n in names}
+
+
+def test_te_outside_megatrons_tested_range_fails(lr):
+    """megatron-core 0.16.1's `dev` extra (what its CI installs) binds TE to >=2.9,<2.12 though nobody
+    asks for the extra: 2.20.2, the former pin, is refused, 2.11.0 passes."""
+    md = _meta("megatron-core-0.16.1")
+    bad = lr.check({"megatron-core": "0.16.1", "transformer-engine": "2.20.2", "torch": "2.14.1",
+                    "numpy": "2.0", "packaging": "26.4"}, md, {})
+    assert [(p.dependent, p.locked) for p in bad] == [("megatron-core", "transformer-engine==2.20.2")]
+    assert "<2.12.0" in bad[0].requirement and "2.20.2" in str(bad[0])
+    ok = lr.check({"megatron-core": "0.16.1", "transformer-engine": "2.11.0", "torch": "2.14.1",
+                   "numpy": "2.0", "packaging": "26.4"}, md, {})
+    assert ok == []
+    # a tested-only extra binds locked packages only; its other packages (mamba-ssm, ...) need not be there,
+    # but a plain requirement must be: without packaging the lock is incomplete
+    missing = lr.check({"megatron-core": "0.16.1", "torch": "2.14.1", "numpy": "2.0"}, md, {})
+    assert [(p.requirement, p.locked) for p in missing] == [("packaging>=24.2", None)]
+    old_torch = lr.check({"megatron-core": "0.16.1", "torch": "2.5.0", "numpy": "2", "packaging": "26.4"}, md, {})
+    assert [p.locked for p in old_torch] == ["torch==2.5.0"]
+
+
+def test_requested_extras_bind_and_others_do_not(lr):
+    md = _meta("transformer-engine-2.11.0")
+    requested = lr.read_requested_extras("transformer-engine[core_cu13]==2.11.0  # the core only\n")
+    assert requested == {"transformer-engine": {"core-cu13"}}
+    bad = lr.check({"transformer-engine": "2.11.0"}, md, requested)
+    assert [(p.requirement, p.locked) for p in bad] == [('transformer_engine_cu13==2.11.0; extra == "core-cu13"', None)]
+    assert lr.check({"transformer-engine": "2.11.0", "transformer-engine-cu13": "2.11.0"}, md, requested) == []
+    wrong = lr.check({"transformer-engine": "2.11.0", "transformer-engine-cu13": "2.10.0"}, md, requested)
+    assert [p.locked for p in wrong] == ["transformer-engine-cu13==2.10.0"]
+    # extras asked for by a locked package's own requirement count too
+    dep = {"a": "Name: a\nRequires-Dist: transformer-engine[core_cu13]>=2.9\n", **md}
+    assert [p.requirement for p in lr.check({"a": "1", "transformer-engine": "2.11.0"}, dep, {})] == [
+        'transformer_engine_cu13==2.11.0; extra == "core-cu13"']
+
+
+def test_markers_for_other_platforms_are_ignored_and_exceptions_are_pairs(lr):
+    md = {"a": "Name: a\nRequires-Dist: b<2; sys_platform == 'darwin'\nRequires-Dist: c<2\n"}
+    assert lr.check({"a": "1", "b": "3", "c": "1.5"}, md, {}) == []
+    assert [p.locked for p in lr.check({"a": "1", "c": "2"}, md, {})] == ["c==2"]
+    assert lr.check({"a": "1", "c": "2"}, md, {}, exceptions={("a", "c"): "why"}) == []
+    assert lr.read_lock("a==1.0\n    # via b\nc-d[x]==2 ; python_version >= '3'\n") == {"a": "1.0", "c-d": "2"}
+
+
+def test_committed_locks_keep_te_in_range_and_its_torch_extension_out(lr):
+    """Offline: the committed pins against the fixtures' declared ranges, the TE torch extension built
+    beside the lock (its sdist's cu12 line is the documented exception), every exception documented."""
+    md = _meta("megatron-core-0.16.1", "transformer-engine-2.11.0", "transformer-engine-torch-2.11.0")
+    doc = (REPO / "docs" / "gpu_stack.md").read_text()
+    for name in ("requirements-gpu", "requirements-gpu-vllm"):
+        pins = lr.read_lock((REPO / f"{name}.txt").read_text())
+        assert "transformer-engine-torch" not in pins, f"{name}.txt must not lock the TE torch extension (sdist only)"
+        pins.update(lr.OUTSIDE_LOCK)
+        assert pins["transformer-engine-torch"] == pins["transformer-engine"] == pins["transformer-engine-cu13"]
+        requested = lr.read_requested_extras((REPO / f"{name}.in").read_text())
+        assert lr.check(pins, md, requested) == []
+    for dependent, dep in lr.EXCEPTIONS:
+        assert dependent in doc and dep in doc, f"exception ({dependent}, {dep}) is not in docs/gpu_stack.md"
+    assert "scripts/lock_ranges.py" in (REPO / "scripts" / "check_gpu_lock.sh").read_text()
+
+
+def test_readme_installs_torch_then_te_extension_then_the_lock(lr):
+    """TE's documented way for its torch extension: no build isolation, against the installed torch,
+    CUDA_HOME set; so the README installs the locked torch first and the rest of the lock after."""
+    text = (REPO / "README.md").read_text()
+    gpu = text[text.index("## On GPUs"):]
+    steps = [gpu.index(s) for s in ("-c requirements-gpu.txt", "--no-build-isolation",
+                                    "pip install -r requirements-gpu.txt")]
+    assert steps == sorted(steps), "README GPU section: torch from the lock, then TE's torch extension, then the lock"
+    te_line = next(l for l in gpu.splitlines() if "--no-build-isolation" in l)
+    assert "CUDA_HOME" in te_line and f"transformer-engine-torch=={lr.OUTSIDE_LOCK['transformer-engine-torch']}" in te_line

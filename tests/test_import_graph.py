@@ -1,4 +1,7 @@
-"""The package's module import graph has no cycle (issue 10: build <-> loop imported each other).
+"""The package's import graph has no cycle, between modules (issue 10: build <-> loop imported each
+other) or between packages (issue 20: train -> sync -> train, config -> models -> config), and every
+package imports only layers below it (`LAYERS`): sync/ and checkpoint/ never import train/, config.py
+imports no package.
 
 Every module of megatron_vppo is parsed (AST, nothing imported): module-level and function-level
 imports count, imports under `if TYPE_CHECKING:` do not (they never run). An import of a package
@@ -7,6 +10,7 @@ else to `pkg`."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import megatron_vppo
@@ -68,7 +72,9 @@ def _imports(tree: ast.AST, module: str, is_pkg: bool, known: set[str]) -> set[s
     return found
 
 
+@functools.lru_cache(maxsize=1)
 def import_graph() -> dict[str, set[str]]:
+    """module -> modules of the package it imports (parsed once per session; callers must not mutate)."""
     mods = _modules()
     known = set(mods)
     graph = {}
@@ -110,7 +116,7 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking():
     """The walker itself: the edges it must see (and the one it must not) on known modules."""
     g = import_graph()
     assert "megatron_vppo.train.build" in g["megatron_vppo.train.run"]  # module level
-    assert "megatron_vppo.train.nonfinite" in g["megatron_vppo.sync.engine_push"]  # inside a function
+    assert "megatron_vppo.reward.grade" in g["megatron_vppo.train.evaluate"]  # inside a function
     assert "megatron_vppo.train.loop" not in g["megatron_vppo.train.checkpointer"]  # TYPE_CHECKING only
     assert "megatron_vppo.rollout" in g["megatron_vppo.train.build"]  # `from megatron_vppo.rollout import ENGINES`
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
@@ -120,3 +126,50 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Low to high; a package may import its own layer and the ones below. Top-level modules are packages of one.
+LAYERS = (
+    {"__init__", "torchvision_compat", "errors", "lazy_registry", "parallel_layout", "config"},
+    {"megatron_cpu", "distributed"},
+    {"models"},
+    {"algo", "data", "reward"},
+    {"checkpoint"},
+    {"sync"},
+    {"rollout"},
+    {"run_config"},
+    {"train", "tuning"},
+    {"cli"},
+)
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def package_graph() -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """package -> {imported package: [(module, imported module), ...]} (function-level imports included)."""
+    out: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    for mod, deps in import_graph().items():
+        out.setdefault(_package(mod), {})
+        for dep in deps:
+            if _package(dep) != _package(mod):
+                out[_package(mod)].setdefault(_package(dep), []).append((mod, dep))
+    return out
+
+
+def test_no_package_cycle():
+    graph = package_graph()
+    cycle = find_cycle({p: set(deps) for p, deps in graph.items()})
+    assert cycle is None, "package import cycle: " + " -> ".join(cycle)
+
+
+def test_packages_import_only_lower_layers():
+    layer = {p: i for i, ps in enumerate(LAYERS) for p in ps}
+    graph = package_graph()
+    assert set(graph) <= set(layer), f"packages without a layer in LAYERS: {sorted(set(graph) - set(layer))}"
+    upward = [f"{a} -> {b}" for p, deps in graph.items() for q, edges in deps.items() if layer[q] > layer[p]
+              for a, b in edges]
+    assert not upward, "imports that point up a layer: " + "; ".join(sorted(upward))
+    assert "train" not in graph["sync"] and "train" not in graph["checkpoint"] and not graph["config"]

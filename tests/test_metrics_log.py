@@ -103,6 +103,22 @@ def test_plot_png(tmp_path):
     assert plot_metrics(tmp_path / "empty.jsonl", tmp_path / "empty.png").stat().st_size > 0
 
 
+def test_plot_adds_the_algorithms_panels(tmp_path):
+    """`Algorithm.panels` (algo/registry.py) add rows below the four common panels."""
+    from PIL import Image
+
+    from megatron_vppo.algo.registry import ALGORITHMS
+
+    with MetricsLogger(tmp_path, rank=0, tensorboard=False) as log:
+        for s in range(1, 4):
+            log.log(s, {**_metrics(s), "vepo/jsd_mean": 0.1 * s, "vepo/entropy_gap_mean": 0.2})
+    plain = Image.open(plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "a.png")).size
+    assert len(ALGORITHMS["vepo"].panels) == 2 and ALGORITHMS["vppo"].panels == ()
+    vepo = Image.open(plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "b.png",
+                                   extra_panels=ALGORITHMS["vepo"].panels)).size
+    assert vepo[0] == plain[0] and vepo[1] == plain[1] * 3 // 2  # 3 rows of panels instead of 2
+
+
 def test_progress_bar_only_on_last_rank(monkeypatch):
     from megatron_vppo.train import progress as pr
 

@@ -135,7 +135,7 @@ def run_layout(model_dir, batch, tp, pp, sp, want_grads):
     cfg = load_hf_config(model_dir)
     arch = text_arch(cfg)
     par = ParallelConfig(tp=tp, pp=pp, sp=sp)
-    init_distributed(
+    dims = init_distributed(
         par,
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_key_value_heads,
@@ -143,9 +143,9 @@ def run_layout(model_dir, batch, tp, pp, sp, want_grads):
         vision_num_heads=cfg["vision_config"]["num_heads"],
         seed=11,
     )
-    chunks = build_model_chunks(cfg, None, par)
+    chunks = build_model_chunks(cfg, None, par, dims=dims)
     adapter = Qwen25VLWeights(cfg, tp=tp)
-    load_hf_weights(chunks, model_dir, adapter)
+    load_hf_weights(chunks, model_dir, adapter, dims=dims)
     for c in chunks:
         c.train(want_grads)
         c.zero_grad(set_to_none=True)
@@ -188,8 +188,8 @@ def run_layout(model_dir, batch, tp, pp, sp, want_grads):
                 if getattr(p, "sequence_parallel", False) and p.grad is not None:
                     torch.distributed.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     if want_grads:
-        result["grads"] = gather_full_state(chunks, adapter, grads=True)
-    result["params"] = gather_full_state(chunks, adapter) if want_grads else None
+        result["grads"] = gather_full_state(chunks, adapter, grads=True, tp_group=dims.tp_group)
+    result["params"] = gather_full_state(chunks, adapter, tp_group=dims.tp_group) if want_grads else None
     result["pp_rank"] = ps.get_pipeline_model_parallel_rank()
     result["tp_rank"] = ps.get_tensor_model_parallel_rank()
     return result
@@ -288,9 +288,9 @@ def _vpp_worker(rank, world, model_dir, batch):
 
     cfg = load_hf_config(model_dir)
     par = ParallelConfig(pp=2, vpp=2)
-    init_distributed(par, num_attention_heads=4, num_query_groups=2, num_layers=4, vision_num_heads=2)
-    chunks = build_model_chunks(cfg, None, par)
-    load_hf_weights(chunks, model_dir, Qwen25VLWeights(cfg, tp=1))
+    dims = init_distributed(par, num_attention_heads=4, num_query_groups=2, num_layers=4, vision_num_heads=2)
+    chunks = build_model_chunks(cfg, None, par, dims=dims)
+    load_hf_weights(chunks, model_dir, Qwen25VLWeights(cfg, tp=1), dims=dims)
     layers = [sorted({n.split(".")[3] for n in global_param_names(c) if ".layers." in n}) for c in chunks]
     out = []
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_vppo.config import ConfigError, load_config
+from megatron_vppo.config import ConfigError
+
+from megatron_vppo.run_config import load_config
 from megatron_vppo.data.perturb import blacken_pixel_values, make_generator, perturb_images_and_process, \
     perturb_pixel_values
 from megatron_vppo.models import MODELS, ImageGeometry, check_hf_config, spec_for_hf_config

@@ -125,7 +125,7 @@ def _score_worker(rank, world, model_dir, trajs):
     from megatron_vppo.train.scoring import score_trajectories
 
     trainer, _ = build_trainer(model_dir, 1, 1, run_config(2))
-    kw = dict(vocab_size=trainer.vocab_size, pad_id=trainer.processor.pad_token_id, temperature=0.8)
+    kw = dict(vocab_size=trainer.vocab_size, pad_id=trainer.processor.pad_token_id, temperature=0.8, dims=trainer.dims)
     padded = score_trajectories(trainer.model_chunks, trajs, micro_batch_size=2, **kw)
     packed = score_trajectories(trainer.model_chunks, trajs, max_tokens_per_micro_batch=300, **kw)
     return padded, packed

@@ -224,9 +224,9 @@ def _lm_forward(model_dir, batch, tp, pp, with_vision=True):
 
     cfg = load_hf_config(model_dir)
     par = ParallelConfig(tp=tp, pp=pp)
-    init_distributed(par, num_attention_heads=4, num_query_groups=2, num_layers=2)
-    chunks = build_model_chunks(cfg, None, par, with_vision=with_vision)
-    load_hf_weights(chunks, model_dir, Qwen25VLWeights(cfg, tp=tp))
+    dims = init_distributed(par, num_attention_heads=4, num_query_groups=2, num_layers=2)
+    chunks = build_model_chunks(cfg, None, par, dims=dims, with_vision=with_vision)
+    load_hf_weights(chunks, model_dir, Qwen25VLWeights(cfg, tp=tp), dims=dims)
     out = {}
 
     def step(it, model):
@@ -288,12 +288,12 @@ def _error_worker(rank, world, model_dir, bad_dirs, batch):
     from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
 
     cfg = load_hf_config(model_dir)
-    init_distributed(ParallelConfig(tp=1), num_attention_heads=4, num_query_groups=2, num_layers=2)
-    chunks = build_model_chunks(cfg)
+    dims = init_distributed(ParallelConfig(tp=1), num_attention_heads=4, num_query_groups=2, num_layers=2)
+    chunks = build_model_chunks(cfg, dims=dims)
     msgs = []
     for d in bad_dirs:
         try:
-            load_hf_weights(chunks, d, Qwen25VLWeights(cfg, tp=1))
+            load_hf_weights(chunks, d, Qwen25VLWeights(cfg, tp=1), dims=dims)
             msgs.append("no error")
         except (KeyError, ValueError) as e:
             msgs.append(f"{type(e).__name__}: {e}")
@@ -364,5 +364,20 @@ def test_te_spec_and_fp8_recipe(tiny_model_dir, recipe):
         tiny_model_dir, ModelConfig(transformer_impl="transformer_engine", fp8="hybrid", fp8_recipe=recipe)
     )
     assert c.transformer_impl == "transformer_engine" and c.fp8 == "hybrid"
+    assert str(getattr(c.fp8_recipe, "value", c.fp8_recipe)) == recipe  # the config's recipe reaches Megatron
     assert lm_layer_spec(c) is not None
-    assert get_fp8_recipe(c) is not None
+    fp8_recipe = get_fp8_recipe(c)
+    import transformer_engine.pytorch as te
+    from transformer_engine.common.recipe import DelayedScaling, Float8CurrentScaling, Format
+
+    assert isinstance(fp8_recipe, {"delayed": DelayedScaling, "tensorwise": Float8CurrentScaling}[recipe])
+    assert fp8_recipe.fp8_format == Format.HYBRID
+    # one TE forward under that recipe (FP8 GEMM dims: multiples of 16), close to the bf16 product
+    torch.manual_seed(0)
+    lin = te.Linear(64, 128, bias=False, params_dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    with te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe):
+        y = lin(x)
+    assert lin.fp8 and isinstance(lin.fp8_meta["recipe"], type(fp8_recipe))  # it ran in FP8, this recipe
+    ref = x.float() @ lin.weight.float().t()
+    assert torch.isfinite(y).all() and (y.float() - ref).norm() / ref.norm() < 0.1

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_vppo.rollout.buckets import (
+from megatron_vppo.sync.buckets import (
     Bucket,
     iter_buckets,
     iter_named_tensors,

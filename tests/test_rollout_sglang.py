@@ -1,15 +1,14 @@
 """SGLang engines: the CPU-testable translation layer, the trainer side of the weight-update
 group over real gloo processes, and GPU-only end-to-end checks (skipped without CUDA + sglang)."""
 import importlib.util
+import json
 
 import pytest
 import torch
 
-from megatron_vppo.rollout.buckets import iter_buckets, pack_bucket
+from megatron_vppo.sync.buckets import iter_buckets, pack_bucket
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams, sample_seed
 from megatron_vppo.rollout.sglang_engine import (
-    collapse_image_pads,
-    distributed_update_request,
     expand_requests,
     group_outputs,
     parse_sglang_output,
@@ -86,37 +85,12 @@ def test_flattened_bucket_payload_layout():
         assert torch.equal(rebuilt[n], t)
 
 
-def test_distributed_update_body_and_pads():
-    body = distributed_update_request([("w", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(4))], "g", False)
-    assert body == {"names": ["w", "b"], "dtypes": ["bfloat16", "float32"], "shapes": [[2, 3], [4]], "group_name": "g", "flush_cache": False}
-    assert collapse_image_pads([1, 9, 9, 9, 2, 9, 9, 3], 9) == [1, 9, 2, 9, 3]
-
-
 @pytest.mark.parametrize("bound", [64, None])
 def test_loose_pairs_and_buckets_become_buckets_in_order(bound):
     pairs = [(f"t{i}", torch.full((4,), float(i))) for i in range(6)]
     stream = pairs[:2] + list(iter_buckets(pairs[2:4], None)) + pairs[4:]
     names = [n for b in as_buckets(iter(stream), bound) for n in b.names]
     assert names == [n for n, _ in pairs]
-
-
-def _group_worker(rank, world_size, port):
-    """Trainer rank 0 + a stand-in 'server' rank form the group the way both sides do."""
-    from megatron_vppo.rollout.sglang_engine import new_weight_update_group
-    import torch.distributed as dist
-
-    pg = new_weight_update_group("127.0.0.1", port, world_size, rank, "vppo_test_group", backend="gloo")
-    t = torch.arange(6, dtype=torch.float32) if rank == 0 else torch.zeros(6)
-    dist.broadcast(t, src=0, group=pg)
-    return t
-
-
-def test_weight_update_group_broadcasts_over_gloo():
-    from dist_helpers import free_port, run_distributed
-
-    results = run_distributed(_group_worker, 2, free_port())
-    for t in results:
-        assert torch.equal(t, torch.arange(6, dtype=torch.float32))
 
 
 def _groups_worker(rank, world_size, tp, pp):
@@ -168,11 +142,20 @@ def test_sglang_engine_matches_hf_engine(tiny_model_dir):
     eng = SGLangRolloutEngine.launch(str(tiny_model_dir), dtype="float32", mem_fraction_static=0.3, disable_cuda_graph=True)
     try:
         hf = HFRolloutEngine.from_pretrained(tiny_model_dir, device="cuda")
-        reqs = [RolloutRequest([10, 11, 12, 13]), RolloutRequest([20, 21])]
-        outs = eng.generate(reqs, 2, SamplingParams(temperature=1.0, max_new_tokens=8))
+        from conftest import make_test_images
+        from megatron_vppo.data.processor import VLProcessor
+
+        enc = VLProcessor.from_pretrained(tiny_model_dir).encode("How many shapes?", [make_test_images()[0]])
+        image_pad = int(json.loads((tiny_model_dir / "config.json").read_text())["image_token_id"])
+        reqs = [RolloutRequest([10, 11, 12, 13]), RolloutRequest([20, 21]),
+                RolloutRequest(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"])]
+        # banned tokens: the engine re-scores SGLang's log-probs onto the full vocabulary (docs/sglang.md)
+        outs = eng.generate(reqs, 2, SamplingParams(temperature=1.0, max_new_tokens=8, banned_token_ids=(image_pad,)))
         items = [(r, o.token_ids) for r, s in zip(reqs, outs) for o in s]
         ref = hf.score(items)
         for (r, _), o, lp in zip(items, [o for s in outs for o in s], ref):
+            assert image_pad not in o.token_ids and 0 < len(o.token_ids) <= 8
+            assert len(o.log_probs) == len(lp) == len(o.token_ids)  # lengths first: zip would hide a short list
             assert max(abs(a - b) for a, b in zip(o.log_probs, lp)) < 1e-3
         # weight update through flattened buckets, then generation on the new weights
         from safetensors.torch import load_file
@@ -189,7 +172,9 @@ def test_sglang_engine_matches_hf_engine(tiny_model_dir):
         hf.update_weights(sd.items())
         outs = eng.generate(reqs, 1, SamplingParams(temperature=1.0, max_new_tokens=8))
         ref = hf.score([(r, s[0].token_ids) for r, s in zip(reqs, outs)])
+        assert len(outs) == len(ref) == len(reqs)
         for s, lp in zip(outs, ref):
+            assert len(s[0].log_probs) == len(lp) == len(s[0].token_ids)
             assert max(abs(a - b) for a, b in zip(s[0].log_probs, lp)) < 1e-3
     finally:
         eng.shutdown()

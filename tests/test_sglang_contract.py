@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sglang_source as sgl_src
-from megatron_vppo.rollout.buckets import iter_buckets, pack_bucket
+from megatron_vppo.sync.buckets import iter_buckets, pack_bucket
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
 from megatron_vppo.rollout.sglang_engine import (
     SGLangRolloutEngine,
@@ -275,12 +275,6 @@ def test_mem_fraction_static_is_the_share_of_free_memory():
 def test_agent_store_is_cleared_for_sglangs_rendezvous(monkeypatch):
     """Under torchrun the env says an agent serves the store; SGLang's rendezvous must not believe it."""
     import importlib
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from dist_helpers import free_port
-    from megatron_vppo.rollout.sglang_engine import new_weight_update_group
 
     rdzv = importlib.import_module("torch.distributed.rendezvous")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
@@ -288,12 +282,6 @@ def test_agent_store_is_cleared_for_sglangs_rendezvous(monkeypatch):
     with without_agent_store():
         assert "TORCHELASTIC_USE_AGENT_STORE" not in os.environ and not rdzv._torchelastic_use_agent_store()
     assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
-    # rank 0 of the weight-update group hosts its store even so (it would wait 20 s for a server and fail)
-    pg = new_weight_update_group("127.0.0.1", free_port(), 1, 0, "agent_store_test", backend="gloo",
-                                 timeout=timedelta(seconds=20))
-    t = torch.ones(3)
-    dist.all_reduce(t, group=pg)
-    assert torch.equal(t, torch.ones(3))
 
 
 # ----------------------------------------------------------------------------- protocol, one process
@@ -435,3 +423,112 @@ def test_sglangs_torch_reduction_patch_is_scoped_to_serialization():
     with uuid_cuda_reductions(patch):  # applies again after being undone
         assert reductions.reduce_tensor is not original
     assert reductions.reduce_tensor is original
+
+
+# ----------------------------------------------------------------------------- banned tokens and log-probs
+
+
+@pytest.mark.skipif(not sgl_src.available(sgl_src.LOGPROB_FILES), reason=sgl_src.SKIP_REASON)
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_logit_bias_leaves_the_banned_tokens_out_of_sglangs_log_probs_and_rescoring_is_the_convention(temperature):
+    """SGLang's own ModelRunner._preprocess_logits and SamplingBatchInfo.apply_logits_bias add our banned
+    tokens' -1e9 bias to the logits in place; its sampler then takes log-probs of those logits
+    (layers/sampler.py: greedy `log_softmax(logits)`, else `logits.div_(temperatures)` then
+    `log(softmax)`). So they differ from the convention by -log(1 - p_banned) on every allowed token;
+    the engine's re-score (prefill, no bias, T = 1 / unscaled) is the convention."""
+    from megatron_vppo.rollout.sglang_engine import (
+        banned_logprob_rescore,
+        to_sglang_sampling_params,
+        with_scored_log_probs,
+    )
+    from megatron_vppo.rollout.engine import RolloutOutput
+
+    mr, sbi = "sglang/srt/model_executor/model_runner.py", "sglang/srt/sampling/sampling_batch_info.py"
+    sampler_src = sgl_src.read("sglang/srt/layers/sampler.py")
+    for step in ("torch.argmax(logits, -1)", "logits.div_(sampling_info.temperatures)", "torch.log(probs)"):
+        assert step in sampler_src, f"SGLang's sampler no longer has {step!r}: re-read layers/sampler.py"
+    preprocess = sgl_src.class_method(mr, "ModelRunner", "_preprocess_logits")
+    banned = (3, 7)
+    sampling = SamplingParams(max_new_tokens=4, temperature=temperature, banned_token_ids=banned)
+    bias_map = to_sglang_sampling_params(sampling)["logit_bias"]
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 11, generator=g) * 2
+    z[:, 3] += 3.0  # give the banned tokens real mass
+    bias = torch.zeros_like(z)  # SamplingBatchInfo.from_schedule_batch: row i, column int(key) = value
+    for i in range(z.shape[0]):
+        for key, value in bias_map.items():
+            bias[i, int(key)] = value
+    info = types.SimpleNamespace(grammars=None, grammar_mask=None, acc_additive_penalties=None,
+                                 acc_scaling_penalties=None, penalizer_orchestrator=None, logit_bias=bias)
+    for m in ("update_regex_vocab_mask", "apply_logits_bias", "_apply_pre_grammar_logits_transforms",
+              "_apply_post_grammar_logits_transforms"):
+        setattr(info, m, types.MethodType(sgl_src.class_method(sbi, "SamplingBatchInfo", m), info))
+    out = types.SimpleNamespace(next_token_logits=z.clone())
+    preprocess(None, out, info)
+    logits = out.next_token_logits
+    if temperature == 0.0:  # greedy path
+        sglang_lp = torch.log_softmax(logits, -1)
+        convention = torch.log_softmax(z, -1)
+    else:
+        sglang_lp = torch.log(torch.softmax(logits / temperature, -1))
+        convention = torch.log_softmax(z / temperature, -1)
+    allowed = [t for t in range(z.shape[1]) if t not in banned]
+    p_banned = convention.exp()[:, list(banned)].sum(-1, keepdim=True)
+    assert p_banned.min() > 0.05
+    shift = sglang_lp[:, allowed] - convention[:, allowed]
+    torch.testing.assert_close(shift, (-torch.log1p(-p_banned)).expand_as(shift), rtol=1e-5, atol=1e-5)
+    # the engine re-scores whenever tokens are banned; the prefill score (no bias) replaces the log-probs
+    assert banned_logprob_rescore(sampling)
+    assert not banned_logprob_rescore(SamplingParams(max_new_tokens=4, temperature=0.7))
+    tokens = [[allowed[0], allowed[3]], [allowed[5]]]
+    outputs = [[RolloutOutput(token_ids=tokens[0], log_probs=[float(sglang_lp[0, t]) for t in tokens[0]],
+                              finish_reason="stop")],
+               [RolloutOutput(token_ids=tokens[1], log_probs=[float(sglang_lp[1, t]) for t in tokens[1]],
+                              finish_reason="length")]]
+    scores = [[float(convention[0, t]) for t in tokens[0]], [float(convention[1, t]) for t in tokens[1]]]
+    fixed = with_scored_log_probs(outputs, scores)
+    assert [[o.token_ids for o in grp] for grp in fixed] == [[tokens[0]], [tokens[1]]]
+    assert fixed[1][0].finish_reason == "length"
+    assert fixed[0][0].log_probs == scores[0] and fixed[1][0].log_probs == scores[1]
+    assert fixed[0][0].log_probs != outputs[0][0].log_probs
+    with pytest.raises(RuntimeError, match="log-probs for"):
+        with_scored_log_probs(outputs, [scores[0], scores[0]])
+
+
+def test_banned_tokens_at_other_temperatures_are_refused_with_the_fix():
+    from megatron_vppo.rollout.sglang_engine import banned_logprob_rescore
+
+    with pytest.raises(ValueError, match=r"rollout\.temperature=1\.0, or rollout\.engine=vllm"):
+        banned_logprob_rescore(SamplingParams(max_new_tokens=4, temperature=0.7, banned_token_ids=(3,)))
+
+
+def test_update_names_are_checked_against_the_checkpoint_before_any_payload(tiny_model_dir):
+    """SGLang's qwen2_5_vl load_weights `continue`s on a name it does not know: a renamed tensor would
+    update nothing. The engine refuses such a manifest inside the first round, before the session."""
+    from safetensors import safe_open
+
+    from megatron_vppo.rollout.sglang_engine import checkpoint_names
+
+    ckpt = {}
+    for f in sorted(tiny_model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for n in h.keys():
+                ckpt[n] = h.get_tensor(n)
+    assert checkpoint_names(tiny_model_dir)
+    good = [(n, tuple(t.shape), t.dtype) for n, t in ckpt.items()]
+    first = next(iter(ckpt))
+    renamed = [(n.replace("weight", "weigth") if n == first else n, s, d) for n, s, d in good]
+    dropped = good[1:]
+    for bad, words in ((renamed, "it does not have"), (dropped, "keep stale")):
+        rule = RuleEngine(tp=1)
+        eng = SGLangRolloutEngine(rule, serialize=_sglang_serializer(), model_dir=str(tiny_model_dir))
+        stream = [(n.replace("weight", "weigth") if n == first and bad is renamed else n, t)
+                  for n, t in ckpt.items() if bad is renamed or n != first]
+        with pytest.raises(RuntimeError, match=words):
+            eng.update_weights(iter(stream), expected=bad)
+        assert rule.log == [] and eng._broken is None and eng.weight_version == 0  # nothing reached SGLang
+    rule = RuleEngine(tp=1)
+    eng = SGLangRolloutEngine(rule, serialize=_sglang_serializer(), model_dir=str(tiny_model_dir))
+    eng.update_weights(iter(list(ckpt.items())), expected=good)
+    assert rule.log[0] == "begin" and "end" in rule.log and eng.weight_version == 1
+    assert set(rule.loaded[0]) == set(ckpt)

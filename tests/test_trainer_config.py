@@ -148,7 +148,8 @@ def test_data_metrics_count_each_reason_and_log_new_skips_once(tmp_path, caplog)
 
 
 def test_sglang_engine_branch_refuses_what_it_cannot_run(tmp_path, monkeypatch):
-    from megatron_vppo.config import ConfigError, RunConfig, load_config
+    from megatron_vppo.config import ConfigError, RunConfig
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.train.build import build_engine
 
     # SGLang runs colocated only: the disaggregated choice is gone until the trainer can drive servers.
@@ -194,7 +195,8 @@ def test_eval_cli_bad_paths(tmp_path, tiny_model_dir):
 
 
 def test_reward_config_selects_the_grader_and_rejects_unknown_methods():
-    from megatron_vppo.config import ConfigError, load_config
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.run_config import load_config
 
     cfg = load_config(None, ["reward.method=math_verify", "reward.timeout_s=3"])
     assert (cfg.reward.method, cfg.reward.timeout_s, cfg.reward.extraction) == ("math_verify", 3.0, "lenient")
@@ -211,7 +213,8 @@ def test_print_config_prints_the_resolved_yaml_before_loading_anything(tmp_path,
     """`train ... --print-config`: exit 0, every key (defaults included) as YAML that loads back to the
     same config; nothing is built (the model path need not even exist)."""
     from megatron_vppo import cli
-    from megatron_vppo.config import load_config, to_dict
+    from megatron_vppo.config import to_dict
+    from megatron_vppo.run_config import load_config
 
     def boom(*a, **k):
         raise AssertionError("--print-config built the run")
@@ -228,7 +231,8 @@ def test_print_config_prints_the_resolved_yaml_before_loading_anything(tmp_path,
 
 
 def test_save_config_writes_config_yaml_or_names_the_directory(tmp_path):
-    from megatron_vppo.config import ConfigError, load_config, save_config, to_dict
+    from megatron_vppo.config import ConfigError, save_config, to_dict
+    from megatron_vppo.run_config import load_config
 
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'run'}", "optim.lr=3e-4"])
     path = save_config(cfg)

@@ -252,7 +252,8 @@ def _check_run(out: Path, rows: dict, steps: int, layout: dict) -> None:
 def test_tp2_trains_end_to_end(assets, tp2_run):
     _check_run(tp2_run["out"], tp2_run["metrics"], STEPS, {"tp": 2, "pp": 1, "dp": 1, "world_size": 2})
     # the resolved config saved at start (issue 19): the run's settings, every key
-    from megatron_vppo.config import load_config, to_dict
+    from megatron_vppo.config import to_dict
+    from megatron_vppo.run_config import load_config
 
     run_cfg = load_config(assets["config"], [f"train.output_dir={tp2_run['out']}", "parallel.tp=2"])
     assert to_dict(load_config(tp2_run["out"] / "config.yaml")) == to_dict(run_cfg)
@@ -367,11 +368,10 @@ def test_bad_rows_are_skipped_counted_and_logged(tp2_run):
 
 
 def test_eval_cli_prints_table_and_json_matching_trainer_validation(assets, tp2_run):
-    """`megatron-vppo eval` on the starting model with the run's seed and sampling settings reproduces
-    the trainer's step-0 validation accuracy (same prompts, seeds and grading)."""
+    """`megatron-vppo eval --config RUN.yaml` on the starting model reproduces the trainer's step-0
+    validation accuracy (same prompts, seeds, sampling settings and grading: all read from the run config)."""
     text = run([sys.executable, *cli("eval", "--model", str(assets["model"]), "--data", str(assets["val"]),
-                                     "--k", "2", "--max-new-tokens", "6", "--seed", "1",
-                                     "--min-pixels", PIXELS[0], "--max-pixels", PIXELS[1])],
+                                     "--config", str(assets["config"]))],
                assets["root"] / "eval.log", timeout=200)
     lines = text.strip().splitlines()
     res = json.loads(lines[-1])

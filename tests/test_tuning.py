@@ -13,6 +13,8 @@ from megatron_vppo.config import RolloutConfig
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning import KERNELS, Precision, Workload, estimate_memory, load_model_spec, spec_from_dict, tune
 from megatron_vppo.tuning.cli import run as cli_run
+from megatron_vppo.tuning.memory import SGLANG_RUNTIME_GIB
+from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES
 from megatron_vppo.tuning.memory import GIB
 from megatron_vppo.tuning.model_spec import ModelSpecError
 from megatron_vppo.tuning.search import TuningError
@@ -129,7 +131,10 @@ def test_tool_json_and_exit_codes(tmp_path):
     train = static + dyn + b["overhead"]
     assert b["rollout"] == pytest.approx(RolloutConfig().engine_gpu_share * 80, abs=0.01)  # one default
     fixed = KERNELS["te"].fixed_overhead_gib
-    assert rows[0]["mem_gib"] == pytest.approx(max(train, static + fixed + b["rollout"]), abs=0.01)
+    # the engine's share holds weights + KV only: SGLang's runtime and the sync bucket come on top
+    assert b["engine_runtime"] == SGLANG_RUNTIME_GIB and b["sync_buffers"] == DEFAULT_BUCKET_BYTES / 2**30
+    rollout = static + fixed + b["rollout"] + b["engine_runtime"] + b["sync_buffers"]
+    assert rows[0]["mem_gib"] == pytest.approx(max(train, rollout), abs=0.01)
     assert b["kv_cache"] == pytest.approx(b["rollout"] - b["engine_weights"], abs=0.01)
     bad = subprocess.run(tool + ["--gpus", "6"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error:" in bad.stderr
@@ -278,6 +283,7 @@ def _one_case(hf_cfg, tp, pp, seq, mb, n_micro, recompute, sp, base_rss):
     from megatron_vppo.algo.loss import vppo_policy_loss
     from megatron_vppo.algo.vocab_parallel import vocab_parallel_log_prob
     from megatron_vppo.config import ModelConfig, OptimConfig, ParallelConfig
+    from megatron_vppo.distributed import ParallelDims
     from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
     from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
@@ -306,7 +312,8 @@ def _one_case(hf_cfg, tp, pp, seq, mb, n_micro, recompute, sp, base_rss):
         return model(input_ids=tok), functools.partial(loss_fn, tok)
 
     par = ParallelConfig(tp=tp, pp=pp, sp=sp)
-    chunks = build_model_chunks(hf_cfg, ModelConfig(dtype="fp32", recompute=recompute), par)
+    dims = ParallelDims.from_megatron(sp=sp)  # the layout init_distributed made, with this case's sp
+    chunks = build_model_chunks(hf_cfg, ModelConfig(dtype="fp32", recompute=recompute), par, dims=dims)
     ddp, opt, _ = build_optimizer(chunks, OptimConfig(), "fp32", total_steps=10)
     attach_to_model_config(ddp, opt)
     fb = get_forward_backward_func()
@@ -386,3 +393,14 @@ def test_memory_estimate_matches_measured_cpu_peak(layout_name):
     print("\n".join(report))
     bad = [r for r in report if not 0.75 <= float(r.rsplit(" ", 1)[1]) <= 1.25]
     assert report and not bad, "estimate off by more than 25 %:\n" + "\n".join(bad) + "\n\nall:\n" + "\n".join(report)
+
+
+def test_grad_accum_fusion_is_what_the_model_config_sets():
+    """The tuner's kernels count the output layer's weight-grad temp unless wgrad accumulation is fused;
+    both presets must say what the model config builds (it sets gradient_accumulation_fusion=False)."""
+    from megatron_vppo.models.qwen2_5_vl.config import lm_transformer_config
+
+    hf = json.loads((Path(__file__).resolve().parents[1] / "examples/model_configs/qwen2_5_vl_3b.json").read_text())
+    hf = dict(hf, num_hidden_layers=1)
+    fused = lm_transformer_config(hf).gradient_accumulation_fusion
+    assert KERNELS["te"].grad_accum_fusion == KERNELS["local"].grad_accum_fusion == fused

@@ -88,14 +88,15 @@ def run_config(micro_batch_size: int, **algo):
 class GradCapture:
     """Optimizer proxy: on `step()` record the full HF-named gradients, then step (or not)."""
 
-    def __init__(self, optimizer, chunks, adapter, really_step: bool = True):
+    def __init__(self, optimizer, chunks, adapter, tp_group, really_step: bool = True):
         self._opt, self._chunks, self._adapter, self._really_step = optimizer, chunks, adapter, really_step
+        self._tp_group = tp_group
         self.grads: list[dict] = []
 
     def step(self):
         from megatron_vppo.checkpoint.hf_load import gather_full_state
 
-        full = gather_full_state(self._chunks, self._adapter, grads=True)
+        full = gather_full_state(self._chunks, self._adapter, grads=True, tp_group=self._tp_group)
         self.grads.append(self._adapter.mcore_to_hf(full))
         if self._really_step:
             return self._opt.step()
@@ -116,7 +117,7 @@ def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vp
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sp=sp)
     cfg.model.path = str(model_dir)
     pol = build_policy(cfg, model_dir, total_steps=1, overlap=overlap)
-    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, really_step)
+    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, pol.dims.tp_group, really_step)
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                       optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
                       val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
@@ -156,9 +157,43 @@ def train_side_step(trainer, proxy, trajs) -> dict:
     )
 
 
+# The perception family (spec/perception_family.md) rides in the same launches: after the VPPO step the
+# same trainer runs one step of each, in this order, from the weights the previous step left (the same
+# at every layout), so each layout's numbers are again compared with TP1's.
+PERCEPTION = ("papo", "vepo", "pgpo")  # pgpo last: its blind view has no packed form (packed runs stop before it)
+PGPO_WEIGHT_ATOL = 1e-3  # see check_same_perception: the min-max gain on this model's tiny k3 range
+PGPO_GRAD_RTOL = 1e-4  # PGPO's gradient inherits that gain through Â_{i,t} = w_t·A_i (its loss still ≤ ATOL)
+
+
+def perception_steps(trainer, proxy, trajs, names=PERCEPTION, **overrides) -> dict:
+    """One step (paired pass -> shaping -> update) per perception algorithm; what each computes."""
+    from megatron_vppo.config import AlgoConfig
+    from megatron_vppo.run_config import validate_algorithm
+    from megatron_vppo.train import loop
+
+    out = {}
+    for name in names:
+        trainer.cfg.algo = AlgoConfig(name=name, **overrides.get(name, {}))
+        validate_algorithm(trainer.cfg.algo)
+        first = len(proxy.grads)
+        scored = loop.score_step_batch(trainer, trajs)
+        per_traj, minibatches, metrics = loop.shape_step(trainer, trajs, scored)
+        upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
+        keep_grads = trainer.dims.tp_rank == 0 and trainer.dims.dp_rank == 0
+        out[name] = dict(old=[r.old for r in scored], aug=[r.aug for r in scored],
+                         jsd=[r.jsd for r in scored], per_traj=per_traj, minibatches=minibatches,
+                         metrics={**metrics, **upd}, loss=upd["actor/loss"],
+                         grads=proxy.grads[first:] if keep_grads else None)
+    return out
+
+
 def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False):
     trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs), sp=sp)
-    return train_side_step(trainer, proxy, trajs)
+    out = train_side_step(trainer, proxy, trajs)
+    if out["grads"] is not None:
+        out["grads"] = list(out["grads"])  # the VPPO step's; the perception steps append theirs after
+    out["perception"] = perception_steps(trainer, proxy, trajs)
+    return out
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -256,11 +291,75 @@ def test_reference_batch_is_nontrivial(reference, trajs):
     print(f"TP1 reference step: {reference['seconds']:.1f}s, J = {reference['loss']:.6f}")
 
 
+def check_same_perception(results, ref, tag):
+    """Each perception algorithm's step at this layout equals its TP1 step: both views' log-probs,
+    VEPO's JSD, PGPO's per-token weights, the kept-token masks, Â, the loss and the gradients."""
+    for algo in results[0]["perception"]:
+        want = ref["perception"][algo]
+        for rank, r in enumerate(results):
+            got = r["perception"][algo]
+            d = {"old_logp": _max_diff(got["old"], want["old"]), "aug_logp": _max_diff(got["aug"], want["aug"]),
+                 "advantage": max(abs(a.advantage - b.advantage) for a, b in zip(got["per_traj"], want["per_traj"])),
+                 "loss": abs(got["loss"] - want["loss"])}
+            if want["jsd"][0] is not None:
+                d["jsd"] = _max_diff(got["jsd"], want["jsd"])
+            weights = want["per_traj"][0].token_weight is not None
+            if weights:
+                d["token_weight"] = _max_diff([p.token_weight for p in got["per_traj"]],
+                                              [p.token_weight for p in want["per_traj"]])
+                # PGPO's per-response min-max divides by the range of log(1 + k3), which on this tiny random
+                # model is ~1e-3: the weights amplify the ≤ 1e-6 log-prob differences of the layouts ~100×.
+                # They must equal the weights of this layout's own (old, aug) exactly, and TP1's within that gain.
+                from megatron_vppo.algo.pgpo import pgpo_token_weights
+                from megatron_vppo.train.rl_batch import responses_to_matrix
+
+                old, mask = responses_to_matrix(got["old"])
+                w = pgpo_token_weights(old, responses_to_matrix(got["aug"])[0], mask)
+                d["token_weight_vs_own_inputs"] = _max_diff([p.token_weight for p in got["per_traj"]],
+                                                            [w[i, : len(p.old_logp)] for i, p in enumerate(got["per_traj"])])
+            print(f"{tag} {algo} rank {rank}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
+            for key, v in d.items():
+                tol = PGPO_WEIGHT_ATOL if key == "token_weight" else ATOL
+                assert v <= tol, f"{tag} {algo} rank {rank}: {key} differs from TP1 by {v:.3e}"
+            assert all(torch.equal(a.tgf_mask, b.tgf_mask) for a, b in zip(got["per_traj"], want["per_traj"])), \
+                f"{tag} {algo} rank {rank}: kept-token mask differs"
+        for step in range(len(want["minibatches"])):
+            merged = {}
+            for r in results:
+                if r["perception"][algo]["grads"] is not None:
+                    merged.update(r["perception"][algo]["grads"][step])
+            rel, name = _worst_grad(merged, want["grads"][step])
+            print(f"{tag} {algo}: optimizer step {step}: worst relative gradient difference {rel:.1e} ({name})")
+            tol = PGPO_GRAD_RTOL if algo == "pgpo" else GRAD_RTOL_LAYOUT
+            assert rel <= tol, f"{tag} {algo}: step {step} gradient of {name} differs by {rel:.3e}"
+
+
+def test_reference_perception_steps_are_nontrivial(reference, trajs):
+    """What each perception method computes on the fixed batch is not degenerate (TP1)."""
+    per = reference["perception"]
+    img = [i for i, t in enumerate(trajs) if t.has_image]
+    text = [i for i, t in enumerate(trajs) if not t.has_image]
+    for algo in PERCEPTION:  # the second view moves image trajectories only
+        assert all(torch.equal(per[algo]["aug"][i], per[algo]["old"][i]) for i in text), algo
+        assert max(float((per[algo]["aug"][i] - per[algo]["old"][i]).abs().max()) for i in img) > 1e-4, algo
+        assert all(torch.isfinite(g).all() for step in per[algo]["grads"] for g in step.values())
+    m = per["papo"]["metrics"]
+    assert m["actor/papo/k3"] > 0 and m["actor/papo/term"] != 0.0
+    w = torch.cat([p.token_weight for p in per["pgpo"]["per_traj"]])
+    assert float(w.max()) > 1.2 and float(w.min()) < 0.8, "PGPO weights should vary"
+    for p, t in zip(per["pgpo"]["per_traj"], trajs):  # mass normalisation: each response's weights sum to L
+        assert float(p.token_weight.sum()) == pytest.approx(t.response_len, rel=1e-9)
+    kept = [p.tgf_mask for p in per["vepo"]["per_traj"]]
+    assert all(int(k.sum()) == -(-len(k) // 5) for k in kept), "VEPO keeps ceil(0.2 L) tokens per response"
+    assert max(float(per["vepo"]["jsd"][i].max()) for i in img) > 0
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, tiny_model_dir, trajs, reference):
     world, tp, pp, mbs, *sp = LAYOUTS[name]
     results = run_distributed(_layout_worker, world, str(tiny_model_dir), trajs, tp, pp, mbs, *sp)
     check_same(results, reference, name)
+    check_same_perception(results, reference, name)
 
 
 # ------------------------------------------------------------------- transformers oracle (TP1)
@@ -366,7 +465,10 @@ def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
     cfg.train.max_tokens_per_micro_batch = budget
     if not sp:
         trainer, proxy = build_trainer(model_dir, tp, pp, cfg)
-        return train_side_step(trainer, proxy, trajs)
+        out = train_side_step(trainer, proxy, trajs)
+        out["grads"] = None if out["grads"] is None else list(out["grads"])
+        out["perception"] = perception_steps(trainer, proxy, trajs, names=("papo", "vepo"))
+        return out
     # build_trainer with sequence parallel on
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
@@ -376,7 +478,7 @@ def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, sp=True)
     cfg.model.path = str(model_dir)
     pol = build_policy(cfg, model_dir, total_steps=1)
-    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter)
+    proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, pol.dims.tp_group)
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
                       optimizer=proxy, scheduler=pol.scheduler, engine=None, grader=None, train_batches=None,
                       val_prompts=[], hf_config=pol.hf_config, adapter=pol.adapter,
@@ -400,3 +502,5 @@ def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs
         assert counts[0] != counts[1], counts
     results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, tp, pp, budget, name.endswith("SP"))
     check_same(results, reference, name)
+    if "perception" in results[0]:
+        check_same_perception(results, reference, name)

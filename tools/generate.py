@@ -2,7 +2,10 @@
 
     torchrun --nproc-per-node K tools/generate.py --model DIR --data IN.jsonl --out OUT.jsonl \
         --num-samples N --seed S [--temperature T --top-p P --top-k K --max-new-tokens M] \
-        [--engine hf|sglang|vllm] [--batch-size B] [--device cpu|cuda] [--dtype fp32|bf16]
+        [--engine hf|sglang|vllm] [--batch-size B] [--device cpu|cuda] [--dtype fp32|bf16] [--config RUN.yaml]
+
+Sampling settings left unset take the run config's values (rollout.top_p / top_k / max_response_length
+of --config, else config.py's defaults), as the trainer samples.
 
 Input lines: {"problem": str, "images": [path, ...]} (relative paths resolve against the data
 file's folder). Output: N lines per input, in input order, each
@@ -28,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from jsonl_io import InputRowError, read_rows, write_jsonl_atomic  # noqa: E402
 
+from megatron_vppo.rollout import ENGINES  # noqa: E402
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,14 +45,24 @@ def parse_args(argv=None):
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=-1)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--engine", choices=["hf", "sglang", "vllm"], default="hf")
+    ap.add_argument("--top-p", type=float, default=None, help="rollout.top_p")
+    ap.add_argument("--top-k", type=int, default=None, help="rollout.top_k")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="rollout.max_response_length")
+    ap.add_argument("--config", default=None, help="run config YAML whose rollout.* settings are the defaults")
+    ap.add_argument("--engine", choices=sorted(ENGINES), default="hf", help="rollout.engine (its standalone form)")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences decoded together per rank (hf)")
     ap.add_argument("--device", default=None, help="hf engine device (default: cuda if available, else cpu)")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    from megatron_vppo.config import RunConfig
+    from megatron_vppo.run_config import load_config
+
+    rollout = (load_config(args.config) if args.config else RunConfig()).rollout
+    for flag, value in (("top_p", rollout.top_p), ("top_k", rollout.top_k),
+                        ("max_new_tokens", rollout.max_response_length)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    return args
 
 
 def stop_ids(model_dir: Path, processor) -> tuple[int, ...]:
@@ -62,33 +76,11 @@ def stop_ids(model_dir: Path, processor) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in ids))
 
 
-def build_engine(args, rank: int, max_len: int | None = None):
-    """This rank's engine; `max_len` (longest prompt + --max-new-tokens) sizes vLLM's context."""
-    if args.engine == "hf":
-        from megatron_vppo.rollout.hf_engine import HFRolloutEngine
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-        return HFRolloutEngine.from_pretrained(
-            args.model, device=device, dtype=_DTYPES[args.dtype], max_batch_size=args.batch_size
-        )
-    if args.engine == "vllm":  # one vLLM engine per rank (its core in a child process when K > 1)
-        from megatron_vppo.rollout import ENGINES
-
-        return ENGINES["vllm"](args.model, dtype=args.dtype, seed=args.seed, max_model_len=max_len,
-                               engine_args={"max_num_seqs": max(args.batch_size, 1)})
-    from megatron_vppo.rollout.sglang_engine import SGLangRolloutEngine
-
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    return SGLangRolloutEngine.launch(
-        args.model,
-        base_gpu_id=local,
-        dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype],
-        random_seed=args.seed,
-        enable_memory_saver=False,
-        mem_fraction_static=0.8,
-    )
+def build_engine(args, max_len: int | None = None):
+    """This rank's engine (`standalone` of `ENGINES[--engine]`); `max_len` (longest prompt +
+    --max-new-tokens) sizes a context-bounded engine's context."""
+    return ENGINES[args.engine].standalone(args.model, dtype=args.dtype, seed=args.seed, device=args.device,
+                                           max_model_len=max_len, max_batch_size=args.batch_size)
 
 
 def main(argv=None):
@@ -147,7 +139,7 @@ def main(argv=None):
         starts.append(enc["response_start"])
 
     longest = max((len(r.prompt_ids) for r in requests), default=1)
-    engine = build_engine(args, rank, max_len=longest + args.max_new_tokens)
+    engine = build_engine(args, max_len=longest + args.max_new_tokens)
     outputs = engine.generate(requests, args.num_samples, sampling) if requests else []
     local = {}
     for i, req, start, samples in zip(mine, requests, starts, outputs):

@@ -60,7 +60,7 @@ def score(args) -> None:
     samples = [proc.encode(r["problem"], r["images"], response=r["response"] if "response" in r else r["response_ids"])
                for r in rows]
     pad = proc.pad_token_id if proc.pad_token_id is not None else 0
-    out = score_samples(m.chunks, samples, vocab_size=model_spec(cfg).text_arch(cfg).vocab_size, pad_id=pad,
+    out = score_samples(m.chunks, samples, dims=dims, vocab_size=model_spec(cfg).text_arch(cfg).vocab_size, pad_id=pad,
                         micro_batch_size=args.micro_batch, temperature=args.temperature)
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         write_jsonl_atomic(args.out, out)

@@ -2,6 +2,12 @@
 
 A thin wrapper: it only converts JSON to float64 tensors and calls the functions the trainer uses.
 
+`config.algorithm` (default "vppo") picks the method: "papo", "pgpo" and "vepo" take the keys and
+inputs of `PERCEPTION_CONFIG_KEYS` / `PERCEPTION_INPUT_KEYS` (spec/perception_family.md) and output,
+besides "advantages" and "loss_per_minibatch": papo "perception_term_per_minibatch"; pgpo
+"token_weights"; vepo "jsd", "entropy_old", "entropy_aug", "scores" and "token_mask" (vepo reads full
+logits [B, T, V] of both views, "old_logits" and "aug_logits", instead of "aug_log_probs").
+
 Optional (beyond spec §8): `rollout_log_probs` ([B, T], the engine's sampling log-probs) with
 `config.rollout_correction` = {"level": none|token|sequence, "mode": truncate|mask, "cap": C} applies
 rollout correction (algo/rollout_correction.py) to the loss and adds "rollout_weights" to the output.
@@ -16,7 +22,11 @@ import torch
 
 from .advantages import grpo_advantages
 from .loss import ppo_token_loss, vppo_policy_loss
+from .papo import perception_term
+from .pgpo import pgpo_token_weights
 from .rollout_correction import rollout_weights
+from .vepo import vepo_scores, vepo_token_mask
+from .vocab_parallel import vocab_parallel_jsd_entropies
 from .vppo import compute_shaping
 
 CONFIG_KEYS = ("top_k_ratio", "beta_min", "clip_low", "clip_high", "dual_clip", "entropy_coef", "tas_scope")
@@ -25,7 +35,27 @@ INPUT_KEYS = ("config", "response_mask", "old_log_probs", "aug_log_probs", "cur_
               "group", "minibatches", "microbatches")
 
 
+_PPO_KEYS = ("clip_low", "clip_high", "dual_clip")
+PERCEPTION_CONFIG_KEYS = {
+    "papo": ("gamma", "eta") + _PPO_KEYS,
+    "pgpo": ("tau", "beta", "threshold", "low_weight_floor", "mass_normalization") + _PPO_KEYS,
+    "vepo": ("alpha", "top_ratio", "entropy_coef") + _PPO_KEYS,
+}
+_COMMON_INPUTS = ("config", "response_mask", "old_log_probs", "cur_log_probs", "rewards", "group", "minibatches")
+PERCEPTION_INPUT_KEYS = {
+    "papo": _COMMON_INPUTS + ("aug_log_probs",),
+    "pgpo": _COMMON_INPUTS + ("aug_log_probs",),
+    "vepo": _COMMON_INPUTS + ("old_logits", "aug_logits"),
+}
+
+
 def run(inp: dict) -> dict:
+    algorithm = inp.get("config", {}).get("algorithm", "vppo")
+    if algorithm in PERCEPTION_CONFIG_KEYS:
+        return run_perception(algorithm, inp)
+    if algorithm != "vppo":
+        raise ValueError(f"config.algorithm={algorithm!r} is not one of {['vppo', *PERCEPTION_CONFIG_KEYS]}")
+    inp = {**inp, "config": {k: v for k, v in inp["config"].items() if k != "algorithm"}}
     missing = [k for k in INPUT_KEYS if k not in inp]
     if missing:
         raise ValueError(f"golden input lacks {missing} (spec §8 lists {list(INPUT_KEYS)})")
@@ -81,6 +111,58 @@ def run(inp: dict) -> dict:
     }
     if weights is not None:
         out["rollout_weights"] = weights.tolist()
+    return out
+
+
+def run_perception(algorithm: str, inp: dict) -> dict:
+    """PAPO / PGPO / VEPO on one batch: the functions the trainer uses, mini-batch by mini-batch."""
+    missing = [k for k in PERCEPTION_INPUT_KEYS[algorithm] if k not in inp]
+    if missing:
+        raise ValueError(f"golden input for {algorithm} lacks {missing} (it needs "
+                         f"{list(PERCEPTION_INPUT_KEYS[algorithm])})")
+    cfg = {k: v for k, v in inp["config"].items() if k != "algorithm"}
+    want = PERCEPTION_CONFIG_KEYS[algorithm]
+    if sorted(cfg) != sorted(want):
+        raise ValueError(f"config for {algorithm} must have exactly {list(want)} (and 'algorithm'); got {sorted(cfg)}")
+    f64 = dict(dtype=torch.float64)
+    mask = torch.tensor(inp["response_mask"], dtype=torch.int64)
+    old = torch.tensor(inp["old_log_probs"], **f64)
+    cur = torch.tensor(inp["cur_log_probs"], **f64)
+    adv = grpo_advantages(torch.tensor(inp["rewards"], **f64), torch.tensor(inp["group"], dtype=torch.int64))
+    clip = {k: cfg[k] for k in _PPO_KEYS}
+    out: dict = {"advantages": adv.tolist()}
+    token_adv, keep, entropy_coef = adv[:, None].expand_as(old), mask, 0.0
+    if algorithm == "pgpo":
+        aug = torch.tensor(inp["aug_log_probs"], **f64)
+        w = pgpo_token_weights(old, aug, mask, tau=cfg["tau"], beta=cfg["beta"], threshold=cfg["threshold"],
+                               low_weight_floor=cfg["low_weight_floor"],
+                               mass_normalization=bool(cfg["mass_normalization"]))
+        token_adv = w * adv[:, None]
+        out["token_weights"] = w.tolist()
+    elif algorithm == "vepo":
+        jsd, h_old, h_aug = vocab_parallel_jsd_entropies(torch.tensor(inp["old_logits"], **f64),
+                                                         torch.tensor(inp["aug_logits"], **f64))
+        jsd, h_old, h_aug = (torch.where(mask.bool(), x, torch.zeros_like(x)) for x in (jsd, h_old, h_aug))
+        s = vepo_scores(jsd, h_old, h_aug, mask, cfg["alpha"])
+        keep = vepo_token_mask(s, mask, cfg["top_ratio"]) * mask
+        entropy_coef = cfg["entropy_coef"]
+        out.update(jsd=jsd.tolist(), entropy_old=h_old.tolist(), entropy_aug=h_aug.tolist(), scores=s.tolist(),
+                   token_mask=keep.tolist())
+    token_loss = ppo_token_loss(cur, old, token_adv, **clip).loss
+    out["per_token_loss"] = torch.where(keep.bool(), token_loss, torch.zeros_like(token_loss)).tolist()
+    losses, terms = [], []
+    for mb in inp["minibatches"]:
+        idx = torch.tensor(mb, dtype=torch.long)
+        j, _ = vppo_policy_loss(cur[idx], old[idx], token_adv[idx], keep[idx], entropy_coef=entropy_coef, **clip)
+        if algorithm == "papo":
+            aug = torch.tensor(inp["aug_log_probs"], **f64)
+            term, _ = perception_term(cur[idx], aug[idx], mask[idx], gamma=cfg["gamma"], eta=cfg["eta"])
+            terms.append(term.item())
+            j = j + term
+        losses.append(j.item())
+    out["loss_per_minibatch"] = losses
+    if algorithm == "papo":
+        out["perception_term_per_minibatch"] = terms
     return out
 
 

@@ -21,6 +21,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from megatron_vppo.config import TOKEN_CLIP_DEFAULTS, AlgoConfig
+
+_CLIP_LOW, _CLIP_HIGH = TOKEN_CLIP_DEFAULTS
+_DUAL_CLIP = AlgoConfig.dual_clip
+
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -31,8 +36,8 @@ class PPOTerms(NamedTuple):
     log_ratio: Tensor     # logp - old (unclamped)
 
 
-def ppo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float = 0.2,
-                   clip_high: float = 0.28, dual_clip: float = 3.0) -> PPOTerms:
+def ppo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float = _CLIP_LOW,
+                   clip_high: float = _CLIP_HIGH, dual_clip: float = _DUAL_CLIP) -> PPOTerms:
     """Per-token dual-clip PPO loss ℓ. `advantages` is [B] (broadcast over tokens) or [B, T]."""
     if logp.shape != old_logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and old_logp {tuple(old_logp.shape)} must match")
@@ -54,8 +59,8 @@ def ppo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low:
 
 
 def vppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor,
-                     tgf_mask: Tensor | None = None, *, clip_low: float = 0.2, clip_high: float = 0.28,
-                     dual_clip: float = 3.0, entropy_coef: float = 0.0,
+                     tgf_mask: Tensor | None = None, *, clip_low: float = _CLIP_LOW, clip_high: float = _CLIP_HIGH,
+                     dual_clip: float = _DUAL_CLIP, entropy_coef: float = 0.0,
                      num_tokens: float | int | Tensor | None = None,
                      is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """J for these rows (spec §6). Returns (loss scalar, detached metrics).

@@ -1,7 +1,7 @@
 """One RL step's VPPO signals from π_old (spec §1.6): dependency → TAS α → shaped advantages, TGF mask.
 
 Computed once per RL step and held fixed for all its optimizer steps. `cfg` is an AlgoConfig (or any
-object / dict with its attribute names). With `tas` off (the baselines; by default: cfg.name != 'vppo')
+object / dict with its attribute names). With `tas` off (the baselines; the registry's `Algorithm.shaping` decides)
 the shaping is off (α = 1, every valid token kept) but the dependency is still reported when aug_logp is given.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Shaping:
     shaped_advantages: Tensor  # [B]
     tgf_mask: Tensor           # [B, T] {0,1}, dtype of the response mask
     metrics: dict[str, float] = field(default_factory=dict)
+    token_weights: Tensor | None = None  # [B, T] per-token advantage weights (PGPO): Â_{i,t} = w_t · Â_i
 
 
 def _reduce(values: list[Tensor], op, group) -> list[Tensor]:
@@ -87,7 +88,7 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 def compute_shaping(old_logp: Tensor, aug_logp: Tensor | None, response_mask: Tensor,
                     advantages: Tensor, cfg: Any, *, kl: Tensor | None = None, group=None,
                     minibatches: IndexLists | None = None, microbatches: IndexLists | None = None,
-                    with_metrics: bool = True, tas: bool | None = None) -> Shaping:
+                    with_metrics: bool = True, tas: bool = True) -> Shaping:
     """Dependency, α, Â, TGF mask (+ metrics) for the rows given.
 
     old_logp, aug_logp, response_mask: [B, T]; advantages: [B] (GRPO, per trajectory).
@@ -102,8 +103,6 @@ def compute_shaping(old_logp: Tensor, aug_logp: Tensor | None, response_mask: Te
         raise ValueError(f"advantages must be [B]={old_logp.shape[0]} (one per trajectory), got "
                          f"{tuple(advantages.shape)}")
     estimator = _get(cfg, "dependency_estimator", "sampled_k3")
-    if tas is None:
-        tas = _get(cfg, "name", "vppo") == "vppo"
     measured = True
     if estimator == "exact_kl" and kl is not None:
         dep = exact_kl_dependency(kl, response_mask)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -100,19 +101,18 @@ def tp_shard(full: torch.Tensor, param: torch.Tensor, name: str, tp_rank: int, t
 
 def _tp_rank_size(tp_rank, tp_size, dims=None):
     if tp_rank is None or tp_size is None:
-        from megatron_vppo.distributed import ParallelDims
-
-        dims = dims or ParallelDims.from_megatron()
+        if dims is None:
+            raise TypeError("load_hf_weights needs dims= (init_distributed's ParallelDims) or tp_rank= and tp_size=")
         tp_rank = dims.tp_rank if tp_rank is None else tp_rank
         tp_size = dims.tp if tp_size is None else tp_size
     return tp_rank, tp_size
 
 
 @torch.no_grad()
-def load_hf_weights(model_chunks, hf_dir, adapter, *, tp_rank=None, tp_size=None, dims=None) -> dict:
+def load_hf_weights(model_chunks, hf_dir, adapter, *, dims=None, tp_rank=None, tp_size=None) -> dict:
     """Copy an HF directory's tensors into this rank's parameters. Returns a small report
     {"loaded": n_params, "hf_tensors_read": n, "unused_hf": [names not needed by this rank]}.
-    The TP rank and size: `tp_rank`/`tp_size`, else `dims` (a ParallelDims), else Megatron's groups."""
+    The TP rank and size: `tp_rank`/`tp_size`, else `dims` (a ParallelDims)."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     tp_rank, tp_size = _tp_rank_size(tp_rank, tp_size, dims)
     reader = SafetensorsDir(hf_dir, adapter.canonical_hf_name)
@@ -152,14 +152,13 @@ def load_hf_weights(model_chunks, hf_dir, adapter, *, tp_rank=None, tp_size=None
 
 
 @torch.no_grad()
-def gather_full_state(model_chunks, adapter=None, *, grads: bool = False, tp_group=None) -> dict:
+def gather_full_state(model_chunks, adapter=None, *, grads: bool = False, tp_group) -> dict:
     """{global canonical name: FULL tensor} of this rank's chunks, all-gathered over TP.
 
     With `grads=True` the gradients (`main_grad` when DDP keeps one, else `.grad`). Every TP rank
-    must call it (collective). Tied output layers are included under their own name."""
-    from megatron_vppo.distributed import ParallelDims
-
-    group = tp_group or ParallelDims.from_megatron().tp_group
+    must call it (collective; `tp_group`: `ParallelDims.tp_group`, None for one TP rank). Tied output
+    layers are included under their own name."""
+    group = tp_group
     tp = torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     out = {}
@@ -181,3 +180,38 @@ def gather_full_state(model_chunks, adapter=None, *, grads: bool = False, tp_gro
                 t = torch.cat(parts, dim=p.partition_dim)
             out[name] = t.clone()
     return out
+
+
+def chunk_list(model_chunks) -> list[torch.nn.Module]:
+    """A model given as one module or as its list of (virtual pipeline) chunks, as a list."""
+    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+
+
+# Files that make an HF directory usable besides its weights (tokenizer, processor, chat template).
+HF_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "qwen.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def copy_side_files(src_dir, dst_dir) -> list[str]:
+    """Copy tokenizer / processor / chat-template / generation files (those present) from src_dir."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    copied = []
+    for f in sorted(set(HF_SIDE_FILES) | {p.name for p in src.glob("*.jinja")}):
+        if (src / f).is_file():
+            shutil.copy2(src / f, dst / f)
+            copied.append(f)
+    return copied

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from megatron_vppo.checkpoint.atomic_dir import publish, temp_sibling
 from megatron_vppo.distributed import ParallelDims, all_ranks_ok, broadcast_object
-from megatron_vppo.sync.hf_writer import copy_side_files
-from megatron_vppo.sync.plan import ExportError, chunk_list
+from megatron_vppo.checkpoint.hf_load import chunk_list, copy_side_files
+from megatron_vppo.errors import ExportError
 
 MODEL_FORMAT = "megatron_vppo.model_checkpoint"
 MODEL_META = "megatron_vppo_model.json"
@@ -35,6 +35,7 @@ class LoadedModel:
     hf_files: Path | None  # directory with config.json and the tokenizer / processor files
     kind: str  # "hf" | "megatron"
     checkpoint: Path | None = None  # the step directory loaded, for kind == "megatron"
+    dims: ParallelDims | None = None  # the layout it was built for (what load_model was given)
 
 
 def _is_hf_dir(p: Path) -> bool:
@@ -108,20 +109,19 @@ def model_dims(hf_config) -> dict:
     return model_spec(hf_config).layout_dims(hf_config)
 
 
-def build_model(hf_config, parallel=None, model_cfg=None, dims: ParallelDims | None = None):
-    """(this rank's chunks, weight adapter) — after `init_distributed` (`dims`: what it returned;
-    read from Megatron when None)."""
+def build_model(hf_config, parallel=None, model_cfg=None, *, dims: ParallelDims, init_weights: bool = True):
+    """(this rank's chunks, weight adapter) — after `init_distributed` (`dims`: what it returned).
+    `init_weights=False` when every parameter is loaded next."""
     from megatron_vppo.config import ModelConfig, ParallelConfig
 
     spec = model_spec(hf_config)
     model_cfg = model_cfg or ModelConfig()
     parallel = parallel or ParallelConfig()
-    dims = dims or ParallelDims.from_megatron()
-    chunks = spec.build_chunks(hf_config, model_cfg, parallel, dims)
+    chunks = spec.build_chunks(hf_config, model_cfg, parallel, dims, init_weights=init_weights)
     return chunks, spec.weight_adapter(hf_config, dims.tp, model_cfg.vocab_pad_multiple)
 
 
-def load_model(path, parallel=None, model_cfg=None, *, hf_files=None, dims: ParallelDims | None = None) -> LoadedModel:
+def load_model(path, parallel=None, model_cfg=None, *, hf_files=None, dims: ParallelDims) -> LoadedModel:
     """Build this rank's chunks and load an HF directory or a Megatron checkpoint into them
     (collective; after `init_distributed`)."""
     from megatron_vppo.checkpoint import dist_checkpoint as dc
@@ -129,10 +129,9 @@ def load_model(path, parallel=None, model_cfg=None, *, hf_files=None, dims: Para
 
     kind, step, hf = resolve_model_path(path, hf_files)
     cfg = read_model_config(path, hf_files)
-    dims = dims or ParallelDims.from_megatron()
-    chunks, adapter = build_model(cfg, parallel, model_cfg, dims)
+    chunks, adapter = build_model(cfg, parallel, model_cfg, dims=dims, init_weights=False)  # every param is loaded next
     if kind == "hf":
-        load_hf_weights(chunks, path, adapter)
+        load_hf_weights(chunks, path, adapter, dims=dims)
     else:
         try:
             dc.load_checkpoint(step, chunks, load_rng=False, dims=dims)
@@ -143,11 +142,11 @@ def load_model(path, parallel=None, model_cfg=None, *, hf_files=None, dims: Para
             ) from None
     for c in chunks:
         c.eval()
-    return LoadedModel(chunks, adapter, cfg, hf, kind, step)
+    return LoadedModel(chunks, adapter, cfg, hf, kind, step, dims)
 
 
 def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, overwrite: bool = False,
-                          source: str | None = None, dims: ParallelDims | None = None) -> Path:
+                          source: str | None = None, dims: ParallelDims) -> Path:
     """Collective: write a self-contained Megatron model checkpoint (layout above) atomically —
     into a temporary sibling directory, renamed to `out_dir` only after every rank succeeded."""
     from megatron_vppo.checkpoint import dist_checkpoint as dc
@@ -162,7 +161,6 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(out)
     tmp = Path(broadcast_object(str(tmp) if tmp else None))
-    dims = dims or ParallelDims.from_megatron()
     ok, err = True, ""
     try:
         step_dir = dc.save_checkpoint(tmp, 0, chunk_list(model_chunks), config={"hf_config": cfg, "source": source},

@@ -20,10 +20,6 @@ class ImageGeometry:
     merge_size: int
     temporal_patch_size: int
 
-    @property
-    def tokens_per_patch(self) -> int:
-        return self.merge_size * self.merge_size
-
     @classmethod
     def of_image_processor(cls, image_processor) -> "ImageGeometry":
         """The geometry a loaded HF image processor applies (what it really produces)."""

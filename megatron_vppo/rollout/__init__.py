@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from megatron_vppo.lazy_registry import LazyRegistry
-from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets, pack_bucket, unpack_bucket
+from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets, pack_bucket, unpack_bucket
 from megatron_vppo.rollout.engine import RolloutEngine, RolloutOutput, RolloutRequest, SamplingParams
 
 ENGINES: Mapping = LazyRegistry("rollout engine", {

@@ -2,7 +2,7 @@
 
 Implementations (registry: `megatron_vppo.rollout.ENGINES`): `hf_engine.HFRolloutEngine` (in-process
 transformers model; CPU, and a GPU fallback), `vllm_engine.VLLMRolloutEngine` (vLLM; CPU and GPU) and
-`sglang_engine.SGLangRolloutEngine` / `SGLangServerEngine` (GPU). The trainer only
+`sglang_engine.SGLangRolloutEngine` (GPU). The trainer only
 sees this protocol: generate n samples per request, take a weight stream in HF layout, give GPU
 memory back while training runs in the same processes.
 
@@ -27,7 +27,7 @@ from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from megatron_vppo.rollout.buckets import WeightStream
+from megatron_vppo.sync.buckets import WeightStream
 
 FinishReason = Literal["stop", "length"]
 
@@ -100,9 +100,31 @@ class RolloutEngine(Protocol):
     (`sglang_engine.SGLangTPPeer`), whose generate/score refuse with a message."""
 
     weight_version: int
+
+    # Capabilities: class attributes, read from the class (`ENGINES[name]`) — the same on every rank and
+    # known at config time, before any engine exists. Nothing branches on an engine's name; add an
+    # attribute here (with its default in `ENGINE_CAPABILITY_DEFAULTS`) when a new one is needed.
     # True: takes the plain (name, tensor) stream and copies each tensor as it arrives, so
     # `sync.engine_push.push_to_engine` passes `mode` and `expected`; False: takes byte-bounded buckets.
     in_process: bool
+    # generate/score take the processor's `pixel_values` (so a perturbed-pixel view can be scored);
+    # False: the engine preprocesses raw images itself (vLLM), so only image-level perturbations reach it.
+    takes_pixel_values: bool
+    # the weight stream must reach every TP rank of a replica (the engine reads one payload per TP rank),
+    # not only the replica's first rank
+    weights_on_every_tp_rank: bool
+    # `rollout.*` keys this engine reads beyond those every engine reads (`config.ROLLOUT_KEYS_EVERY_ENGINE_READS`);
+    # one of `config.ENGINE_ROLLOUT_KEYS` set away from its default for an engine that does not read it
+    # is a config error naming the engine
+    reads: frozenset
+
+    @classmethod
+    def standalone(cls, model_dir, *, dtype: str = "fp32", seed: int = 0, device: str | None = None,
+                   max_model_len: int | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None, max_batch_size: int = 16) -> "RolloutEngine":
+        """An engine for one process outside the trainer (`megatron-vppo eval`, tools/generate.py), from
+        an HF directory; `device` None: this process's accelerator (LOCAL_RANK), else the CPU."""
+        ...
 
     @staticmethod
     def check_engine_args(args: dict) -> None:
@@ -148,6 +170,17 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None:
         """Stop the engine and free what it holds (processes, memory); the object is unusable after."""
         ...
+
+
+def local_device(device: str | None) -> str:
+    """`device`, or this process's GPU (LOCAL_RANK) when there is one, else "cpu"."""
+    import os
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return device
 
 
 def sample_seed(base_seed: int, request_seed: int, sample_index: int) -> int:

@@ -35,11 +35,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors, plan_manifest
+from megatron_vppo.sync.buckets import WeightStream, iter_named_tensors, plan_manifest
 from megatron_vppo.rollout.engine import (
     RolloutOutput,
     RolloutRequest,
     SamplingParams,
+    local_device,
     request_seed,
     sample_seed,
 )
@@ -122,6 +123,9 @@ class HFRolloutEngine:
     # Takes plain (name, tensor) streams and copies each tensor as it arrives, so `push_to_engine`
     # hands it the unbucketed stream, the manifest and an update mode.
     in_process = True
+    takes_pixel_values = True
+    weights_on_every_tp_rank = False
+    reads = frozenset()  # no bucket_bytes: it takes the plain stream
 
     def __init__(
         self,
@@ -159,6 +163,15 @@ class HFRolloutEngine:
         model_class = spec_for_hf_config(path).engine_model_class()
         model = model_class.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
         return cls(model.to(device), **kwargs)
+
+    @classmethod
+    def standalone(cls, model_dir, *, dtype: str = "fp32", seed: int = 0, device: str | None = None,
+                   max_model_len: int | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None, max_batch_size: int = 16) -> "HFRolloutEngine":
+        """From an HF directory on `device` (the processor's pixel bounds are the caller's business)."""
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        return cls.from_pretrained(model_dir, device=local_device(device), dtype=dtypes[dtype],
+                                   max_batch_size=max_batch_size)
 
     @staticmethod
     def check_engine_args(args: dict) -> None:

@@ -1,6 +1,6 @@
-"""SGLang rollout engines (GPU), written against SGLang 0.5.23's source; imported lazily.
+"""SGLang rollout engine (GPU), written against SGLang 0.5.23's source; imported lazily.
 
-Two deployments (docs/sglang.md has the protocol in full):
+One deployment (docs/sglang.md has the protocol in full):
 
 * `SGLangRolloutEngine` — colocated: an `sglang.Engine` started by the trainer's first rank of each
   replica, its TP ranks on the GPUs of the trainer's TP group (pipeline stage 0). Each update is one
@@ -10,12 +10,11 @@ Two deployments (docs/sglang.md has the protocol in full):
   `SGLangTPPeer` is that rank's side). `release_memory_occupation` / `resume_memory_occupation` hand
   weights and KV cache to the trainer between rollouts; without `enable_weights_cpu_backup` the
   weights are gone after a release, so `generate` refuses until the next `update_weights`.
-* `SGLangServerEngine` — HTTP client for `python -m sglang.launch_server` servers, weights over an
-  NCCL group (`/init_weights_update_group`, `/update_weights_from_distributed`) inside a session.
-  A library piece: the trainer config does not select it (no `rollout.sglang_mode` yet).
+  (An HTTP client for separate `sglang.launch_server` servers existed that no config could select; it
+  was deleted — disaggregated serving needs a launch recipe and a weight-update group first.)
 
 Everything that does not need SGLang (sampling-parameter mapping, request translation, output
-parsing, payload layout, the round protocol, the trainer side of the NCCL group) is a plain
+parsing, payload layout, the round protocol) is a plain
 function tested on CPU, against SGLang's own code where it loads on CPU (tests/sglang_source.py).
 
 Differences from the in-process engine worth knowing:
@@ -24,28 +23,32 @@ Differences from the in-process engine worth knowing:
   * Per-sample seeds need `sampling_seed` (and `enable_deterministic_inference` for bitwise
     reproducibility); enable `use_sampling_seed`.
   * Log-prob convention: ours is the temperature-scaled, unfiltered softmax (engine.py). SGLang
-    returns the temperature-scaled one unless SGLANG_RETURN_ORIGINAL_LOGPROB is set; not yet
-    verified on a GPU at T != 1 — check it with the trainer's consistency gate.
+    returns the temperature-scaled one unless SGLANG_RETURN_ORIGINAL_LOGPROB is set, but after its
+    `logit_bias` (our banned tokens): normalised without them. With banned tokens the colocated
+    engine therefore replaces the sampling log-probs by a prefill-only score of the sampled
+    responses (no bias: the full vocabulary), which is the convention at T = 1 (and T = 0, greedy:
+    unscaled); other temperatures with banned tokens are refused (SGLang scores at T = 1 only).
+  * Names: before the first update, the stream's manifest is checked against the tensor names of
+    the checkpoint the engine loaded (SGLang's qwen2_5_vl `load_weights` skips a name it does not
+    know without a word); a mismatch is refused before any payload is sent.
   * fp32 engines use `attention_backend="triton"` (FlashAttention 3 has no fp32 kernels).
   * An update that fails midway cannot be rolled back inside SGLang: the session is closed, and the
     engine marks itself unusable (`generate` raises) until a later complete update succeeds.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import os
-import urllib.request
-from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, WeightStream, unpack_bucket
+from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES, WeightStream
 from megatron_vppo.rollout.engine_args import refuse_engine_args
 from megatron_vppo.rollout.sglang_weights import engine_groups, mem_fraction_static, min_free_bytes
-from megatron_vppo.rollout.sglang_weights import as_buckets, contributions, run_rounds
+from megatron_vppo.rollout.sglang_weights import contributions, run_rounds
 from megatron_vppo.rollout.engine import (
     Manifest,
     RolloutOutput,
@@ -85,8 +88,11 @@ def to_sglang_sampling_params(
         "no_stop_trim": True,
     }
     if sampling.banned_token_ids:
-        # SGLang's SamplingParams.logit_bias (token id string -> bias added to the logits); a large
-        # negative bias bans the token without affecting the returned log-probs' normaliser.
+        # SGLang's SamplingParams.logit_bias (token id string -> bias added to the logits). SGLang adds
+        # it BEFORE its sampler takes log-probs (ModelRunner._preprocess_logits ->
+        # SamplingBatchInfo.apply_logits_bias, then layers/sampler.py), so the sampling log-probs are
+        # normalised without the banned tokens; SGLangRolloutEngine.generate re-scores them
+        # (banned_logprob_rescore) to get the project's full-vocabulary convention back.
         d["logit_bias"] = {str(t): -1.0e9 for t in sampling.banned_token_ids}
     if use_sampling_seed and seed is not None:
         d["sampling_seed"] = int(seed) & 0x7FFFFFFF
@@ -182,26 +188,69 @@ def group_outputs(flat: Sequence[dict], num_requests: int, n: int) -> list[list[
     return [parsed[r * n : (r + 1) * n] for r in range(num_requests)]
 
 
-def distributed_update_request(named: Sequence[tuple[str, torch.Tensor]], group_name: str, flush_cache: bool) -> dict:
-    """JSON body of `/update_weights_from_distributed` for tensors broadcast in this order."""
-    return dict(
-        names=[n for n, _ in named],
-        dtypes=[str(t.dtype).removeprefix("torch.") for _, t in named],
-        shapes=[list(t.shape) for _, t in named],
-        group_name=group_name,
-        flush_cache=flush_cache,
-    )
+def banned_logprob_rescore(sampling: SamplingParams) -> bool:
+    """Whether this call's sampling log-probs must be re-scored: SGLang normalises them without the
+    banned tokens (their logit_bias is applied first). Its prefill scoring has no bias and no
+    temperature, i.e. the convention at T = 1 and at T = 0 (greedy: unscaled log-probs)."""
+    if not sampling.banned_token_ids:
+        return False
+    if sampling.temperature not in (0.0, 1.0):
+        raise ValueError(
+            f"rollout.temperature={sampling.temperature} with banned tokens: SGLang applies their logit_bias before "
+            "it takes log-probs and scores prompts at temperature 1 only, so its log-probs would miss the banned "
+            "tokens' share of the normaliser; use rollout.temperature=1.0, or rollout.engine=vllm / hf")
+    return True
 
 
-def collapse_image_pads(prompt_ids: Sequence[int], image_token_id: int) -> list[int]:
-    """Runs of <|image_pad|> -> one pad per image, for servers that expand pads themselves from
-    raw images."""
-    out: list[int] = []
-    for t in prompt_ids:
-        if t == image_token_id and out and out[-1] == image_token_id:
-            continue
-        out.append(int(t))
+def with_scored_log_probs(outputs: list[list[RolloutOutput]], scores: Sequence[Sequence[float]]
+                          ) -> list[list[RolloutOutput]]:
+    """`outputs` (request-major) with each sample's log-probs replaced by its prefill score."""
+    flat = [o for group in outputs for o in group]
+    if len(scores) != len(flat):
+        raise RuntimeError(f"{len(scores)} scores for {len(flat)} samples")
+    it = iter(scores)
+    out = []
+    for group in outputs:
+        row = []
+        for o in group:
+            lp = [float(x) for x in next(it)]
+            if len(lp) != len(o.token_ids):
+                raise RuntimeError(f"a re-scored sample has {len(lp)} log-probs for {len(o.token_ids)} tokens")
+            row.append(RolloutOutput(token_ids=o.token_ids, log_probs=lp, finish_reason=o.finish_reason))
+        out.append(row)
     return out
+
+
+def checkpoint_names(model_dir) -> set[str]:
+    """The tensor names (transformers' parameter spelling) of the HF checkpoint in `model_dir`."""
+    from safetensors import safe_open
+
+    from megatron_vppo.models import spec_for_hf_config
+
+    model_dir = Path(model_dir)
+    spec = spec_for_hf_config(json.loads((model_dir / "config.json").read_text()))
+    names = set()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            names.update(spec.engine_param_name(n) for n in h.keys())
+    if not names:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to check the update's names against")
+    return names
+
+
+def check_manifest_names(manifest_names: Sequence[str], ckpt: set[str], engine_name) -> None:
+    """Refuse an update whose names differ from the checkpoint the engine loaded (both in
+    transformers' spelling via `engine_name`): SGLang's loader skips unknown names silently, and a
+    checkpoint tensor the stream lacks would stay stale. A tied lm_head may come or not."""
+    got = {engine_name(n) for n in manifest_names}
+    optional = {"lm_head.weight"} if "lm_head.weight" not in ckpt else set()
+    unknown = sorted(got - ckpt - optional)
+    missing = sorted(ckpt - got)
+    if unknown or missing:
+        raise ValueError(
+            f"the weight update does not match the SGLang engine's checkpoint: {len(unknown)} name(s) it does not "
+            f"have (SGLang would skip them silently), e.g. {unknown[:3]}, and {len(missing)} it would keep stale, "
+            f"e.g. {missing[:3]}; is model.path the model being trained? (nothing was sent to the engine)")
 
 
 # ----------------------------------------------------------------------------- process environment
@@ -222,33 +271,6 @@ def without_agent_store():
     finally:
         if saved is not None:
             os.environ[AGENT_STORE_ENV] = saved
-
-
-# ----------------------------------------------------------------------------- trainer side of NCCL
-
-
-def new_weight_update_group(
-    master_address: str,
-    master_port: int,
-    world_size: int,
-    rank: int,
-    group_name: str,
-    backend: str = "nccl",
-    timeout: timedelta = timedelta(minutes=10),
-):
-    """A process group outside the trainer's default world (trainer rank 0 + all server ranks),
-    formed the way SGLang's `/init_weights_update_group` forms its side: TCP rendezvous at
-    master_address:master_port, a store prefixed by `group_name`."""
-    from torch.distributed import distributed_c10d as c10d
-
-    with without_agent_store():  # the trainer side hosts this store when it is rank 0
-        store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
-    pg, _ = c10d._new_process_group_helper(
-        world_size, rank, [], backend, c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout
-    )
-    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
 
 
 # ----------------------------------------------------------------------------- colocated engine
@@ -331,6 +353,18 @@ class SGLangRolloutEngine:
     run `SGLangTPPeer`. `serialize`: how a payload becomes bytes (SGLang's serializer by default)."""
 
     in_process = False  # takes byte-bounded buckets
+    takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
+    weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
+    reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup"})
+
+    @classmethod
+    def standalone(cls, model_dir, *, dtype: str = "fp32", seed: int = 0, device: str | None = None,
+                   max_model_len: int | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None, max_batch_size: int = 16) -> "SGLangRolloutEngine":
+        """An `sglang.Engine` on this process's GPU (LOCAL_RANK), no memory saver (nothing trains beside it)."""
+        return cls.launch(str(model_dir), base_gpu_id=int(os.environ.get("LOCAL_RANK", 0)),
+                          dtype=_SGLANG_DTYPE[dtype], random_seed=seed, enable_memory_saver=False,
+                          mem_fraction_static=0.8)
 
     @staticmethod
     def check_engine_args(args: dict) -> None:
@@ -394,6 +428,7 @@ class SGLangRolloutEngine:
         weight_group=None,
         weight_src: int | None = None,
         serialize: Callable[[dict], bytes] | None = None,
+        model_dir=None,
     ):
         if tp_size > 1 and weight_group is None:
             raise ValueError("SGLangRolloutEngine(tp_size > 1) needs weight_group: one payload per engine TP rank, "
@@ -410,6 +445,8 @@ class SGLangRolloutEngine:
         self._broken: str | None = None
         self._released = False
         self._weights_valid = True  # the checkpoint's weights, until a release drops them
+        self.model_dir = model_dir  # the checkpoint the engine loaded: an update's names are checked against it
+        self._checked_names: tuple | None = None
 
     @classmethod
     def launch(
@@ -447,7 +484,8 @@ class SGLangRolloutEngine:
                 **engine_kwargs_for(dtype, engine_kwargs),
             )
         return cls(engine, tp_size=tp_size, weights_cpu_backup=enable_weights_cpu_backup, bucket_bytes=bucket_bytes,
-                   use_sampling_seed=use_sampling_seed, weight_group=weight_group, weight_src=weight_src)
+                   use_sampling_seed=use_sampling_seed, weight_group=weight_group, weight_src=weight_src,
+                   model_dir=str(model_path))
 
     def _check_usable(self) -> None:
         if self._broken:
@@ -461,9 +499,14 @@ class SGLangRolloutEngine:
 
     def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams) -> list[list[RolloutOutput]]:
         self._check_usable()
+        rescore = banned_logprob_rescore(sampling)
         kwargs = expand_requests(requests, n, sampling, self.use_sampling_seed)
         out = self._engine.generate(**kwargs)
-        return group_outputs(out if isinstance(out, list) else [out], len(requests), n)
+        outputs = group_outputs(out if isinstance(out, list) else [out], len(requests), n)
+        if rescore:  # SGLang's sampling log-probs exclude the banned tokens from the normaliser
+            items = [(r, o.token_ids) for r, group in zip(requests, outputs) for o in group]
+            outputs = with_scored_log_probs(outputs, self.score(items))
+        return outputs
 
     def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0) -> list[list[float]]:
         """Prefill-only log-probs of given responses (old_logp_source=engine). SGLang 0.5.23 computes
@@ -485,7 +528,8 @@ class SGLangRolloutEngine:
         """All engine TP ranks' payloads per bucket, in one session for the whole stream (collective
         over `weight_group`: every member calls this or `SGLangTPPeer.update_weights`). Everything that
         can fail here fails inside a round, so the peers hear of it instead of waiting in a gather.
-        `expected` is not needed: SGLang's loader names an unknown tensor itself."""
+        `expected` (the stream's manifest) is checked against the checkpoint's names before anything
+        is sent, once per manifest: SGLang's loader skips a name it does not know without a word."""
         _refuse_mode(mode, "SGLangRolloutEngine")
         session = {"open": False}
 
@@ -494,7 +538,8 @@ class SGLangRolloutEngine:
                 raise RuntimeError("the SGLang engine's memory is released; call resume_memory() before update_weights")
             if len(payloads) != self.tp_size:
                 raise RuntimeError(f"{len(payloads)} payloads for {self.tp_size} engine TP ranks")
-            if not session["open"]:
+            if not session["open"]:  # inside the first round, so the TP peers hear of a refusal
+                self._check_names(expected)
                 _check_result(self._engine.begin_weight_update(), "begin_weight_update")
                 session["open"] = True
             _check_result(self._engine.update_weights_from_tensor(
@@ -508,9 +553,10 @@ class SGLangRolloutEngine:
             if session["open"]:
                 _check_result(self._engine.flush_cache(), "flush_cache")  # KV computed with the old weights
         except BaseException as e:
-            self._broken = (
-                f"SGLang weight update failed midway ({type(e).__name__}: {e}); the engine may hold a mix "
-                "of old and new weights and refuses to generate until a complete update succeeds")
+            if session["open"]:  # a refusal before the session changed nothing
+                self._broken = (
+                    f"SGLang weight update failed midway ({type(e).__name__}: {e}); the engine may hold a mix "
+                    "of old and new weights and refuses to generate until a complete update succeeds")
             raise
         finally:
             _ipc_collect()  # our buckets' IPC blocks, now that the engine let go of them
@@ -518,6 +564,18 @@ class SGLangRolloutEngine:
         if session["open"]:  # an empty stream loads nothing and changes nothing
             self._weights_valid = True
             self.weight_version += 1
+
+    def _check_names(self, expected: Manifest | None) -> None:
+        """The manifest against the loaded checkpoint's names, once per manifest (module docstring)."""
+        if expected is None or self.model_dir is None:
+            return
+        names = tuple(n for n, _, _ in expected)
+        if names != self._checked_names:
+            from megatron_vppo.models import spec_for_hf_config
+
+            spec = spec_for_hf_config(json.loads((Path(self.model_dir) / "config.json").read_text()))
+            check_manifest_names(names, checkpoint_names(self.model_dir), spec.engine_param_name)
+            self._checked_names = names
 
     def release_memory(self) -> None:
         _check_result(self._engine.release_memory_occupation(), "release_memory_occupation")
@@ -567,6 +625,15 @@ class SGLangTPPeer:
         self.weight_version = 0
 
     in_process = False
+    takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
+    weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
+    reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup"})
+
+    @classmethod
+    def standalone(cls, model_dir, *, dtype: str = "fp32", seed: int = 0, device: str | None = None,
+                   max_model_len: int | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None, max_batch_size: int = 16):
+        raise TypeError("SGLangTPPeer is a trainer rank's side of a colocated engine; use SGLangRolloutEngine.standalone")
 
     @staticmethod
     def check_engine_args(args: dict) -> None:
@@ -613,193 +680,3 @@ def engine_kwargs_for(dtype: str, engine_kwargs: dict) -> dict:
     if dtype in ("float32", "fp32") and "attention_backend" not in out:
         out["attention_backend"] = "triton"
     return out
-
-
-# ----------------------------------------------------------------------------- disaggregated servers
-
-
-class SGLangServerEngine:
-    """HTTP client for `python -m sglang.launch_server` servers (one URL per server).
-
-    Requests are spread round-robin over servers. Images go as raw images (`request.images`:
-    paths / base64 / URLs), with one <|image_pad|> per image in `input_ids`, since tensors do not
-    travel over JSON; the server's preprocessor must use the same min/max pixels as ours.
-    """
-
-    in_process = False
-
-    @staticmethod
-    def check_engine_args(args: dict) -> None:
-        refuse_engine_args("sglang", args)
-
-    @classmethod
-    def from_config(cls, cfg, model_dir, dims) -> "SGLangServerEngine":
-        from megatron_vppo.config import ConfigError
-
-        raise ConfigError("SGLang servers are a library piece the trainer config does not select yet; use "
-                          "rollout.engine=sglang (colocated) or build SGLangServerEngine(urls) yourself")
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        *,
-        gpus_per_server: int = 1,
-        image_token_id: int | None = None,
-        timeout_s: float = 3600.0,
-        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
-        use_sampling_seed: bool = False,
-        weights_cpu_backup: bool = False,
-    ):
-        self.urls = [u.rstrip("/") for u in urls]
-        self.weights_cpu_backup = weights_cpu_backup  # the servers run with --enable-weights-cpu-backup
-        self._weights_valid = True
-        self.gpus_per_server = gpus_per_server
-        self.image_token_id = image_token_id
-        self.timeout_s = timeout_s
-        self.bucket_bytes = bucket_bytes
-        self.use_sampling_seed = use_sampling_seed
-        self.weight_version = 0
-        self._group = None
-        self._group_name = None
-        self._broken: str | None = None
-
-    # -- http
-    def _post(self, url: str, path: str, body: dict | None = None):
-        data = json.dumps(body or {}).encode()
-        req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            raw = resp.read()
-        try:
-            return json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            return raw.decode(errors="replace")
-
-    def _post_all(self, path: str, body: dict | None = None) -> list:
-        with concurrent.futures.ThreadPoolExecutor(len(self.urls)) as ex:
-            return list(ex.map(lambda u: self._post(u, path, body), self.urls))
-
-    def _all_ok(self, path: str, body: dict | None = None) -> None:
-        for res in self._post_all(path, body):
-            _check_result(res, path.strip("/"))
-
-    # -- generation
-    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams) -> list[list[RolloutOutput]]:
-        if self._broken:
-            raise RuntimeError(self._broken)
-        if not self._weights_valid:
-            raise RuntimeError("the SGLang servers' weights were dropped by release_memory (no weights CPU backup); "
-                               "call update_weights after resume_memory before generate")
-        bodies = []
-        for i, r in enumerate(requests):
-            rs = request_seed(r, i)
-            ids = list(r.prompt_ids)
-            images = r.images
-            if r.pixel_values is not None:
-                if not images:
-                    raise ValueError(
-                        "SGLangServerEngine needs raw images (RolloutRequest.images) for image prompts; "
-                        "pixel tensors cannot be sent over HTTP"
-                    )
-                if self.image_token_id is None:
-                    raise ValueError("SGLangServerEngine(image_token_id=...) is required for image prompts")
-                ids = collapse_image_pads(ids, self.image_token_id)
-            for j in range(n):
-                body = dict(
-                    input_ids=ids,
-                    sampling_params=to_sglang_sampling_params(
-                        sampling, seed=sample_seed(sampling.seed, rs, j), use_sampling_seed=self.use_sampling_seed
-                    ),
-                    return_logprob=True,
-                )
-                if r.pixel_values is not None:
-                    body["image_data"] = [str(x) for x in images]
-                bodies.append(body)
-        with concurrent.futures.ThreadPoolExecutor(min(64, max(1, len(bodies)))) as ex:
-            flat = list(ex.map(lambda kb: self._post(self.urls[kb[0] % len(self.urls)], "/generate", kb[1]), enumerate(bodies)))
-        return group_outputs(flat, len(requests), n)
-
-    # -- weights
-    def init_weight_update_group(
-        self, master_address: str, master_port: int, group_name: str = "vppo_weight_update", backend: str = "nccl"
-    ):
-        """Form the NCCL group: this process is rank 0, server i's GPUs are ranks
-        1 + i*gpus_per_server ... Servers and trainer must join concurrently."""
-        world = 1 + len(self.urls) * self.gpus_per_server
-        with concurrent.futures.ThreadPoolExecutor(len(self.urls)) as ex:
-            futs = [
-                ex.submit(
-                    self._post,
-                    u,
-                    "/init_weights_update_group",
-                    dict(
-                        master_address=master_address,
-                        master_port=master_port,
-                        rank_offset=1 + i * self.gpus_per_server,
-                        world_size=world,
-                        group_name=group_name,
-                        backend=backend,
-                    ),
-                )
-                for i, u in enumerate(self.urls)
-            ]
-            self._group = new_weight_update_group(master_address, master_port, world, 0, group_name, backend)
-            for f in futs:
-                _check_result(f.result(), "init_weights_update_group")
-        self._group_name = group_name
-
-    def update_weights(self, stream: WeightStream, *, mode: str | None = None,
-                       expected: Manifest | None = None) -> None:
-        _refuse_mode(mode, "SGLangServerEngine")
-        if self._group is None:
-            raise RuntimeError("call init_weight_update_group(...) before update_weights on SGLang servers")
-        import torch.distributed as dist
-
-        def load_all():
-            for bucket in as_buckets(stream, self.bucket_bytes):
-                named = [(k, v.cuda() if torch.cuda.is_available() else v) for k, v in unpack_bucket(bucket)]
-                body = distributed_update_request(named, self._group_name, flush_cache=False)
-                with concurrent.futures.ThreadPoolExecutor(len(self.urls)) as ex:
-                    futs = [ex.submit(self._post, u, "/update_weights_from_distributed", body) for u in self.urls]
-                    for _, t in named:
-                        dist.broadcast(t.contiguous(), src=0, group=self._group)
-                    for f in futs:
-                        _check_result(f.result(), "update_weights_from_distributed")
-
-        self._post_all("/pause_generation")
-        try:
-            run_in_session(lambda: self._all_ok("/begin_weight_update"), lambda: self._all_ok("/end_weight_update"),
-                           load_all)
-            self._all_ok("/flush_cache")
-        except BaseException as e:
-            self._broken = f"SGLang server weight update failed midway ({type(e).__name__}: {e}); refusing to generate"
-            raise
-        finally:
-            self._post_all("/continue_generation")
-        self._broken = None
-        self._weights_valid = True
-        self.weight_version += 1
-
-    def release_memory(self) -> None:
-        self._all_ok("/release_memory_occupation")
-        self._weights_valid = self.weights_cpu_backup
-
-    def resume_memory(self) -> None:
-        self._all_ok("/resume_memory_occupation")
-
-    def score(self, items: Sequence[tuple[RolloutRequest, Sequence[int]]], temperature: float = 1.0) -> list[list[float]]:
-        """Prefill-only log-probs of given text-only responses over HTTP (temperature 1, as the colocated
-        engine). A pixel tensor (a perturbed view) cannot travel over JSON: such items are refused."""
-        if temperature != 1.0:
-            raise ValueError(f"SGLang scores prompts at temperature 1 only (asked {temperature}); use "
-                             "rollout.temperature=1.0 or train.old_logp_source=trainer")
-        if any(req.pixel_values is not None for req, _ in items):
-            raise ValueError("SGLangServerEngine cannot score image prompts (pixel tensors do not travel over "
-                             "HTTP); use train.old_logp_source=trainer")
-        bodies = [{"input_ids": list(req.prompt_ids) + list(resp), "sampling_params": {"max_new_tokens": 0},
-                   "return_logprob": True, "logprob_start_len": len(req.prompt_ids)} for req, resp in items]
-        outs = [self._post(self.urls[i % len(self.urls)], "/generate", b) for i, b in enumerate(bodies)]
-        return [parse_score_output(o, resp) for o, (_, resp) in zip(outs, items)]
-
-    def shutdown(self) -> None:
-        """Leave the servers running (they are not ours); forget the weight-update group."""
-        self._group = None

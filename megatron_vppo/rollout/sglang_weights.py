@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vppo.distributed import GLOO_TIMEOUT, ParallelDims, all_gather_world
-from megatron_vppo.rollout.buckets import Bucket, WeightStream, iter_buckets, tensor_nbytes
+from megatron_vppo.sync.buckets import Bucket, WeightStream, iter_buckets, tensor_nbytes
 
 DONE = ("done", None)
 NEXT, STOP = "next", "stop"

@@ -38,7 +38,10 @@ engine protocol (engine.py):
 * Process. In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, uni executor) when this process has no
   torch.distributed world or a world of one; vLLM then shares it. In a multi-process trainer vLLM
   cannot join the trainer's world (its group set-up is collective), so its engine core runs in a
-  spawned child and updates travel as one message of CPU tensors (`engine_args.process`).
+  spawned child (`engine_args.process`). Its RPC cannot carry tensors, so an update is staged on
+  disk: each tensor is validated, copied to the host and written to its own safetensors file as it
+  arrives (no second GPU copy; one tensor at a time in host memory), in `engine_args.staging_dir`
+  (default /dev/shm, checked for room first), then the child reloads from that directory.
 * Memory. On GPUs `release_memory` / `resume_memory` are vLLM's sleep (level 1: weights to host,
   KV cache dropped) and wake-up; on CPU there is nothing to give back and the engine only refuses
   to generate while released, like the in-process engine.
@@ -55,7 +58,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from megatron_vppo.models import spec_for_hf_config
-from megatron_vppo.rollout.buckets import WeightStream, iter_named_tensors, plan_manifest
+from megatron_vppo.sync.buckets import WeightStream, iter_named_tensors, plan_manifest
 from megatron_vppo.rollout.engine import (
     RolloutOutput,
     RolloutRequest,
@@ -88,6 +91,9 @@ class VLLMEngineArgs:
     sleep_level: int = 1  # GPU release_memory: 1 keeps weights on the host (2 would need a reload)
     process: str = "auto"  # auto | in_process | subprocess (auto: in-process unless world size > 1)
     llm_kwargs: dict = field(default_factory=dict)  # passed verbatim to vllm.LLM (e.g. quantization)
+    # multi-process trainer: where an update's weights are staged for the engine's child process
+    # (None: /dev/shm when present, else the system temp dir); needs room for the whole model
+    staging_dir: str | None = None
 
     def __post_init__(self):
         from megatron_vppo.config import ConfigError
@@ -137,6 +143,45 @@ def check_model(model_dir, *, cuda: bool | None = None) -> None:
         raise ConfigError(f"rollout.engine=vllm cannot run model.path={str(model_dir)!r} on CPU: its head_dim is "
                           f"{head_dim} and vLLM's CPU attention takes head_dim in {list(CPU_HEAD_SIZES)}; use "
                           "rollout.engine=hf (or a model with e.g. head_dim 32: tools/make_tiny_model.py --head-dim 32)")
+
+
+# ----------------------------------------------------------------------------- staging for a child engine
+
+
+def staging_root(staging_dir: str | None) -> str:
+    """Where a child engine's updates are staged: `engine_args.staging_dir`, else /dev/shm, else temp."""
+    import tempfile
+
+    if staging_dir is not None:
+        if not os.path.isdir(staging_dir):
+            raise FileNotFoundError(f"rollout.engine_args.staging_dir={staging_dir!r} is not a directory; create it "
+                                    "or point the key at an existing one")
+        return staging_dir
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def check_staging_space(root: str, need_bytes: int) -> None:
+    """Refuse before writing anything when `root` cannot hold an update of `need_bytes`."""
+    import shutil
+
+    free = shutil.disk_usage(root).free
+    if free < need_bytes:
+        raise OSError(f"vLLM weight staging: {root} has {free / 2**30:.2f} GiB free, an update needs "
+                      f"{need_bytes / 2**30:.2f} GiB (a default container's /dev/shm is 64 MB); set "
+                      "rollout.engine_args.staging_dir to a directory with room (a local disk) or enlarge it")
+
+
+def stage_safetensors(weights: Iterator[tuple[str, torch.Tensor]], directory: str) -> list[str]:
+    """Write each (name, host tensor) of `weights` to its own safetensors file in `directory` as it
+    arrives, so at most one tensor is held here; returns the names in order."""
+    from safetensors.torch import save_file
+
+    names = []
+    for i, (name, t) in enumerate(weights):
+        save_file({name: t.contiguous()}, os.path.join(directory, f"w-{i:06d}.safetensors"))
+        names.append(name)
+        del t
+    return names
 
 
 # ----------------------------------------------------------------------------- pure translation
@@ -219,6 +264,17 @@ class VLLMRolloutEngine:
 
     # push_to_engine hands it the plain stream, the manifest and an update mode (no buckets).
     in_process = True
+    takes_pixel_values = False  # vLLM preprocesses raw images itself (image-level perturbations only)
+    weights_on_every_tp_rank = False
+    reads = frozenset()  # no bucket_bytes: it takes the plain stream
+
+    @classmethod
+    def standalone(cls, model_dir, *, dtype: str = "fp32", seed: int = 0, device: str | None = None,
+                   max_model_len: int | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None, max_batch_size: int = 16) -> "VLLMRolloutEngine":
+        """One vLLM engine for this process (its core in a child process when the world size > 1)."""
+        return cls(model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len, min_pixels=min_pixels,
+                   max_pixels=max_pixels, engine_args={"max_num_seqs": max(max_batch_size, 1)})
 
     def __init__(self, model_dir, *, dtype="fp32", seed: int = 0, engine_args: "dict | VLLMEngineArgs | None" = None,
                  max_model_len: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -237,13 +293,14 @@ class VLLMRolloutEngine:
         self._released = False
         self._scale: float | None = None
         self._checked: tuple | None = None
+        self._dtype = _DTYPES[dtype]
         self._llm = self._start(_DTYPES[dtype], seed, max_model_len or self.args.max_model_len, min_pixels, max_pixels)
         self._tokenizer = self._llm.get_tokenizer()
         self._bad_words: dict[tuple[int, ...], list[str]] = {}
 
     @staticmethod
     def check_engine_args(args: dict) -> None:
-        """Config-time validation of `rollout.engine_args` (config.validate_choices, via ENGINES)."""
+        """Config-time validation of `rollout.engine_args` (run_config.validate, via ENGINES)."""
         VLLMEngineArgs.parse(args)
 
     @staticmethod
@@ -527,8 +584,11 @@ class VLLMRolloutEngine:
             raise ValueError(f"{what} is without {len(missing)} checkpoint tensor(s), e.g. {missing[:3]}; the vLLM "
                              "engine takes complete updates only (no weight was changed)")
 
-    def _checked_stream(self, stream: WeightStream, plan: dict | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """The stream, each tensor validated and copied (vLLM holds a layer's tensors until it is complete)."""
+    def _checked_stream(self, stream: WeightStream, plan: dict | None, to_host: bool = False
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The stream, each tensor validated and copied (vLLM holds a layer's tensors until it is
+        complete; the trainer's stream reuses its buffers): on its device in-process, to the host
+        (`to_host`) for the child process's staging files."""
         seen: set[str] = set()
         for name, t in iter_named_tensors(stream):
             if name in seen:
@@ -543,7 +603,7 @@ class VLLMRolloutEngine:
             else:
                 self._resolve(name, t.shape, t.dtype)
             seen.add(name)
-            yield name, t.detach().clone()
+            yield name, (t.detach().to("cpu", copy=True) if to_host else t.detach().clone())
         if plan is not None and len(seen) != len(plan):
             missing = [n for n in plan if n not in seen]
             raise ValueError(f"weight stream ended after {len(seen)} of {len(plan)} tensors, without {missing[:3]}")
@@ -567,16 +627,19 @@ class VLLMRolloutEngine:
                              "dtype), ...], e.g. export_plan(...).manifest()) to validate it before the first copy; "
                              "pass it, or use mode='staged'")
         plan = self._check_manifest(expected, require_complete) if expected is not None else None
+        if self._subproc:  # staged on disk whatever the mode: the child sees nothing until all arrived
+            self._reload_through_files(self._checked_stream(stream, plan, to_host=True), self._update_bytes(plan))
+            self._reset_caches()
+            self._broken = None
+            self.weight_version += 1
+            return
         weights: Any = self._checked_stream(stream, plan)
-        if mode == "staged" or self._subproc:  # a child process takes one message, not an iterator
+        if mode == "staged":
             weights = list(weights)
             self._check_complete({self.spec.engine_param_name(n) for n, _ in weights}, "the weight stream")
         version = self.weight_version + 1
         try:
-            if self._subproc:
-                self._reload_through_file(weights)
-            else:
-                self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         except BaseException as e:
             self._broken = (
                 f"the rollout engine's weights are incomplete: an update_weights (to version {version}) failed midway "
@@ -587,19 +650,37 @@ class VLLMRolloutEngine:
         self._broken = None
         self.weight_version = version
 
-    def _reload_through_file(self, weights: list) -> None:
+    def _update_bytes(self, plan: dict | None) -> int:
+        """Bytes of a complete update: the manifest's when given, else the checkpoint's tensors in the
+        engine's dtype."""
+        if plan is not None:
+            return sum(int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
+                       for _, shape, dt in plan.values())
+        item = torch.empty((), dtype=getattr(torch, self._dtype)).element_size()
+        return sum(int(torch.Size(shape).numel()) for shape, _ in self._ckpt.values()) * item
+
+    def _reload_through_files(self, weights: Iterator[tuple[str, torch.Tensor]], need_bytes: int) -> None:
         """A child engine core cannot take tensors over its RPC (vLLM pickles them as memoryviews):
-        hand it a safetensors file in shared memory (/dev/shm when present) and reload from there."""
+        stage the stream in `engine_args.staging_dir`, one safetensors file per tensor as it arrives,
+        and reload from there once it is complete (a bad stream reaches the child not at all)."""
         import shutil
         import tempfile
 
-        from safetensors.torch import save_file
-
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        root = staging_root(self.args.staging_dir)
+        check_staging_space(root, need_bytes)
         tmp = tempfile.mkdtemp(prefix="vppo-vllm-weights-", dir=root)
         try:
-            save_file({n: t.contiguous() for n, t in weights}, os.path.join(tmp, "model.safetensors"))
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
+            names = stage_safetensors(weights, tmp)
+            self._check_complete({self.spec.engine_param_name(n) for n in names}, "the weight stream")
+            version = self.weight_version + 1
+            try:
+                self._llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
+            except BaseException as e:
+                self._broken = (
+                    f"the rollout engine's weights are incomplete: an update_weights (to version {version}) failed "
+                    f"midway ({type(e).__name__}: {e}). Run a complete update_weights (e.g. the trainer's weight "
+                    "sync) before generating or scoring.")
+                raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

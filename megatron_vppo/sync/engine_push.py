@@ -10,7 +10,7 @@ import torch
 
 from megatron_vppo.distributed import ParallelDims, all_ranks_ok
 from megatron_vppo.megatron_cpu import without_device_redirect
-from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, iter_buckets
+from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES, iter_buckets
 from megatron_vppo.sync.plan import DESTINATIONS, ExportError, local_params, plan_for
 from megatron_vppo.sync.stream import drain, hf_stream
 
@@ -19,7 +19,7 @@ UPDATE_MODES = ("in_place", "staged")
 
 def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
                    bucketed: bool | None = None, mode: str | None = None, dst: str = "rank0",
-                   dtype: torch.dtype | None = None, dims: ParallelDims | None = None) -> None:
+                   dtype: torch.dtype | None = None, dims: ParallelDims) -> None:
     """Export into `engine.update_weights` on the destination rank(s) (collective over all ranks).
 
     `engine` may be None on ranks that hold none. An in-process engine (`engine.in_process`, e.g.
@@ -38,9 +38,8 @@ def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = 
                          "updates from buckets (leave mode unset)")
     if dst not in DESTINATIONS:
         raise ValueError(f"dst={dst!r}: use one of {DESTINATIONS}")
-    dims = dims or ParallelDims.from_megatron()
     local = local_params(model_chunks, adapter)
-    plan = plan_for(local, adapter, None, dims)  # collective: every rank, whatever its engine
+    plan = plan_for(local, adapter, None, dims=dims)  # collective: every rank, whatever its engine
     if bucketed is None:
         bucketed = not in_process
     # reused receive buffers only for a consumer that copies each tensor before asking for the next
@@ -56,8 +55,8 @@ def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = 
             try:
                 if in_process:
                     engine.update_weights(stream, mode=mode or "in_place", expected=plan.manifest(dtype))
-                else:
-                    engine.update_weights(stream)
+                else:  # the manifest too: SGLang checks its names before the first payload
+                    engine.update_weights(stream, expected=plan.manifest(dtype))
             except Exception as e:  # noqa: BLE001 — finish the collective first
                 err = e
                 drain(stream)
@@ -68,19 +67,3 @@ def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = 
             raise err
         raise ExportError("weight update failed on another rank (see its log); this rank's engine, if any, "
                           "was updated but the update is not consistent across ranks")
-
-
-def sync_engine_weights(model_chunks, adapter, engine, *, engine_name: str, bucket_bytes: int | None,
-                        dims: ParallelDims | None, step: int) -> None:
-    """Stream HF-layout weights from the sharded trainer into each replica's engine (collective).
-
-    `engine_name`: `rollout.engine`; `step`: named by the non-finite check. Refuses (on every rank)
-    weights that are not finite, before anything moves."""
-    from megatron_vppo.train.nonfinite import check_finite
-
-    check_finite(model_chunks, what="engine weight update", step=step)
-    dims = dims or ParallelDims.from_megatron()
-    # A colocated SGLang engine at TP > 1 reads one payload per TP rank, each packed on that rank's own
-    # GPU (rollout/sglang_weights.py): every rank needs the full tensors, not only the replica's first.
-    dst = "all" if engine_name == "sglang" and dims.tp > 1 else "replica"
-    push_to_engine(model_chunks, adapter, engine, bucket_bytes=bucket_bytes, dst=dst, dims=dims)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -13,40 +12,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_vppo.checkpoint.atomic_dir import atomic_dir
+from megatron_vppo.checkpoint.hf_load import HF_SIDE_FILES, copy_side_files  # noqa: F401  (re-exported)
 from megatron_vppo.distributed import ParallelDims, all_ranks_ok
-from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, iter_named_tensors
-from megatron_vppo.sync.plan import ExportError
+from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES, iter_named_tensors
+from megatron_vppo.errors import ExportError
 from megatron_vppo.sync.stream import drain, export_hf_buckets
-
-# Files that make an HF directory usable besides its weights (tokenizer, processor, chat template).
-HF_SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "qwen.tiktoken",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-)
-
-
-def copy_side_files(src_dir, dst_dir) -> list[str]:
-    """Copy tokenizer / processor / chat-template / generation files (those present) from src_dir."""
-    src, dst = Path(src_dir), Path(dst_dir)
-    copied = []
-    for f in sorted(set(HF_SIDE_FILES) | {p.name for p in src.glob("*.jinja")}):
-        if (src / f).is_file():
-            shutil.copy2(src / f, dst / f)
-            copied.append(f)
-    return copied
-
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
     """safetensors refuses tensors that share storage (views into one bucket buffer)."""
@@ -137,11 +107,10 @@ def export_hf_checkpoint(
     bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
-    dims: ParallelDims | None = None,
+    dims: ParallelDims,
 ) -> Path:
     """Collective: global rank 0 writes the HF directory from the export stream, the others feed it.
     Every rank raises if the write failed."""
-    dims = dims or ParallelDims.from_megatron()
     rank = dist.get_rank() if dist.is_initialized() else 0
     exists = rank == 0 and Path(out_dir).exists() and not overwrite
     if not all_ranks_ok(not exists):

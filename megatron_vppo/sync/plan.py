@@ -25,14 +25,11 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_vppo.checkpoint.hf_load import global_param_names
+from megatron_vppo.checkpoint.hf_load import chunk_list, global_param_names
+from megatron_vppo.errors import ExportError
 from megatron_vppo.distributed import ParallelDims
 
 DESTINATIONS = ("rank0", "replica", "all")
-
-
-class ExportError(RuntimeError):
-    """The export could not be produced or written; the message names what and the fix."""
 
 
 @dataclass(frozen=True)
@@ -93,11 +90,6 @@ class ExportPlan:
         return sum(g.hf_nbytes for g in self.groups)
 
 
-def chunk_list(model_chunks) -> list[torch.nn.Module]:
-    """A model given as one module or as its list of (virtual pipeline) chunks, as a list."""
-    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-
-
 def comm_device() -> torch.device:
     """Where tensors for a collective live: the current GPU under NCCL, else the CPU."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
@@ -149,13 +141,6 @@ def _gather_metadata(local_meta: list[tuple], dims: ParallelDims) -> list[ParamM
     return out
 
 
-def gather_param_metadata(model_chunks, adapter, dims: ParallelDims | None = None) -> list[ParamMeta]:
-    """Every parameter of the whole model (all stages) in the global stream order (collective over
-    the pipeline group)."""
-    dims = dims or ParallelDims.from_megatron()
-    return _gather_metadata(_local_metadata(local_params(model_chunks, adapter), dims.tp), dims)
-
-
 def plan_export(
     metas: Sequence[ParamMeta], adapter, group_key: Callable[[str], str] | None = None
 ) -> list[ExportGroup]:
@@ -193,19 +178,18 @@ _PLAN_CACHE: list[tuple[object, object, tuple, ExportPlan]] = []
 _PLAN_CACHE_SIZE = 4
 
 
-def export_plan(model_chunks, adapter, group_key: Callable[[str], str] | None = None,
-                dims: ParallelDims | None = None) -> ExportPlan:
+def export_plan(model_chunks, adapter, group_key: Callable[[str], str] | None = None, *,
+                dims: ParallelDims) -> ExportPlan:
     """Metadata pre-pass + conversion plan (collective over the pipeline group), cached per model."""
-    return plan_for(local_params(model_chunks, adapter), adapter, group_key, dims)
+    return plan_for(local_params(model_chunks, adapter), adapter, group_key, dims=dims)
 
 
-def plan_for(local: LocalParams, adapter, group_key: Callable[[str], str] | None = None,
-             dims: ParallelDims | None = None) -> ExportPlan:
+def plan_for(local: LocalParams, adapter, group_key: Callable[[str], str] | None = None, *,
+             dims: ParallelDims) -> ExportPlan:
     """`export_plan` from `local_params`' result (collective over the pipeline group).
 
     A cached plan is used only when every pipeline stage has one for its unchanged parameters (one
     integer all-reduce decides), so stages never disagree about running the pre-pass."""
-    dims = dims or ParallelDims.from_megatron()
     meta = _local_metadata(local, dims.tp)
     sig = tuple(meta)
     hit = next((plan for a, k, s, plan in _PLAN_CACHE if a is adapter and k is group_key and s == sig), None)
@@ -223,13 +207,8 @@ def plan_for(local: LocalParams, adapter, group_key: Callable[[str], str] | None
     return plan
 
 
-def export_manifest(model_chunks, adapter, group_key=None, dims: ParallelDims | None = None
+def export_manifest(model_chunks, adapter, group_key=None, *, dims: ParallelDims
                     ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(hf_name, shape, dtype) of every tensor the stream will yield, in stream order — known before any
     tensor moves, so a consumer can validate a whole update up front (collective over the pipeline)."""
-    return export_plan(model_chunks, adapter, group_key, dims).manifest()
-
-
-def export_nbytes(model_chunks, adapter, group_key=None, dims: ParallelDims | None = None) -> int:
-    """Total HF bytes the stream will carry (collective over the pipeline group)."""
-    return export_plan(model_chunks, adapter, group_key, dims).nbytes
+    return export_plan(model_chunks, adapter, group_key, dims=dims).manifest()

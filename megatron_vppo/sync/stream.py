@@ -1,7 +1,7 @@
 """Stream a TP/PP-sharded Megatron model's weights out in Hugging Face names and layout.
 
 One stream feeds the rollout engines (sync/engine_push.py, optionally packed into byte-bounded
-`rollout.buckets.Bucket`s) and the HF checkpoint writer (sync/hf_writer.py). Per data-parallel replica,
+`sync.buckets.Bucket`s) and the HF checkpoint writer (sync/hf_writer.py). Per data-parallel replica,
 after the plan (sync/plan.py): per parameter, the owning stage gathers the TP shards along
 `partition_dim` (the FULL Megatron layout, whose chunk r is TP rank r's shard) and sends it over the
 pipeline group to the destination rank(s); there the model's adapter (`mcore_to_hf`) turns each group
@@ -9,7 +9,7 @@ into HF tensors (QKV un-interleave, gate/up split, vocab padding removed, no lm_
 are tied).
 
 Before the first tensor moves, every rank completes the distributed optimizer's deferred parameter
-all-gather (`train.optimizer.force_param_sync`; with overlap_param_gather the shards of other DP ranks
+all-gather (`distributed.force_param_sync`; with overlap_param_gather the shards of other DP ranks
 would otherwise be the previous step's).
 
 Destinations (`dst`): "rank0" (global rank 0 only), "replica" (the first rank — TP 0, PP 0 — of every
@@ -26,8 +26,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_vppo import distributed
 from megatron_vppo.distributed import ParallelDims
-from megatron_vppo.rollout.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
+from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES, Bucket, iter_buckets
 from megatron_vppo.sync.plan import (DESTINATIONS, ExportError, ExportPlan, LocalParams, ParamMeta, comm_device,
                                      local_params, plan_for)
 
@@ -66,7 +67,7 @@ def export_hf_weights(
     group_key: Callable[[str], str] | None = None,
     plan: ExportPlan | None = None,
     reuse_buffers: bool = False,
-    dims: ParallelDims | None = None,
+    dims: ParallelDims,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for the whole model on the destination rank(s); see the module doc.
 
@@ -75,11 +76,11 @@ def export_hf_weights(
     `plan`: an `export_plan` already computed on every rank (skips the pre-pass). `reuse_buffers`:
     received tensors live in buffers reused later in the stream, so a yielded tensor is valid only
     until the next item is requested — for consumers that copy each tensor as it arrives. `dims`:
-    this rank's layout (default: read from Megatron's groups).
+    this rank's layout (`init_distributed`'s result).
     """
     if dst not in DESTINATIONS:
         raise ValueError(f"dst={dst!r}: use one of {DESTINATIONS}")
-    return hf_stream(model_chunks, adapter, dims or ParallelDims.from_megatron(), dst=dst, dtype=dtype,
+    return hf_stream(model_chunks, adapter, dims, dst=dst, dtype=dtype,
                      group_key=group_key, plan=plan, reuse_buffers=reuse_buffers)
 
 
@@ -88,15 +89,13 @@ def hf_stream(model_chunks, adapter, dims: ParallelDims, *, dst: str, dtype: tor
               local: LocalParams | None = None, reuse_buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The generator behind `export_hf_weights` (arguments checked by the caller; `local`: this rank's
     `plan.local_params`, when the caller has it already)."""
-    from megatron_vppo.train.optimizer import force_param_sync
-
     # Every rank, before any rank returns: after a distributed-optimizer step with overlapped param
     # gathers, each DP rank holds only its own updated shard until this all-gather completes.
-    force_param_sync(model_chunks)
+    distributed.force_param_sync(model_chunks)
     if dims.cp_rank != 0 or (dst == "rank0" and dims.dp_rank != 0):
         return  # identical replicas; another rank streams this model
     local = local or local_params(model_chunks, adapter)
-    groups = (plan or plan_for(local, adapter, group_key, dims)).groups
+    groups = (plan or plan_for(local, adapter, group_key, dims=dims)).groups
     params = {n: p for chunk in local for n, p in chunk}
     everywhere = dst == "all"
     tp, pp, tp_rank, pp_rank = dims.tp, dims.pp, dims.tp_rank, dims.pp_rank
@@ -188,7 +187,7 @@ def _move_stage(t, m: ParamMeta, dims: ParallelDims, pp_first, everywhere, dev, 
 def export_hf_buckets(
     model_chunks, adapter, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, **kwargs
 ) -> Iterator[Bucket]:
-    """`export_hf_weights` packed into byte-bounded buckets (`rollout.buckets.iter_buckets`;
+    """`export_hf_weights` packed into byte-bounded buckets (`sync.buckets.iter_buckets`;
     None or <= 0: one bucket). Same collective contract."""
     return iter_buckets(export_hf_weights(model_chunks, adapter, **kwargs), bucket_bytes)
 

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from megatron_vppo.config import ConfigError, RunConfig, save_config
 from megatron_vppo.data.dataset import DataError, check_data_file
 from megatron_vppo.distributed import ParallelDims, cpu_world_group
-from megatron_vppo.sync.engine_push import sync_engine_weights
+from megatron_vppo.rollout import ENGINES
+from megatron_vppo.train.engine_sync import sync_engine_weights
 from megatron_vppo.train.checkpointer import Checkpointer
 from megatron_vppo.train.loop import Trainer
 from megatron_vppo.train.rollout_step import encode_prompts
@@ -67,8 +68,6 @@ def build_engine(cfg: RunConfig, model_dir: Path, dims: ParallelDims):
 
     One registry lookup: `rollout.ENGINES[rollout.engine].from_config` builds it (each engine module
     says where its parts live and what they need)."""
-    from megatron_vppo.rollout import ENGINES
-
     return ENGINES[cfg.rollout.engine].from_config(cfg, model_dir, dims)
 
 
@@ -99,7 +98,8 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
     check_hf_config(spec, hf_config, f"model.path {model_dir}")
     arch = spec.text_arch(hf_config)
     dims = init_distributed(cfg.parallel, **spec.layout_dims(hf_config), seed=cfg.train.seed)
-    chunks = spec.build_chunks(hf_config, cfg.model, cfg.parallel, dims)
+    # no random init: load_hf_weights writes every parameter (it refuses a chunk it cannot fill)
+    chunks = spec.build_chunks(hf_config, cfg.model, cfg.parallel, dims, init_weights=False)
     adapter = spec.weight_adapter(hf_config, dims.tp, cfg.model.vocab_pad_multiple)
     load_hf_weights(chunks, model_dir, adapter, dims=dims)
     for chunk in chunks:
@@ -193,7 +193,7 @@ def build_run(cfg: RunConfig) -> tuple[Trainer, Checkpointer]:
     trainer.engine = build_engine(cfg, model_dir, policy.dims)
     dist.barrier(group=group)  # an engine start takes minutes: the other ranks wait in gloo, not NCCL
     # the engine starts from the trainer's weights (resume included)
-    sync_engine_weights(ddp_chunks, adapter, trainer.engine, engine_name=cfg.rollout.engine,
+    sync_engine_weights(ddp_chunks, adapter, trainer.engine, engine_cls=ENGINES[cfg.rollout.engine],
                         bucket_bytes=cfg.rollout.bucket_bytes, dims=policy.dims, step=trainer.step)
 
     rank = dist.get_rank()
@@ -215,7 +215,10 @@ def teardown(trainer: Trainer) -> None:
             path = Path(trainer.cfg.train.output_dir) / "metrics.jsonl"
             if path.exists():
                 try:
-                    plot_metrics(path, Path(trainer.cfg.train.output_dir) / "metrics.png")
+                    from megatron_vppo.algo.registry import get_algorithm
+
+                    plot_metrics(path, Path(trainer.cfg.train.output_dir) / "metrics.png",
+                                 extra_panels=get_algorithm(trainer.cfg.algo.name).panels)
                 except Exception as e:  # a plot must never fail a finished run
                     log.warning("could not plot metrics: %s", e)
     trainer.grader.close()

@@ -60,7 +60,7 @@ class Checkpointer:
             return None
         from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
         from megatron_vppo.train.nonfinite import check_finite
-        from megatron_vppo.train.optimizer import force_param_sync
+        from megatron_vppo.distributed import force_param_sync
 
         force_param_sync(trainer.model_chunks)  # the saved weights must be the stepped ones on every DP shard
         check_finite(trainer.model_chunks, trainer.optimizer, what="checkpoint save", step=step)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()  # this package's INFO (step lines); Megatron's INFO (its parameter lists) stays quiet
 
-    from megatron_vppo.config import load_config
+    from megatron_vppo.run_config import load_config
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
     from megatron_vppo.models import MODELS
     from megatron_vppo.train.run import train

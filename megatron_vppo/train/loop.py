@@ -22,13 +22,14 @@ from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weig
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_pixel_values, perturbed_images_at_grid
 from megatron_vppo.distributed import ParallelDims, all_gather_world, gather_data_parallel, sum_over_data_parallel
+from megatron_vppo.rollout import ENGINES
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
-from megatron_vppo.sync.engine_push import sync_engine_weights
+from megatron_vppo.train.engine_sync import sync_engine_weights
 from megatron_vppo.train import passes
 from megatron_vppo.train.nonfinite import check_finite, guarded_step
 from megatron_vppo.train.optimizer import current_lr
 from megatron_vppo.train.records import ShapedTrajectory, TokenScores
-from megatron_vppo.train.rl_batch import chunks, padded_length, responses_to_matrix, shard
+from megatron_vppo.train.rl_batch import chunks, pack_by_tokens, padded_length, responses_to_matrix, shard
 from megatron_vppo.train.rollout_step import encode_prompts, grading_errors, sample_groups, to_trajectories
 
 log = logging.getLogger("megatron_vppo.train")
@@ -179,30 +180,63 @@ def score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
     return trainer_score_step_batch(trainer, trajs)
 
 
+def noisy_view(traj, run_seed: int, step: int, key: int, std: float):
+    """VEPO's view: Gaussian noise of std `std` added to the processor's normalised pixel_values
+    (unclipped), drawn from the generator of (run seed, step, key). None / text-only: unchanged."""
+    pixels = traj.pixels()
+    if pixels is None or not traj.has_image:
+        return pixels
+    noise = torch.randn(pixels.shape, generator=make_generator(run_seed, step, key), dtype=torch.float32)
+    return pixels + (noise * std).to(pixels.dtype).to(pixels.device)
+
+
+def second_views(trajs, processor, run_seed: int, step: int, offset: int, view, *, with_images: bool = False):
+    """The second view (`algo.registry.ViewSpec`) of each trajectory: blackened patches (as VPPO's
+    `perturbed_views`) or pixel noise, seeded per trajectory (global index `offset + i`) or, for a
+    per-prompt view, per prompt group (key −1 − group: every rollout of a prompt sees the same view)."""
+    if view.kind == "patches" and not view.per_prompt:
+        return perturbed_views(trajs, processor, run_seed, step, offset, view.prob, view.mode, with_images=with_images)
+    views, pils = [], []
+    for i, t in enumerate(trajs):
+        key = -1 - t.group if view.per_prompt else offset + i
+        if view.kind == "noise":
+            views.append(noisy_view(t, run_seed, step, key, view.noise_std))
+            pils.append(None)
+        elif view.kind == "patches":
+            v, p = perturbed_views([t], processor, run_seed, step, key, view.prob, view.mode, with_images=True)
+            views.append(v[0])
+            pils.append(p[0])
+        else:
+            raise ValueError(f"second view kind {view.kind!r} has no pixels to make")
+    return (views, pils) if with_images else views
+
+
 def _perturbed_views_of(trainer: Trainer, trajs, idx: list[int], with_images: bool = False):
-    """Perturbed views of trajs[idx] (contiguous indices), seeded by trajectory index: both π_old
+    """Second views of trajs[idx] (contiguous indices), seeded by trajectory index (or prompt): both π_old
     sources and every sharding perturb exactly the same patches."""
     cfg = trainer.cfg
-    return perturbed_views([trajs[i] for i in idx], trainer.processor, cfg.train.seed, trainer.step,
-                           idx[0] if idx else 0, cfg.algo.perturb_prob, cfg.algo.perturbation,
-                           with_images=with_images)
+    return second_views([trajs[i] for i in idx], trainer.processor, cfg.train.seed, trainer.step,
+                        idx[0] if idx else 0, algorithm_of(cfg).view(cfg.algo), with_images=with_images)
 
 
 def trainer_score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
     """The (paired, when the algorithm needs the perturbed view) no-grad pass on this DP rank's shard;
     every rank gets all trajectories' results."""
     cfg, dims = trainer.cfg, trainer.dims
-    paired = algorithm_of(cfg).needs_perturbed_view
+    algo = algorithm_of(cfg)
+    paired = algo.needs_perturbed_view
+    blind = paired and algo.view(cfg.algo).kind == "blind"
     idx = passes.data_parallel_shard(list(range(len(trajs))), trajs, cfg.train.max_tokens_per_micro_batch,
                                      dims.dp_rank, dims.dp)
     mine = [trajs[i] for i in idx]
     views = None
-    if paired and not dims.first_stage:
+    if paired and (blind or not dims.first_stage):
         views = [None] * len(mine)  # paired, but only the first stage embeds (and so perturbs) images
     elif paired:
         views = _perturbed_views_of(trainer, trajs, idx)
     res = passes.dependency_pass(dims, trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
-                                 exact_kl=paired and cfg.algo.dependency_estimator == "exact_kl")
+                                 exact_kl=paired and cfg.algo.dependency_estimator == "exact_kl",
+                                 divergence=algo.divergence, blind=blind)
     return gather_data_parallel(dims, res)
 
 
@@ -239,16 +273,25 @@ def minibatch_index_lists(cfg: RunConfig, n_traj: int) -> list[list[int]]:
     return chunks(list(range(n_traj)), per)
 
 
-def official_scopes(cfg: RunConfig, dims: ParallelDims, minibatches: list[list[int]]) -> tuple[list, list]:
-    """tas_scope official: min/max per (DP rank, mini-batch), μ per micro-batch — as the reference."""
-    dp = dims.dp
+def official_scopes(cfg: RunConfig, dims: ParallelDims, minibatches: list[list[int]], trajs: list
+                    ) -> tuple[list, list]:
+    """tas_scope official: min/max per (DP rank, mini-batch), μ per micro-batch — the reference's
+    per-device statistics, over the shards and micro-batches `update_policy` really runs: count-based
+    chunks of micro_batch_size, or, packed (`train.max_tokens_per_micro_batch`), the token-balanced DP
+    shards and first-fit-decreasing bins of `passes.micro_batch_groups`."""
+    dp, max_tokens = dims.dp, cfg.train.max_tokens_per_micro_batch
     mbs, micro = [], []
     for mb in minibatches:
         for r in range(dp):
-            part = shard(mb, r, dp)
-            if part:
-                mbs.append(part)
+            part = passes.data_parallel_shard(mb, trajs, max_tokens, r, dp)
+            if not part:
+                continue
+            mbs.append(part)
+            if max_tokens is None:
                 micro.extend(chunks(part, cfg.train.micro_batch_size))
+            else:
+                micro.extend([part[i] for i in g] for g in pack_by_tokens([trajs[i].num_tokens for i in part],
+                                                                          max_tokens))
     return mbs, micro
 
 
@@ -266,17 +309,25 @@ def shape_step(trainer: Trainer, trajs, scored: list[TokenScores]):
     old, mask = responses_to_matrix([r.old for r in scored])
     aug = _matrix([r.aug for r in scored])
     kl = _matrix([r.kl for r in scored])
+    divergence = None
+    if scored[0].jsd is not None:  # VEPO's full-vocabulary scores
+        divergence = tuple(_matrix([getattr(r, k) for r in scored]) for k in ("jsd", "ent_old", "ent_aug"))
     minibatches = minibatch_index_lists(cfg, len(trajs))
-    official = "tas_scope" in algorithm_of(cfg).reads and cfg.algo.tas_scope == "official"
-    mbs, micro = official_scopes(cfg, trainer.dims, minibatches) if official else (None, None)
-    shaping = algorithm_of(cfg).shaping(old, aug, mask, adv, cfg.algo, kl=kl, minibatches=mbs, microbatches=micro)
+    algo = algorithm_of(cfg)
+    official = "tas_scope" in algo.reads and cfg.algo.tas_scope == "official"
+    mbs, micro = official_scopes(cfg, trainer.dims, minibatches, trajs) if official else (None, None)
+    shaping = algo.shaping(old, aug, mask, adv, cfg.algo, kl=kl, minibatches=mbs, microbatches=micro,
+                           divergence=divergence)
     weights, metrics = rollout_correction(cfg, trajs, old, mask)
     per_traj = []
     for i, t in enumerate(trajs):
         n = t.response_len
         per_traj.append(ShapedTrajectory(old_logp=old[i, :n].float(), tgf_mask=shaping.tgf_mask[i, :n].float(),
                                          is_weight=weights[i, :n].float(),
-                                         advantage=float(shaping.shaped_advantages[i])))
+                                         advantage=float(shaping.shaped_advantages[i]),
+                                         token_weight=None if shaping.token_weights is None
+                                         else shaping.token_weights[i, :n].double(),
+                                         aug_logp=aug[i, :n].float() if algo.loss_reads_aug else None))
     metrics.update(shaping.metrics)
     metrics["advantage/abs_mean"] = float(adv.abs().mean())
     if kl is not None and aug is not None:  # how well the single-sample k3 tracks the exact KL
@@ -397,7 +448,8 @@ def rl_step(trainer: Trainer) -> dict:
     metrics.update(update_policy(trainer, trajs, per_traj, minibatches))
     t3 = time.perf_counter()
     _engine_memory(trainer, resident=True)
-    sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine, engine_name=trainer.cfg.rollout.engine,
+    sync_engine_weights(trainer.model_chunks, trainer.adapter, trainer.engine,
+                        engine_cls=ENGINES[trainer.cfg.rollout.engine],
                         bucket_bytes=trainer.cfg.rollout.bucket_bytes, dims=trainer.dims, step=trainer.step)
     t4 = time.perf_counter()
     lens = torch.tensor([t.response_len for t in trajs], dtype=torch.float64)

@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
-# (panel title, candidate metric keys) for plot_metrics.
-# A panel may list alternatives: the first (title, keys) with data is drawn.
+# (panel title, candidate metric keys) for plot_metrics; a panel may list alternatives: the first
+# (title, keys) with data is drawn.
 PLOT_PANELS: list[list[tuple[str, tuple[str, ...]]]] = [
     [("reward", ("reward/mean", "reward"))],
     [("validation accuracy", ("val/accuracy", "val_accuracy", "val/acc"))],
@@ -281,20 +281,27 @@ def format_step_summary(
     return " | ".join([head, *parts])
 
 
-def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Plot reward, validation accuracy, dependency mean and kept-token fraction (VPPO; otherwise policy
-    loss and clip fraction) over steps (PNG)."""
+def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path,
+                 extra_panels: Iterable[tuple[str, tuple[str, ...]]] = ()) -> Path:
+    """Plot reward, validation accuracy, dependency mean and kept-token fraction (otherwise policy loss and
+    clip fraction) over steps (PNG), then `extra_panels` (the algorithm's own: `Algorithm.panels` in
+    algo/registry.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_jsonl)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    panels = list(PLOT_PANELS) + [[panel] for panel in extra_panels]
+    nrows = -(-len(panels) // 2)
+    fig, axes = plt.subplots(nrows, 2, figsize=(10, 3.5 * nrows), constrained_layout=True, squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+
     def has(k):
         return any(_is_scalar(r.get(k)) for r in rows)
 
-    for ax, options in zip(axes.flat, PLOT_PANELS):
+    for ax, options in zip(axes.flat, panels):
         title, candidates = next(((t, c) for t, c in options if any(map(has, c))), options[0])
         key = next((k for k in candidates if has(k)), None)
         ax.set_title(title)

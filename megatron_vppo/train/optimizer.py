@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from megatron_vppo.config import OptimConfig
+from megatron_vppo.distributed import force_param_sync  # noqa: F401  (re-exported: the trainer's name for it)
 
 logger = logging.getLogger(__name__)
 
@@ -221,24 +222,6 @@ def attach_to_model_config(ddp_chunks: Sequence[torch.nn.Module], optimizer) -> 
     if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
         # Only the interleaved schedule calls it; without alignment the forward pre-hooks gather.
         config.param_sync_func = [c.start_param_sync for c in ddp_chunks]
-
-
-def force_param_sync(model_chunks) -> bool:
-    """Complete the distributed optimizer's deferred parameter all-gather now (collective over DP).
-
-    With overlap_param_gather, `optimizer.step()` updates only this DP rank's shard of each parameter;
-    the other shards arrive in the next forward's pre-hooks. Whatever reads the weights outside a
-    forward (engine weight sync, HF export, checkpoint save) must call this first, on every rank, or it
-    reads stale shards at DP >= 2. Megatron's own `start_param_sync(force_sync=True)`: waits for an
-    all-gather in flight, else runs one synchronously; the next forward then finds the params
-    gathered. Returns whether anything was synced (False for chunks without deferred gathers)."""
-    synced = False
-    for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
-        ddp_config = getattr(chunk, "ddp_config", None)
-        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
-            chunk.start_param_sync(force_sync=True)
-            synced = True
-    return synced
 
 
 def current_lr(optimizer) -> float:

@@ -21,14 +21,19 @@ ones, so every rank runs the same schedule and reaches the gradient all-reduce t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vppo.algo.registry import Algorithm, LossInputs, LossSettings
-from megatron_vppo.algo.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_prob
+from megatron_vppo.algo.vocab_parallel import (
+    vocab_parallel_entropy,
+    vocab_parallel_jsd_entropies,
+    vocab_parallel_kl,
+    vocab_parallel_log_prob,
+)
 from megatron_vppo.distributed import ParallelDims, from_last_stage, max_over_data_parallel
 from megatron_vppo.train.records import ShapedTrajectory, TokenScores
 from megatron_vppo.train.rl_batch import (
@@ -83,11 +88,25 @@ def micro_batch_groups(dims: ParallelDims, trajs: list[Trajectory], shape: PassS
     return groups
 
 
+def blind_view(mb: MicroBatch, image_token_id: int) -> MicroBatch:
+    """PGPO's blind view of a padded micro-batch: the same ids, pixels and positions, with the attention
+    mask 0 on the image-pad tokens (no token attends to the image; responses never hold image pads)."""
+    if mb.packed:
+        raise ValueError("algo.pgpo.view=blind masks attention per key, which packed (thd) micro-batches do not "
+                         "take; unset train.max_tokens_per_micro_batch or set algo.pgpo.view=patches")
+    mask = mb.attention_mask * (mb.input_ids != image_token_id).to(mb.attention_mask.dtype)
+    return replace(mb, attention_mask=mask)
+
+
 def _micro_batches(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape, views=None,
-                   multiple_of: int = 1) -> tuple[list[MicroBatch], list[list[int]]]:
+                   multiple_of: int = 1, blind: bool = False) -> tuple[list[MicroBatch], list[list[int]]]:
     """The pass's micro-batches (and the trajectory indices of each). Empty groups become all-filler
-    micro-batches that contribute nothing."""
+    micro-batches that contribute nothing. `views`: the second view's pixels per trajectory; `blind`:
+    the second view is the blind view (`blind_view`)."""
     model = _unwrap(model_chunks[0])
+    if blind and getattr(model.config, "transformer_impl", "local") == "transformer_engine":
+        raise ValueError("algo.pgpo.view=blind masks attention on image pads per key, which the Transformer Engine "
+                         "layers do not take; set model.transformer_impl=local or algo.pgpo.view=patches")
     ensure_positions(trajs, model.arch)  # once per trajectory per step: the trajectories carry them
     groups = micro_batch_groups(dims, trajs, shape, multiple_of)
     lengths = [round_up(max(sum(trajs[i].num_tokens for i in g), 1), SEQ_MULTIPLE * dims.tp) for g in groups]
@@ -107,7 +126,9 @@ def _micro_batches(dims: ParallelDims, model_chunks, trajs: list[Trajectory], sh
                                   with_pixels=with_pixels)
 
         mb = make()
-        if views is not None:
+        if blind:
+            mb = stack_views(mb, blind_view(make(), model.arch.image_token_id))
+        elif views is not None:
             mb = stack_views(mb, make([views[i] for i in idx]))
         out.append(mb)
     return out, groups
@@ -157,8 +178,8 @@ def data_parallel_shard(indices: list[int], trajs: list[Trajectory], max_tokens:
 # ----------------------------------------------------------------------------- dependency pass
 
 
-def _token_scores_loss(dims: ParallelDims, shape: PassShape, paired: bool, exact_kl: bool, mb: MicroBatch,
-                       logits: torch.Tensor):
+def _token_scores_loss(dims: ParallelDims, shape: PassShape, paired: bool, exact_kl: bool, divergence: bool,
+                       mb: MicroBatch, logits: torch.Tensor):
     """Sampled-token log-probs (paired: of both views, and the exact KL) at label positions, [b, s]
     each. Left on the device, so the schedule is not stalled; `dependency_pass` copies them afterwards."""
     tp_group = dims.tp_group
@@ -169,22 +190,29 @@ def _token_scores_loss(dims: ParallelDims, shape: PassShape, paired: bool, exact
     res = {"old": old, "aug": aug}
     if exact_kl:
         res["kl"] = vocab_parallel_kl(*mb.split_views(logits), tp_group, shape.temperature, shape.vocab_size)
+    if divergence:  # VEPO: JSD and both entropies, reduced over the TP group like the exact KL
+        res["jsd"], res["ent_old"], res["ent_aug"] = vocab_parallel_jsd_entropies(
+            *mb.split_views(logits), tp_group, shape.temperature, shape.vocab_size)
     return logits.new_zeros(()), res
 
 
 @torch.no_grad()
 def dependency_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape,
-                    perturbed_pixels: list | None, *, exact_kl: bool = False) -> list[TokenScores]:
-    """Per trajectory TokenScores(old [n], aug [n], kl [n] | None) for this rank's `trajs`, host tensors.
+                    perturbed_pixels: list | None, *, exact_kl: bool = False, divergence: bool = False,
+                    blind: bool = False) -> list[TokenScores]:
+    """Per trajectory TokenScores(old [n], aug [n], kl [n] | None, ...) for this rank's `trajs`, host tensors.
 
-    `perturbed_pixels` None runs the original view only (algorithms without the perturbed view): aug None.
+    `perturbed_pixels` None (and not `blind`) runs the original view only (algorithms without the
+    perturbed view): aug None. `blind`: the second view is PGPO's blind view (no pixels change).
+    `divergence`: also the per-token JSD and both entropies (VEPO).
     """
     for m in model_chunks:
         m.eval()
-    paired = perturbed_pixels is not None
-    mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, views=perturbed_pixels,
-                                 multiple_of=_schedule_multiple(dims, model_chunks))
-    stored = _run_schedule(model_chunks, mbs, partial(_token_scores_loss, dims, shape, paired, exact_kl),
+    paired = perturbed_pixels is not None or blind
+    mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, views=None if blind else perturbed_pixels,
+                                 multiple_of=_schedule_multiple(dims, model_chunks), blind=blind)
+    stored = _run_schedule(model_chunks, mbs,
+                           partial(_token_scores_loss, dims, shape, paired, exact_kl and paired, divergence and paired),
                            forward_only=True)
     results = None
     if dims.last_stage:
@@ -211,7 +239,7 @@ def _policy_loss(dims: ParallelDims, shape: PassShape, algo: Algorithm, ls: Loss
     logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
     inputs = LossInputs(old_logp=mb.per_token["old_logp"], advantage=mb.per_token["advantage"], mask=mb.loss_mask,
                         tgf_mask=mb.per_token["tgf_mask"], is_weight=mb.per_token["is_weight"],
-                        seq_id=mb.per_token["seq_id"])
+                        seq_id=mb.per_token["seq_id"], aug_logp=mb.per_token.get("aug_logp"))
     # numerator only: Megatron divides by the global count of the loss's unit (module docstring)
     numerator, count, metrics = algo.loss(logp, inputs, ls)
     with torch.no_grad():  # full-vocabulary entropy, reduced over the TP group (a metric only)
@@ -238,9 +266,13 @@ def policy_update_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory]
         mb.per_token["tgf_mask"] = mb.to_positions([r.tgf_mask for r in rows])
         mb.per_token["is_weight"] = mb.to_positions([torch.ones_like(r.old_logp) if r.is_weight is None
                                                      else r.is_weight for r in rows])
-        # Â of each trajectory at its response positions (the loss reads it only under loss_mask).
+        # Â of each trajectory at its response positions (the loss reads it only under loss_mask), times
+        # the per-token weight where the shaping gives one (PGPO)
         mb.per_token["advantage"] = mb.to_positions([torch.full((len(r.old_logp),), float(r.advantage))
+                                                     * (1.0 if r.token_weight is None else r.token_weight.double())
                                                      for r in rows])
+        if algo.loss_reads_aug:  # the second view's π_old at each response position (PAPO)
+            mb.per_token["aug_logp"] = mb.to_positions([r.aug_logp for r in rows])
         # which trajectory each position belongs to (sequence-level losses group tokens by it)
         mb.per_token["seq_id"] = mb.to_positions([torch.full((len(r.old_logp),), float(j))
                                                   for j, r in enumerate(rows)])

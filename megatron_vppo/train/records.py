@@ -37,6 +37,9 @@ class TokenScores:
     old: Tensor
     aug: Tensor | None = None
     kl: Tensor | None = None
+    jsd: Tensor | None = None  # VEPO: Jensen-Shannon divergence of the two views' full distributions
+    ent_old: Tensor | None = None  # VEPO: entropy of the original view's distribution
+    ent_aug: Tensor | None = None  # VEPO: entropy of the second view's distribution
 
 
 @dataclass
@@ -46,3 +49,5 @@ class ShapedTrajectory:
     tgf_mask: Tensor  # [n] 1 = the policy-gradient term keeps the token
     is_weight: Tensor | None = None  # [n] rollout-correction weight (None = ones)
     advantage: float = 0.0  # shaped Â
+    token_weight: Tensor | None = None  # [n] per-token advantage weight (PGPO; None = ones)
+    aug_logp: Tensor | None = None  # [n] π_old on the second view, read by the loss (PAPO)

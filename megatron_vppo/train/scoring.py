@@ -43,7 +43,7 @@ def score_trajectories(
     seq_len: int | None = None,
     shard_data: bool = True,
     max_tokens_per_micro_batch: int | None = None,
-    dims: ParallelDims | None = None,
+    dims: ParallelDims,
 ) -> list[torch.Tensor]:
     """log softmax(logits / temperature)[response token] for every response token of every trajectory.
 
@@ -53,10 +53,8 @@ def score_trajectories(
     (default: the longest sample rounded up to a multiple of 8·TP) fixes the micro-batch length
     the pipeline needs. `max_tokens_per_micro_batch` packs the samples (thd, no padding) into
     micro-batches of at most that many tokens instead, data-parallel shards balanced by tokens.
-    `dims` None: `ParallelDims.from_megatron()` (one process: single-rank dims)."""
+    `dims`: this rank's layout (`init_distributed`'s result; `ParallelDims.single()` in one process)."""
     from megatron_vppo.train.passes import PassShape, data_parallel_shard, dependency_pass
-
-    dims = ParallelDims.from_megatron() if dims is None else dims
 
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
@@ -81,13 +79,13 @@ def score_trajectories(
 
 def score_samples(model_chunks, samples: Sequence[dict], *, vocab_size: int, pad_id: int,
                   micro_batch_size: int = 1, temperature: float = 1.0,
-                  max_tokens_per_micro_batch: int | None = None) -> list[dict]:
+                  max_tokens_per_micro_batch: int | None = None, dims: ParallelDims) -> list[dict]:
     """Encoded samples -> [{"input_ids", "response_start", "log_probs"}] (lists; tools/score.py's
     output lines), in input order on every rank."""
     trajs = [to_trajectory(s, i) for i, s in enumerate(samples)]
     logps = score_trajectories(model_chunks, trajs, vocab_size=vocab_size, pad_id=pad_id,
                                micro_batch_size=micro_batch_size, temperature=temperature,
-                               max_tokens_per_micro_batch=max_tokens_per_micro_batch)
+                               max_tokens_per_micro_batch=max_tokens_per_micro_batch, dims=dims)
     return [
         {"input_ids": t.input_ids.tolist(), "response_start": t.response_start, "log_probs": lp.tolist()}
         for t, lp in zip(trajs, logps)

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from megatron_vppo.config import RolloutConfig
+from megatron_vppo.config import DataConfig, RolloutConfig
 from megatron_vppo.tuning.memory import EXACT_KL_FP32_TEMPORARIES, KERNELS, Workload
 from megatron_vppo.tuning.model_spec import ModelSpecError, load_model_spec
 from megatron_vppo.tuning.search import TuningError, explain_no_fit, precision_for, tune
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=1, help="trajectories per micro-batch")
     p.add_argument("--global-batch", type=int, default=128 * 8, help="trajectories per optimizer step (default 1024)")
     p.add_argument("--images-per-sample", type=int, default=1)
-    p.add_argument("--max-pixels", type=int, default=1003520, help="processor max_pixels (spec §7)")
+    p.add_argument("--max-pixels", type=int, default=DataConfig().max_pixels, help="processor max_pixels (data.max_pixels)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--fp8", action="store_true", help="Transformer Engine FP8 GEMMs")
     p.add_argument("--recompute", default="auto", choices=["auto", "none", "full"],
@@ -75,7 +75,7 @@ def format_table(rows: list[dict], gpu_mem_gib: float, top: int) -> str:
     lines.append(
         f"{n_fit} of {len(rows)} layouts fit in {gpu_mem_gib:g} GiB. Memory columns are GiB on the most "
         "loaded pipeline rank; total = the larger of training, weights+grads+optim + max(act+vision+bwd, nograd) + ovh, "
-        "and rollout (stage 0), weights+grads+optim + fixed ovh + rollout; kv = rollout - the engine's weights, "
+        "and rollout (stage 0), weights+grads+optim + fixed ovh + rollout + SGLang runtime + sync bucket; kv = rollout - the engine's weights, "
         "at least one full-length sequence."
     )
     return "\n".join(lines)

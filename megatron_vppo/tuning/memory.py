@@ -16,7 +16,10 @@ Dynamic, the larger of two phases:
 Plus framework overhead (CUDA context, NCCL/cuBLAS workspaces, allocator slack).
 Rollout (pipeline stage 0, where each replica's colocated SGLang engine lives; it releases everything while
 the trainer runs): static + fixed overhead + the engine's share of the GPU (`rollout.engine_gpu_share`),
-which must hold the engine's weights (HF model / TP) and KV cache for at least one full-length sequence.
+which must hold the engine's weights (HF model / TP) and KV cache for at least one full-length sequence,
++ SGLang's runtime outside that share (SGLang sizes only weights + KV from `mem_fraction_static`; its
+process's CUDA context, decode CUDA graphs and forward workspace come on top: SGLANG_RUNTIME_GIB)
++ the weight sync's buffer (one flattened bucket of `rollout.bucket_bytes` per GPU while it is read).
 
 Saved-activation counts per decoder layer and token (elements; h hidden, q = heads*head_dim,
 kv = kv_heads*head_dim, f ffn width, t = TP, t_sp = t with sequence parallel else 1):
@@ -33,10 +36,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_vppo.config import DataConfig
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning.model_spec import ModelSpec
 
 GIB = 2**30
+# SGLang 0.5.23 memory outside mem_fraction_static, per engine GPU: the scheduler process's CUDA context
+# and NCCL/cuBLAS workspaces (~0.5-1 GiB), decode CUDA graphs up to cuda_graph_max_bs (~1-2 GiB at 32B
+# widths) and a prefill chunk's activations (~1 GiB). An estimate from those parts, not a measurement
+# (no GPU here): the middle of the 2-5 GiB range issue 18 read from SGLang's sources.
+SGLANG_RUNTIME_GIB = 3.0
+# rollout.bucket_bytes' default (megatron_vppo.sync.buckets.DEFAULT_BUCKET_BYTES; tests/test_tuning.py
+# keeps them equal): the flattened bucket each GPU holds while the engine reads it during a weight sync.
+SYNC_BUCKET_BYTES = 512 * 1024 * 1024
 # fp32 [tokens, V/TP] temporaries the exact-KL dependency estimator adds to the no-grad pass (both views'
 # log-softmax and the KL terms; an upper bound worked out from the code, not measured).
 EXACT_KL_FP32_TEMPORARIES = 4
@@ -60,15 +72,16 @@ class Kernels:
 
 
 KERNELS = {
-    # GPU: TE fused LayerNorm+Linear, flash attention with native GQA, fused SwiGLU, wgrad fused into
-    # main_grad. RoPE stays unfused (the project sets apply_rope_fusion=False for 3-D M-RoPE).
+    # GPU: TE fused LayerNorm+Linear, flash attention with native GQA, fused SwiGLU. RoPE stays unfused
+    # (the project sets apply_rope_fusion=False for 3-D M-RoPE) and so does the wgrad accumulation: the
+    # model config sets gradient_accumulation_fusion=False (tests/test_tuning.py keeps the two equal).
     "te": Kernels(
         name="te",
         norm_saved=2,
         gqa_expanded_kv=False,
         mlp_saved_f=3,
         rope_saved=4,
-        grad_accum_fusion=True,
+        grad_accum_fusion=False,
         deallocate_pipeline_outputs=True,
         fixed_overhead_gib=2.5,
         fragmentation=0.08,
@@ -114,7 +127,7 @@ class Workload:
     micro_batch: int = 1
     global_batch: int = 128 * 8  # trajectories per optimizer step (mini-batch 128 prompts x G=8)
     images_per_sample: int = 1
-    max_pixels: int = 1003520
+    max_pixels: int = DataConfig.max_pixels
     # Extra fp32 [tokens, V/TP] tensors of the no-grad pass beyond the one working copy of the vocab-parallel
     # log-prob: 0 for the sampled_k3 dependency; the exact-KL estimator's count is set by the CLI.
     nograd_fp32_temporaries: int = 0
@@ -141,6 +154,8 @@ class StageMemory:
     rollout: float = 0.0  # the engine's share of the GPU while it generates (stage 0)
     engine_weights: float = 0.0  # the engine's weights inside that share
     min_kv: float = 0.0  # KV cache of one full-length sequence on one engine rank
+    engine_runtime: float = 0.0  # SGLang's memory outside its share (context, CUDA graphs, workspace)
+    sync_buffers: float = 0.0  # the weight sync's bucket on this GPU
 
     @property
     def static(self) -> float:
@@ -160,7 +175,9 @@ class StageMemory:
 
     @property
     def rollout_phase(self) -> float:
-        return self.static + self.fixed_overhead + self.rollout if self.rollout else 0.0
+        if not self.rollout:
+            return 0.0
+        return self.static + self.fixed_overhead + self.rollout + self.engine_runtime + self.sync_buffers
 
     @property
     def bwd_peak(self) -> float:
@@ -184,7 +201,8 @@ class StageMemory:
 
     def as_gib(self) -> dict:
         keys = ("weights", "grads", "optimizer", "activations", "vision_act", "logits", "transient",
-                "bwd_peak", "nograd", "overhead", "rollout", "engine_weights", "kv_cache", "min_kv")
+                "bwd_peak", "nograd", "overhead", "rollout", "engine_weights", "kv_cache", "min_kv",
+                "engine_runtime", "sync_buffers")
         out = {k: getattr(self, k) / GIB for k in keys}
         out.update(stage=self.stage, params=self.params, total=self.total / GIB, peak_phase=self.peak_phase)
         return out
@@ -392,5 +410,6 @@ def estimate_memory(
         if first and rollout_share > 0:
             sm.rollout = rollout_share * gpu_mem_gib * GIB
             sm.engine_weights, sm.min_kv = engine_rank_bytes(spec, t, prec, wl.seq_len)
+            sm.engine_runtime, sm.sync_buffers = SGLANG_RUNTIME_GIB * GIB, SYNC_BUCKET_BYTES
         est.stages.append(sm)
     return est

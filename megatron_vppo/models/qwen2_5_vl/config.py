@@ -101,13 +101,6 @@ def text_arch(hf_cfg) -> QwenTextArch:
     )
 
 
-def vision_config_dict(hf_cfg) -> dict:
-    cfg = load_hf_config(hf_cfg)
-    if "vision_config" not in cfg:
-        raise ValueError("config has no vision_config; not a Qwen2.5-VL config")
-    return dict(cfg["vision_config"])
-
-
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
     """Round the vocabulary up so every TP rank holds an equal, `multiple`-aligned slice."""
     step = max(1, multiple) * max(1, tp)

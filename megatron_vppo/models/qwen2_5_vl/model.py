@@ -61,10 +61,12 @@ class Qwen25VLModel(MegatronModule):
         with_vision: bool = True,
         config=None,
         tp_group=None,
+        init_weights: bool = True,
     ):
         self.hf_config = load_hf_config(hf_config)
         model_cfg = model_cfg or ModelConfig()
-        config = config or lm_transformer_config(self.hf_config, model_cfg, parallel)
+        config = config or lm_transformer_config(self.hf_config, model_cfg, parallel,
+                                                 perform_initialization=init_weights)
         super().__init__(config=config)
         self.arch = text_arch(self.hf_config)
         self.vocab_size = self.arch.vocab_size
@@ -186,15 +188,18 @@ class Qwen25VLModel(MegatronModule):
 
 
 def build_model_chunks(hf_config, model_cfg=None, parallel=None, *, dims=None,
-                       with_vision=True) -> list[Qwen25VLModel]:
+                       with_vision=True, init_weights: bool = True) -> list[Qwen25VLModel]:
     """This rank's model chunk(s) (one per virtual pipeline stage), after `init_distributed`.
 
-    `dims` (distributed.ParallelDims; read from Megatron once when None) says which chunks hold the
+    `init_weights=False` skips Megatron's random initialisation (`perform_initialization`): for
+    chunks whose every parameter is then loaded (HF directory, checkpoint), it is start-up time and
+    a full fp32 weight pass per rank for nothing (docs/benchmarks.md).
+
+    `dims` (distributed.ParallelDims, `init_distributed`'s result) says which chunks hold the
     first stage (embeddings, vision) and the last (output layer). Parameters are created on CPU
     (`use_cpu_initialization`) and moved to the current GPU if any."""
-    from megatron_vppo.distributed import ParallelDims
-
-    dims = dims or ParallelDims.from_megatron()
+    if dims is None:
+        raise TypeError("build_model_chunks needs dims= (the ParallelDims init_distributed returned)")
     vpp = dims.vpp or 1
     chunks = []
     for v in range(vpp):
@@ -208,8 +213,13 @@ def build_model_chunks(hf_config, model_cfg=None, parallel=None, *, dims=None,
                 vp_stage=v if vpp > 1 else None,
                 with_vision=with_vision,
                 tp_group=dims.tp_group,
+                init_weights=init_weights,
             )
         )
+    if not init_weights:  # Megatron records TP sharding inside the init it skipped
+        from megatron_vppo.models.common.tp_attributes import mark_tensor_parallel_weights
+
+        mark_tensor_parallel_weights(chunks)
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     return chunks

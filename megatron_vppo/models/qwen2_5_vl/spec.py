@@ -15,10 +15,11 @@ def layout_dims(hf_config) -> dict:
                 num_layers=a.num_layers, vision_num_heads=(cfg.get("vision_config") or {}).get("num_heads"))
 
 
-def build_chunks(hf_config, model_cfg=None, parallel=None, dims=None) -> list:
+def build_chunks(hf_config, model_cfg, parallel, dims, *, init_weights: bool = True) -> list:
+    """`init_weights=False` when every parameter is loaded right after (HF directory, checkpoint)."""
     from megatron_vppo.models.qwen2_5_vl.model import build_model_chunks
 
-    return build_model_chunks(hf_config, model_cfg, parallel, dims=dims)
+    return build_model_chunks(hf_config, model_cfg, parallel, dims=dims, init_weights=init_weights)
 
 
 def weight_adapter(hf_config, tp: int = 1, vocab_pad_multiple: int = 128) -> Qwen25VLWeights:

@@ -278,7 +278,7 @@ class Qwen25VisionModel(MegatronModule):
     ):
         config = vision_transformer_config(hf_vision_cfg, base_kwargs)
         super().__init__(config=config)
-        self.tp_group = tp_group  # distributed.ParallelDims.tp_group; Megatron's when None
+        self.tp_group = tp_group  # distributed.ParallelDims.tp_group (None: one TP rank)
         c = hf_vision_cfg
         self.merge = int(_hf_get(c, "spatial_merge_size", 2))
         self.patch_size = int(_hf_get(c, "patch_size", 14))
@@ -331,13 +331,10 @@ class Qwen25VisionModel(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Distributed-checkpoint view: each block under `blocks.{i}.` with its own TP sharding.
 
-        The TP group must be passed: without it Megatron gives TP-replicated tensors (the patch
-        embedding, norms) the same replica id on every TP rank and a TP>1 save is rejected."""
+        The TP group (`ParallelDims.tp_group`, given at construction) must be set at TP > 1: without it
+        Megatron gives TP-replicated tensors (the patch embedding, norms) the same replica id on every
+        TP rank and the save is rejected."""
         tp_group = self.tp_group
-        if tp_group is None:
-            from megatron_vppo.distributed import ParallelDims
-
-            tp_group = ParallelDims.from_megatron().tp_group
         sd = {}
         for name, child in self.named_children():
             if name == "blocks":

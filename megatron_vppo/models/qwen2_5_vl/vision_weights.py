@@ -96,11 +96,6 @@ def _check(state: dict, shapes: dict[str, tuple], side: str) -> None:
             raise ValueError(f"{side} tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(shape)}")
 
 
-def vision_hf_shapes(hf_vision_cfg: dict, tp: int = 1) -> dict[str, tuple]:
-    """Every HF vision tensor name (relative to the vision module) -> its shape."""
-    return _hf_shapes(_dims(hf_vision_cfg, tp))
-
-
 def vision_mcore_shapes(hf_vision_cfg: dict, tp: int) -> dict[str, tuple]:
     """Every Megatron vision parameter name -> its FULL shape at this tp (MLP width padded)."""
     return _mc_shapes(_dims(hf_vision_cfg, tp))

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Union
 
 import torch
 
-DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
+from megatron_vppo.config import DEFAULT_BUCKET_BYTES
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def iter_named_tensors(stream: WeightStream) -> Iterator[NamedTensor]:
         else:
             raise TypeError(
                 f"weight stream item of type {type(item).__name__} is neither a (name, tensor) pair "
-                "nor a rollout.buckets.Bucket"
+                "nor a sync.buckets.Bucket"
             )
 
 

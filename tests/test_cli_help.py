@@ -199,7 +199,7 @@ def test_demo_console_shows_this_package_not_megatrons_info(tmp_path):
     code = f"""
 import logging, sys
 sys.path.insert(0, {str(REPO)!r})
-import megatron_vppo.config as c
+import megatron_vppo.run_config as c
 def stop(*a, **k):
     raise SystemExit(0)
 c.load_config = stop  # the demo sets up its console first, then reads its config: stop there

@@ -11,4 +11,4 @@ demo: bootstrap
 	$(PY) -m megatron_vppo.cli demo
 
 test: bootstrap
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -42,7 +42,7 @@ setup(
         # Same pins as requirements-gpu.in (tests/test_gpu_stack.py checks); the full lock is requirements-gpu.txt.
         # TE's torch extension (transformer-engine-torch, sdist only) is built against the installed torch: README.
         "gpu": ["sglang==0.5.23", "transformer-engine[core_cu13]==2.11.0", "megatron-core==0.16.1"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist"],
         "viz": ["tensorboard", "matplotlib"],
     },
     entry_points={"console_scripts": ["megatron-vppo=megatron_vppo.cli:main"]},

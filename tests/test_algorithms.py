@@ -285,15 +285,12 @@ def _variants_worker(rank, world, config_path, out_root):
 
 
 @pytest.fixture(scope="module")
-def variant_runs(tiny_model_dir, tmp_path_factory):
-    from pathlib import Path
-
-    from megatron_vppo.train.demo import warm_start
+def variant_runs(warm_model_dir, tmp_path_factory):
     from test_trainer_e2e import CONFIG, PIXELS, _write_data
 
     root = tmp_path_factory.mktemp("algorithms")
     clean, _, _ = _write_data(root / "data")
-    model = warm_start(Path(tiny_model_dir), clean, root / "model_sft", steps=60, batch_size=8, lr=2e-3, seed=0)
+    model = warm_model_dir
     config = root / "run.yaml"
     text = CONFIG.format(model=model, train=clean, val="''", min_px=PIXELS[0], max_px=PIXELS[1], steps=2)
     config.write_text(text.replace("algo: {name: vppo, entropy_coef: 0.06}", "algo: {name: vppo}"))

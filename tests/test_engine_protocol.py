@@ -74,12 +74,42 @@ def test_engines_without_engine_args_refuse_them():
             check_engine_args(name, {"max_model_len": 8})
 
 
-def test_hf_engine_from_config_is_none_off_the_engine_rank(tmp_path):
-    """`from_config` decides per rank: a rank that is not its replica's TP0·PP0 rank holds no engine."""
-    from megatron_vppo.config import RunConfig
-    from megatron_vppo.distributed import ParallelDims
+def test_engine_placement_is_a_declared_capability():
+    """`rollout.engine_tp` comes from the class's `tensor_parallel`, never from the engine's name: engines
+    that cannot span ranks sit on every rank and refuse engine_tp > 1; SGLang defaults to the training TP."""
+    from megatron_vppo.config import ConfigError
+    from megatron_vppo.rollout import engine_tp_for
 
+    for cls in _engine_classes():
+        assert isinstance(cls.tensor_parallel, bool), cls.__name__
+    for name in ENGINES:
+        cls = ENGINES[name]
+        assert engine_tp_for(name, None, 4) == (4 if cls.tensor_parallel else 1)
+        assert engine_tp_for(name, 1, 4) == 1
+        if cls.tensor_parallel:
+            assert engine_tp_for(name, 2, 4) == 2
+        else:
+            with pytest.raises(ConfigError, match=f"rollout.engine_tp=2: rollout.engine={name}"):
+                engine_tp_for(name, 2, 4)
+
+
+def test_engine_ranks_and_from_config_follow_engine_tp(tmp_path):
+    """An engine per engine_tp consecutive ranks, whatever the training layout; the in-process engines
+    are None only on an engine's non-first ranks."""
+    from megatron_vppo.config import RunConfig
+    from megatron_vppo.distributed import ParallelDims, with_engines
+    from megatron_vppo.parallel_layout import LayoutError
+
+    world = [ParallelDims(tp=2, pp=2, dp=2, world_size=8, rank=r) for r in range(8)]
+    four = [with_engines(d, 2, local_world_size=4) for d in world]
+    assert [d.engine_index for d in four] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [d.engine_rank for d in four] == [True, False] * 4
+    assert four[5].engine_ranks == [4, 5] and four[5].num_engines == 4
+    assert all(d.engine_rank and d.num_engines == 8 for d in (with_engines(d, 1, 4) for d in world))
+    for bad in (3, 8):  # not a divisor of the world / spans two nodes of 4
+        with pytest.raises(LayoutError, match=f"rollout.engine_tp={bad}"):
+            with_engines(world[0], bad, local_world_size=4)
     cfg = RunConfig()
-    for dims in (ParallelDims(tp=2, tp_rank=1), ParallelDims(pp=2, pp_rank=1)):
+    for dims in (four[1], four[7]):
         assert ENGINES["hf"].from_config(cfg, tmp_path, dims) is None
         assert ENGINES["vllm"].from_config(cfg, tmp_path, dims) is None

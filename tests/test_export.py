@@ -86,11 +86,9 @@ def _vpp_worker(rank, world, hf_dir):
     return [(n, t.clone()) for n, t in export_hf_weights(m.chunks, m.adapter, dims=m.dims)]
 
 
-def test_export_stream_with_virtual_pipeline(tmp_path):
+def test_export_stream_with_virtual_pipeline(tiny_model_dir_4layers):
     """PP2 × VPP2 on a 4-layer model: every chunk of every stage contributes, in layer order."""
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
-
-    hf_dir = make_tiny_model(tmp_path / "tiny4", seed=1, text_config={"num_hidden_layers": 4})
+    hf_dir = tiny_model_dir_4layers
     ref = load_file(str(hf_dir / "model.safetensors"))
     got, rest = run_distributed(_vpp_worker, 2, str(hf_dir))
     assert rest == []
@@ -251,14 +249,13 @@ def _push_worker(rank, world, hf_dir, other_dir, tp, pp):
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_push_to_engine_in_place_equals_checkpoint(tiny_model_dir, tmp_path, tp, pp):
+def test_push_to_engine_in_place_equals_checkpoint(tiny_model_dir, tiny_model_dir_seed1, tp, pp):
     """The trainer's sync path into the in-process engine: the engine ends up with exactly the
     checkpoint's weights, on its own storage; a stream that dies mid-update makes every rank raise
     and the engine refuse to generate until the next complete sync."""
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
     from megatron_vppo.rollout.hf_engine import canonical_param_name
 
-    other = make_tiny_model(tmp_path / "other", seed=1, tokenizer="bpe")
+    other = tiny_model_dir_seed1
     ref = {canonical_param_name(k): v for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
     results = run_distributed(_push_worker, tp * pp, str(tiny_model_dir), str(other), tp, pp)
     r0 = results[0]
@@ -384,15 +381,13 @@ def test_export_after_dp2_step_sees_the_updated_params(tiny_model_dir, dtype):
                      f"{dtype} round {i} rank 1 vs rank 0")
 
 
-def test_export_after_dp2_step_with_interleaved_pipeline(tmp_path):
+def test_export_after_dp2_step_with_interleaved_pipeline(tiny_model_dir_4layers):
     """PP2 x VPP2 x DP2 with overlapped param gathers: the interleaved schedule launches the chunks'
     all-gathers itself (align_param_gather + param_sync_func, as Megatron-LM pairs them); after the
     steps every stage still exports exactly its optimizer's main params."""
     from test_vppo_layout_invariance import make_trajectories
 
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
-
-    hf_dir = make_tiny_model(tmp_path / "tiny4", seed=1, tokenizer="bpe", text_config={"num_hidden_layers": 4})
+    hf_dir = tiny_model_dir_4layers
     # one mini-batch of two whole GRPO groups: 2 trajectories, 2 micro-batches per DP rank
     all_trajs = make_trajectories(hf_dir)
     trajs = [all_trajs[i] for i in (0, 1, 3, 4)]

@@ -91,9 +91,8 @@ LATIN1_ROW = '{"problem": "<image>Wie viele Kreise? Caf\u00e9", "images": ["%s"]
 
 
 @pytest.fixture(scope="module")
-def assets(tiny_model_dir, tmp_path_factory):
+def assets(warm_model_dir, tmp_path_factory):
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
-    from megatron_vppo.train.demo import warm_start
 
     root = tmp_path_factory.mktemp("faults_run")
     train, val = write_synthetic_dataset(root / "data", 64, 20, seed=0, tasks=("count",))
@@ -112,7 +111,7 @@ def assets(tiny_model_dir, tmp_path_factory):
         f.writelines((json.dumps(r) + "\n").encode() for r in rows[1:])
     valf = root / "data" / "val.jsonl"
     valf.write_text("".join(json.dumps(r) + "\n" for r in val_rows[:4]))
-    model = warm_start(Path(tiny_model_dir), clean, root / "model_sft", steps=60, batch_size=8, lr=2e-3, seed=0)
+    model = warm_model_dir  # conftest: tiny_model_dir after 60 SFT steps on these clean rows
     config = root / "run.yaml"
     config.write_text(CONFIG.format(model=model, train=mixed, min_px=PIXELS[0], max_px=PIXELS[1]))
     return {"root": root, "model": model, "config": config, "train": mixed, "val": valf, "rows": rows}

@@ -27,6 +27,7 @@ def test_gpu_check_on_cpu(tmp_path):
     assert 1e-4 < par["hf_bf16_vs_hf_fp32"] < 0.2 and par["bf16_ok"]
     rl = summary["checks"]["rl"]
     assert rl["synced_steps"] == [1, 2, 3] and rl["finite"], rl
+    assert rl["engines"] == [1, 1, 1] and rl["ok"], rl  # engines on every rank of a 1-process run: one
     assert all(d is not None and d <= 1e-4 for d in rl["trainer_vs_engine_logp_abs_diff_max"]), rl
     assert "sglang" in summary["not_run"]
 

@@ -308,13 +308,11 @@ def _vpp_worker(rank, world, model_dir, batch):
     return {"layers": layers, "logits": out}
 
 
-def test_pp2_vpp2_interleaved_logits(tmp_path):
+def test_pp2_vpp2_interleaved_logits(tiny_model_dir_4layers):
     """Global layer numbering under virtual pipeline: rank r chunk v holds layer 2v + r."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
-
-    model_dir = make_tiny_model(tmp_path / "tiny4", seed=1, text_config={"num_hidden_layers": 4})
+    model_dir = tiny_model_dir_4layers
     batch = make_batch(model_dir)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     pos, _ = hf.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],

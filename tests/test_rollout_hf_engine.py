@@ -190,10 +190,8 @@ def test_name_spellings():
 
 
 @pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory):
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_seed1"), seed=1, tokenizer="bpe")
+def other_model_dir(tiny_model_dir_seed1):
+    return tiny_model_dir_seed1
 
 
 def _snapshot(model):

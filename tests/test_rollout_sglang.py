@@ -93,42 +93,42 @@ def test_loose_pairs_and_buckets_become_buckets_in_order(bound):
     assert names == [n for n, _ in pairs]
 
 
-def _groups_worker(rank, world_size, tp, pp):
+def _groups_worker(rank, world_size):
     import torch.distributed as dist
 
     from megatron_vppo.config import ParallelConfig
-    from megatron_vppo.distributed import all_gather_world, destroy_distributed, init_distributed
+    from megatron_vppo.distributed import all_gather_world, destroy_distributed, init_distributed, with_engines
     from megatron_vppo.rollout.sglang_weights import engine_groups
 
-    dims = init_distributed(ParallelConfig(tp=tp, pp=pp), num_attention_heads=4, num_query_groups=2, num_layers=2)
+    base = init_distributed(ParallelConfig(tp=2, pp=2), num_attention_heads=4, num_query_groups=2, num_layers=2)
     try:
-        group, src = engine_groups(dims)
-        members = dist.get_process_group_ranks(group) if group is not None else None
-        gathered = all_gather_world([rank] if dims.engine_rank else [])
-        return {"src": src, "members": members, "engine": dims.engine_rank, "gathered": gathered}
+        out = {}
+        for etp in (2, 1, 4):  # the training layout (TP2xPP2) does not decide where engines sit
+            dims = with_engines(base, etp)
+            group, src = engine_groups(dims)
+            members = dist.get_process_group_ranks(group) if group is not None else None
+            gathered = all_gather_world([rank] if dims.engine_rank else [])
+            out[etp] = {"src": src, "members": members, "engine": dims.engine_rank, "gathered": gathered}
+        return out
     finally:
         destroy_distributed()
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 2), (1, 2)])
-def test_engine_groups_are_the_stage0_tp_groups(tp, pp):
-    """Each replica's engine rank and its TP peers on pipeline stage 0 share one gloo group led by the
-    engine rank; later stages host nothing."""
+def test_engine_groups_put_an_engine_tp_rank_on_every_rank():
+    """Every rank hosts an engine TP rank: engine_tp consecutive ranks share one gloo group led by the
+    engine's entry rank, at any engine_tp dividing the world, whatever the training layout (one launch)."""
     from dist_helpers import run_distributed
 
     world = 4
-    got = run_distributed(_groups_worker, world, tp, pp, timeout=300)
-    stage0 = [r for r in range(world) if (r // (world // pp)) == 0]  # Megatron order: pp is the slowest dim
-    engines = [r for r in range(world) if got[r]["engine"]]
-    for r, g in enumerate(got):
-        assert g["gathered"] == engines  # every rank receives every engine rank's list, in rank order
-        if r not in stage0:
-            assert g["src"] is None and g["members"] is None
-        elif tp == 1:
-            assert g["src"] == r and g["members"] is None and g["engine"]
-        else:
-            lead = r - r % tp
-            assert g["src"] == lead and g["members"] == list(range(lead, lead + tp)) and g["engine"] == (r == lead)
+    got = run_distributed(_groups_worker, world, timeout=300)
+    for etp in (2, 1, 4):
+        engines = list(range(0, world, etp))
+        for r in range(world):
+            g = got[r][etp]
+            assert g["gathered"] == engines  # every rank receives every engine rank's list, in rank order
+            lead = r - r % etp
+            assert g["src"] == lead and g["engine"] == (r == lead)
+            assert g["members"] == (None if etp == 1 else list(range(lead, lead + etp)))
 
 
 # ----------------------------------------------------------------------------- GPU only

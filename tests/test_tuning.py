@@ -12,6 +12,7 @@ import pytest
 from megatron_vppo.config import RolloutConfig
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning import KERNELS, Precision, Workload, estimate_memory, load_model_spec, spec_from_dict, tune
+from megatron_vppo.tuning.search import precision_for
 from megatron_vppo.tuning.cli import run as cli_run
 from megatron_vppo.tuning.memory import SGLANG_RUNTIME_GIB
 from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES
@@ -154,8 +155,9 @@ def test_tuner_offers_no_context_parallel_layouts():
 
 
 def test_rollout_share_must_hold_the_engines_weights_and_a_sequence():
-    """The colocated engine (TP = the trainer's, on stage 0) holds the HF model / TP in bf16 inside its share;
-    a share smaller than that cannot fit, whatever the trainer needs."""
+    """The colocated engines (TP = the trainer's, one engine TP rank on every GPU of every stage) hold the
+    HF model / TP in bf16 inside their share; a share smaller than that cannot fit, whatever the trainer
+    needs. `engine_tp` sizes the engine independently of the trainer's TP."""
     spec = load_model_spec(SPEC_32B)
     prec = Precision()  # bf16
     for tp, share, ok in [(2, 0.35, False), (2, 0.45, True), (4, 0.25, True), (4, 0.19, False)]:
@@ -165,8 +167,15 @@ def test_rollout_share_must_hold_the_engines_weights_and_a_sequence():
         assert first.engine_weights == pytest.approx(spec.total_params() * 2 / tp)
         assert first.min_kv == pytest.approx(PAPER_32B.seq_len * spec.layers * 2 * (spec.kv_heads // tp) * spec.hd * 2)
         assert first.rollout_fits is ok, (tp, share, first.kv_cache / GIB)
-        assert all(s.rollout == 0 for s in est.stages[1:])  # only stage 0 hosts the engine
-        assert est.total_gib * GIB >= first.static + first.rollout
+        # every stage hosts engine TP ranks (world / tp engines): the same share, weights and KV on each
+        assert all((s.rollout, s.engine_weights, s.min_kv) == (first.rollout, first.engine_weights, first.min_kv)
+                   for s in est.stages[1:])
+        assert est.total_gib * GIB >= max(s.static + s.rollout for s in est.stages)
+    wide = estimate_memory(spec, Layout(tp=2, pp=4, dp=4), PAPER_32B, prec=prec, gpu_mem_gib=80.0,
+                           rollout_share=0.45, engine_tp=4)
+    assert wide.stages[2].engine_weights == pytest.approx(spec.total_params() * 2 / 4)
+    row = tune(spec, 32, 79.6, PAPER_32B, prec=precision_for("bf16", fp8=True), rollout_share=0.5)[0].as_dict()
+    assert (row["engines"], row["engine_tp"]) == (32 // row["tp"], row["tp"])  # all 32 GPUs generate
 
 
 def test_no_fit_says_which_constraint_fails_and_what_fits():

@@ -2,22 +2,16 @@
 
 Two real gloo processes hold half the (padded) vocabulary each."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 
 from megatron_vppo.algo.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_prob
 
 N, V_TRUE, V_PAD, TEMP = 9, 10, 12, 0.7
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(dtype=torch.float64):
@@ -87,7 +81,7 @@ def _worker(rank, world, port):
 
 def test_tp2_matches_full_softmax():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 def test_single_process_group_none():

@@ -182,11 +182,8 @@ def _vpp_worker(rank, world, model_dir, trajs, pp, vpp, max_tokens=None):
 
 
 @pytest.fixture(scope="module")
-def four_layer_model_dir(tmp_path_factory):
-    from megatron_vppo.models.qwen2_5_vl.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_4_layers"), seed=0, tokenizer="bpe",
-                           text_config={"num_hidden_layers": 4})
+def four_layer_model_dir(tiny_model_dir_4layers):
+    return tiny_model_dir_4layers
 
 
 def test_interleaved_pipeline_small_shard_matches_single_process(four_layer_model_dir):

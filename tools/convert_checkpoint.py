@@ -100,12 +100,15 @@ def _spawned(local_rank: int, rank_main, args, world: int, port: int) -> None:
         sys.exit(code)
 
 
-def _free_port() -> int:
-    import socket
+def _local_store(world: int):
+    """A rendezvous store bound to a port the kernel picks and held by this launcher, as torchrun's
+    agent does (the ranks connect to it as clients). Choosing a free port and binding it later in rank 0
+    races: another process can take it in between, and ranks then meet the wrong store."""
+    import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    return store
 
 
 def launch(rank_main, args, world: int) -> int:
@@ -113,15 +116,15 @@ def launch(rank_main, args, world: int) -> int:
     this process when world == 1, else `world` spawned processes (gloo on CPU, NCCL on GPUs)."""
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun
         return rank_main(args)
+    store = _local_store(world)  # noqa: F841 — serves the ranks' rendezvous until they are done
     if world == 1:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         return rank_main(args)
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        mp.start_processes(_spawned, args=(rank_main, args, world, _free_port()), nprocs=world, join=True,
+        mp.start_processes(_spawned, args=(rank_main, args, world, store.port), nprocs=world, join=True,
                            start_method="spawn")
     except mp.ProcessExitedException:
         return 1  # rank 0 already printed the reason

@@ -103,12 +103,12 @@ def blacken_pixel_values(pixel_values: Tensor, image_grid_thw: Tensor, masks: Se
             raise ValueError(f"mask shape {tuple(m.shape)} does not match the image grid {(h, w)}")
         flat.append(cell_order(m.bool(), merge_size).repeat(t))
     rows = torch.cat(flat).to(pixel_values.device) if flat else torch.zeros(0, dtype=torch.bool)
-    black = (-torch.tensor(image_mean, dtype=torch.float64) / torch.tensor(image_std, dtype=torch.float64))
-    black = black.to(pixel_values.dtype).to(pixel_values.device)
-    out = pixel_values.clone()
-    view = out.view(out.shape[0], channels, -1)
-    view[rows] = black.view(1, channels, 1).expand(int(rows.sum()), channels, view.shape[-1])
-    return out
+    # (0 - mean_c) / std_c in float64, then the pixels' dtype (python floats are float64)
+    black = torch.tensor([-float(m) / float(s) for m, s in zip(image_mean, image_std)], dtype=torch.float64)
+    black = black.to(device=pixel_values.device, dtype=pixel_values.dtype)
+    # one pass that writes a new tensor (no clone + masked write)
+    view = pixel_values.reshape(pixel_values.shape[0], channels, -1)
+    return torch.where(rows.view(-1, 1, 1), black.view(1, channels, 1), view).reshape(pixel_values.shape)
 
 
 def perturb_pixel_values(pixel_values: Tensor | None, image_grid_thw: Tensor | None,

@@ -28,6 +28,21 @@ def check_engine_args(engine: str, args: dict) -> None:
     ENGINES[engine].check_engine_args(args)
 
 
+def engine_tp_for(engine: str, engine_tp: int | None, train_tp: int) -> int:
+    """Ranks per rollout engine (`rollout.engine_tp`): given, or the training TP for an engine class
+    that declares `tensor_parallel` (one engine spans several GPUs), else 1 (an engine on every rank).
+    An engine that cannot span ranks refuses engine_tp > 1 (a ConfigError naming the key)."""
+    spans = bool(getattr(ENGINES[engine], "tensor_parallel", False))  # undeclared: one engine per rank
+    if engine_tp is None:
+        return train_tp if spans else 1
+    if engine_tp > 1 and not spans:
+        from megatron_vppo.config import ConfigError
+
+        raise ConfigError(f"rollout.engine_tp={engine_tp}: rollout.engine={engine} runs one engine per rank and "
+                          "cannot span several; set rollout.engine_tp=1 (or leave it unset)")
+    return engine_tp
+
+
 def check_engine_model(engine: str, model_dir) -> None:
     """Refuse at start-up (ConfigError) a model `engine` cannot serve, before weights load or the engine
     starts; engines without a `check_model` take every model."""
@@ -45,6 +60,7 @@ __all__ = [
     "RolloutRequest",
     "SamplingParams",
     "check_engine_args",
+    "engine_tp_for",
     "check_engine_model",
     "iter_buckets",
     "pack_bucket",

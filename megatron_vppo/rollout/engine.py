@@ -107,6 +107,9 @@ class RolloutEngine(Protocol):
     # True: takes the plain (name, tensor) stream and copies each tensor as it arrives, so
     # `sync.engine_push.push_to_engine` passes `mode` and `expected`; False: takes byte-bounded buckets.
     in_process: bool
+    # Placement capability: True when one engine can span `rollout.engine_tp` > 1 consecutive ranks
+    # (its TP ranks, one per GPU: colocated SGLang); False: an engine on every rank (engine_tp 1).
+    tensor_parallel: bool
     # generate/score take the processor's `pixel_values` (so a perturbed-pixel view can be scored);
     # False: the engine preprocesses raw images itself (vLLM), so only image-level perturbations reach it.
     takes_pixel_values: bool
@@ -134,8 +137,9 @@ class RolloutEngine(Protocol):
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "RolloutEngine | None":
-        """This rank's part of its replica's engine for a RunConfig, or None where the rank holds none
-        (`dims`: `distributed.ParallelDims`). Collective: `train.build.build_engine` calls it on every rank."""
+        """This rank's part of its engine for a RunConfig, or None where the rank holds none (`dims`:
+        `distributed.ParallelDims`; an engine per `dims.engine_tp` consecutive ranks, its entry point
+        on `dims.engine_rank`). Collective: `train.build.build_engine` calls it on every rank."""
         ...
 
     def generate(

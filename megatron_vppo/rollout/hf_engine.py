@@ -57,6 +57,21 @@ def canonical_param_name(name: str, spec=None) -> str:
     return spec.engine_param_name(name)
 
 
+def _no_device_redirect(fn):
+    """Run `fn` outside the CPU adapter's CUDA->CPU redirect mode (megatron_cpu.py): a transformers
+    model never names a CUDA device on CPU, and the mode's per-call dispatch cost ~8 % of a prefill."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from megatron_vppo.megatron_cpu import without_device_redirect
+
+        with without_device_redirect():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------- sampling (pure)
 
 
@@ -123,6 +138,7 @@ class HFRolloutEngine:
     # Takes plain (name, tensor) streams and copies each tensor as it arrives, so `push_to_engine`
     # hands it the unbucketed stream, the manifest and an update mode.
     in_process = True
+    tensor_parallel = False  # one engine per rank (rollout.engine_tp 1)
     takes_pixel_values = True
     weights_on_every_tp_rank = False
     reads = frozenset()  # no bucket_bytes: it takes the plain stream
@@ -179,8 +195,8 @@ class HFRolloutEngine:
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "HFRolloutEngine | None":
-        """The trainer's engine on each replica's engine rank (None elsewhere), on that rank's device in
-        the model's dtype."""
+        """The trainer's engine on every engine rank (with engine_tp 1: every rank), on that rank's device in
+        the model's dtype; None elsewhere."""
         if not dims.engine_rank:
             return None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
@@ -243,6 +259,7 @@ class HFRolloutEngine:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
+    @_no_device_redirect
     def generate(
         self, requests: Sequence[RolloutRequest], n: int, sampling: SamplingParams
     ) -> list[list[RolloutOutput]]:
@@ -335,6 +352,7 @@ class HFRolloutEngine:
     # ------------------------------------------------------------------ re-scoring
 
     @torch.no_grad()
+    @_no_device_redirect
     def score(
         self,
         items: Sequence[tuple[RolloutRequest, Sequence[int]]],

@@ -2,8 +2,8 @@
 
 One deployment (docs/sglang.md has the protocol in full):
 
-* `SGLangRolloutEngine` — colocated: an `sglang.Engine` started by the trainer's first rank of each
-  replica, its TP ranks on the GPUs of the trainer's TP group (pipeline stage 0). Each update is one
+* `SGLangRolloutEngine` — colocated: an `sglang.Engine` on every `rollout.engine_tp` consecutive GPUs
+  (so every GPU hosts an engine TP rank), started by the engine's first trainer rank. Each update is one
   weight-update session (`begin_weight_update` ... `end_weight_update`, required since 0.5.21) of
   flattened-bucket calls to `update_weights_from_tensor`, one serialized payload per engine TP rank,
   each packed on that rank's GPU by the trainer rank sharing it (`sglang_weights.py`;
@@ -353,6 +353,7 @@ class SGLangRolloutEngine:
     run `SGLangTPPeer`. `serialize`: how a payload becomes bytes (SGLang's serializer by default)."""
 
     in_process = False  # takes byte-bounded buckets
+    tensor_parallel = True  # one engine spans rollout.engine_tp GPUs
     takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
     weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
     reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup"})
@@ -372,10 +373,10 @@ class SGLangRolloutEngine:
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "SGLangRolloutEngine | SGLangTPPeer | None":
-        """The trainer's colocated engine (collective over every rank): on each replica's engine rank an
-        `sglang.Engine` whose TP ranks sit on the GPUs of the trainer's TP group of pipeline stage 0; on
-        the other ranks of that group an `SGLangTPPeer` (it packs the weight payload its GPU's engine
-        rank reads); None on later stages. Its memory budget is `rollout.engine_gpu_share` of the GPU,
+        """The trainer's colocated engines (collective over every rank): one per `dims.engine_tp`
+        consecutive ranks (`rollout.engine_tp`), so every GPU hosts an engine TP rank. On each engine's
+        first rank an `sglang.Engine` whose TP ranks sit on the GPUs of its ranks; on the others an
+        `SGLangTPPeer` (it packs the weight payload its GPU's engine rank reads). Its memory budget is `rollout.engine_gpu_share` of the GPU,
         turned into SGLang's mem_fraction_static from the memory free now, after the model and
         optimizer (docs/sglang.md). The weights are replaced by the trainer's before the first rollout,
         so model.path only seeds the architecture."""
@@ -383,14 +384,14 @@ class SGLangRolloutEngine:
 
         from megatron_vppo.config import ConfigError
 
-        device, tp = dims.device, cfg.parallel.tp
+        device, tp = dims.device, dims.engine_tp
         if device.type != "cuda":
             raise ConfigError("rollout.engine=sglang needs a GPU; on CPU use rollout.engine=hf")
-        first_gpu = device.index - dims.tp_rank  # SGLang's base_gpu_id for this group
+        first_gpu = device.index - dims.engine_tp_rank  # SGLang's base_gpu_id for this engine
         if first_gpu < 0 or first_gpu + tp > torch.cuda.device_count():  # same verdict on every rank
-            raise ConfigError(f"parallel.tp={tp}: the tensor-parallel group does not sit on GPUs "
+            raise ConfigError(f"rollout.engine_tp={tp}: the engine's ranks {dims.engine_ranks} do not sit on GPUs "
                               f"{max(first_gpu, 0)}..{first_gpu + tp - 1} of one node, where the colocated "
-                              "SGLang engine puts its TP ranks; keep parallel.tp within a node's GPUs")
+                              "SGLang engine puts its TP ranks; keep rollout.engine_tp within a node's GPUs")
         group, src = engine_groups(dims)  # collective over every rank
         if src is None:
             return None
@@ -625,6 +626,7 @@ class SGLangTPPeer:
         self.weight_version = 0
 
     in_process = False
+    tensor_parallel = True
     takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
     weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
     reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup"})

@@ -3,7 +3,8 @@
 SGLang 0.5.23's `Engine.update_weights_from_tensor(named_tensors=[p_0, ..., p_{tp-1}],
 load_format="flattened_bucket")` hands the list to every scheduler rank, and rank i deserializes only
 p_i (`TpModelWorker.deserialize_own_rank`): a CUDA IPC handle it opens on its own GPU. So the trainer
-rank that shares GPU i with engine rank i packs the bucket there, serializes it, and the engine's
+rank that shares GPU i with engine rank i packs the bucket there (every rank receives the full
+HF-layout stream, bucket by bucket: `sync.engine_push` streams to all ranks), serializes it, and the engine's
 first rank gathers the payloads (gloo) and makes the one call — the order SGLang's own
 `weight_sync.utils.update_weights` helper uses (gather_object to the engine's first rank).
 
@@ -23,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_vppo.distributed import GLOO_TIMEOUT, ParallelDims, all_gather_world
+from megatron_vppo.distributed import GLOO_TIMEOUT, ParallelDims
 from megatron_vppo.sync.buckets import Bucket, WeightStream, iter_buckets, tensor_nbytes
 
 DONE = ("done", None)
@@ -130,24 +131,16 @@ def run_rounds(contribs: Iterator[tuple], group, src: int, is_src: bool,
 
 
 def engine_groups(dims: ParallelDims):
-    """(this rank's gloo group over the TP ranks of pipeline stage 0, that group's first global rank);
-    (None, None) on ranks that host no engine rank. Collective over all ranks. With tp == 1 there is
-    nothing to gather: (None, this rank) on stage 0."""
-    first_stage = dims.pp_rank == 0 and dims.cp_rank == 0
-    if dims.tp == 1:
-        return (None, dist.get_rank()) if first_stage else (None, None)
-    mine = dist.get_process_group_ranks(dims.tp_group)
-    every = all_gather_world([mine if first_stage else None])
-    lists = sorted({tuple(r) for r in every if r is not None})
-    for r in lists:  # SGLang puts TP rank i on GPU base_gpu_id + i: the trainer's TP ranks must sit there too
-        if list(r) != list(range(r[0], r[0] + len(r))):
-            raise ValueError(f"the tensor-parallel group {list(r)} is not consecutive ranks, so its GPUs are not "
-                             "the colocated SGLang engine's base_gpu_id..+tp; use Megatron's default rank order")
-    groups = [dist.new_group(list(r), backend="gloo", timeout=GLOO_TIMEOUT) for r in lists]  # all ranks, same order
-    for ranks, g in zip(lists, groups):
-        if dist.get_rank() in ranks:
-            return g, ranks[0]
-    return None, None
+    """(this rank's gloo group over its engine's ranks, the engine's first global rank). An engine spans
+    `dims.engine_tp` consecutive ranks (`ParallelDims.engine_ranks`): consecutive local ranks, so
+    consecutive GPUs of one node, which is where SGLang puts engine TP rank i (base_gpu_id + i).
+    Collective over all ranks (every rank makes every group, in the same order). With engine_tp == 1
+    there is nothing to gather: (None, this rank)."""
+    if dims.engine_tp == 1:
+        return None, dist.get_rank()
+    groups = [dist.new_group(list(range(first, first + dims.engine_tp)), backend="gloo", timeout=GLOO_TIMEOUT)
+              for first in range(0, dims.world_size, dims.engine_tp)]
+    return groups[dims.engine_index], dims.engine_ranks[0]
 
 
 def min_free_bytes(group) -> int:

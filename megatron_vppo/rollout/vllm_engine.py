@@ -264,6 +264,7 @@ class VLLMRolloutEngine:
 
     # push_to_engine hands it the plain stream, the manifest and an update mode (no buckets).
     in_process = True
+    tensor_parallel = False  # one engine per rank (rollout.engine_tp 1)
     takes_pixel_values = False  # vLLM preprocesses raw images itself (image-level perturbations only)
     weights_on_every_tp_rank = False
     reads = frozenset()  # no bucket_bytes: it takes the plain stream
@@ -310,8 +311,8 @@ class VLLMRolloutEngine:
 
     @classmethod
     def from_config(cls, cfg, model_dir, dims) -> "VLLMRolloutEngine | None":
-        """The trainer's engine on each replica's engine rank (None elsewhere): the model's dtype, the
-        run seed, the data section's image bounds."""
+        """The trainer's engine on every engine rank (with engine_tp 1: every rank; None elsewhere): the
+        model's dtype, the run seed, the data section's image bounds."""
         if not dims.engine_rank:
             return None
         return cls(model_dir, dtype=cfg.model.dtype, seed=cfg.train.seed, engine_args=cfg.rollout.engine_args,

@@ -1,5 +1,10 @@
 """Feed the trainer's weights to the rollout engines (collective over all ranks).
 
+Engines sit on every rank (`ParallelDims.engine_tp` consecutive ranks per engine), so every rank
+receives the full HF-layout stream from the TP/PP shards (dst "all"), group by group: each rank holds
+one group (one bucket) at a time. After the update every engine's `weight_version` is compared: an
+update is complete on every engine or the run stops (never a mix of versions across engines).
+
 An in-process engine (`engine.in_process`: the HF and vLLM engines) gets the plain stream in reused
 receive buffers (it copies each tensor into its parameter as it arrives: in-place mode) plus the
 plan's manifest; other engines (SGLang) get byte-bounded buckets.
@@ -8,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_vppo.distributed import ParallelDims, all_ranks_ok
+from megatron_vppo.distributed import ParallelDims, all_ranks_ok, min_max_world
 from megatron_vppo.megatron_cpu import without_device_redirect
 from megatron_vppo.sync.buckets import DEFAULT_BUCKET_BYTES, iter_buckets
 from megatron_vppo.sync.plan import DESTINATIONS, ExportError, local_params, plan_for
@@ -67,3 +72,18 @@ def push_to_engine(model_chunks, adapter, engine, *, bucket_bytes: int | None = 
             raise err
         raise ExportError("weight update failed on another rank (see its log); this rank's engine, if any, "
                           "was updated but the update is not consistent across ranks")
+
+
+def check_engine_versions(engine, engine_name: str = "") -> int:
+    """Every engine (and engine TP rank) reports the same `weight_version` after an update, or every
+    rank raises: the never-half-updated guarantee across engines (one all-reduce of two numbers).
+    Ranks without an engine take no part in the comparison. Returns the version."""
+    span = min_max_world(engine.weight_version if engine is not None else None)
+    if span is None:
+        return -1
+    low, high = span
+    if low != high:
+        raise ExportError(f"rollout engines disagree on their weight version after an update (min {low}, max "
+                          f"{high}; rollout.engine={engine_name}): an engine missed an update, so the rollouts "
+                          "would mix policies; restart from the last checkpoint")
+    return high

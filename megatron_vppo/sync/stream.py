@@ -13,7 +13,8 @@ all-gather (`distributed.force_param_sync`; with overlap_param_gather the shards
 would otherwise be the previous step's).
 
 Destinations (`dst`): "rank0" (global rank 0 only), "replica" (the first rank — TP 0, PP 0 — of every
-data-parallel replica; each replica streams independently), "all" (every rank). Other ranks yield
+data-parallel replica; each replica streams independently), "all" (every rank: each (DP, CP) replica
+streams independently, every rank of it receiving every full tensor — engines on every rank). Other ranks yield
 nothing but MUST still iterate the stream to its end: it is a collective (`drain`).
 
 At TP1 on the destination stage the yielded tensors may alias the live parameters (no copy is made);
@@ -92,8 +93,8 @@ def hf_stream(model_chunks, adapter, dims: ParallelDims, *, dst: str, dtype: tor
     # Every rank, before any rank returns: after a distributed-optimizer step with overlapped param
     # gathers, each DP rank holds only its own updated shard until this all-gather completes.
     distributed.force_param_sync(model_chunks)
-    if dims.cp_rank != 0 or (dst == "rank0" and dims.dp_rank != 0):
-        return  # identical replicas; another rank streams this model
+    if (dims.cp_rank != 0 and dst != "all") or (dst == "rank0" and dims.dp_rank != 0):
+        return  # identical replicas; another rank streams this model (with "all", every CP rank streams its own)
     local = local or local_params(model_chunks, adapter)
     groups = (plan or plan_for(local, adapter, group_key, dims=dims)).groups
     params = {n: p for chunk in local for n, p in chunk}

@@ -64,7 +64,7 @@ def _single_process_rendezvous() -> None:
 
 
 def build_engine(cfg: RunConfig, model_dir: Path, dims: ParallelDims):
-    """This rank's part of its replica's rollout engine, or None (collective: call it on every rank).
+    """This rank's part of its rollout engine, or None (collective: call it on every rank).
 
     One registry lookup: `rollout.ENGINES[rollout.engine].from_config` builds it (each engine module
     says where its parts live and what they need)."""
@@ -89,8 +89,9 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
     hooked into Megatron's schedules. The trainer, the benchmarks and the tests all build it here.
     `overlap`: DDP communication overlap (None: on with CUDA, as the trainer runs; tests force it)."""
     from megatron_vppo.checkpoint.hf_load import load_hf_weights
-    from megatron_vppo.distributed import init_distributed
+    from megatron_vppo.distributed import init_distributed, with_engines
     from megatron_vppo.models import MODELS, check_hf_config
+    from megatron_vppo.rollout import engine_tp_for
     from megatron_vppo.train.optimizer import attach_to_model_config, build_optimizer
 
     spec = MODELS[cfg.model.arch]
@@ -98,6 +99,8 @@ def build_policy(cfg: RunConfig, model_dir, total_steps: int | None = None, *,
     check_hf_config(spec, hf_config, f"model.path {model_dir}")
     arch = spec.text_arch(hf_config)
     dims = init_distributed(cfg.parallel, **spec.layout_dims(hf_config), seed=cfg.train.seed)
+    # The rollout placement, independent of the training layout: an engine per engine_tp ranks.
+    dims = with_engines(dims, engine_tp_for(cfg.rollout.engine, cfg.rollout.engine_tp, dims.tp))
     # no random init: load_hf_weights writes every parameter (it refuses a chunk it cannot fill)
     chunks = spec.build_chunks(hf_config, cfg.model, cfg.parallel, dims, init_weights=False)
     adapter = spec.weight_adapter(hf_config, dims.tp, cfg.model.vocab_pad_multiple)

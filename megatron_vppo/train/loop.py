@@ -22,6 +22,7 @@ from megatron_vppo.algo.rollout_correction import mismatch_metrics, rollout_weig
 from megatron_vppo.config import RunConfig
 from megatron_vppo.data.perturb import make_generator, perturb_pixel_values, perturbed_images_at_grid
 from megatron_vppo.distributed import ParallelDims, all_gather_world, gather_data_parallel, sum_over_data_parallel
+from megatron_vppo.megatron_cpu import without_device_redirect
 from megatron_vppo.rollout import ENGINES
 from megatron_vppo.rollout.engine import RolloutRequest, SamplingParams
 from megatron_vppo.train.engine_sync import sync_engine_weights
@@ -119,6 +120,7 @@ def collect_step_batch(trainer: Trainer) -> tuple[list, dict]:
     metrics["reward/mean"] = float(all_r.mean())
     metrics.update(grading_errors(groups_seen, cfg.reward.max_error_rate, f"step {trainer.step}"))
     metrics["rollout/attempts"] = attempt + 1
+    metrics["rollout/engines"] = trainer.dims.num_engines  # world_size / rollout.engine_tp generate
     metrics.update(data_metrics(trainer.train_batches, trainer.step, trainer.state.setdefault("data_log", {})))
     return to_trajectories(prompts_all, kept_groups), metrics
 
@@ -154,6 +156,11 @@ def perturbed_views(trajs, processor, run_seed: int, step: int, offset: int, pro
     `with_images`: (views, perturbed PIL images per trajectory, None where there are none) — what an
     engine that preprocesses raw images (vLLM) scores.
     """
+    with without_device_redirect():  # our own tensor code: the CPU adapter's per-call dispatch is overhead
+        return _perturbed_views(trajs, processor, run_seed, step, offset, prob, mode, with_images)
+
+
+def _perturbed_views(trajs, processor, run_seed, step, offset, prob, mode, with_images):
     ip = processor.image_processor
     views, pils = [], []
     for i, t in enumerate(trajs):
@@ -245,12 +252,13 @@ def engine_score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
     engine prefill of each image trajectory's perturbed view. No trainer forward at all.
 
     A text-only trajectory has nothing to perturb: its aug is its old, exactly (dependency 0), as in the
-    trainer's pass. Each replica's engine scores its DP shard; every rank gets all results."""
+    trainer's pass. Each engine scores its shard (`dims.engine_index` of `dims.num_engines`); every rank
+    gets all results."""
     dims = trainer.dims
     res = [TokenScores(old=t.rollout_log_probs.float()) for t in trajs]
     if not algorithm_of(trainer.cfg).needs_perturbed_view:
         return res
-    idx = shard(list(range(len(trajs))), dims.dp_rank, dims.dp)
+    idx = shard(list(range(len(trajs))), dims.engine_index, dims.num_engines)
     scored = []
     if dims.engine_rank:
         views, pils = _perturbed_views_of(trainer, trajs, idx, with_images=True)

@@ -1,10 +1,13 @@
 """Rollout side of one RL step: prompts -> engine samples -> rewards -> Trajectories on every rank.
 
-One engine per data-parallel replica lives on the replica's first model-parallel rank (`dims.engine_rank`).
-Each replica samples its share of the prompts; rewards are graded where the text is; then every rank
-receives every trajectory (token ids and scalars are small), so group statistics, dynamic sampling
-and TAS are computed identically on all ranks — the reason results do not depend on the layout.
-Sampling seeds come from (run seed, step, prompt index), never from which rank sampled.
+Engines sit on every rank, independent of the training layout: one per `rollout.engine_tp` consecutive
+ranks, its entry point on the first (`dims.engine_rank`), so world_size / engine_tp engines generate.
+Each engine samples a contiguous share of the prompts (`shard(.., dims.engine_index, dims.num_engines)`);
+rewards are graded where the text is; then every rank receives every group (token ids and scalars are
+small: one all-gather over gloo, `all_gather_world`) and sorts them by prompt, so group statistics,
+dynamic sampling and TAS are computed identically on all ranks — the reason results do not depend on
+the layout. Sampling seeds come from (run seed, step, prompt index[, sample index]), never from which
+engine sampled or what else was in its batch (engine.py `sample_seed`).
 """
 from __future__ import annotations
 
@@ -82,9 +85,9 @@ def generate_and_grade(engine, tokenizer, grader, prompts: list[EncodedPrompt], 
 
 def sample_groups(dims: ParallelDims, engine, tokenizer, grader, prompts: list[EncodedPrompt], *, n: int,
                   sampling: SamplingParams, seed_parts: tuple[int, ...]) -> list[SampledGroup]:
-    """`generate_and_grade` with each data-parallel replica's engine taking its shard of the prompts;
-    every rank gets all groups, in prompt order."""
-    ids = shard(list(range(len(prompts))), dims.dp_rank, dims.dp)
+    """`generate_and_grade` with each engine taking its shard of the prompts; every rank gets all
+    groups, in prompt order."""
+    ids = shard(list(range(len(prompts))), dims.engine_index, dims.num_engines)
     mine = generate_and_grade(engine, tokenizer, grader, prompts, ids, n=n, sampling=sampling,
                               seed_parts=seed_parts) if dims.engine_rank else []
     return sorted(all_gather_world(mine), key=lambda g: g.prompt)

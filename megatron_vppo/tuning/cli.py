@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 _COLS = [
     ("#", 3), ("tp", 3), ("pp", 3), ("vpp", 4), ("sp", 3), ("cp", 3), ("dp", 3), ("recomp", 6), ("m", 5),
     ("fits", 4), ("weights", 8), ("grads", 7), ("optim", 7), ("act", 7), ("vision", 7), ("bwd", 7),
-    ("nograd", 7), ("ovh", 6), ("rollout", 7), ("kv", 6), ("total", 7), ("tok/s/GPU", 10), ("step_s", 8),
+    ("nograd", 7), ("ovh", 6), ("rollout", 7), ("kv", 6), ("engines", 7), ("total", 7), ("tok/s/GPU", 10),
+    ("step_s", 8),
 ]
 
 
@@ -66,7 +67,9 @@ def format_table(rows: list[dict], gpu_mem_gib: float, top: int) -> str:
             r["micro_batches"], "yes" if r["fits"] else "no",
             f"{b['weights']:.1f}", f"{b['grads']:.1f}", f"{b['optimizer']:.1f}", f"{b['activations']:.1f}",
             f"{b['vision_act']:.1f}", f"{b['bwd_peak']:.1f}", f"{b['nograd']:.1f}", f"{b['overhead']:.1f}",
-            f"{b['rollout']:.1f}", f"{b['kv_cache']:.1f}" if b["rollout"] else "-", f"{r['mem_gib']:.1f}", f"{r['tokens_per_s_per_gpu']:.0f}", f"{r['step_time_s']:.1f}",
+            f"{b['rollout']:.1f}", f"{b['kv_cache']:.1f}" if b["rollout"] else "-",
+            f"{r['engines']}x{r['engine_tp']}" if r["engines"] else "-", f"{r['mem_gib']:.1f}",
+            f"{r['tokens_per_s_per_gpu']:.0f}", f"{r['step_time_s']:.1f}",
         ]
         lines.append(" ".join(f"{str(v):>{w}}" for v, (_, w) in zip(vals, _COLS)))
     if top > 0 and len(rows) > top:
@@ -75,8 +78,9 @@ def format_table(rows: list[dict], gpu_mem_gib: float, top: int) -> str:
     lines.append(
         f"{n_fit} of {len(rows)} layouts fit in {gpu_mem_gib:g} GiB. Memory columns are GiB on the most "
         "loaded pipeline rank; total = the larger of training, weights+grads+optim + max(act+vision+bwd, nograd) + ovh, "
-        "and rollout (stage 0), weights+grads+optim + fixed ovh + rollout + SGLang runtime + sync bucket; kv = rollout - the engine's weights, "
-        "at least one full-length sequence."
+        "and rollout (every GPU), weights+grads+optim + fixed ovh + rollout + SGLang runtime + sync bucket; kv = rollout - "
+        "the engine's weights, at least one full-length sequence; engines = rollout engines x their TP "
+        "(rollout.engine_tp, default the trainer's TP): one engine TP rank on every GPU."
     )
     return "\n".join(lines)
 

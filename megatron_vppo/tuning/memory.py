@@ -14,9 +14,10 @@ Dynamic, the larger of two phases:
   no-grad    the paired VPPO pass: 2 views x micro-batch x seq x V/TP logits plus the fp32 log-softmax
              temporaries, reduced to per-token scalars at once (design decision 3)
 Plus framework overhead (CUDA context, NCCL/cuBLAS workspaces, allocator slack).
-Rollout (pipeline stage 0, where each replica's colocated SGLang engine lives; it releases everything while
-the trainer runs): static + fixed overhead + the engine's share of the GPU (`rollout.engine_gpu_share`),
-which must hold the engine's weights (HF model / TP) and KV cache for at least one full-length sequence,
+Rollout (every GPU: the colocated SGLang engines sit on every rank, one per `rollout.engine_tp`
+consecutive GPUs, so world / engine_tp engines generate; each releases everything while the trainer
+runs): static + fixed overhead + the engine's share of the GPU (`rollout.engine_gpu_share`), which must
+hold the engine's weights (HF model / engine_tp) and KV cache for at least one full-length sequence,
 + SGLang's runtime outside that share (SGLang sizes only weights + KV from `mem_fraction_static`; its
 process's CUDA context, decode CUDA graphs and forward workspace come on top: SGLANG_RUNTIME_GIB)
 + the weight sync's buffer (one flattened bucket of `rollout.bucket_bytes` per GPU while it is read).
@@ -346,9 +347,11 @@ def estimate_memory(
     gpu_mem_gib: float = 80.0,
     rollout_share: float = 0.0,
     vocab_multiple: int = 128,
+    engine_tp: int | None = None,
 ) -> MemoryEstimate:
     """`rollout_share`: the colocated engine's share of each GPU while it generates (0: no colocated
-    engine); its TP size is the trainer's, on the GPUs of pipeline stage 0."""
+    engine), on every GPU of every stage; `engine_tp`: its TP size (`rollout.engine_tp`; None: the
+    trainer's TP)."""
     if recompute not in ("none", "full"):
         raise ValueError(f"recompute={recompute!r}: use 'none' or 'full'")
     t, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
@@ -407,9 +410,9 @@ def estimate_memory(
         dynamic = max(sm.train_dynamic, sm.nograd)
         sm.fixed_overhead = kernels.fixed_overhead_gib * GIB
         sm.overhead = sm.fixed_overhead + kernels.fragmentation * dynamic
-        if first and rollout_share > 0:
+        if rollout_share > 0:  # an engine TP rank on every GPU, whatever the stage
             sm.rollout = rollout_share * gpu_mem_gib * GIB
-            sm.engine_weights, sm.min_kv = engine_rank_bytes(spec, t, prec, wl.seq_len)
+            sm.engine_weights, sm.min_kv = engine_rank_bytes(spec, engine_tp or t, prec, wl.seq_len)
             sm.engine_runtime, sm.sync_buffers = SGLANG_RUNTIME_GIB * GIB, SYNC_BUCKET_BYTES
         est.stages.append(sm)
     return est

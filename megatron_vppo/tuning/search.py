@@ -64,6 +64,9 @@ class Candidate:
             stages_gib=[round(s.total / GIB, 3) for s in self.memory.stages],
             time_s={k: round(v, 4) for k, v in self.throughput.as_dict().items() if k.endswith("_s")},
             achieved_mfu=round(self.throughput.achieved_mfu, 4),
+            # rollout engines: one per engine_tp (the trainer's TP) GPUs, on every GPU of every stage
+            engine_tp=lay.tp,
+            engines=(lay.tp * lay.pp * lay.cp * lay.dp) // lay.tp if any(s.rollout for s in self.memory.stages) else 0,
         )
 
 

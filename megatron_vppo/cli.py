@@ -33,19 +33,9 @@ def _run_tool(name: str, argv: list[str], command: str) -> int:
 
 
 def _setup_logging() -> None:
-    """INFO on global rank 0 (step summaries, data skips, checkpoints), warnings only elsewhere."""
-    import logging
-    import warnings
+    from megatron_vppo.console import setup_logging
 
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
-    logging.getLogger("megatron_vppo").setLevel(logging.INFO if rank == "0" else logging.WARNING)
-    # Megatron's "no Apex / Transformer Engine" notices and torch's deprecation notices, per rank and
-    # per call, would bury the step summaries on CPU.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatron)\.")
-    warnings.filterwarnings("ignore", message=r"Please use DTensor instead")
-    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
+    setup_logging()
 
 
 TRAIN_HELP = """\
@@ -99,8 +89,9 @@ def _train(rest: list[str]) -> int:
         return 2
     try:
         cfg = load_config(config_path, overrides)
-        if print_config:
-            print(config_yaml(cfg), end="")
+        if print_config:  # before any model, process group or output directory
+            if os.environ.get("RANK", "0") == "0":
+                print(config_yaml(cfg), end="")
             return 0
         _setup_logging()
         from megatron_vppo.train.run import train

@@ -35,7 +35,6 @@ atexit.register(shutil.rmtree, _VLLM_CACHE, True)
 
 import fcntl  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

@@ -198,5 +198,11 @@ def test_compute_shaping_config_object_and_metrics():
     # DAPO: no shaping, all valid tokens kept
     d = compute_shaping(old, None, mask, adv, AlgoConfig(name="dapo"), tas=False)
     assert torch.equal(d.alpha, torch.ones(B, dtype=torch.float64)) and torch.equal(d.tgf_mask, mask)
+    # ... and it reports none of VPPO's signals (a constant "dep 0 | kept 1" would read as a result, issue 19)
+    assert not [k for k in d.metrics if k.startswith(("dependency/", "tgf/", "tas/"))], d.metrics
+    # a perturbed view scored without TAS/TGF: the dependency is measured and reported, the shaping is not
+    d = compute_shaping(old, aug, mask, adv, AlgoConfig(name="dapo"), tas=False)
+    assert d.metrics["dependency/mean"] == pytest.approx(dep[mask.bool()].mean().item())
+    assert not [k for k in d.metrics if k.startswith(("tgf/", "tas/"))], d.metrics
     with pytest.raises(ValueError, match="needs kl"):
         compute_shaping(old, aug, mask, adv, AlgoConfig(dependency_estimator="exact_kl"))

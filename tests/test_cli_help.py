@@ -188,3 +188,31 @@ def test_readme_config_keys_exist():
     row = next(ln for ln in README.splitlines() if ln.startswith("| `vllm`"))
     names = re.findall(r"`(\w+)`", row.split("`engine_args`:")[1].split("(see")[0])
     assert names and all(_resolve_key(f"rollout.engine_args.{n}") for n in names), names
+
+
+def test_demo_console_shows_this_package_not_megatrons_info(tmp_path):
+    """The demo logged everything at INFO, Megatron's DDP parameter list included (issue 19): it now sets up
+    the trainer's console (megatron_vppo INFO, others WARNING). A fresh interpreter, as `make demo` runs it."""
+    import os
+    import subprocess
+
+    code = f"""
+import logging, sys
+sys.path.insert(0, {str(REPO)!r})
+import megatron_vppo.run_config as c
+def stop(*a, **k):
+    raise SystemExit(0)
+c.load_config = stop  # the demo sets up its console first, then reads its config: stop there
+from megatron_vppo.train import demo
+try:
+    demo.main(["--out", {str(tmp_path)!r}, "--steps", "1"])
+except SystemExit:
+    pass
+on = lambda name: int(logging.getLogger(name).isEnabledFor(logging.INFO))
+print(on("megatron.core.distributed.param_and_grad_buffer"), on("megatron_vppo.train"))
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["0", "1"], p.stdout + p.stderr[-2000:]

@@ -61,7 +61,14 @@ def converted(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("convert") / "mcore_tp2pp2"
     proc = _cli("hf-to-mcore", "--hf", tiny_model_dir, "--out", out, "--tp", 2, "--pp", 2)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out.parent / "hf_to_mcore.log").write_text(proc.stdout + proc.stderr)
     return out
+
+
+def _assert_quiet(text: str) -> None:
+    """No per-rank third-party notices (torch's ShardedTensor deprecation, Megatron's Apex / TE fallbacks)."""
+    for noise in ("DTensor", "ShardedTensor", "FutureWarning", "Apex"):
+        assert noise not in text, text[-3000:]
 
 
 def test_cli_roundtrip_tp2pp2_to_tp1_is_bit_exact(tiny_model_dir, converted, tmp_path):
@@ -73,6 +80,8 @@ def test_cli_roundtrip_tp2pp2_to_tp1_is_bit_exact(tiny_model_dir, converted, tmp
     # issue 19 item 8: a converter says what it wrote and its size
     assert f"convert_checkpoint.py mcore-to-hf: wrote {out} (" in proc.stdout and " MiB)" in proc.stdout, proc.stdout
     _assert_same_hf(Path(tiny_model_dir), out)
+    _assert_quiet(proc.stdout + proc.stderr)
+    _assert_quiet((converted.parent / "hf_to_mcore.log").read_text())
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -156,13 +165,13 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(converted, tmp_path):
 
 def test_score_detects_megatron_checkpoint(tiny_model_dir, converted, tmp_path):
     """tools/score.py on the converted checkpoint gives exactly what it gives on the HF directory."""
-    from test_score import ROWS, _score_worker
+    from test_score import _rows, _score_worker
     from conftest import make_test_images
 
     for img, name in zip(make_test_images(), ("a.png", "b.png")):
         img.save(tmp_path / name)
     data = tmp_path / "in.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(tiny_model_dir)))
     outs = {}
     for kind, model in (("mcore", converted), ("hf", tiny_model_dir)):
         outs[kind] = tmp_path / f"{kind}.jsonl"

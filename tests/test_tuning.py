@@ -178,6 +178,40 @@ def test_rollout_share_must_hold_the_engines_weights_and_a_sequence():
     assert (row["engines"], row["engine_tp"]) == (32 // row["tp"], row["tp"])  # all 32 GPUs generate
 
 
+def test_no_fit_says_which_constraint_fails_and_what_fits():
+    """72B on 32 x 80 GiB at the default --rollout-share 0.5: "0 of 131 layouts fit" used to be all it said
+    (issue 19). Now the closest layout's first failing constraint (the rollout phase: the trainer's resident
+    state plus the engine's share), the shares that fit on these GPUs and the GPU count that fits at this
+    share, each checked against the tuner itself."""
+    from megatron_vppo.tuning.search import HINT_GPU_FACTORS, HINT_SHARES, explain_no_fit
+
+    spec = load_model_spec(CONFIGS / "qwen2_5_vl_72b.json")
+    share = RolloutConfig().engine_gpu_share
+    cands = tune(spec, 32, 80.0, Workload(), rollout_share=share)
+    assert cands and not any(c.fits for c in cands)
+    hint = explain_no_fit(cands, spec, 32, 80.0, Workload(), rollout_share=share)
+    s0 = hint.closest.memory.stages[0]
+    assert hint.closest.mem_gib == min(c.mem_gib for c in cands)
+    assert s0.rollout_phase / GIB > 80.0 and "rollout phase" in hint.constraint
+    assert f"{s0.rollout_phase / GIB:.1f} GiB" in hint.constraint
+    fitting = [sh for sh in HINT_SHARES if any(c.fits for c in tune(spec, 32, 80.0, Workload(), rollout_share=sh))]
+    assert [sh for sh, _ in hint.shares] == fitting and fitting and share not in fitting
+    assert all(c.fits for _, c in hint.shares)
+    n, best = hint.gpus
+    assert n > 32 and best.fits and best.layout.world_size == n
+    for smaller in (32 * f for f in HINT_GPU_FACTORS if 32 * f < n):  # the smallest count that fits
+        assert not any(c.fits for c in tune(spec, smaller, 80.0, Workload(), rollout_share=share))
+    text = hint.text()
+    assert f"--rollout-share {fitting[0]:g}" in text and f"Fits on {n} GPUs" in text
+    code, out = cli_run(["--model", str(CONFIGS / "qwen2_5_vl_72b.json"), "--gpus", "32", "--gpu-mem-gib", "80",
+                         "--top", "1"])
+    assert code == 0 and out.endswith(text), out[-2000:]
+    # the training phase itself too big (no colocated engine, 8 GPUs): named as such
+    cands = tune(spec, 8, 80.0, Workload(), rollout_share=0.0)
+    hint = explain_no_fit(cands, spec, 8, 80.0, Workload(), rollout_share=0.0)
+    assert hint.constraint.startswith("the training phase needs") and not hint.shares
+
+
 def test_megatron_vppo_tune_needs_no_tools_dir(monkeypatch, tmp_path, capsys):
     """`megatron-vppo tune` runs the package's tuner, so an installed wheel (no tools/) has it too."""
     from megatron_vppo import cli

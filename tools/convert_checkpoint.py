@@ -84,7 +84,10 @@ def _rank_main(args) -> int:
 
 def run_rank(fn, args, prog: str, user_errors: tuple) -> int:
     """fn(args) on this rank; user errors print once (rank 0) as `prog: error: ...`, exit code 1."""
+    from megatron_vppo.console import quiet_third_party_warnings
     from megatron_vppo.distributed import destroy_distributed
+
+    quiet_third_party_warnings()  # torch's ShardedTensor FutureWarning from every save / load, per rank
 
     rank = int(os.environ.get("RANK", "0"))
     try:

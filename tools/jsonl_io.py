@@ -12,9 +12,10 @@ class InputRowError(ValueError):
     """A malformed input row; the message names file, line and the fix."""
 
 
-def read_rows(path, fields=("problem",)) -> list[dict]:
+def read_rows(path, fields=("problem",), one_of: dict | None = None) -> list[dict]:
     """Rows {"problem", "images": [paths], ...}: `fields` must be strings; relative image paths
-    resolve against the working directory, then the data file's folder, and must exist."""
+    resolve against the working directory, then the data file's folder, and must exist. `one_of`
+    {key: "str" | "ids"}: each row holds exactly one of these keys, a string or a list of token ids."""
     rows = []
     base = Path(path).resolve().parent
     with open(path) as f:
@@ -40,7 +41,22 @@ def read_rows(path, fields=("problem",)) -> list[dict]:
                 if not q.exists():
                     raise InputRowError(f"{path}:{lineno}: image {p!r} not found (also tried {base / p})")
                 images.append(str(q))
-            rows.append({**{k: row[k] for k in fields}, "images": images})
+            alt = {}
+            if one_of:
+                present = [k for k in one_of if k in row]
+                if len(present) != 1:
+                    names = " or ".join(f'"{k}"' for k in one_of)
+                    raise InputRowError(f"{path}:{lineno}: needs exactly one of {names}, got "
+                                        f"{', '.join(present) or 'none'}")
+                key = present[0]
+                value = row[key]
+                ok = (isinstance(value, str) if one_of[key] == "str" else isinstance(value, list) and all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
+                if not ok:
+                    want = "a string" if one_of[key] == "str" else "a list of token ids (non-negative integers)"
+                    raise InputRowError(f'{path}:{lineno}: "{key}" must be {want}')
+                alt[key] = value
+            rows.append({**{k: row[k] for k in fields}, **alt, "images": images})
     return rows
 
 

@@ -9,8 +9,10 @@ detected. K must be a multiple of N*M; the extra factor is data parallel. Withou
 starts N*M processes itself.
 
 Input lines: {"problem": str (with "<image>" placeholders, or none), "images": [paths] (relative
-paths resolve against the data file's folder), "response": str}. The prompt is built as in spec §7
-(`data.processor.VLProcessor`). Output (same order, written by rank 0 atomically):
+paths resolve against the data file's folder), and "response": str or "response_ids": [token ids]}.
+The prompt is built as in spec §7 (`data.processor.VLProcessor`). Text is tokenised; token ids are
+scored as they are — to re-score generated samples use their ids (tools/generate.py's
+`input_ids[response_start:]`): re-tokenising the decoded text need not give the sampled ids back. Output (same order, written by rank 0 atomically):
     {"input_ids": [prompt + response ids], "response_start": int, "log_probs": [one per response token]}
 The log-probs are log softmax(logits / T)[token] over the true vocabulary, computed vocab-parallel
 on the last pipeline stage (the trainer's code, `megatron_vppo.train.scoring`).
@@ -28,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_checkpoint import launch, run_rank  # noqa: E402
 from jsonl_io import InputRowError, read_rows, write_jsonl_atomic  # noqa: E402
 
-FIELDS = ("problem", "response")  # plus "images"
+FIELDS = ("problem",)  # plus "images"
+RESPONSE = {"response": "str", "response_ids": "ids"}  # exactly one per row
 
 
 def score(args) -> None:
@@ -44,12 +47,18 @@ def score(args) -> None:
     cfg = read_model_config(args.model, args.hf_config)
     parallel = ParallelConfig(tp=args.tp, pp=args.pp)
     dims = init_distributed(parallel, **model_dims(cfg))
-    rows = read_rows(args.data, FIELDS)
+    rows = read_rows(args.data, FIELDS, RESPONSE)
+    vocab = model_spec(cfg).text_arch(cfg).vocab_size
+    for i, r in enumerate(rows, 1):
+        if max(r.get("response_ids") or [0]) >= vocab:
+            raise ValueError(f"{args.data}: row {i}: response_ids holds id {max(r['response_ids'])}, beyond the "
+                             f"model's vocabulary ({vocab} ids); were they produced by another tokenizer?")
     m = load_model(args.model, parallel, ModelConfig(dtype=args.dtype), hf_files=args.hf_config, dims=dims)
     if m.hf_files is None:
         raise FileNotFoundError(f"{args.model}: no tokenizer / processor files; pass --hf-config DIR")
     proc = VLProcessor.from_pretrained(m.hf_files)
-    samples = [proc.encode(r["problem"], r["images"], response=r["response"]) for r in rows]
+    samples = [proc.encode(r["problem"], r["images"], response=r["response"] if "response" in r else r["response_ids"])
+               for r in rows]
     pad = proc.pad_token_id if proc.pad_token_id is not None else 0
     out = score_samples(m.chunks, samples, dims=dims, vocab_size=model_spec(cfg).text_arch(cfg).vocab_size, pad_id=pad,
                         micro_batch_size=args.micro_batch, temperature=args.temperature)
@@ -72,7 +81,8 @@ def _rank_main(args) -> int:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF directory or Megatron checkpoint")
-    ap.add_argument("--data", required=True, help='input JSONL: {"problem", "images": [paths], "response"}')
+    ap.add_argument("--data", required=True,
+                    help='input JSONL: {"problem", "images": [paths], "response" (text) or "response_ids" (token ids)}')
     ap.add_argument("--out", required=True, help="output JSONL")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)

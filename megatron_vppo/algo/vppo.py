@@ -40,11 +40,13 @@ def _reduce(values: list[Tensor], op, group) -> list[Tensor]:
 
 
 def shaping_metrics(dependency: Tensor, mask: Tensor, alpha: Tensor, keep: Tensor,
-                    group=None) -> dict[str, float]:
+                    group=None, *, measured: bool = True, shaped: bool = True) -> dict[str, float]:
     """Dependency mean/quantiles, kept-token fraction, α min/mean/max.
 
     With a data-parallel `group`, means/min/max are global; quantiles stay rank-local (exact global
-    quantiles would need the whole token set on one rank).
+    quantiles would need the whole token set on one rank). Only what was computed is reported:
+    `measured` False (no perturbed view scored) drops the dependency keys, `shaped` False (no TAS / TGF:
+    α = 1, every token kept) drops the tas/ and tgf/ keys — a constant 0 or 1 there would read as a result.
     """
     valid = mask.bool()
     dt = torch.float64
@@ -65,6 +67,10 @@ def shaping_metrics(dependency: Tensor, mask: Tensor, alpha: Tensor, keep: Tenso
         "tas/alpha_min": float(a_min) if n_traj > 0 else 1.0,
         "tas/alpha_max": float(-a_negmax) if n_traj > 0 else 1.0,
     }
+    if not shaped:
+        out = {k: v for k, v in out.items() if not k.startswith(("tgf/", "tas/"))}
+    if not measured:
+        return {k: v for k, v in out.items() if not k.startswith("dependency/")}
     local = d[valid]
     if local.numel():
         qs = torch.quantile(local, torch.tensor(QUANTILES, dtype=dt, device=local.device))
@@ -97,6 +103,7 @@ def compute_shaping(old_logp: Tensor, aug_logp: Tensor | None, response_mask: Te
         raise ValueError(f"advantages must be [B]={old_logp.shape[0]} (one per trajectory), got "
                          f"{tuple(advantages.shape)}")
     estimator = _get(cfg, "dependency_estimator", "sampled_k3")
+    measured = True
     if estimator == "exact_kl" and kl is not None:
         dep = exact_kl_dependency(kl, response_mask)
     elif aug_logp is not None and estimator == "sampled_k3":
@@ -105,7 +112,7 @@ def compute_shaping(old_logp: Tensor, aug_logp: Tensor | None, response_mask: Te
         need = "kl (per-token exact KL)" if estimator == "exact_kl" else "aug_logp"
         raise ValueError(f"dependency_estimator={estimator!r} needs {need} for algorithm 'vppo'")
     else:
-        dep = torch.zeros_like(old_logp)
+        dep, measured = torch.zeros_like(old_logp), False
     seq = sequence_dependency(dep, response_mask)
     valid = response_mask.bool().any(-1)
     if tas:
@@ -117,5 +124,6 @@ def compute_shaping(old_logp: Tensor, aug_logp: Tensor | None, response_mask: Te
         keep = (response_mask != 0).to(response_mask.dtype)
     alpha = alpha.to(advantages.dtype)
     shaped = shape_advantages(advantages, alpha)
-    metrics = shaping_metrics(dep, response_mask, alpha, keep, group) if with_metrics else {}
+    metrics = (shaping_metrics(dep, response_mask, alpha, keep, group, measured=measured, shaped=tas)
+               if with_metrics else {})
     return Shaping(dep, seq, alpha, shaped, keep, metrics)

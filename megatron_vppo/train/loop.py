@@ -416,8 +416,9 @@ def update_policy(trainer: Trainer, trajs, per_traj: list[ShapedTrajectory], min
     units = max(totals.pop("units", 0.0), 1.0)  # Σ denominator units (numerators were divided by 1)
     tokens = max(totals.pop("tokens", 0.0), 1.0)
     out = {f"actor/{k}": v / (tokens if k in passes.TOKEN_METRICS else units) for k, v in totals.items()}
-    if grad_norms:
-        out["actor/grad_norm"] = grad_norms[-1]
+    if grad_norms:  # over the step's optimizer steps (mini-batches x epochs), not the last one only
+        out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["actor/grad_norm_max"] = max(grad_norms)
     out["actor/lr"] = current_lr(trainer.optimizer)
     out["actor/nonfinite_skipped"] = skipped
     out["actor/nonfinite_skipped_total"] = guard.get("skipped_total", 0)

@@ -4,8 +4,10 @@ summary for the console, and an end-of-run PNG plot.
 Only one rank writes (the caller reduces metrics to it first); every other rank gets a logger whose
 methods do nothing, so the training loop needs no `if rank == ...` around logging.
 
-Metric names the plot looks for (first present wins) are in `PLOT_PANELS`; the trainer should log
-`reward/mean`, `val/accuracy`, `dependency/mean` and `tgf/kept_token_frac` (the names algo/vppo.py reports).
+Metric names the plot looks for (first present wins) are in `PLOT_PANELS`; the trainer logs
+`reward/mean`, `val/accuracy`, and for VPPO `dependency/mean` and `tgf/kept_token_frac` (the names
+algo/vppo.py reports). Algorithms that compute no dependency and keep every token (dapo, grpo, gspo) log
+neither, and their plot shows the policy loss and clip fraction in those panels instead.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
-# (panel title, candidate metric keys) for plot_metrics.
-PLOT_PANELS: list[tuple[str, tuple[str, ...]]] = [
-    ("reward", ("reward/mean", "reward")),
-    ("validation accuracy", ("val/accuracy", "val_accuracy", "val/acc")),
-    ("dependency mean", ("dependency/mean", "vppo/dependency_mean")),
-    ("kept-token fraction", ("tgf/kept_token_frac", "vppo/kept_token_fraction")),
+# (panel title, candidate metric keys) for plot_metrics; a panel may list alternatives: the first
+# (title, keys) with data is drawn.
+PLOT_PANELS: list[list[tuple[str, tuple[str, ...]]]] = [
+    [("reward", ("reward/mean", "reward"))],
+    [("validation accuracy", ("val/accuracy", "val_accuracy", "val/acc"))],
+    [("dependency mean", ("dependency/mean", "vppo/dependency_mean")), ("policy loss", ("actor/pg_loss",))],
+    [("kept-token fraction", ("tgf/kept_token_frac", "vppo/kept_token_fraction")),
+     ("clip fraction", ("actor/pg_clipfrac",))],
 ]
 
 # Keys shown first (in this order) by format_step_summary, the trainer's console line; any other
@@ -39,7 +43,9 @@ SUMMARY_KEYS: list[tuple[str, str]] = [
     ("actor/pg_loss", "pg_loss"),
     ("dependency/mean", "dep"),
     ("tgf/kept_token_frac", "kept"),
+    ("actor/pg_clipfrac", "clipfrac"),
     ("actor/grad_norm", "gnorm"),
+    ("actor/grad_norm_max", "gnorm_max"),
     ("rollout/attempts", "attempts"),
     ("data/rows_skipped", "bad_rows"),
     ("time/step_s", "s/step"),
@@ -277,21 +283,27 @@ def format_step_summary(
 
 def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path,
                  extra_panels: Iterable[tuple[str, tuple[str, ...]]] = ()) -> Path:
-    """Plot reward, validation accuracy, dependency mean and kept-token fraction over steps (PNG), then
-    `extra_panels` (the algorithm's own: `Algorithm.panels` in algo/registry.py)."""
+    """Plot reward, validation accuracy, dependency mean and kept-token fraction (otherwise policy loss and
+    clip fraction) over steps (PNG), then `extra_panels` (the algorithm's own: `Algorithm.panels` in
+    algo/registry.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_jsonl)
-    panels = list(PLOT_PANELS) + list(extra_panels)
+    panels = list(PLOT_PANELS) + [[panel] for panel in extra_panels]
     nrows = -(-len(panels) // 2)
     fig, axes = plt.subplots(nrows, 2, figsize=(10, 3.5 * nrows), constrained_layout=True, squeeze=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    for ax, (title, candidates) in zip(axes.flat, panels):
-        key = next((k for k in candidates if any(_is_scalar(r.get(k)) for r in rows)), None)
+
+    def has(k):
+        return any(_is_scalar(r.get(k)) for r in rows)
+
+    for ax, options in zip(axes.flat, panels):
+        title, candidates = next(((t, c) for t, c in options if any(map(has, c))), options[0])
+        key = next((k for k in candidates if has(k)), None)
         ax.set_title(title)
         ax.set_xlabel("step")
         if key is None:

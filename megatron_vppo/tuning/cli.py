@@ -12,7 +12,7 @@ import sys
 from megatron_vppo.config import DataConfig, RolloutConfig
 from megatron_vppo.tuning.memory import EXACT_KL_FP32_TEMPORARIES, KERNELS, Workload
 from megatron_vppo.tuning.model_spec import ModelSpecError, load_model_spec
-from megatron_vppo.tuning.search import TuningError, precision_for, tune
+from megatron_vppo.tuning.search import TuningError, explain_no_fit, precision_for, tune
 from megatron_vppo.tuning.throughput import GPU_TYPES
 
 
@@ -98,11 +98,8 @@ def run(argv: list[str] | None = None) -> tuple[int, str]:
             nograd_fp32_temporaries=EXACT_KL_FP32_TEMPORARIES if args.dependency_estimator == "exact_kl" else 0,
         )
         prec = precision_for(args.dtype, args.fp8, not args.no_distributed_optimizer)
-        cands = tune(
-            spec, args.gpus, args.gpu_mem_gib, wl,
-            recompute=args.recompute, prec=prec, kernels=KERNELS[args.kernels], gpu=GPU_TYPES[args.gpu_type],
-            rollout_share=args.rollout_share,
-        )
+        tune_kw = dict(recompute=args.recompute, prec=prec, kernels=KERNELS[args.kernels], gpu=GPU_TYPES[args.gpu_type])
+        cands = tune(spec, args.gpus, args.gpu_mem_gib, wl, rollout_share=args.rollout_share, **tune_kw)
     except (ModelSpecError, TuningError) as e:
         return 2, f"error: {e}"
     rows = [c.as_dict() for c in cands]
@@ -113,7 +110,11 @@ def run(argv: list[str] | None = None) -> tuple[int, str]:
         f"{args.gpu_type}, seq {wl.seq_len}, micro-batch {wl.micro_batch}, global batch {wl.global_batch}, "
         f"{args.dtype}{' +fp8' if args.fp8 else ''}, rollout share {args.rollout_share:g}"
     )
-    return 0, title + "\n" + format_table(rows, args.gpu_mem_gib, args.top)
+    text = title + "\n" + format_table(rows, args.gpu_mem_gib, args.top)
+    if not any(c.fits for c in cands):  # say which constraint fails first and what would fit
+        hint = explain_no_fit(cands, spec, args.gpus, args.gpu_mem_gib, wl, rollout_share=args.rollout_share, **tune_kw)
+        text += "\n" + hint.text()
+    return 0, text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,6 +201,101 @@ def tune(
     return fit + rest
 
 
+# --rollout-share values tried for the no-fit hint (rollout.engine_gpu_share takes (0, 0.95)).
+HINT_SHARES = tuple(round(0.05 * i, 2) for i in range(1, 19))
+HINT_GPU_FACTORS = (2, 4, 8)
+
+
+def describe_layout(c: Candidate) -> str:
+    lay = c.layout
+    vpp = f" vpp {lay.vpp}" if (lay.vpp or 1) > 1 else ""
+    return (f"tp {lay.tp} pp {lay.pp}{vpp}{' sp' if lay.sp else ''} dp {lay.dp}, recompute {c.recompute}: "
+            f"{c.mem_gib:.1f} GiB, {c.throughput.tokens_per_s_per_gpu:.0f} tok/s/GPU")
+
+
+def failing_constraint(c: Candidate) -> str:
+    """The first memory constraint `c` breaks, with its numbers: the training phase, the rollout phase
+    (stage 0 while the colocated engine generates), or an engine share too small for its weights + one
+    sequence."""
+    m = c.gpu_mem_gib
+    g = GIB
+    train = max(c.memory.stages, key=lambda s: s.train_phase)
+    if train.train_phase / g > m:
+        dyn = max(train.train_dynamic, train.nograd) / g
+        return (f"the training phase needs {train.train_phase / g:.1f} GiB on pipeline stage {train.stage} "
+                f"(weights+grads+optimizer {train.static / g:.1f}, activations / no-grad peak {dyn:.1f}, "
+                f"overhead {train.overhead / g:.1f}) > {m:g} GiB")
+    s0 = c.memory.stages[0]
+    if s0.rollout_phase / g > m:
+        return (f"the rollout phase needs {s0.rollout_phase / g:.1f} GiB on stage 0 (weights+grads+optimizer "
+                f"{s0.static / g:.1f} stay resident, overhead {s0.fixed_overhead / g:.1f}, and the engine's share "
+                f"{s0.rollout / g:.1f} = --rollout-share x {m:g} GiB) > {m:g} GiB")
+    if not s0.rollout_fits:
+        return (f"the engine's share ({s0.rollout / g:.1f} GiB) cannot hold its weights ({s0.engine_weights / g:.1f} "
+                f"GiB) plus one full-length sequence's KV cache ({s0.min_kv / g:.1f} GiB)")
+    return f"it needs {c.mem_gib:.1f} GiB > {m:g} GiB"
+
+
+@dataclass
+class NoFitHint:
+    """Why no layout fits and what would: the closest layout's first failing constraint, the
+    --rollout-share values that fit on these GPUs (best layout at each), and the smallest GPU count
+    (2x, 4x, 8x) that fits at this share."""
+    closest: Candidate
+    constraint: str
+    shares: list[tuple[float, Candidate]]
+    gpus: tuple[int, Candidate] | None
+    rollout_share: float
+    n_gpus: int
+
+    def text(self) -> str:
+        lines = [f"No layout fits. The closest ({describe_layout(self.closest)}) fails first on: {self.constraint}."]
+        if self.shares:
+            vals = [s for s, _ in self.shares]
+            share, best = max(self.shares, key=lambda sc: sc[1].throughput.tokens_per_s_per_gpu)
+            steps = [HINT_SHARES.index(s) for s in vals]
+            if len(vals) == 1:
+                span = f"{vals[0]:g}"
+            elif steps == list(range(steps[0], steps[-1] + 1)):
+                span = f"{vals[0]:g} to {vals[-1]:g}"
+            else:
+                span = ", ".join(f"{s:g}" for s in vals)
+            lines.append(f"Fits on {self.n_gpus} GPUs: --rollout-share {span} (fastest at {share:g}: "
+                         f"{describe_layout(best)}).")
+        elif self.rollout_share > 0:
+            lines.append(f"No --rollout-share in [{HINT_SHARES[0]:g}, {HINT_SHARES[-1]:g}] fits on {self.n_gpus} GPUs.")
+        if self.gpus is not None:
+            n, best = self.gpus
+            lines.append(f"Fits on {n} GPUs at --rollout-share {self.rollout_share:g} ({describe_layout(best)}).")
+        if not self.shares and self.gpus is None:
+            lines.append(f"Nothing fits up to {self.n_gpus * HINT_GPU_FACTORS[-1]} GPUs either: try --fp8, a shorter "
+                         "--seq-len or --recompute full.")
+        return "\n".join(lines)
+
+
+def explain_no_fit(cands: list[Candidate], spec: ModelSpec, n_gpus: int, gpu_mem_gib: float, wl: Workload = Workload(),
+                   *, rollout_share: float = 0.0, **tune_kw) -> NoFitHint:
+    """For a `tune` result where nothing fits (`tune_kw`: its recompute / prec / kernels / gpu)."""
+    closest = min(cands, key=lambda c: c.mem_gib)
+    shares = []
+    if rollout_share > 0:
+        for share in HINT_SHARES:
+            fit = [c for c in tune(spec, n_gpus, gpu_mem_gib, wl, rollout_share=share, **tune_kw) if c.fits]
+            if fit:
+                shares.append((share, fit[0]))
+    gpus = None
+    for factor in HINT_GPU_FACTORS:
+        try:
+            fit = [c for c in tune(spec, n_gpus * factor, gpu_mem_gib, wl, rollout_share=rollout_share, **tune_kw)
+                   if c.fits]
+        except TuningError:  # no legal layout at that count
+            continue
+        if fit:
+            gpus = (n_gpus * factor, fit[0])
+            break
+    return NoFitHint(closest, failing_constraint(closest), shares, gpus, rollout_share, n_gpus)
+
+
 def precision_for(dtype: str = "bf16", fp8: bool = False, distributed_optimizer: bool = True) -> Precision:
     if dtype not in ("bf16", "fp16", "fp32"):
         raise TuningError(f"--dtype {dtype!r}: use bf16, fp16 or fp32")

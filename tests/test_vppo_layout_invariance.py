@@ -146,7 +146,7 @@ def train_side_step(trainer, proxy, trajs) -> dict:
     kl = responses_to_matrix([r.kl for r in scored])[0] if scored[0].kl is not None else None
     adv = grpo_advantages(torch.tensor([t.reward for t in trajs], dtype=torch.float64),
                           torch.tensor([t.group for t in trajs]))
-    shaping = compute_shaping(old, aug, mask, adv, trainer.cfg.algo, kl=kl)
+    shaping = compute_shaping(old, aug, mask, adv, trainer.cfg.algo, kl=kl, tas=trainer.cfg.algo.name == "vppo")
     keep_grads = trainer.dims.tp_rank == 0 and trainer.dims.dp_rank == 0
     return dict(
         old=[r.old for r in scored], aug=[r.aug for r in scored], kl=[r.kl for r in scored],

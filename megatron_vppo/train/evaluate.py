@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_vppo.train.startup import model_dir_problem
 
-    problem = model_dir_problem(args.model, "--model")
+    hint = _megatron_checkpoint_hint(Path(args.model))  # a trainer checkpoint: name the conversion
+    problem = f"--model {args.model} {hint}" if hint else model_dir_problem(args.model, "--model")
     if problem:
         print(f"megatron-vppo eval: error: {problem}", file=sys.stderr)
         return 2

@@ -99,12 +99,16 @@ def _train(rest: list[str]) -> int:
         train(cfg)
     except (ConfigError, LayoutError, DataError) as err:
         if os.environ.get("RANK", "0") == "0":
-            kind = {ConfigError: "config", LayoutError: "parallel layout"}.get(type(err), "data")
+            kind = ("config" if isinstance(err, ConfigError) else
+                    "parallel layout" if isinstance(err, LayoutError) else "data")
             print(f"megatron-vppo train: {kind} error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # SaveInterrupted: a signal held until a save finished
-        signum = getattr(err, "signum", 2)
-        print(f"megatron-vppo train: interrupted: {err or 'SIGINT'}", file=sys.stderr)
+    except KeyboardInterrupt as err:  # RunInterrupted / SaveInterrupted name what was saved
+        signum = int(getattr(err, "signum", 2))
+        reason = str(err) or ("SIGINT (Ctrl-C) before the first training step or outside the step loop: "
+                              "stopped at once; nothing saved since the last checkpoint. Continue with "
+                              "train.resume=auto")
+        print(f"megatron-vppo train: interrupted: {reason}", file=sys.stderr)
         return 128 + signum
     except OSError as err:
         if err.errno != errno.ENOSPC:

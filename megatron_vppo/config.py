@@ -123,7 +123,8 @@ class RolloutConfig:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     # Ranks per rollout engine: one engine per engine_tp consecutive ranks of a node, so every GPU rolls
     # out (world_size / engine_tp engines). None: the training TP for engines that span ranks
-    # (`tensor_parallel`: SGLang), 1 for the others (hf, vllm: an engine on every rank).
+    # (`tensor_parallel`: SGLang), 1 for the others (hf, vllm: an engine on every rank, which do not read
+    # this key: only engines that span ranks list it in their `reads`).
     engine_tp: int | None = None
     # SGLang runs colocated (an engine per rollout.engine_tp GPUs, on every GPU; see
     # docs/sglang.md). Share of each GPU's total memory that engine uses for weights + KV cache while
@@ -140,7 +141,7 @@ class RolloutConfig:
 
 # rollout.* keys the trainer reads whatever the engine; the others belong to the engines that declare them
 # (`RolloutEngine.reads`) or, for ALGORITHM_ROLLOUT_KEYS, to the algorithms with dynamic sampling.
-ROLLOUT_KEYS_EVERY_ENGINE_READS = frozenset({"engine", "engine_args", "engine_tp", "group_size", "temperature", "top_p", "top_k",
+ROLLOUT_KEYS_EVERY_ENGINE_READS = frozenset({"engine", "engine_args", "group_size", "temperature", "top_p", "top_k",
                                              "max_prompt_length", "max_response_length"})
 ALGORITHM_ROLLOUT_KEYS = frozenset({"max_dynamic_sampling_retries"})
 

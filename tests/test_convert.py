@@ -77,6 +77,8 @@ def test_cli_roundtrip_tp2pp2_to_tp1_is_bit_exact(tiny_model_dir, converted, tmp
     out = tmp_path / "hf_back"
     proc = _cli("mcore-to-hf", "--ckpt", converted, "--out", out)  # loads at TP1 (resharding)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # issue 19 item 8: a converter says what it wrote and its size
+    assert f"convert_checkpoint.py mcore-to-hf: wrote {out} (" in proc.stdout and " MiB)" in proc.stdout, proc.stdout
     _assert_same_hf(Path(tiny_model_dir), out)
     _assert_quiet(proc.stdout + proc.stderr)
     _assert_quiet((converted.parent / "hf_to_mcore.log").read_text())

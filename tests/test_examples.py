@@ -26,6 +26,8 @@ def test_example_config_loads(path):
 PAPER_RUNS = [
     ("qwen2_5_vl_7b_vppo.yaml", "qwen2_5_vl_7b.json", 8),
     ("qwen2_5_vl_32b_vppo.yaml", "qwen2_5_vl_32b.json", 32),
+    ("qwen3_vl_8b_vppo.yaml", "qwen3_vl_8b.json", 8),
+    ("qwen3_vl_32b_vppo.yaml", "qwen3_vl_32b.json", 32),
 ]
 
 

@@ -87,8 +87,10 @@ def _zero_block(path: Path) -> None:
 
 
 def _tree_digest(root: Path) -> dict:
+    """Every file of a run by content; the directory's lock file (train/output_lock.py: it belongs to the
+    directory, not to a run, and every start takes it) is left out."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".run.lock"}
 
 
 # ------------------------------------------------------------------ 5, 6: checksums, fallback, prune

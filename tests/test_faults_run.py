@@ -239,8 +239,9 @@ def test_error_messages_name_options_that_exist():
     from megatron_vppo.run_config import load_config
     from megatron_vppo.train.evaluate import main as eval_main  # noqa: F401  (its flags are checked below)
 
-    sources = [REPO / "megatron_vppo" / p for p in ("data/dataset.py", "checkpoint/dist_checkpoint.py",
-                                                   "train/nonfinite.py", "reward/grade.py", "train/build.py")]
+    sources = [REPO / "megatron_vppo" / p for p in ("data/dataset.py", "train/nonfinite.py", "reward/grade.py",
+                                                   "train/build.py", "train/startup.py", "train/output_lock.py")]
+    sources += sorted((REPO / "megatron_vppo" / "checkpoint" / "dist_checkpoint").glob("*.py"))
     text = "\n".join(p.read_text() for p in sources)
     assert "load_optimizer=False" not in text and "problem_key=/" not in text and "position afresh\"" not in text
     keys = set(re.findall(r"(?<![\w.])((?:train|data|optim|reward|vppo|rollout)\.[a-z_0-9]+)\b", text))

@@ -25,19 +25,19 @@ def test_registry_import_is_light():
         "import sys\n"
         "from megatron_vppo.models import MODELS\n"
         "names = sorted(MODELS)\n"
-        "spec = MODELS['qwen2_5_vl']\n"  # looking a spec up stays light too: heavy imports are in its callables
+        "specs = [MODELS[n].name for n in names]\n"  # looking specs up stays light: heavy imports are in methods
         "heavy = sorted(m for m in ('megatron', 'transformers') if m in sys.modules)\n"
-        "print(names, spec.name, heavy)\n"
+        "print(names, specs, heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
-    assert out.stdout.strip() == "['qwen2_5_vl'] qwen2_5_vl []"
+    assert out.stdout.strip() == "['qwen2_5_vl', 'qwen3_vl'] ['qwen2_5_vl', 'qwen3_vl'] []"
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ConfigError, match=r"model.arch='qwen9'.*known: \['qwen2_5_vl'\]"):
+    with pytest.raises(ConfigError, match=r"model.arch='qwen9'.*known: \['qwen2_5_vl', 'qwen3_vl'\]"):
         load_config(None, ["model.arch=qwen9"])
-    with pytest.raises(KeyError, match=r"known: \['qwen2_5_vl'\]"):
+    with pytest.raises(KeyError, match=r"known: \['qwen2_5_vl', 'qwen3_vl'\]"):
         MODELS["qwen9"]
     assert load_config(None, []).model.arch == "qwen2_5_vl"
     with pytest.raises(KeyError, match="model_type 'llama'"):

@@ -6,7 +6,8 @@ by the processor. 7 is odd on purpose: micro-batch size 4 leaves a filler row an
 Mini-batches of 4 trajectories give two optimizer steps per RL step; both steps' gradients are compared
 (the second one runs at θ ≠ π_old, after the first Adam step).
 
-Every layout (TP2+SP among them) runs the trainer's own step functions (`loop.score_step_batch` -> `loop.shape_step` ->
+Every model in ARCHS (Qwen2.5-VL and Qwen3-VL, each with its own tiny model; one launch runs both) and
+every layout (TP2+SP among them) runs the trainer's own step functions (`loop.score_step_batch` -> `loop.shape_step` ->
 `loop.update_policy`) on a model and optimizer built as `train/build.py` builds them, in its own
 spawned gloo group, and returns old_logp, aug_logp, dependency, α, TGF mask, the loss J and the
 gradient. Every layout is compared with the TP1·PP1 (micro-batch 4) run of the same session.
@@ -111,11 +112,13 @@ def build_trainer(model_dir, tp: int, pp: int, cfg, really_step: bool = True, vp
     """Process groups, model, HF weights, DDP + optimizer: the trainer's own build_policy."""
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.models import spec_for_hf_config
     from megatron_vppo.train.build import build_policy
     from megatron_vppo.train.loop import Trainer
 
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sp=sp)
     cfg.model.path = str(model_dir)
+    cfg.model.arch = spec_for_hf_config(model_dir).name
     pol = build_policy(cfg, model_dir, total_steps=1, overlap=overlap)
     proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, pol.dims.tp_group, really_step)
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,
@@ -187,12 +190,12 @@ def perception_steps(trainer, proxy, trajs, names=PERCEPTION, **overrides) -> di
     return out
 
 
-def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False):
+def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False, perception=True):
     trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs), sp=sp)
     out = train_side_step(trainer, proxy, trajs)
     if out["grads"] is not None:
         out["grads"] = list(out["grads"])  # the VPPO step's; the perception steps append theirs after
-    out["perception"] = perception_steps(trainer, proxy, trajs)
+    out["perception"] = perception_steps(trainer, proxy, trajs) if perception else None
     return out
 
 
@@ -210,15 +213,47 @@ LAYOUTS = {  # name: (world, tp, pp, micro-batch size[, sequence parallel])
 }
 
 
-@pytest.fixture(scope="module")
-def trajs(tiny_model_dir):
-    return make_trajectories(tiny_model_dir)
+# Every launch runs each model in turn (its own process groups), so a second model costs no launch.
+ARCHS = ("qwen2_5_vl", "qwen3_vl")
+
+
+def _archs_worker(rank, world, model_dirs, all_trajs, tp, pp, mbs, sp=False):
+    """Every arch in turn; the perception algorithms' steps run on the first (Qwen2.5-VL) only."""
+    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp, perception=i == 0)
+            for i, (d, t) in enumerate(zip(model_dirs, all_trajs))]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, trajs):
-    """The single-process TP1·PP1 result, micro-batch size 4."""
-    return run_distributed(_layout_worker, 1, str(tiny_model_dir), trajs, 1, 1, 4)[0]
+def model_dirs(tiny_model_dir, tmp_path_factory):
+    """The tiny model of every arch in ARCHS (Qwen2.5-VL's is the session one)."""
+    from megatron_vppo.models import MODELS
+
+    dirs = {"qwen2_5_vl": tiny_model_dir}
+    for arch in ARCHS[1:]:
+        dirs[arch] = MODELS[arch].make_tiny_model(tmp_path_factory.mktemp(f"tiny_{arch}"), seed=0)
+    return [str(dirs[a]) for a in ARCHS]
+
+
+@pytest.fixture(scope="module")
+def all_trajs(model_dirs):
+    return [make_trajectories(d) for d in model_dirs]
+
+
+@pytest.fixture(scope="module")
+def references(model_dirs, all_trajs):
+    """The single-process TP1·PP1 result of every arch, micro-batch size 4 (one launch)."""
+    return run_distributed(_archs_worker, 1, model_dirs, all_trajs, 1, 1, 4)[0]
+
+
+@pytest.fixture(scope="module")
+def trajs(all_trajs):
+    return all_trajs[0]
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    """Qwen2.5-VL's TP1·PP1 result (the transformers-oracle and packing tests use it)."""
+    return references[0]
 
 
 def _merged_grads(results, step: int = 0):
@@ -275,8 +310,10 @@ def check_same(results, ref, tag):
                 assert dg[step][k] == pytest.approx(digests[0][step][k], rel=1e-6), f"{tag} rank {rank}: {k}"
 
 
-def test_reference_batch_is_nontrivial(reference, trajs):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_batch_is_nontrivial(arch, references, all_trajs):
     """The fixed batch exercises what the layouts must agree on."""
+    reference, trajs = references[ARCHS.index(arch)], all_trajs[ARCHS.index(arch)]
     texts = [i for i, t in enumerate(trajs) if not t.has_image]
     assert texts and all(float(ref.abs().max()) == 0.0 for ref in (reference["dependency"][i] for i in texts))
     assert all(torch.equal(reference["aug"][i], reference["old"][i]) for i in texts)
@@ -355,11 +392,12 @@ def test_reference_perception_steps_are_nontrivial(reference, trajs):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, tiny_model_dir, trajs, reference):
+def test_layout_matches_single_process(name, model_dirs, all_trajs, references):
     world, tp, pp, mbs, *sp = LAYOUTS[name]
-    results = run_distributed(_layout_worker, world, str(tiny_model_dir), trajs, tp, pp, mbs, *sp)
-    check_same(results, reference, name)
-    check_same_perception(results, reference, name)
+    results = run_distributed(_archs_worker, world, model_dirs, all_trajs, tp, pp, mbs, *sp)
+    for i, arch in enumerate(ARCHS):
+        check_same([r[i] for r in results], references[i], f"{name} {arch}")
+    check_same_perception([r[0] for r in results], references[0], name)  # perception steps: Qwen2.5-VL
 
 
 # ------------------------------------------------------------------- transformers oracle (TP1)
@@ -472,11 +510,13 @@ def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
     # build_trainer with sequence parallel on
     from megatron_vppo.config import ParallelConfig
     from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.models import spec_for_hf_config
     from megatron_vppo.train.build import build_policy
     from megatron_vppo.train.loop import Trainer
 
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, sp=True)
     cfg.model.path = str(model_dir)
+    cfg.model.arch = spec_for_hf_config(model_dir).name
     pol = build_policy(cfg, model_dir, total_steps=1)
     proxy = GradCapture(pol.optimizer, pol.model_chunks, pol.adapter, pol.dims.tp_group)
     trainer = Trainer(cfg=cfg, processor=VLProcessor.from_pretrained(model_dir), model_chunks=pol.model_chunks,

@@ -16,6 +16,7 @@ Both outputs are written into a temporary directory and renamed into place at th
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -57,6 +58,15 @@ def _run(args) -> None:
         hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.overwrite)
     else:
         mcore_to_hf(args.ckpt, args.out, args.tp, args.pp, args.hf_config, args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"convert_checkpoint.py {args.cmd}: wrote {written(args.out)}", flush=True)
+
+
+def written(out: str) -> str:
+    """'DIR (N files, X MiB)': what a converter wrote, for its last line."""
+    files = [f for f in Path(out).rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    return f"{out} ({len(files)} files, {size / 2**20:.1f} MiB)"
 
 
 def _user_errors():
@@ -87,6 +97,14 @@ def run_rank(fn, args, prog: str, user_errors: tuple) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         if rank == 0:
             print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        if rank == 0:
+            where = e.filename or getattr(args, "out", "")
+            print(f"{prog}: error: no space left on the disk of {where} ({e.strerror}); free space there or "
+                  f"choose another --out", file=sys.stderr, flush=True)
         return 1
     finally:
         destroy_distributed()

@@ -87,6 +87,13 @@ def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    from megatron_vppo.train.startup import model_dir_problem
+
+    problem = model_dir_problem(args.model, "--model")
+    if problem:
+        if rank == 0:
+            print(f"generate.py: error: {problem}", file=sys.stderr)
+        return 2
     try:
         rows = read_rows(args.data)  # on every rank, before any collective: a bad row stops all alike
     except (InputRowError, FileNotFoundError) as e:

@@ -4,7 +4,7 @@ half-written one.
 
 Used by every writer of a directory the package hands out: the HF checkpoint writer
 (sync/hf_writer.py), the Megatron model checkpoint (checkpoint/model_checkpoint.py) and the trainer
-checkpoints (checkpoint/dist_checkpoint.py, where rank 0 publishes after every rank wrote its part).
+checkpoints (checkpoint/dist_checkpoint/save.py, where rank 0 publishes after every rank wrote its part).
 """
 from __future__ import annotations
 

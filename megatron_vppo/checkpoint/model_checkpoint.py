@@ -101,7 +101,26 @@ def read_model_config(path, hf_files=None) -> dict:
     if hf is None or not (hf / "config.json").is_file():
         raise ExportError(f"{path}: no HF config.json found for this Megatron checkpoint; pass the HF "
                           "directory it came from (--hf-config DIR)")
+    if kind == "megatron" and step is not None:
+        check_checkpoint_structure(step, hf)
     return model_spec(hf).load_hf_config(hf)
+
+
+def check_checkpoint_structure(step: Path, hf: Path) -> None:
+    """ExportError when a trainer checkpoint records a model structure (meta.json "model") that the HF
+    directory `hf` (its config.json and tokenizer) does not have."""
+    from megatron_vppo.checkpoint import dist_checkpoint as dc
+    from megatron_vppo.checkpoint.model_structure import model_structure, structure_differences
+
+    try:
+        saved = dc.read_meta(step).get("model")
+    except dc.CheckpointError:
+        return
+    diffs = structure_differences(saved, model_structure(hf))
+    if diffs:
+        raise ExportError(f"{step} was trained as another model than {hf} describes ({'; '.join(diffs)}); its "
+                          f"weights cannot load into it. Fix: pass the HF directory the run was trained from "
+                          f"(--hf-config DIR: the run's model.path)")
 
 
 def model_dims(hf_config) -> dict:
@@ -168,6 +187,10 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
     except Exception as e:  # noqa: BLE001 — save_checkpoint already agreed on failure across ranks
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if str(e).startswith("no space left on"):  # the trainer's fix (train.resume=auto) does not apply here
+            raise ExportError(f"no space left on the disk of {out} ({dc.free_bytes(out.parent)} bytes free): saving "
+                              f"the Megatron checkpoint failed; the partial save was removed. Fix: free space "
+                              f"there, or choose another --out") from None
         raise ExportError(f"saving the Megatron checkpoint to {out} failed: {e}") from e
     if rank == 0:
         try:

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+LOG_FIRST_SKIPS = 3  # skipped rows named (index, file, reason) at INFO per reason; later ones are counted
 
 IMAGE_PLACEHOLDER = "<image>"
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses anything more elongated
@@ -68,6 +69,10 @@ class DataError(ValueError):
 
 class MissingDataError(DataError, FileNotFoundError):
     """The data path does not exist."""
+
+
+class NoUsableRows(DataError, RuntimeError):
+    """A whole pass over the data kept no row."""
 
 
 class _Skip(Exception):
@@ -118,6 +123,11 @@ def check_data_file(path: str | os.PathLike, option: str = "data path") -> None:
     if not p.exists():
         raise MissingDataError(f"{option} {p} does not exist: pass a .parquet/.jsonl/.json/.arrow file or a "
                         f"directory written by Dataset.save_to_disk")
+    if p.is_dir() and not any((p / n).is_file() for n in ("state.json", "dataset_dict.json", "dataset_info.json")):
+        files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in (".parquet", ".jsonl", ".json", ".arrow"))
+        raise DataError(f"{option} {p} is a directory but not one written by Dataset.save_to_disk (no state.json "
+                        f"or dataset_dict.json); point {option} at a .parquet/.jsonl/.json/.arrow file"
+                        + (f" (e.g. {files[0]})" if files else ""))
     if p.is_file() and (p.stat().st_size == 0 or (p.suffix.lower() in (".jsonl", ".json")
                                                   and not p.read_bytes().strip())):
         raise DataError(f"{option} {p} is empty (no rows); point it at a file with rows")
@@ -334,6 +344,7 @@ class PromptDataset:
     ) -> None:
         self.path = Path(path)
         self.table, self.base_dir, self.load_skipped = load_table(path, split)
+        self._skips_logged: dict[str, int] = {}  # rows logged at INFO per skip reason
         missing = [k for k in (problem_key, answer_key) if k not in self.table.column_names]
         if missing:
             raise DataError(f"{self.path} lacks column(s) {missing}; it has {self.table.column_names}. "
@@ -358,8 +369,17 @@ class PromptDataset:
         try:
             return self._record(int(index)), None
         except _Skip as s:
-            log.debug("skipping row %d of %s: %s %s", index, self.path, s.reason, s.detail)
+            self._log_skip(index, s)
             return None, s.reason
+
+    def _log_skip(self, index: int, s: "_Skip") -> None:
+        """The first LOG_FIRST_SKIPS rows of each reason at INFO, with their index and the file (so a bad
+        row can be found); later ones at DEBUG (the pass summary counts them all)."""
+        n = self._skips_logged[s.reason] = self._skips_logged.get(s.reason, 0) + 1
+        level = logging.INFO if n <= LOG_FIRST_SKIPS else logging.DEBUG
+        later = f" (later {s.reason} rows are only counted)" if n == LOG_FIRST_SKIPS else ""
+        log.log(level, "data %s: skipping row %d: %s%s%s", self.path, index, s.reason,
+                f" ({s.detail})" if s.detail else "", later)
 
     def __getitem__(self, index: int) -> dict:
         rec, reason = self.get(index)
@@ -466,8 +486,9 @@ class PromptBatches:
         stats = self.pass_stats
         log.info("data pass %d over %s: %s", self.epoch, self.dataset.path, stats.summary())
         if stats.kept == 0:
-            raise RuntimeError(f"no usable rows in {self.dataset.path}: {stats.summary()}. Fix the data "
-                               f"(or raise rollout.max_prompt_length) — every row was skipped")
+            hint = " (or raise rollout.max_prompt_length)" if stats.skipped.get("overlong_prompt") else ""
+            raise NoUsableRows(f"no usable rows in {self.dataset.path}: {stats.summary()}. Fix the data{hint} — "
+                               f"every row was skipped")
         self.last_pass_stats = stats
         self.pass_stats = self._fresh_stats()
         self.epoch, self.offset = self.epoch + 1, 0

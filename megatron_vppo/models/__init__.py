@@ -16,6 +16,7 @@ from megatron_vppo.models.spec import ImageGeometry, ModelSpec
 
 MODELS: Mapping = LazyRegistry("model arch", {
     "qwen2_5_vl": "megatron_vppo.models.qwen2_5_vl.spec:SPEC",
+    "qwen3_vl": "megatron_vppo.models.qwen3_vl.spec:SPEC",
 })
 
 

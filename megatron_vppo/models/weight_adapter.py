@@ -1,7 +1,8 @@
 """The contract between a model's Megatron parameters and its HF checkpoint, in both directions.
 
 Loaders (checkpoint/hf_load.py), the export stream, the HF writer and the converter call only these
-methods; a new model implements the abstract ones (see models/qwen2_5_vl/weights.py). Tensors are
+methods; a new model implements the abstract ones (see models/qwen2_5_vl/weights.py). HF -> Megatron
+goes through `groups` only (the loader reads just the HF tensors a rank's parameters need). Tensors are
 FULL (un-sharded) on both sides: a Megatron tensor's chunk r along its `partition_dim` is TP rank r's.
 """
 from __future__ import annotations
@@ -30,10 +31,6 @@ class WeightAdapter(ABC):
     @abstractmethod
     def groups(self, mcore_names) -> list[Group]:
         """The conversions that produce `mcore_names` from HF tensors (the loader reads only theirs)."""
-
-    @abstractmethod
-    def hf_to_mcore(self, hf_state: dict[str, torch.Tensor], with_vision: bool = True) -> dict[str, torch.Tensor]:
-        """A whole HF state -> full Megatron tensors for every parameter."""
 
     @abstractmethod
     def mcore_to_hf(self, mc_state: dict[str, torch.Tensor], spelling: str = "v4") -> dict[str, torch.Tensor]:

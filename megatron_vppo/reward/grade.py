@@ -11,13 +11,14 @@ Both read the boxed answer with `boxed.extract_last_boxed` (lenient by default, 
 for mathruler's exact rule); a response without a complete box scores 0.0.
 
 Failures are never a silent 0: `Grader.require()` imports the method's package where grading runs and
-raises `GraderImportError` naming it; a grader that raises on an answer scores 0.0 but is counted
-(`Grader.errors`, the first few logged with the answer), and `check_error_rate` stops a run whose
-share of such answers passes `reward.max_error_rate` (both libraries catch odd input themselves, so a
-raise means a broken grader, not a wrong answer).
+raises `GraderImportError` naming it; a grader that raises on an answer, or returns anything but a real
+bool or 0/1 (NaN, the string "False": never read as truthy), scores 0.0 but is counted (`Grader.errors`,
+the first few logged with the answer); a call past the deadline is counted too (`Grader.timeouts`); and
+`check_error_rate` stops a run whose share of such answers passes `reward.max_error_rate` (both
+libraries catch odd input themselves, so a raise means a broken grader, not a wrong answer).
 
 Timeouts: sympy can take minutes or forever on hostile input (`\\boxed{99999999!}`). Every call runs under a
-deadline (`timeout_s`) and scores 0.0 when it expires. Backends:
+deadline (`timeout_s`) and scores 0.0 when it expires (counted, see above). Backends:
 - "process" (default): a persistent worker process per grading process; on a timeout it is killed
   and restarted lazily, so a runaway computation stops using the CPU.
 - "thread": a daemon thread per call; a timed-out thread is abandoned (it may keep a core busy until it
@@ -72,7 +73,7 @@ class GraderFailure(RunAbort):
 def _mathruler_equal(pred: str, answer: str) -> bool:
     from mathruler.grader import grade_answer
 
-    return bool(grade_answer(pred, answer))
+    return grade_answer(pred, answer)  # checked by _as_grade: a non-bool is a grader error, never truthy
 
 
 def _silence_math_verify_timeout_warning() -> None:
@@ -93,7 +94,7 @@ def _math_verify_equal(pred: str, answer: str) -> bool:
     target = parse(f"${pred}$", parsing_timeout=None)
     if not gold or not target:
         return False
-    return bool(verify(gold, target, timeout_seconds=None))
+    return verify(gold, target, timeout_seconds=None)
 
 
 _EQUAL: dict[str, Callable[[str, str], bool]] = {
@@ -115,12 +116,26 @@ def import_problem(method: str) -> str | None:
     return None
 
 
+def _as_grade(value: object) -> bool:
+    """A grader's result as a grade: only a real bool (numpy's and 0-d tensors' included) or the number
+    0 / 1 is one. Anything else — NaN, the string "False", None, 0.5 — is a broken grader (TypeError),
+    never read as truthy."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" or (hasattr(value, "dtype") and str(getattr(value, "dtype", "")) in
+                                           ("bool", "torch.bool") and getattr(value, "ndim", 1) == 0):
+        return bool(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"the grader returned {value!r:.60} ({type(value).__name__}), not a bool or 0/1")
+
+
 def _grade(pred: str | None, answer: str, method: str) -> tuple[bool, str | None]:
-    """(equal?, None) or (False, "ExcType: message") when the grader raised."""
+    """(equal?, None) or (False, "ExcType: message") when the grader raised or returned a non-grade."""
     if pred is None or not isinstance(answer, str) or not answer.strip():
         return False, None
     try:
-        return bool(_EQUAL[method](str(pred), answer)), None
+        return _as_grade(_EQUAL[method](str(pred), answer)), None
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"[:300]
 
@@ -278,7 +293,8 @@ class Grader:
     ) -> None:
         _check_args(method, backend, extraction)
         self.method, self.timeout_s, self.backend, self.extraction = method, timeout_s, backend, extraction
-        self.timeouts = 0  # calls that hit the deadline, for the caller's metrics
+        self.timeouts = 0  # calls that hit the deadline (scored 0.0), for the caller's metrics and error rate
+        self.last_timeout: str | None = None  # "pred=..., answer=..." of the latest one
         self.errors = 0  # answers whose grading raised (scored 0.0), for the caller's metrics
         self.last_error: str | None = None  # "ExcType: msg (pred=..., answer=...)" of the latest one
         self._owns_runner = backend == "process" and not shared_worker
@@ -307,8 +323,12 @@ class Grader:
                 res = _run_in_thread(self.method, pred, answer, self.timeout_s)
             if res is None:
                 self.timeouts += 1
-                log.warning("reward grading exceeded %.1fs (pred=%.120r, answer=%.60r): scored 0.0",
-                            self.timeout_s, pred, answer)
+                self.last_timeout = f"pred={pred!r:.120}, answer={answer!r:.60}"
+                if self.timeouts <= LOG_FIRST_ERRORS:
+                    log.warning("reward grading exceeded reward.timeout_s=%g (pred=%.120r, answer=%.60r): scored "
+                                "0.0, counted against reward.max_error_rate (timeout %d%s)", self.timeout_s, pred,
+                                answer, self.timeouts,
+                                "; later ones are only counted" if self.timeouts == LOG_FIRST_ERRORS else "")
                 return 0.0
             ok, err = res
             if err is not None:
@@ -344,14 +364,19 @@ class Grader:
         self.close()
 
 
-def check_error_rate(errors: int, graded: int, max_rate: float, where: str, example: str | None = None) -> float:
-    """The share of graded answers whose grader raised; GraderFailure above `max_rate`."""
-    rate = errors / graded if graded else 0.0
+def check_error_rate(errors: int, graded: int, max_rate: float, where: str, example: str | None = None,
+                     timeouts: int = 0, timeout_example: str | None = None) -> float:
+    """The share of graded answers whose grader failed (raised, returned a non-grade, or ran past its
+    deadline); GraderFailure above `max_rate`."""
+    rate = (errors + timeouts) / graded if graded else 0.0
     if rate > max_rate:
-        first = f"; first: {example}" if example else ""
-        raise GraderFailure(f"{where}: the reward grader raised on {errors} of {graded} answers ({rate:.0%} > "
-                            f"reward.max_error_rate={max_rate:g}), so rewards would be wrong{first}. Fix the grader "
-                            f"environment, or raise reward.max_error_rate")
+        what = " and ".join(x for x in (f"raised on {errors}" if errors else "",
+                                        f"timed out (past reward.timeout_s) on {timeouts}" if timeouts else "") if x)
+        first = f"; first: {example}" if example else (f"; first timeout: {timeout_example}" if timeout_example else "")
+        fix = ("Fix the grader environment, or raise reward.max_error_rate" if errors else
+               "Fix the grader (a hanging grader), raise reward.timeout_s, or raise reward.max_error_rate")
+        raise GraderFailure(f"{where}: the reward grader {what} of {graded} answers ({rate:.0%} > "
+                            f"reward.max_error_rate={max_rate:g}), so rewards would be wrong{first}. {fix}")
     return rate
 
 

@@ -1,15 +1,16 @@
 """In-process rollout engine on a model's transformers class (its MODELS spec's `engine_model_class`;
-CPU, also a GPU fallback). Written against Qwen2.5-VL's interface (`model.model.get_rope_index`).
+CPU, also a GPU fallback). Everything model-specific (position ids, the vision tower's dtype) comes
+from the model's spec (models/spec.py `engine_*` methods).
 
 The decode loop is ours, not `model.generate`, so that sampling, seeds and log-probs are exactly
 what the trainer expects (see engine.py for the conventions):
 
   * prompts are LEFT-padded into one batch; each request is prefilled once and its KV cache is
     repeated for its n samples;
-  * M-RoPE position ids are computed explicitly with `model.model.get_rope_index` on the prompt
-    (transformers 5.x silently falls back to 1-D positions without them); a decode step's three
-    position rows all equal (real tokens so far) + rope delta — the text positions HF uses after
-    the largest prompt position;
+  * position ids are computed explicitly on the prompt by `spec.engine_prompt_positions` (for M-RoPE
+    models transformers 5.x silently falls back to 1-D positions without them); a decode step's
+    positions are `spec.engine_decode_positions` of (real tokens so far) + rope delta — the text
+    positions HF uses after the largest prompt position;
   * every sample draws its uniforms from its own CPU `torch.Generator`, seeded from
     (SamplingParams.seed, request seed, sample index), so a sample does not depend on what else
     is in the batch, on the micro-batch size, or on the device;
@@ -221,7 +222,7 @@ class HFRolloutEngine:
     # ------------------------------------------------------------------ prompt preparation
 
     def _prompt_batch(self, seqs: Sequence[Sequence[int]], requests: Sequence[RolloutRequest]) -> dict:
-        """Left-padded ids, mask, explicit M-RoPE positions [3, B, L] and rope deltas [B]."""
+        """Left-padded ids, mask, explicit position ids (the spec's) and rope deltas [B]."""
         device = self.device
         ids, mask = _left_pad(seqs, self.pad_token_id, device)
         pix = [r.pixel_values for r in requests if r.pixel_values is not None]
@@ -235,10 +236,7 @@ class HFRolloutEngine:
                     "encode the prompt with the project processor (data/processor.py) so pads are expanded"
                 )
         grid = torch.cat([g.reshape(-1, 3) for g in grids]).to(device) if grids else None
-        mm_types = (ids == self.image_token_id).long() * mask
-        position_ids, deltas = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=mm_types, image_grid_thw=grid, attention_mask=mask
-        )
+        position_ids, deltas = self.spec.engine_prompt_positions(self.model, ids, mask, grid)
         batch = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, rope_deltas=deltas.reshape(-1))
         if pix:
             batch["pixel_values"] = torch.cat(pix).to(device=device, dtype=self._vision_dtype())
@@ -250,7 +248,7 @@ class HFRolloutEngine:
         return int((grid_thw.reshape(-1, 3).prod(-1) // (merge * merge)).sum())
 
     def _vision_dtype(self):
-        return next(self.model.model.visual.parameters()).dtype
+        return self.spec.engine_vision_dtype(self.model)
 
     def _forward(self, batch: dict, cache, logits_to_keep: int = 0):
         kw = {k: v for k, v in batch.items() if k != "rope_deltas"}
@@ -328,7 +326,7 @@ class HFRolloutEngine:
                 mask, next_pos, tok = mask[idx], next_pos[idx], tok[idx]
                 active = [active[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
+            pos = self.spec.engine_decode_positions(next_pos)
             step_batch = dict(input_ids=tok.view(-1, 1), attention_mask=mask, position_ids=pos)
             logits = self._forward(step_batch, cache, logits_to_keep=1).logits[:, -1, :]
             next_pos = next_pos + 1

@@ -356,7 +356,7 @@ class SGLangRolloutEngine:
     tensor_parallel = True  # one engine spans rollout.engine_tp GPUs
     takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
     weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
-    reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup"})
+    reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup", "engine_tp"})
 
     @classmethod
     def standalone(cls, model_dir, *, dtype: str = "fp32", seed: int = 0, device: str | None = None,
@@ -629,7 +629,7 @@ class SGLangTPPeer:
     tensor_parallel = True
     takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
     weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
-    reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup"})
+    reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup", "engine_tp"})
 
     @classmethod
     def standalone(cls, model_dir, *, dtype: str = "fp32", seed: int = 0, device: str | None = None,

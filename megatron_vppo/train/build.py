@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_vppo.config import ConfigError, RunConfig, save_config
-from megatron_vppo.data.dataset import DataError, check_data_file
+from megatron_vppo.config import RunConfig
+from megatron_vppo.data.dataset import DataError
 from megatron_vppo.distributed import ParallelDims, cpu_world_group
 from megatron_vppo.rollout import ENGINES
 from megatron_vppo.train.engine_sync import sync_engine_weights
 from megatron_vppo.train.checkpointer import Checkpointer
 from megatron_vppo.train.loop import Trainer
 from megatron_vppo.train.rollout_step import encode_prompts
+from megatron_vppo.train.startup import StartPlan, check_paths, check_structure, start_run
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -26,30 +27,6 @@ log = logging.getLogger("megatron_vppo.train")
 def _optimizer_steps(cfg: RunConfig) -> int:
     per_step = -(-cfg.train.prompts_per_step // cfg.train.mini_batch_prompts) * cfg.train.ppo_epochs
     return max(1, per_step * cfg.train.total_steps)
-
-
-def check_paths(cfg: RunConfig) -> Path:
-    """Fail before any process group exists when the model or the data is not where the config says."""
-    model_dir = Path(cfg.model.path) if cfg.model.path else None
-    if model_dir is None or not (model_dir / "config.json").is_file():
-        what = "is not set" if model_dir is None else (
-            "does not exist" if not model_dir.exists() else "has no config.json")
-        raise ConfigError(
-            f"model.path={cfg.model.path!r} {what}; point it at an HF Qwen2.5-VL directory "
-            f"(tools/convert_checkpoint.py mcore-to-hf turns a Megatron checkpoint into one)")
-    from megatron_vppo.rollout import check_engine_model
-
-    check_engine_model(cfg.rollout.engine, model_dir)  # e.g. vLLM on CPU and a head_dim it cannot run
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty; set it to a parquet/jsonl/arrow file or a saved dataset dir")
-    for key in ("train", "val"):
-        path = getattr(cfg.data, key)
-        if path and not Path(path).exists():
-            raise ConfigError(f"data.{key}={path!r} does not exist; pass a .parquet/.jsonl/.json/.arrow file "
-                              f"or a directory written by Dataset.save_to_disk")
-        if path:
-            check_data_file(path, f"data.{key}")
-    return model_dir
 
 
 def _single_process_rendezvous() -> None:
@@ -119,26 +96,21 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     return build_run(cfg)[0]
 
 
-def build_run(cfg: RunConfig) -> tuple[Trainer, Checkpointer]:
+def build_run(cfg: RunConfig, start: StartPlan | None = None) -> tuple[Trainer, Checkpointer]:
     """Everything a run needs: the trainer (resumed from the newest checkpoint that verifies, when
-    `train.resume` asks for it) with its engine in sync, and the checkpointer that saves it."""
+    `train.resume` asks for it) with its engine in sync, and the checkpointer that saves it. `start`:
+    what `start_run` (train/startup.py) returned (run here when None: every check that needs no model)."""
     from megatron_vppo.checkpoint.dist_checkpoint import load_checkpoint, read_meta
     from megatron_vppo.data.dataset import PromptBatches, PromptDataset
     from megatron_vppo.data.processor import VLProcessor
-    from megatron_vppo.reward.grade import Grader, GraderImportError, import_problem
+    from megatron_vppo.reward.grade import Grader
     from megatron_vppo.train.metrics_log import MetricsLogger
-    from megatron_vppo.train.resume import check_output_dir, check_resume_config, move_previous_run
+    from megatron_vppo.train.resume import check_resume_config
 
-    model_dir = check_paths(cfg)
-    # Never start over another run's files (read-only check on every rank; rank 0 moves them aside
-    # when asked to, before the rendezvous the other ranks wait in).
-    if check_output_dir(cfg) and int(os.environ.get("RANK", "0")) == 0:
-        move_previous_run(Path(cfg.train.output_dir))
-    if int(os.environ.get("RANK", "0")) == 0:
-        save_config(cfg)  # <output_dir>/config.yaml: the resolved settings of this start
-    problem = import_problem(cfg.reward.method)  # every rank, before the model loads: a reward of 0 is no default
-    if problem:
-        raise GraderImportError(problem)
+    start = start if start is not None else start_run(cfg)
+    if start.complete is not None:
+        raise ValueError(f"{cfg.train.output_dir}: the run is complete ({start.complete.name}); nothing to build")
+    model_dir = start.model_dir
     _single_process_rendezvous()
     policy = build_policy(cfg, model_dir)
     ddp_chunks, optimizer, scheduler = policy.model_chunks, policy.optimizer, policy.scheduler
@@ -175,6 +147,7 @@ def build_run(cfg: RunConfig) -> tuple[Trainer, Checkpointer]:
     checkpointer = Checkpointer.from_config(cfg, policy.dims)
     resume = checkpointer.select_resume(cfg.train.resume)
     if resume is not None:
+        check_structure(resume, model_dir)  # select_resume may have walked back past the start-up's candidate
         check_resume_config(read_meta(resume).get("config"), cfg, resume, dist.get_rank())
         # Weights, optimizer, scheduler and RNG states from the checkpoint; the step and the data
         # position from its train_state, so the next batch is the one the stopped run would have drawn.
@@ -209,6 +182,7 @@ def build_run(cfg: RunConfig) -> tuple[Trainer, Checkpointer]:
 def teardown(trainer: Trainer) -> None:
     """Close the logger (rank 0 plots the run), the grader and the engine, then the process groups."""
     from megatron_vppo.distributed import destroy_distributed
+    from megatron_vppo.train.startup import end_run
 
     if trainer.logger is not None:
         trainer.logger.close()
@@ -228,6 +202,7 @@ def teardown(trainer: Trainer) -> None:
     if trainer.engine is not None:
         trainer.engine.shutdown()
     destroy_distributed()
+    end_run(trainer.cfg)
 
 
 __all__ = ["build_engine", "build_run", "build_trainer", "check_paths", "teardown"]

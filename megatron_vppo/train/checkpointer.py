@@ -1,7 +1,7 @@
 """The run's checkpoint directory and the decision when to save into it.
 
 `Checkpointer` is made once by train/build.py (which also asks it for the checkpoint to resume from)
-and used by the driver (train/run.py) after every step. Saving itself is checkpoint/dist_checkpoint.py.
+and used by the driver (train/run.py) after every step. Saving itself is the checkpoint/dist_checkpoint/ package.
 """
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ def checkpoint_dir(output_dir) -> Path:
 class Checkpointer:
     """Owns `<train.output_dir>/checkpoints`: picks the checkpoint to resume from and saves every
     `save_every` steps (0: never on a schedule), at the last step, and whenever forced (the driver
-    forces a save when it stops early)."""
+    forces a save when a signal stops it between steps).
+
+    Every checkpoint's meta.json records the model's structure (`checkpoint/model_structure.py`,
+    compared before a resume loads it) and its parent: the checkpoint this line of training continued
+    from (the one resumed from, then each save's predecessor; None for a fresh run's first)."""
 
     directory: Path
     save_every: int
@@ -34,13 +38,19 @@ class Checkpointer:
     config: dict = field(default_factory=dict, repr=False)  # snapshot recorded in meta.json
     dims: ParallelDims | None = None
     last_saved: int | None = None
+    structure: dict | None = None  # the configured model's, recorded in meta.json
+    parent: str | None = None  # the checkpoint the next save continues from (its lineage)
 
     @classmethod
     def from_config(cls, cfg: "RunConfig", dims: ParallelDims | None = None) -> "Checkpointer":
         from megatron_vppo.config import to_dict
 
+        from megatron_vppo.checkpoint.model_structure import model_structure
+
         t = cfg.train
-        return cls(checkpoint_dir(t.output_dir), t.save_every, t.total_steps, t.keep_last, to_dict(cfg), dims)
+        return cls(checkpoint_dir(t.output_dir), t.save_every, t.total_steps, t.keep_last, to_dict(cfg), dims,
+                   structure=model_structure(cfg.model.path) if cfg.model.path and
+                   (Path(cfg.model.path) / "config.json").is_file() else None)
 
     def due(self, step: int) -> bool:
         """A save is due after `step`: on the schedule or at the last step."""
@@ -50,7 +60,9 @@ class Checkpointer:
         """`train.resume` -> the checkpoint to load (collective: verification hashes files on every rank)."""
         from megatron_vppo.checkpoint.dist_checkpoint import select_resume
 
-        return select_resume(resume, self.directory)
+        chosen = select_resume(resume, self.directory)
+        self.parent = chosen.name if chosen is not None else None
+        return chosen
 
     def maybe_save(self, trainer: "Trainer", *, force: bool = False) -> Path | None:
         """Save the trainer's state after its current step when due (or `force`); collective. Returns
@@ -66,8 +78,9 @@ class Checkpointer:
         check_finite(trainer.model_chunks, trainer.optimizer, what="checkpoint save", step=step)
         path = save_checkpoint(self.directory, step, trainer.model_chunks, trainer.optimizer, trainer.scheduler,
                                train_state=self.train_state(trainer), config=self.config,
-                               keep_last=self.keep_last, dims=self.dims)
-        self.last_saved = step
+                               keep_last=self.keep_last, dims=self.dims,
+                               extra_meta={"model": self.structure, "parent": self.parent})
+        self.last_saved, self.parent = step, path.name
         return path
 
     @staticmethod

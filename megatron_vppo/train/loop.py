@@ -491,4 +491,6 @@ def validate(trainer: Trainer) -> dict:
     out = {"val/accuracy": accuracy_at_k(groups)}
     if errors["reward/grader_errors"]:
         out["val/grader_errors"] = errors["reward/grader_errors"]
+    if errors["reward/grader_timeouts"]:
+        out["val/grader_timeouts"] = errors["reward/grader_timeouts"]
     return out

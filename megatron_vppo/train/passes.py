@@ -151,6 +151,7 @@ def _forward_step(loss_fn, data_iterator, model):
 def _run_schedule(model_chunks, micro_batches, loss_fn, forward_only: bool):
     iters = [iter(micro_batches) for _ in model_chunks]
     rows, seq_len = micro_batches[0].input_ids.shape  # the p2p shape (one per schedule when pp > 1)
+    seq_len = _unwrap(model_chunks[0]).pipeline_seq_length(seq_len)  # a model may carry side features
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn),
         data_iterator=iters if len(iters) > 1 else iters[0],

@@ -23,7 +23,9 @@ class SampledGroup:
     prompt: int  # index into the step's prompt list
     samples: list[Sample]
     grader_errors: int = 0
+    grader_timeouts: int = 0  # grading calls past reward.timeout_s (scored 0.0)
     grader_error: str | None = None  # one error's text, for the message
+    grader_timeout: str | None = None  # one timed-out answer, for the message
 
     @property
     def rewards(self) -> list[float]:

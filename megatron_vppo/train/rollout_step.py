@@ -73,13 +73,15 @@ def generate_and_grade(engine, tokenizer, grader, prompts: list[EncodedPrompt], 
     groups = []
     for i, samples in zip(ids, engine.generate(reqs, n, sampling)):
         texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in samples]
-        errors_before = grader.errors
+        errors_before, timeouts_before = grader.errors, grader.timeouts
         rewards = grader.batch_score(texts, [prompts[i].answer] * len(samples))
         groups.append(SampledGroup(
             prompt=i, samples=[Sample(list(o.token_ids), list(o.log_probs), o.finish_reason, float(r))
                                for o, r in zip(samples, rewards)],
             grader_errors=grader.errors - errors_before,
-            grader_error=grader.last_error if grader.errors > errors_before else None))
+            grader_error=grader.last_error if grader.errors > errors_before else None,
+            grader_timeouts=grader.timeouts - timeouts_before,
+            grader_timeout=grader.last_timeout if grader.timeouts > timeouts_before else None))
     return groups
 
 
@@ -94,14 +96,17 @@ def sample_groups(dims: ParallelDims, engine, tokenizer, grader, prompts: list[E
 
 
 def grading_errors(groups: list[SampledGroup], max_rate: float, where: str) -> dict:
-    """Grader exceptions over these groups as metrics; GraderFailure when their share passes `max_rate`."""
+    """Grader failures (errors and timeouts) over these groups as metrics; GraderFailure when their share
+    passes `max_rate`."""
     from megatron_vppo.reward.grade import check_error_rate
 
     errors = sum(g.grader_errors for g in groups)
+    timeouts = sum(g.grader_timeouts for g in groups)
     graded = sum(len(g.samples) for g in groups)
     example = next((g.grader_error for g in groups if g.grader_error), None)
-    rate = check_error_rate(errors, graded, max_rate, where, example)
-    return {"reward/grader_errors": errors, "reward/grader_error_rate": rate}
+    timeout_example = next((g.grader_timeout for g in groups if g.grader_timeout), None)
+    rate = check_error_rate(errors, graded, max_rate, where, example, timeouts, timeout_example)
+    return {"reward/grader_errors": errors, "reward/grader_timeouts": timeouts, "reward/grader_error_rate": rate}
 
 
 def to_trajectories(prompts: list[EncodedPrompt], groups: list[SampledGroup]) -> list[Trajectory]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from megatron_vppo.config import DataConfig
 from megatron_vppo.parallel_layout import Layout
-from megatron_vppo.tuning.model_spec import ModelSpec
+from megatron_vppo.tuning.model_spec import ModelShape
 
 GIB = 2**30
 # SGLang 0.5.23 memory outside mem_fraction_static, per engine GPU: the scheduler process's CUDA context
@@ -224,7 +224,7 @@ class MemoryEstimate:
         return self.worst.total / GIB
 
 
-def engine_rank_bytes(spec: ModelSpec, tp: int, prec: Precision, seq_len: int) -> tuple[float, float]:
+def engine_rank_bytes(spec: ModelShape, tp: int, prec: Precision, seq_len: int) -> tuple[float, float]:
     """(weights, KV cache of one `seq_len` sequence) on one rank of a TP-`tp` SGLang engine: the HF
     model in the trainer's parameter dtype (bf16 under FP8 training), K and V per layer for the KV
     heads this rank holds (replicated when tp > KV heads)."""
@@ -238,11 +238,11 @@ def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
     return -(-vocab // step) * step
 
 
-def _stage_layers(spec: ModelSpec, layout: Layout) -> int:
+def _stage_layers(spec: ModelShape, layout: Layout) -> int:
     return spec.layers // layout.pp
 
 
-def stage_params(spec: ModelSpec, layout: Layout, stage: int, vocab_multiple: int = 128,
+def stage_params(spec: ModelShape, layout: Layout, stage: int, vocab_multiple: int = 128,
                  with_vision: bool = True) -> dict:
     """Parameters one rank of `stage` holds, split by part (TP-sharded parts divided by tp)."""
     t = layout.tp
@@ -264,7 +264,7 @@ def stage_params(spec: ModelSpec, layout: Layout, stage: int, vocab_multiple: in
     return parts
 
 
-def gemm_params(spec: ModelSpec, layout: Layout, stage: int, with_vision: bool = True) -> int:
+def gemm_params(spec: ModelShape, layout: Layout, stage: int, with_vision: bool = True) -> int:
     """Params that feed GEMMs (FP8 caches them); the embedding lookup and norms excluded."""
     parts = stage_params(spec, layout, stage, with_vision=with_vision)
     ls, _ = spec.lm_layer_params()
@@ -274,7 +274,7 @@ def gemm_params(spec: ModelSpec, layout: Layout, stage: int, with_vision: bool =
 
 
 def layer_saved_bytes_per_token(
-    spec: ModelSpec, layout: Layout, k: Kernels, prec: Precision, recompute: str
+    spec: ModelShape, layout: Layout, k: Kernels, prec: Precision, recompute: str
 ) -> float:
     """Bytes one decoder layer keeps for backward, per token (this rank's share)."""
     t, cp = layout.tp, layout.cp
@@ -295,18 +295,18 @@ def layer_saved_bytes_per_token(
     return (norm_in + norm_rest + attn + mlp) / cp
 
 
-def layer_bwd_transient_bytes_per_token(spec: ModelSpec, layout: Layout, prec: Precision) -> float:
+def layer_bwd_transient_bytes_per_token(spec: ModelShape, layout: Layout, prec: Precision) -> float:
     """Gradient tensors alive while back-propagating one layer: dgrad of fc1's output (2f), of the
     SwiGLU product (f), and two hidden-wide residual grads."""
     t, e = layout.tp, prec.act_bytes
     return (3 * spec.intermediate / t + 2 * spec.hidden) * e / layout.cp
 
 
-def _rope_bytes_per_position(spec: ModelSpec, k: Kernels, prec: Precision, recompute: str) -> float:
+def _rope_bytes_per_position(spec: ModelShape, k: Kernels, prec: Precision, recompute: str) -> float:
     return 0.0 if recompute == "full" else k.rope_saved * spec.hd * prec.act_bytes
 
 
-def vision_act_bytes_per_sample(spec: ModelSpec, layout: Layout, k: Kernels, prec: Precision,
+def vision_act_bytes_per_sample(spec: ModelShape, layout: Layout, k: Kernels, prec: Precision,
                                 wl: Workload, recompute: str) -> float:
     """Saved activations of the vision tower for one sample's images (first stage; no SP, no CP)."""
     if not wl.with_vision:
@@ -321,6 +321,7 @@ def vision_act_bytes_per_sample(spec: ModelSpec, layout: Layout, k: Kernels, pre
         per_block = (2 * vh + 2 * (k.norm_saved - 1) * vh) * e + 4 * vh / t * e + k.mlp_saved_f * vi / t * e
         per_block += k.rope_saved * (vh // spec.vision_heads) * e
     merger = (k.norm_saved * vh + 2 * spec.merge**2 * vh / t) * e  # ln_q, GELU in, fc2 in (per patch)
+    merger *= 1 + spec.deepstack  # each DeepStack merger keeps as much as the final one
     return patches * (spec.vision_depth * per_block + pixels_in + merger)
 
 
@@ -337,7 +338,7 @@ def inflight_microbatches(layout: Layout, stage: int, m: int) -> float:
 
 
 def estimate_memory(
-    spec: ModelSpec,
+    spec: ModelShape,
     layout: Layout,
     wl: Workload,
     *,
@@ -383,8 +384,13 @@ def estimate_memory(
 
         inflight = inflight_microbatches(layout, stage, m)
         act = inflight * n_layers * per_layer
+        # Under PP a stage sends [hidden; DeepStack features] (1 + deepstack rows per token), and a
+        # receiving stage keeps that input until its backward.
+        carried = 1 + (spec.deepstack if pp > 1 else 0)
         if not last and not kernels.deallocate_pipeline_outputs:
-            act += inflight * tokens * spec.hidden / tsp * e / cp  # the stage's kept output tensor
+            act += inflight * carried * tokens * spec.hidden / tsp * e / cp  # the stage's kept output tensor
+        if not first and carried > 1:
+            act += inflight * (carried - 1) * tokens * spec.hidden / tsp * e / cp  # received DeepStack rows
         sm.activations = act
         sm.transient = transient
         if first:

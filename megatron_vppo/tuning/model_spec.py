@@ -1,9 +1,10 @@
-"""The handful of Qwen2.5-VL shape numbers the tuner needs, read from an HF `config.json`.
+"""`ModelShape`: the handful of shape numbers the tuner needs, read from an HF `config.json`.
 
-Accepts both layouts Hugging Face has written for Qwen2.5-VL: transformers 4.x (text fields at the
-top level, `rope_scaling`) and 5.x (text fields under `text_config`, `rope_parameters`). Parameter
-counts are derived here from the architecture (QKV biases, SwiGLU MLP, RMSNorm, Conv3d patch embed,
-2x2 patch-merger MLP), so memory and FLOP estimates share one source.
+`spec_from_dict` reads the fields every Qwen-VL-style config has (text fields in `text_config` or at
+the top level, `vision_config`); what differs between model families (window attention, QK-norm,
+gated or plain vision MLP, DeepStack mergers, ...) is passed by the model's own spec
+(`models.MODELS[arch].tuner_fields`, which `load_model_spec` asks). Parameter counts are derived here
+from those fields, so memory and FLOP estimates share one source; the defaults describe Qwen2.5-VL.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ _VISION_FIELDS = (
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelShape:
     name: str
     hidden: int
     layers: int
@@ -58,6 +59,13 @@ class ModelSpec:
     head_dim: int | None = None  # hidden // heads unless the config says otherwise
     window_size: int = 112  # pixels; window attention spans window_size // patch patches per side
     vision_full_attn_blocks: int = 4  # blocks with full (not window) attention
+    qkv_bias: bool = True  # LM attention has QKV biases
+    qk_norm: bool = False  # LM per-head RMSNorm on q and k
+    vision_gated_mlp: bool = True  # vision MLP gate/up/down (SwiGLU) or fc1/fc2
+    vision_norm_bias: bool = False  # vision norms are LayerNorms (with bias) rather than RMSNorms
+    patch_embed_bias: bool = False
+    vision_pos_embed: int = 0  # rows of a learned vision position table
+    deepstack: int = 0  # DeepStack mergers (each feeds one early LM layer; carried between PP stages)
 
     @property
     def hd(self) -> int:
@@ -75,24 +83,29 @@ class ModelSpec:
     def lm_layer_params(self) -> tuple[int, int]:
         """(sharded over TP, replicated) parameters of one decoder layer."""
         h, q, kv, f = self.hidden, self.q_width, self.kv_width, self.intermediate
-        attn = h * (q + 2 * kv) + (q + 2 * kv) + q * h  # QKV (+bias, column-parallel), out proj (no bias)
+        attn = h * (q + 2 * kv) + (q + 2 * kv) * self.qkv_bias + q * h  # QKV (column-parallel), out proj
         mlp = 3 * h * f  # gate, up (column-parallel), down (row-parallel)
-        return attn + mlp, 2 * h  # two RMSNorms
+        return attn + mlp, 2 * h + 2 * self.hd * self.qk_norm  # two RMSNorms (+ q/k norms)
 
     def vision_block_params(self) -> tuple[int, int]:
         vh, vi = self.vision_hidden, self.vision_intermediate
-        sharded = vh * 3 * vh + 3 * vh + vh * vh + 3 * vh * vi + 2 * vi  # qkv(+b), proj, gate/up(+b), down
-        replicated = vh + vh + 2 * vh  # proj bias, down bias, two RMSNorms
+        mats, col_biases = (3, 2) if self.vision_gated_mlp else (2, 1)  # gate/up/down or fc1/fc2
+        sharded = vh * 3 * vh + 3 * vh + vh * vh + mats * vh * vi + col_biases * vi  # qkv(+b), proj, MLP
+        replicated = vh + vh + 2 * vh * (1 + self.vision_norm_bias)  # proj bias, last MLP bias, two norms
         return sharded, replicated
 
     def vision_params(self) -> tuple[int, int]:
         """(sharded, replicated) parameters of the whole vision tower incl. patch embed and merger."""
         vh, m2, out = self.vision_hidden, self.merge**2, self.vision_out_hidden
-        patch_embed = self.in_channels * self.temporal_patch * self.patch**2 * vh  # Conv3d, no bias
+        patch_embed = self.in_channels * self.temporal_patch * self.patch**2 * vh + vh * self.patch_embed_bias
         bs, br = self.vision_block_params()
-        merger_sharded = (m2 * vh) ** 2 + m2 * vh + m2 * vh * out  # ln_q -> Linear(4vh,4vh) -> Linear(4vh,out)
-        merger_repl = vh + out  # ln_q, last bias
-        return self.vision_depth * bs + merger_sharded, self.vision_depth * br + merger_repl + patch_embed
+        merger_sharded = (m2 * vh) ** 2 + m2 * vh + m2 * vh * out  # norm -> Linear(4vh,4vh) -> Linear(4vh,out)
+        norm = 1 + self.vision_norm_bias
+        merger_repl = vh * norm + out  # its norm (over vh), last bias
+        deepstack_repl = self.deepstack * (m2 * vh * norm + out)  # DeepStack mergers norm over 4vh
+        sharded = self.vision_depth * bs + (1 + self.deepstack) * merger_sharded
+        replicated = self.vision_depth * br + merger_repl + deepstack_repl + patch_embed + self.vision_pos_embed * vh
+        return sharded, replicated
 
     def total_params(self) -> int:
         ls, lr = self.lm_layer_params()
@@ -113,9 +126,10 @@ def _as_int(v, key: str, where: str) -> int:
     return v
 
 
-def spec_from_dict(cfg: dict, name: str = "model", where: str | None = None) -> ModelSpec:
-    """Build a ModelSpec from a parsed HF config dict; every missing field is named at once.
-    `where` (e.g. the file path) prefixes error messages; defaults to `name`."""
+def spec_from_dict(cfg: dict, name: str = "model", where: str | None = None, **family) -> ModelShape:
+    """Build a ModelShape from a parsed HF config dict; every missing field is named at once.
+    `where` (e.g. the file path) prefixes error messages; defaults to `name`. `family`: the
+    ModelShape fields a model's spec derives from its own config keys (`tuner_fields`)."""
     src = where or name
     if not isinstance(cfg, dict):
         raise ModelSpecError(f"{src}: config must be a JSON object, got {type(cfg).__name__}")
@@ -140,8 +154,8 @@ def spec_from_dict(cfg: dict, name: str = "model", where: str | None = None) -> 
             vals[attr] = v
     if missing:
         raise ModelSpecError(
-            f"{src}: config.json is missing {', '.join(missing)}; the tuner needs a Qwen2.5-VL "
-            "config (see examples/model_configs/qwen2_5_vl_7b.json for the expected fields)"
+            f"{src}: config.json is missing {', '.join(missing)}; the tuner needs a vision-language "
+            "model's config (see examples/model_configs/qwen2_5_vl_7b.json for the expected fields)"
         )
     for attr, key in _TEXT_FIELDS + _VISION_FIELDS:
         vals[attr] = _as_int(vals[attr], key, src)
@@ -155,11 +169,7 @@ def spec_from_dict(cfg: dict, name: str = "model", where: str | None = None) -> 
     hd = text.get("head_dim", cfg.get("head_dim"))
     if hd is not None:
         extra["head_dim"] = _as_int(hd, "head_dim", src)
-    if vision.get("window_size") is not None:
-        extra["window_size"] = _as_int(vision["window_size"], "window_size", src)
-    if vision.get("fullatt_block_indexes") is not None:
-        extra["vision_full_attn_blocks"] = len(vision["fullatt_block_indexes"])
-    spec = ModelSpec(name=name, tie=bool(tie), **vals, **extra)
+    spec = ModelShape(name=name, tie=bool(tie), **vals, **extra, **family)
     if spec.head_dim is None and spec.hidden % spec.heads:
         raise ModelSpecError(f"{src}: hidden_size {spec.hidden} is not divisible by num_attention_heads {spec.heads}")
     if spec.heads % spec.kv_heads:
@@ -169,7 +179,7 @@ def spec_from_dict(cfg: dict, name: str = "model", where: str | None = None) -> 
     return spec
 
 
-def load_model_spec(path: str | Path) -> ModelSpec:
+def load_model_spec(path: str | Path) -> ModelShape:
     """Read `path` (a config.json, or an HF model directory holding one)."""
     p = Path(path)
     if p.is_dir():
@@ -184,4 +194,19 @@ def load_model_spec(path: str | Path) -> ModelSpec:
     except json.JSONDecodeError as e:
         raise ModelSpecError(f"{p}: not valid JSON ({e})") from None
     name = p.parent.name if p.name == "config.json" else p.stem
-    return spec_from_dict(cfg, name=name, where=str(p))
+    if not isinstance(cfg, dict):
+        raise ModelSpecError(f"{p}: config must be a JSON object, got {type(cfg).__name__}")
+    return spec_from_dict(cfg, name=name, where=str(p), **_model_spec_of(cfg, str(p)).tuner_fields(cfg))
+
+
+def _model_spec_of(cfg: dict, where: str):
+    """The MODELS entry for the config's `model_type` (the default `model.arch`'s when it has none)."""
+    from megatron_vppo.config import ModelConfig
+    from megatron_vppo.models import MODELS, spec_for_hf_config
+
+    if cfg.get("model_type") is None:
+        return MODELS[ModelConfig().arch]
+    try:
+        return spec_for_hf_config(cfg)
+    except KeyError as e:
+        raise ModelSpecError(f"{where}: {e.args[0]}") from None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from megatron_vppo.parallel_layout import Layout, LayoutError, divisors, validate_layout
 from megatron_vppo.tuning.memory import GIB, KERNELS, Kernels, MemoryEstimate, Precision, Workload, estimate_memory
-from megatron_vppo.tuning.model_spec import ModelSpec
+from megatron_vppo.tuning.model_spec import ModelShape
 from megatron_vppo.tuning.throughput import GPU_TYPES, GpuType, ThroughputEstimate, estimate_throughput
 
 
@@ -106,7 +106,7 @@ def workload_rule(layout: Layout, wl: Workload) -> str | None:
     return None
 
 
-def enumerate_layouts(spec: ModelSpec, n_gpus: int, wl: Workload) -> tuple[list[Layout], Counter]:
+def enumerate_layouts(spec: ModelShape, n_gpus: int, wl: Workload) -> tuple[list[Layout], Counter]:
     """All legal layouts for exactly `n_gpus` (cp = 1: see the module doc); also a count of why the
     others were rejected."""
     out: list[Layout] = []
@@ -141,7 +141,7 @@ def enumerate_layouts(spec: ModelSpec, n_gpus: int, wl: Workload) -> tuple[list[
 
 
 def evaluate(
-    spec: ModelSpec,
+    spec: ModelShape,
     layout: Layout,
     wl: Workload,
     *,
@@ -168,7 +168,7 @@ def evaluate(
 
 
 def tune(
-    spec: ModelSpec,
+    spec: ModelShape,
     n_gpus: int,
     gpu_mem_gib: float,
     wl: Workload = Workload(),

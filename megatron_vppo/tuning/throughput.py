@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from megatron_vppo.parallel_layout import Layout
 from megatron_vppo.tuning.memory import Precision, Workload, stage_params
-from megatron_vppo.tuning.model_spec import ModelSpec
+from megatron_vppo.tuning.model_spec import ModelShape
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class ThroughputEstimate:
         return dict(self.__dict__)
 
 
-def forward_flops(spec: ModelSpec, wl: Workload) -> dict:
+def forward_flops(spec: ModelShape, wl: Workload) -> dict:
     """FLOPs of one forward of one trajectory: LM layers, logits head, vision tower."""
     s = wl.seq_len
     ls, _ = spec.lm_layer_params()
@@ -75,7 +75,7 @@ def forward_flops(spec: ModelSpec, wl: Workload) -> dict:
         full = spec.vision_full_attn_blocks
         attn = (spec.vision_depth - full) * 4 * p * min(win, p) * vh + full * 4 * p * p * vh
         m2 = spec.merge**2
-        merger = 2 * ((m2 * vh) ** 2 + m2 * vh * spec.vision_out_hidden) * (p // m2)
+        merger = 2 * ((m2 * vh) ** 2 + m2 * vh * spec.vision_out_hidden) * (p // m2) * (1 + spec.deepstack)
         patch_embed = 2 * spec.in_channels * spec.temporal_patch * spec.patch**2 * vh * p
         vision = (spec.vision_depth * 2 * bs * p + attn + merger + patch_embed) * wl.images_per_sample
     return {"layer": layer, "layers": layer * spec.layers, "head": head, "vision": vision}
@@ -87,7 +87,7 @@ def passes(recompute: str, nograd_pass: bool = True) -> float:
 
 
 def estimate_throughput(
-    spec: ModelSpec,
+    spec: ModelShape,
     layout: Layout,
     wl: Workload,
     *,

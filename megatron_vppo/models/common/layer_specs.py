@@ -11,6 +11,9 @@
   `PackedSeqAttention` as core attention (SDPA; `thd` packing as a block-diagonal causal mask per
   segment, boolean masks otherwise).
 
+Per-model choices come from the model's TransformerConfig, not from the model's name: `qk_layernorm`
+(Qwen3's per-head RMSNorm on queries and keys) switches the spec's q/k norms on, for both variants.
+
 Transformer Engine is imported only when its spec is asked for.
 """
 from __future__ import annotations
@@ -20,17 +23,17 @@ import copy
 from megatron_vppo.distributed import te_available
 
 
-def local_layer_spec():
+def local_layer_spec(qk_layernorm: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_vppo.models.common.packed_attention import PackedSeqAttention
 
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm))
     spec.submodules.self_attention.submodules.core_attention = PackedSeqAttention
     return spec
 
 
-def te_layer_spec():
+def te_layer_spec(qk_layernorm: bool = False):
     if not te_available():
         raise RuntimeError(
             "the Transformer Engine layer spec needs transformer-engine and a GPU"
@@ -38,13 +41,22 @@ def te_layer_spec():
         )
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
-def lm_layer_spec(config):
-    """The spec for `config.transformer_impl` ('transformer_engine' or 'local')."""
+def lm_layer_spec(config, layer_class=None):
+    """The spec for `config.transformer_impl` ('transformer_engine' or 'local'), with q/k norms when
+    `config.qk_layernorm`. `layer_class` (a TransformerLayer subclass) replaces the layer module, for a
+    model that adds something between layers (e.g. vision features added after early layers); submodules keep
+    their names, so weights and checkpoints do not change."""
+    qk = bool(getattr(config, "qk_layernorm", False))
     if getattr(config, "transformer_impl", "local") == "transformer_engine":
-        return te_layer_spec()
-    if getattr(config, "fp8", None):
-        raise ValueError("fp8 needs transformer_impl=transformer_engine (GPU)")
-    return local_layer_spec()
+        spec = te_layer_spec(qk)
+    else:
+        if getattr(config, "fp8", None):
+            raise ValueError("fp8 needs transformer_impl=transformer_engine (GPU)")
+        spec = local_layer_spec(qk)
+    if layer_class is not None:
+        spec = copy.copy(spec)
+        spec.module = layer_class
+    return spec

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 
 from megatron_vppo.config import ModelConfig, ParallelConfig
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megatron_vppo.models.common.lm_config import (  # noqa: F401  (re-exported: model.py, tests)
+    DTYPES,
+    padded_vocab_size,
+    resolve_transformer_impl,
+    runtime_kwargs,
+)
 
 
 def load_hf_config(path_or_dict) -> dict:
@@ -101,28 +104,6 @@ def text_arch(hf_cfg) -> QwenTextArch:
     )
 
 
-def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
-    """Round the vocabulary up so every TP rank holds an equal, `multiple`-aligned slice."""
-    step = max(1, multiple) * max(1, tp)
-    return -(-vocab_size // step) * step
-
-
-def resolve_transformer_impl(model: ModelConfig) -> str:
-    """'auto' -> transformer_engine when TE and CUDA are present, else local."""
-    from megatron_vppo.distributed import te_available
-
-    impl = model.transformer_impl
-    if impl == "auto":
-        return "transformer_engine" if te_available() else "local"
-    if impl == "transformer_engine":
-        if not te_available():
-            raise ValueError(
-                "model.transformer_impl=transformer_engine needs Transformer Engine and a GPU;"
-                " use transformer_impl=local (or auto) on CPU"
-            )
-    return impl
-
-
 def lm_transformer_config(
     hf_cfg,
     model: ModelConfig | None = None,
@@ -132,16 +113,7 @@ def lm_transformer_config(
     """The language model's TransformerConfig. `overrides` win (e.g. `variable_seq_lengths=True`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    model = model or ModelConfig()
-    parallel = parallel or ParallelConfig()
     arch = text_arch(hf_cfg)
-    impl = resolve_transformer_impl(model)
-    on_gpu = torch.cuda.is_available()
-    dtype = DTYPES[model.dtype]
-    if model.fp8 is not None and impl != "transformer_engine":
-        raise ValueError(
-            f"model.fp8={model.fp8!r} needs Transformer Engine on a GPU; unset fp8 on CPU/local layers"
-        )
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -155,34 +127,11 @@ def lm_transformer_config(
         layernorm_epsilon=arch.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
-        hidden_dropout=0.0,
         attention_dropout=arch.attention_dropout,
         init_method_std=arch.initializer_range,
         mrope_section=list(arch.mrope_section),
         rotary_interleaved=False,
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp not in (None, 1) else None,
-        context_parallel_size=parallel.cp,
-        sequence_parallel=parallel.sp,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        transformer_impl=impl,
-        deallocate_pipeline_outputs=on_gpu,
+        **runtime_kwargs(model, parallel),
     )
-    if model.recompute:
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if model.fp8 is not None:
-        kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

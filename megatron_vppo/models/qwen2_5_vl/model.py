@@ -103,6 +103,10 @@ class Qwen25VLModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    def pipeline_seq_length(self, seq_length: int) -> int:
+        """Stages exchange only the hidden states [s, b, h] (models/spec.py `ModelChunk`)."""
+        return seq_length
+
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 

@@ -1,0 +1,48 @@
+"""Signals during a save. SIGINT / SIGTERM that arrive during `save_checkpoint` are held until the
+save has finished; then the ranks agree and every rank raises `SaveInterrupted` (a KeyboardInterrupt)
+naming the checkpoint, so the run exits non-zero with a complete checkpoint behind it. Writer processes
+forked meanwhile inherit the holding handler, so a Ctrl-C sent to the whole process group does not kill
+them half-way."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+
+class SaveInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM arrived during a save; raised once the save finished (or was cleaned up)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT / SIGTERM while a save runs (main thread only): the first one is recorded in the
+    yielded box and acted on by the caller once the save is done. Writer processes forked meanwhile
+    inherit the handler and so keep writing instead of dying half-way."""
+    box: dict = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield box
+        return
+    pid = os.getpid()
+
+    def hold(signum, frame):  # noqa: ARG001
+        if os.getpid() != pid:  # a forked writer: finish writing
+            return
+        if box["signum"] is None:
+            box["signum"] = signum
+            os.write(2, f"{signal.Signals(signum).name} received during a checkpoint save: finishing the save, "
+                        f"then stopping\n".encode())
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield box
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

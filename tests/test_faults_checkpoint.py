@@ -294,7 +294,8 @@ def small_disk(tmp_path):
 def _fill(disk: Path) -> Path:
     """Write zeros until the filesystem refuses (ENOSPC)."""
     filler = disk / "filler.bin"
-    with open(filler, "wb") as f:
+    # unbuffered: a buffered file keeps the bytes of a partial last write and raises ENOSPC again on close
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(bytes(64 * 1024))

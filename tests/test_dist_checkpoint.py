@@ -44,10 +44,10 @@ def _fresh(tp, dist_opt, seed, dtype="fp32"):
     from megatron_vppo.train.optimizer import build_optimizer
 
     _allow_children()
-    init_parallel(tp=tp)
+    dims = init_parallel(tp=tp)
     model = build_tiny_gpt(seed=seed, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     cfg = OptimConfig(**OPT, use_distributed_optimizer=dist_opt)
-    return build_optimizer([model], cfg, dtype, total_steps=TOTAL)
+    return (*build_optimizer([model], cfg, dtype, total_steps=TOTAL), dims)  # dims: from init_distributed
 
 
 def _dp(tp):
@@ -64,22 +64,22 @@ def _save_then_resume(rank, world, ckpt_dir, tp, dist_opt, dtype="fp32"):
     )
     from megatron_vppo.config import RunConfig
 
-    ddp, opt, sched = _fresh(tp, dist_opt, seed=0, dtype=dtype)
+    ddp, opt, sched, dims = _fresh(tp, dist_opt, seed=0, dtype=dtype)
     dp = _dp(tp)
     train_steps(ddp, opt, sched, 1, **dp, first_step=0)
-    save_checkpoint(ckpt_dir, 1, ddp, opt, sched, train_state={"data": {"index": 4}}, keep_last=1)
+    save_checkpoint(ckpt_dir, 1, ddp, opt, sched, train_state={"data": {"index": 4}}, keep_last=1, dims=dims)
     train_steps(ddp, opt, sched, 1, **dp, first_step=1)
     save_checkpoint(ckpt_dir, 2, ddp, opt, sched, train_state={"data": {"index": 8}},
-                    config=RunConfig(), keep_last=1)
+                    config=RunConfig(), keep_last=1, dims=dims)
     saved_logits = _full_logits(ddp[0])
     rand_after_save = torch.rand(4)
     uninterrupted = train_steps(ddp, opt, sched, 2, **dp, first_step=2)
 
-    ddp2, opt2, sched2 = _fresh(tp, dist_opt, seed=123, dtype=dtype)
+    ddp2, opt2, sched2, dims = _fresh(tp, dist_opt, seed=123, dtype=dtype)
     torch.manual_seed(777)  # the resumed run must not depend on the RNG it started with
     differs_before = not torch.allclose(_full_logits(ddp2[0]), saved_logits)
     latest = find_latest_complete(ckpt_dir)
-    loaded = load_checkpoint(latest, ddp2, opt2, sched2)
+    loaded = load_checkpoint(latest, ddp2, opt2, sched2, dims=dims)
     rand_after_load = torch.rand(4)
     sched_steps = sched2.num_steps
     resumed_logits = _full_logits(ddp2[0])
@@ -112,8 +112,8 @@ def _tp1_load(rank, world, tp2_dir, dp2_dir):
 
     out = {}
     for name, d, dist_opt in (("tp2", tp2_dir, False), ("dp2", dp2_dir, True)):
-        ddp, opt, sched = _fresh(1, dist_opt, seed=5)
-        loaded = load_checkpoint(find_latest_complete(d), ddp, opt, sched)
+        ddp, opt, sched, dims = _fresh(1, dist_opt, seed=5)
+        loaded = load_checkpoint(find_latest_complete(d), ddp, opt, sched, dims=dims)
         out[name] = dict(
             logits=_full_logits(ddp[0]),
             losses=train_steps(ddp, opt, sched, 2, first_step=loaded.step),
@@ -177,14 +177,14 @@ def _dist_opt_tp_change(rank, world, dp2_dir):
         CheckpointError, find_latest_complete, load_checkpoint,
     )
 
-    ddp, opt, sched = _fresh(2, True, seed=5)
+    ddp, opt, sched, dims = _fresh(2, True, seed=5)
     path = find_latest_complete(dp2_dir)
     try:
-        load_checkpoint(path, ddp, opt, sched)
+        load_checkpoint(path, ddp, opt, sched, dims=dims)
         err = None
     except CheckpointError as e:
         err = str(e)
-    loaded = load_checkpoint(path, ddp, opt, sched, load_optimizer=False)
+    loaded = load_checkpoint(path, ddp, opt, sched, load_optimizer=False, dims=dims)
     return dict(err=err, logits=_full_logits(ddp[0]), optimizer_loaded=loaded.optimizer_loaded,
                 losses=train_steps(ddp, opt, sched, 1, first_step=2))
 
@@ -249,11 +249,11 @@ def test_keep_last_k_prunes_oldest_complete_and_stale_tmp(runs, tmp_path):
 def _load_corrupt(rank, world, paths):
     from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError, load_checkpoint, resolve_resume
 
-    ddp, opt, sched = _fresh(2, False, seed=5)
+    ddp, opt, sched, dims = _fresh(2, False, seed=5)
     errs = []
     for p in paths:
         try:
-            load_checkpoint(p, ddp, opt, sched)
+            load_checkpoint(p, ddp, opt, sched, dims=dims)
             errs.append(None)
         except CheckpointError as e:
             errs.append(str(e))
@@ -281,11 +281,11 @@ def test_corrupt_checkpoint_error_names_dir_and_fix(runs, tmp_path):
 def _load_one_rank_rng_missing(rank, world, path):
     from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError, load_checkpoint
 
-    ddp, opt, sched = _fresh(2, False, seed=5)
+    ddp, opt, sched, dims = _fresh(2, False, seed=5)
     errs = []
     for verify in (False, True):
         try:
-            load_checkpoint(path, ddp, opt, sched, verify=verify)
+            load_checkpoint(path, ddp, opt, sched, verify=verify, dims=dims)
             errs.append(None)
         except CheckpointError as e:
             errs.append(str(e))
@@ -308,8 +308,8 @@ def _crash_during_save(rank, world, ckpt_dir):
     """Rank 1 fails while writing step 2: every rank gets CheckpointError (no hang), step 1 stays latest."""
     import megatron_vppo.checkpoint.dist_checkpoint as dc
 
-    ddp, opt, sched = _fresh(2, False, seed=0)
-    dc.save_checkpoint(ckpt_dir, 1, ddp, opt, sched)
+    ddp, opt, sched, dims = _fresh(2, False, seed=0)
+    dc.save_checkpoint(ckpt_dir, 1, ddp, opt, sched, dims=dims)
     real_save = torch.save
 
     def boom(*a, **k):
@@ -318,7 +318,7 @@ def _crash_during_save(rank, world, ckpt_dir):
     if rank == 1:
         torch.save = boom
     try:
-        dc.save_checkpoint(ckpt_dir, 2, ddp, opt, sched)
+        dc.save_checkpoint(ckpt_dir, 2, ddp, opt, sched, dims=dims)
         err = None
     except dc.CheckpointError as e:
         err = str(e)
@@ -348,9 +348,9 @@ def _pp2_save(rank, world, ckpt_dir):
     from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
 
     _allow_children()
-    init_parallel(pp=2)
+    dims = init_parallel(pp=2)
     model = build_tiny_gpt(seed=3 + rank)
-    save_checkpoint(ckpt_dir, 0, [model])
+    save_checkpoint(ckpt_dir, 0, [model], dims=dims)
     offset = ps.get_pipeline_model_parallel_rank() * (GPT["num_layers"] // 2)
     out = {}
     for n, p in model.named_parameters():
@@ -365,9 +365,9 @@ def _pp2_save(rank, world, ckpt_dir):
 def _tp1_weights(rank, world, ckpt_dir):
     from megatron_vppo.checkpoint.dist_checkpoint import find_latest_complete, load_checkpoint
 
-    init_parallel()
+    dims = init_parallel()
     model = build_tiny_gpt(seed=11)
-    loaded = load_checkpoint(find_latest_complete(ckpt_dir), [model])
+    loaded = load_checkpoint(find_latest_complete(ckpt_dir), [model], dims=dims)
     return dict(params={n: p.detach().clone() for n, p in model.named_parameters()},
                 rng_restored=loaded.rng_restored)
 
@@ -391,16 +391,16 @@ def _save_unstepped_then_train(rank, world, ckpt_dir, dist_opt):
     then two training steps."""
     from megatron_vppo.checkpoint.dist_checkpoint import save_checkpoint
 
-    model, opt, sched = _fresh(1, dist_opt, seed=5)
-    save_checkpoint(ckpt_dir, 0, model, opt, sched)
+    model, opt, sched, dims = _fresh(1, dist_opt, seed=5)
+    save_checkpoint(ckpt_dir, 0, model, opt, sched, dims=dims)
     return train_steps(model, opt, sched, 2, **_dp(1))
 
 
 def _resume_unstepped_then_train(rank, world, ckpt_dir, dist_opt):
     from megatron_vppo.checkpoint.dist_checkpoint import find_latest_complete, load_checkpoint
 
-    model, opt, sched = _fresh(1, dist_opt, seed=77)
-    loaded = load_checkpoint(find_latest_complete(ckpt_dir), model, opt, sched)
+    model, opt, sched, dims = _fresh(1, dist_opt, seed=77)
+    loaded = load_checkpoint(find_latest_complete(ckpt_dir), model, opt, sched, dims=dims)
     return loaded.optimizer_loaded, train_steps(model, opt, sched, 2, **_dp(1))
 
 
@@ -425,7 +425,7 @@ def _save_bad_sharding(rank, world, ckpt_dir):
     from megatron_vppo.checkpoint.dist_checkpoint import CheckpointError, save_checkpoint
 
     _allow_children()
-    init_parallel(tp=2)
+    dims = init_parallel(tp=2)
     gpt = build_tiny_gpt(seed=1)
 
     class Bad(MegatronModule):
@@ -437,7 +437,7 @@ def _save_bad_sharding(rank, world, ckpt_dir):
             return sharded_state_dict_default(self.proj, f"{prefix}proj.", sharded_offsets, metadata)
 
     try:
-        save_checkpoint(ckpt_dir, 1, [Bad()])
+        save_checkpoint(ckpt_dir, 1, [Bad()], dims=dims)
     except CheckpointError as e:
         return str(e)
     return None
@@ -458,8 +458,8 @@ def _resave_with_failing_rename(rank, world, ckpt_dir):
 
     import megatron_vppo.checkpoint.dist_checkpoint as dc
 
-    ddp, opt, sched = _fresh(1, False, seed=0)
-    first = dc.save_checkpoint(ckpt_dir, 1, ddp, opt, sched)
+    ddp, opt, sched, dims = _fresh(1, False, seed=0)
+    first = dc.save_checkpoint(ckpt_dir, 1, ddp, opt, sched, dims=dims)
     marker = (first / "COMPLETE").read_text()
     real_rename = os.rename
 
@@ -470,7 +470,7 @@ def _resave_with_failing_rename(rank, world, ckpt_dir):
 
     os.rename = rename
     try:
-        dc.save_checkpoint(ckpt_dir, 1, ddp, opt, sched)
+        dc.save_checkpoint(ckpt_dir, 1, ddp, opt, sched, dims=dims)
         err = None
     except dc.CheckpointError as e:
         err = str(e)

@@ -56,9 +56,9 @@ def _fresh(tp: int, seed: int):
     from megatron_vppo.train.optimizer import build_optimizer
 
     mp.current_process()._config["daemon"] = False  # Megatron's writer forks (see test_dist_checkpoint)
-    init_parallel(tp=tp)
+    dims = init_parallel(tp=tp)
     cfg = OptimConfig(lr=3e-3, weight_decay=0.1, use_distributed_optimizer=False)
-    return build_optimizer([build_tiny_gpt(seed=seed)], cfg, "fp32", total_steps=8)
+    return (*build_optimizer([build_tiny_gpt(seed=seed)], cfg, "fp32", total_steps=8), dims)  # dims: from init_distributed
 
 
 class _Records:
@@ -101,11 +101,11 @@ def _corrupt_and_fall_back(rank, world, ckpt_dir):
 
     rec = _Records()
     root = Path(ckpt_dir)
-    ddp, opt, sched = _fresh(2, seed=0)
+    ddp, opt, sched, dims = _fresh(2, seed=0)
     saved = {}
     for step in (1, 2, 3):
         train_steps(ddp, opt, sched, 1, first_step=step - 1)
-        dc.save_checkpoint(root, step, ddp, opt, sched, keep_last=0)
+        dc.save_checkpoint(root, step, ddp, opt, sched, keep_last=0, dims=dims)
         saved[step] = _logits(ddp[0])
     out = {"saved": saved, "meta": dc.read_meta(root / "step_0000003")}
 
@@ -115,16 +115,16 @@ def _corrupt_and_fall_back(rank, world, ckpt_dir):
         _zero_block(victim)
         out["zeroed"] = victim.name
     torch.distributed.barrier()
-    ddp2, opt2, sched2 = _fresh(2, seed=7)
+    ddp2, opt2, sched2, dims = _fresh(2, seed=7)
     try:
-        dc.load_checkpoint(root / "step_0000003", ddp2, opt2, sched2)
+        dc.load_checkpoint(root / "step_0000003", ddp2, opt2, sched2, dims=dims)
         out["load_err"] = None
     except dc.CheckpointError as e:
         out["load_err"] = str(e)
 
     # 6: resume=auto walks back to the newest checkpoint that verifies.
     picked = dc.select_resume("auto", root)
-    dc.load_checkpoint(picked, ddp2, opt2, sched2, verify=False)
+    dc.load_checkpoint(picked, ddp2, opt2, sched2, verify=False, dims=dims)
     out["picked_after_zero"] = picked.name
     out["logits_after_zero"] = _logits(ddp2[0])
 
@@ -134,14 +134,14 @@ def _corrupt_and_fall_back(rank, world, ckpt_dir):
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     torch.distributed.barrier()
     picked = dc.select_resume("auto", root)
-    loaded = dc.load_checkpoint(picked, ddp2, opt2, sched2, verify=False)
+    loaded = dc.load_checkpoint(picked, ddp2, opt2, sched2, verify=False, dims=dims)
     out["picked_after_truncate"] = picked.name
     out["logits_after_truncate"] = _logits(ddp2[0])
 
     # The run goes on from step 1 and saves step 2 again with keep_last=2: the checkpoints up to it
     # are [1, 2]; the corrupt step 3 must not count as one of the two kept (it would prune step 1).
     train_steps(ddp2, opt2, sched2, 1, first_step=loaded.step)
-    dc.save_checkpoint(root, 2, ddp2, opt2, sched2, keep_last=2)
+    dc.save_checkpoint(root, 2, ddp2, opt2, sched2, keep_last=2, dims=dims)
     out["after_prune"] = sorted(p.name for p in root.iterdir())
     out["verifies"] = {}
     for name in out["after_prune"]:
@@ -217,10 +217,10 @@ def test_format_v1_checkpoint_without_digests_is_checked_for_truncation(tmp_path
 def _save_two(rank, world, ckpt_dir):
     from megatron_vppo.checkpoint import dist_checkpoint as dc
 
-    ddp, opt, sched = _fresh(1, seed=0)
+    ddp, opt, sched, dims = _fresh(1, seed=0)
     for step in (1, 2):
         train_steps(ddp, opt, sched, 1, first_step=step - 1)
-        dc.save_checkpoint(ckpt_dir, step, ddp, opt, sched)
+        dc.save_checkpoint(ckpt_dir, step, ddp, opt, sched, dims=dims)
 
 
 # ------------------------------------------------------------------------ 8: a signal to one rank
@@ -235,7 +235,7 @@ def _sigterm_rank0_during_save(rank, world, ckpt_dir):
 
     os.environ["MEGATRON_VPPO_TEST_SAVE_DELAY_S"] = "3"
     root = Path(ckpt_dir)
-    ddp, opt, sched = _fresh(2, seed=0)
+    ddp, opt, sched, dims = _fresh(2, seed=0)
     train_steps(ddp, opt, sched, 1)
 
     def send_when_writing():
@@ -247,7 +247,7 @@ def _sigterm_rank0_during_save(rank, world, ckpt_dir):
     if rank == 0:
         threading.Thread(target=send_when_writing, daemon=True).start()
     try:
-        dc.save_checkpoint(root, 1, ddp, opt, sched)
+        dc.save_checkpoint(root, 1, ddp, opt, sched, dims=dims)
         return {"interrupted": None}
     except dc.SaveInterrupted as e:
         return {"interrupted": str(e), "signum": e.signum, "handler_restored":
@@ -294,12 +294,10 @@ def small_disk(tmp_path):
 def _fill(disk: Path) -> Path:
     """Write zeros until the filesystem refuses (ENOSPC)."""
     filler = disk / "filler.bin"
-    # unbuffered: a buffered file keeps the bytes of a partial last write and raises ENOSPC again on close
-    with open(filler, "wb", buffering=0) as f:
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush (and fail) on close
         try:
             while True:
                 f.write(bytes(64 * 1024))
-                f.flush()
         except OSError:
             pass
     return filler
@@ -309,16 +307,16 @@ def _save_on_full_disk(rank, world, ckpt_dir):
     from megatron_vppo.checkpoint import dist_checkpoint as dc
 
     root = Path(ckpt_dir)
-    ddp, opt, sched = _fresh(2, seed=0)
+    ddp, opt, sched, dims = _fresh(2, seed=0)
     train_steps(ddp, opt, sched, 1)
-    dc.save_checkpoint(root, 1, ddp, opt, sched)
+    dc.save_checkpoint(root, 1, ddp, opt, sched, dims=dims)
     saved = _logits(ddp[0])
     if rank == 0:
         _fill(root.parent)
     torch.distributed.barrier()
     train_steps(ddp, opt, sched, 1, first_step=1)
     try:
-        dc.save_checkpoint(root, 2, ddp, opt, sched)
+        dc.save_checkpoint(root, 2, ddp, opt, sched, dims=dims)
         err = None
     except dc.CheckpointError as e:
         err = str(e)
@@ -327,9 +325,9 @@ def _save_on_full_disk(rank, world, ckpt_dir):
         _fill(root.parent)
     torch.distributed.barrier()
     # Resume on the full disk: selecting, verifying and loading need no space.
-    ddp2, opt2, sched2 = _fresh(2, seed=9)
+    ddp2, opt2, sched2, dims = _fresh(2, seed=9)
     picked = dc.select_resume("auto", root)
-    dc.load_checkpoint(picked, ddp2, opt2, sched2, verify=False)
+    dc.load_checkpoint(picked, ddp2, opt2, sched2, verify=False, dims=dims)
     return dict(err=err, left=left, picked=picked.name, same=torch.equal(_logits(ddp2[0]), saved),
                 free=dc.free_bytes(root))
 

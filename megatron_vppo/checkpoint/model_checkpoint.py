@@ -203,7 +203,7 @@ def save_model_checkpoint(model_chunks, out_dir, hf_config, hf_files=None, *, ov
                 "version": 1,
                 "checkpoint": step_dir.name,
                 "hf_dir": HF_SUBDIR,
-                "saved_layout": dc.current_layout(len(chunk_list(model_chunks)), dims),
+                "saved_layout": dc.current_layout(len(chunk_list(model_chunks)), dims=dims),
                 "source": source,
             }
             (tmp / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n")

@@ -35,20 +35,20 @@ class Checkpointer:
     save_every: int
     total_steps: int
     keep_last: int
+    dims: ParallelDims  # this rank's layout, the ParallelDims from init_distributed (recorded in meta.json)
     config: dict = field(default_factory=dict, repr=False)  # snapshot recorded in meta.json
-    dims: ParallelDims | None = None
     last_saved: int | None = None
     structure: dict | None = None  # the configured model's, recorded in meta.json
     parent: str | None = None  # the checkpoint the next save continues from (its lineage)
 
     @classmethod
-    def from_config(cls, cfg: "RunConfig", dims: ParallelDims | None = None) -> "Checkpointer":
+    def from_config(cls, cfg: "RunConfig", dims: ParallelDims) -> "Checkpointer":
         from megatron_vppo.config import to_dict
 
         from megatron_vppo.checkpoint.model_structure import model_structure
 
         t = cfg.train
-        return cls(checkpoint_dir(t.output_dir), t.save_every, t.total_steps, t.keep_last, to_dict(cfg), dims,
+        return cls(checkpoint_dir(t.output_dir), t.save_every, t.total_steps, t.keep_last, dims, to_dict(cfg),
                    structure=model_structure(cfg.model.path) if cfg.model.path and
                    (Path(cfg.model.path) / "config.json").is_file() else None)
 

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_vppo.train.startup import model_dir_problem
 
-    problem = model_dir_problem(args.model, "--model")
+    problem = model_dir_problem(args.model, "--model")  # a trainer checkpoint: names the conversion
     if problem:
         print(f"megatron-vppo eval: error: {problem}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_vppo.config import RunConfig
 from megatron_vppo.distributed import all_gather_world
+from megatron_vppo.errors import SignalStop
 from megatron_vppo.train.build import build_run, teardown
 from megatron_vppo.train.loop import rl_step, validate
 from megatron_vppo.train.startup import end_run, start_run
@@ -28,16 +29,8 @@ from megatron_vppo.train.startup import end_run, start_run
 log = logging.getLogger("megatron_vppo.train")
 
 
-class RunInterrupted(KeyboardInterrupt):
+class RunInterrupted(SignalStop):
     """A signal stopped the run between steps; `message` says what was saved."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @contextlib.contextmanager

@@ -16,9 +16,8 @@ def gather_objects(obj: Any) -> list:
     """Every rank's `obj` in rank order (collective); [obj] without a process group."""
     return all_gather_world([obj])
 
-def current_layout(num_chunks: int, dims: ParallelDims | None = None) -> dict:
-    """The layout recorded in meta.json (`dims`: this rank's; default read from Megatron's groups)."""
-    dims = dims or ParallelDims.from_megatron()
+def current_layout(num_chunks: int, *, dims: ParallelDims) -> dict:
+    """The layout recorded in meta.json (`dims`: this rank's layout, the ParallelDims from init_distributed)."""
     _, world = dist_rank_world()
     return {
         "tp": dims.tp,

@@ -36,7 +36,7 @@ def load_checkpoint(
     load_optimizer: bool = True,
     load_rng: bool = True,
     verify: bool = True,
-    dims: ParallelDims | None = None,
+    dims: ParallelDims,
 ) -> LoadedCheckpoint:
     """Load a complete checkpoint into this rank's chunks / optimizer / scheduler (collective).
 
@@ -44,8 +44,8 @@ def load_checkpoint(
     saved (see the module doc for which layouts its format allows); when it is not loaded, its fp32
     main params are refreshed from the loaded weights. Pass a freshly built scheduler. `verify`:
     check every file's size and sha256 first (`verify_checkpoint`); pass False only for a checkpoint
-    this process has just verified (e.g. chosen by `select_resume`). `dims`: this rank's layout, compared
-    with the saved one (default: read from Megatron's groups).
+    this process has just verified (e.g. chosen by `select_resume`). `dims` (required): this rank's layout,
+    the ParallelDims from init_distributed, compared with the saved one.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -57,7 +57,7 @@ def load_checkpoint(
         raise corrupt(p, str(e)) from None
     rank, world = dist_rank_world()
     saved_layout = meta.get("layout", {})
-    now_layout = current_layout(len(model_chunks), dims)
+    now_layout = current_layout(len(model_chunks), dims=dims)
     saved_opt = meta.get("optimizer")
 
     want_opt = optimizer is not None and load_optimizer and saved_opt is not None

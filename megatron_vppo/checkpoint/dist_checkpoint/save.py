@@ -91,7 +91,7 @@ def save_checkpoint(
     train_state: dict | None = None,
     config: Any = None,
     keep_last: int = 0,
-    dims: ParallelDims | None = None,
+    dims: ParallelDims,
     extra_meta: dict | None = None,
 ) -> Path:
     """Write `ckpt_dir/step_XXXXXXX` from every rank (collective: call on all ranks).
@@ -100,8 +100,8 @@ def save_checkpoint(
     same on every rank (data-loader position, counters) as plain data — dict / list / str / int /
     float / bool / None / tensors (it is read back with weights_only=True); `step` is added to it.
     `config`: a RunConfig (or dict) snapshot for meta.json. `keep_last`: prune to the newest K
-    complete checkpoints after this one is complete (0 = keep all). `dims`: this rank's layout, recorded
-    in meta.json (default: read from Megatron's groups). `extra_meta`: more JSON entries for meta.json
+    complete checkpoints after this one is complete (0 = keep all). `dims` (required): this rank's layout,
+    the ParallelDims from init_distributed, recorded in meta.json. `extra_meta`: more JSON entries for meta.json
     (the trainer records the model's structure and the checkpoint's parent there). Returns the final path.
 
     A failure (a full disk included) removes the partial save and raises CheckpointError on every
@@ -122,7 +122,7 @@ def save_checkpoint(
     return final
 
 def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state, config, keep_last,
-          dims: ParallelDims | None, extra_meta: dict | None = None) -> Path:
+          dims: ParallelDims, extra_meta: dict | None = None) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -145,7 +145,7 @@ def _save(root: Path, step: int, model_chunks, optimizer, scheduler, train_state
     tmp = temp_sibling(final, nonce, hidden=False)
     agree_or_clean_up(ok, err, root, final, tmp)
 
-    layout = current_layout(len(model_chunks), dims)
+    layout = current_layout(len(model_chunks), dims=dims)
     is_dist_opt = optimizer is not None and is_distributed_optimizer(optimizer)
     # A per-parameter optimizer that never stepped holds no state; Megatron would save it without the
     # moments (and without the zero step) that a load then asks for. Its state is a fresh optimizer's:

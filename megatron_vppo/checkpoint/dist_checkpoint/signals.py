@@ -10,16 +10,10 @@ import os
 import signal
 import threading
 
-class SaveInterrupted(KeyboardInterrupt):
+from megatron_vppo.errors import SignalStop
+
+class SaveInterrupted(SignalStop):
     """SIGINT / SIGTERM arrived during a save; raised once the save finished (or was cleaned up)."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 @contextlib.contextmanager
 def signals_held():

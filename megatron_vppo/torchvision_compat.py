@@ -22,7 +22,10 @@ from PyTorch's index, any GPU machine). Two ways in, one hook per process:
   The copy is self-contained (stdlib `sys` only at import; torch is imported when torchvision is), so
   it costs well under a millisecond at start-up and works from any directory.
 * `import megatron_vppo` calls `install()` too (a venv without the start-up hook, e.g. a GPU stack);
-  it adds nothing when a hook (either copy's) is already waiting or has already acted.
+  it adds nothing when a hook (either copy's) is already waiting or has already acted. Whichever copy
+  acts first marks the other as done (`_LIB`), and a hook reached from inside the other copy's work
+  leaves it to that copy, so an older package copy beside a newer start-up hook (another checkout on
+  the same venv) does not define the schemas a second time either.
 """
 
 import sys
@@ -80,6 +83,12 @@ def ensure_torchvision_importable() -> bool:
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _LIB = lib
+    # The other copy of this module in the process (the package's, or the start-up one) — possibly an older
+    # version whose hook does not look for the schemas before defining them — must not define them again.
+    for name in (SITE_MODULE, "megatron_vppo.torchvision_compat"):
+        other = sys.modules.get(name)
+        if other is not None and getattr(other, "_LIB", None) is None:
+            other._LIB = lib
     return True
 
 
@@ -87,6 +96,18 @@ def active() -> bool:
     """Whether this process runs with the workaround (from either copy of this module)."""
     copies = (sys.modules.get(__name__), sys.modules.get(SITE_MODULE), sys.modules.get("megatron_vppo.torchvision_compat"))
     return any(m is not None and getattr(m, "_LIB", None) is not None for m in copies)
+
+
+def _inside_other_copy() -> bool:
+    """Whether the other copy of this module is mid-`ensure_torchvision_importable` (its `find_spec` of
+    torchvision reached this hook): that copy defines the schemas, possibly without looking first (an
+    older package version), so this one must not."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "ensure_torchvision_importable" and frame.f_globals.get("__name__") != __name__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _BeforeTorchvision:
@@ -97,7 +118,8 @@ class _BeforeTorchvision:
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision":
             uninstall()
-            ensure_torchvision_importable()
+            if not _inside_other_copy():
+                ensure_torchvision_importable()
         return None  # the normal finders import it
 
 

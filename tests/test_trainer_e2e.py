@@ -406,6 +406,10 @@ def test_eval_of_a_trainer_checkpoint_names_the_conversion(assets, tp2_run, caps
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "is a Megatron checkpoint" in err, err
         assert f"megatron-vppo convert mcore-to-hf --ckpt {step} --out HF_DIR" in err, err
+    from megatron_vppo.train.startup import model_dir_problem  # the trainer's model.path check says the same
+
+    problem = model_dir_problem(str(step), "model.path")
+    assert problem.startswith(f"model.path='{step}' is a Megatron checkpoint") and "mcore-to-hf" in problem
 
 
 def test_tp2_sequence_parallel_matches_tp2(assets, tp2_run):

@@ -58,6 +58,7 @@ import sys
 sys.path.append({PURELIB!r})
 import site
 before = set(sys.modules)
+sys.path.insert(0, {str(site_dir)!r})  # ahead of the venv's own copy
 site.addsitedir({str(site_dir)!r})
 added = sorted(set(sys.modules) - before)
 assert added == ["_megatron_vppo_torchvision_compat"], added
@@ -89,3 +90,73 @@ print(int(active()), int(torchvision.extension._has_ops()))
 """
     active, has_ops = map(int, _run(["-S", "-c", code], cwd=tmp_path).split())
     assert active != has_ops
+
+
+# The package hook as it was before the start-up hook existed (what an older checkout on the same venv
+# runs): it defines the schemas without looking whether the start-up copy already did.
+OLD_PACKAGE_HOOK = '''
+import importlib.util, sys
+from pathlib import Path
+_LIB = None
+def _extension_loads(d):
+    import torch
+    for lib in sorted(d.glob("_C*.so")):
+        try:
+            torch.ops.load_library(str(lib))
+            return True
+        except (OSError, ImportError, RuntimeError):
+            return False
+    return False
+def ensure_torchvision_importable():
+    global _LIB
+    if _LIB is not None:
+        return True
+    if "torchvision" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or _extension_loads(Path(spec.origin).parent):
+        return False
+    import torch
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _LIB = lib
+    return True
+class _BeforeTorchvision:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            if _HOOK in sys.meta_path:
+                sys.meta_path.remove(_HOOK)
+            ensure_torchvision_importable()
+        return None
+_HOOK = _BeforeTorchvision()
+sys.meta_path.insert(0, _HOOK)
+'''
+
+
+def test_an_older_package_hook_beside_the_startup_hook(tmp_path):
+    """Another checkout on the shared venv may still carry the package hook from before the start-up hook:
+    it is installed after the start-up one (`import megatron_vppo`), the start-up one fires first on a
+    find_spec probe (transformers' is_torchvision_available), and the old one on the real import — which
+    must not define the schemas a second time ("Only a single TORCH_LIBRARY ...")."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    torchvision_compat.install_startup_hook(site_dir)
+    pkg = tmp_path / "old" / "megatron_vppo"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from megatron_vppo import torchvision_compat\n")
+    (pkg / "torchvision_compat.py").write_text(OLD_PACKAGE_HOOK)
+    code = f"""
+import importlib.util, sys
+sys.path.append({PURELIB!r})
+import site
+sys.path.insert(0, {str(site_dir)!r})  # ahead of the venv's own copy
+site.addsitedir({str(site_dir)!r})
+sys.path.insert(0, {str(tmp_path / "old")!r})
+import megatron_vppo  # the old package hook, in front of the start-up one
+importlib.util.find_spec("torchvision")  # a probe: whichever hook is first acts
+import torchvision
+from transformers import Qwen2_5_VLForConditionalGeneration
+print(int(torchvision.extension._has_ops()))
+"""
+    assert _run(["-S", "-c", code], cwd=tmp_path).split() in (["0"], ["1"])

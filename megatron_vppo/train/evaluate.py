@@ -112,24 +112,6 @@ def _evaluate(grader, model_dir, data, *, k, temperature, top_p, top_k, max_new_
             "grader_timeouts": errors["reward/grader_timeouts"]}
 
 
-def _megatron_checkpoint_hint(path: Path) -> str | None:
-    """For a `--model` that is a trainer checkpoint (a step dir, or a run's output dir), what to run instead."""
-    if not path.is_dir():
-        return None
-    from megatron_vppo.checkpoint.model_checkpoint import resolve_model_path
-
-    for cand in (path, path / "checkpoints"):
-        try:
-            kind, step, hf = resolve_model_path(cand)
-        except Exception:  # noqa: BLE001 - not a checkpoint either: the plain message
-            continue
-        if kind == "megatron" and step is not None:
-            hf_flag = "" if hf is not None else " --hf-config HF_DIR_IT_WAS_TRAINED_FROM"
-            return (f"is a Megatron checkpoint ({step}), not an HF directory; convert it first: "
-                    f"megatron-vppo convert mcore-to-hf --ckpt {step} --out HF_DIR{hf_flag}, then eval --model HF_DIR")
-    return None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The eval flags, unset ones filled from the run config (--config's, else config.py's defaults)."""
     ap = argparse.ArgumentParser(prog="megatron-vppo eval", description=__doc__)
@@ -194,17 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_vppo.train.startup import model_dir_problem
 
-    hint = _megatron_checkpoint_hint(Path(args.model))  # a trainer checkpoint: name the conversion
-    problem = f"--model {args.model} {hint}" if hint else model_dir_problem(args.model, "--model")
+    problem = model_dir_problem(args.model, "--model")  # a trainer checkpoint: names the conversion
     if problem:
         print(f"megatron-vppo eval: error: {problem}", file=sys.stderr)
         return 2
-    for flag, path, need in (("--model", Path(args.model), "config.json"), ("--data", Path(args.data), None)):
-        if not (path / need).is_file() if need else not path.exists():
-            hint = _megatron_checkpoint_hint(path) if need else None
-            print(f"megatron-vppo eval: error: {flag} {path} " + (hint or (
-                  f"has no {need}; pass an HF Qwen2.5-VL directory" if need else "does not exist")), file=sys.stderr)
-            return 2
+    if not Path(args.data).exists():
+        print(f"megatron-vppo eval: error: --data {args.data} does not exist", file=sys.stderr)
+        return 2
     from megatron_vppo.config import ConfigError
     from megatron_vppo.data.dataset import DataError
     from megatron_vppo.errors import RunAbort

@@ -68,6 +68,25 @@ def check_config(cfg: RunConfig) -> None:
                               f"model.fp8=null")
 
 
+def megatron_checkpoint_hint(path: Path, option: str) -> str | None:
+    """For a model path that is a trainer checkpoint (a step dir, or a run's output dir): what to run instead."""
+    if not path.is_dir():
+        return None
+    from megatron_vppo.checkpoint.model_checkpoint import resolve_model_path
+
+    for cand in (path, path / "checkpoints"):
+        try:
+            kind, step, hf = resolve_model_path(cand)
+        except Exception:  # noqa: BLE001 - not a checkpoint either: the plain message
+            continue
+        if kind == "megatron" and step is not None:
+            hf_flag = "" if hf is not None else " --hf-config HF_DIR_IT_WAS_TRAINED_FROM"
+            return (f"is a Megatron checkpoint ({step}), not a Hugging Face directory; convert it first: "
+                    f"megatron-vppo convert mcore-to-hf --ckpt {step} --out HF_DIR{hf_flag}, then pass HF_DIR as "
+                    f"{option}")
+    return None
+
+
 def model_dir_problem(path: str | None, option: str) -> str | None:
     """Why `path` is not a model directory of a type in MODELS (one line naming `option`), or None.
     The trainer, `megatron-vppo eval` and tools/generate.py check their model this way first."""
@@ -76,6 +95,9 @@ def model_dir_problem(path: str | None, option: str) -> str | None:
     model_dir = Path(path) if path else None
     named = f"{option} {path}" if option.startswith("--") else f"{option}={path!r}"
     if model_dir is None or not (model_dir / "config.json").is_file():
+        hint = megatron_checkpoint_hint(model_dir, option) if model_dir is not None else None
+        if hint:
+            return f"{named} {hint}"
         what = "is not set" if model_dir is None else (
             "does not exist" if not model_dir.exists() else "has no config.json")
         return (f"{named} {what}; point it at a Hugging Face model directory of a type in MODELS "

@@ -164,15 +164,26 @@ def warm_model_dir(tiny_model_dir, tmp_path_factory):
     return build_once(tmp_path_factory, "warm_tiny_qwen2_5_vl", build) / "model"
 
 
-# The longest test files first (seconds of the serial run, docs/ENGINEERING.md): under pytest-xdist
-# (`--dist loadfile`, one file per worker at a time, handed out in collection order) a long file that
-# starts last would leave one worker alone at the end. Files not listed keep their order after these.
+# The longest test files first (seconds per file, junit of a `-n 2 --dist loadfile` run; see "Test suite
+# times" in docs/ENGINEERING.md): pytest-xdist's loadfile hands a whole file to a worker, in the order of the
+# work queue, so a long file that starts last leaves the other worker idle at the end (the longest-first
+# greedy schedule). Files not listed (each under ~15 s) keep their order after these. The first two files
+# need different session artefacts, so neither worker waits on the other's build (`build_once`).
 LONGEST_FIRST = (
-    "test_trainer_e2e.py", "test_trainer_e2e_modes.py", "test_tuning.py", "test_vppo_layout_invariance.py",
-    "test_rollout_vllm.py", "test_trainer_config.py", "test_faults_run.py", "test_faults_checkpoint.py",
-    "test_tiny_model.py", "test_gpu_check.py", "test_score.py", "test_sglang_contract.py", "test_vppo_passes.py",
-    "test_convert.py", "test_vocab_parallel.py", "test_export.py", "test_dist_checkpoint.py",
+    "test_faults_checkpoint.py", "test_rollout_vllm.py", "test_faults_run.py", "test_faults_lifecycle.py",
+    "test_qwen3_vl.py", "test_trainer_e2e.py", "test_vppo_layout_invariance.py", "test_trainer_config.py",
+    "test_convert.py", "test_engine_placement.py", "test_trainer_e2e_modes.py", "test_gpu_check.py",
+    "test_vppo_passes.py", "test_export.py", "test_score.py", "test_tuning.py", "test_venv_startup.py",
+    "test_dist_checkpoint.py", "test_rollout_generate_tool.py", "test_vocab_parallel.py", "test_cli_help.py",
+    "test_dataset.py", "test_algorithms.py", "test_extension_points.py", "test_tiny_model.py",
 )
+
+
+def pytest_configure(config):
+    # pytest-xdist (3.x) re-sorts loadfile's work queue by the number of tests per file unless told not to:
+    # that ran the one-test files (test_engine_placement.py, ~100 s) last. Keep the order below.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,8 @@ workers, see `build_once`). Treat what they return as read-only: copy a director
                               `count_task_rows(64, 20)`), so it writes `\\boxed{1|2}` about half the time:
                               rewards vary within a group and RL steps are not trivially zero
 
-Function fixtures: `test_images` (two small PIL images, see `make_test_images`).
+Function fixtures: `test_images` (two small PIL images, see `make_test_images`). Helper: `run_cli(capsys,
+...)`, the CLI in this process (one-line errors found before anything loads: no interpreter start-up).
 
 A new shared artefact: a session fixture here that calls `build_once(tmp_path_factory, name, builder)`.
 Keep process launches few: fold several checks into one torchrun / `dist_helpers.run_distributed` call.
@@ -108,6 +109,31 @@ def count_task_rows(root: Path, n_train: int, n_val: int, seed: int = 0) -> tupl
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["answer"] in ("1", "2")))
     return train, val
+
+
+def run_cli(capsys, *args: str):
+    """`megatron-vppo ARGS` in this process: what `python -m megatron_vppo.cli ARGS` runs, without a new
+    interpreter's ~5 CPU-s of imports (for mistakes found before anything loads). Returns `.returncode`,
+    `.stdout`, `.stderr` and `.out` (both) like a finished subprocess. The CLI's logging level and warning
+    filters are put back afterwards. Keep one real subprocess per entry point in a file."""
+    import logging
+    import types
+    import warnings
+
+    from megatron_vppo.cli import main
+
+    capsys.readouterr()
+    logger = logging.getLogger("megatron_vppo")
+    level = logger.level
+    with warnings.catch_warnings():
+        try:
+            rc = main(list(map(str, args)))
+        except SystemExit as e:  # argparse (eval's flags)
+            rc = e.code if isinstance(e.code, int) else 2
+        finally:
+            logger.setLevel(level)
+    cap = capsys.readouterr()
+    return types.SimpleNamespace(returncode=rc, stdout=cap.out, stderr=cap.err, out=cap.out + cap.err)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ overflows the loss, Adam moments filled with NaN through the documented test-onl
 (`MEGATRON_VPPO_TEST_CORRUPT_OPTIMIZER`, train/nonfinite.py), a `mathruler` package on PYTHONPATH that
 fails to import or raises on some answers, a latin-1 encoded data row, empty and all-bad data files.
 Each test asserts what the user sees (exit code, one line, no traceback) and what is kept
-(checkpoints, metrics, a resumable run).
+(checkpoints, metrics, a resumable run). Mistakes found before anything loads run the CLI in this process
+(`conftest.run_cli`: the same `main`, no interpreter start-up).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PIXELS = ("3136", "12544")
@@ -159,12 +162,12 @@ def test_every_numeric_field_has_a_range_checked_at_load():
         load_config(None, ["data.min_pixels=20000", "data.max_pixels=10000"])
 
 
-def test_cli_rejects_bad_numbers_before_loading_anything(assets, tmp_path):
+def test_cli_rejects_bad_numbers_before_loading_anything(assets, tmp_path, capsys):
     """`optim.lr=1e6` used to train and exit 0 with weights of 1e6 (and `total_steps=0` exited 0 doing
     nothing; the in-process test above covers the other keys). Now: exit 2, one line, nothing loaded,
     no output directory."""
     t0 = time.monotonic()
-    res = train(assets, tmp_path / "out", "optim.lr=1e6")
+    res = run_cli(capsys, "train", str(assets["config"]), f"train.output_dir={tmp_path / 'out'}", "optim.lr=1e6")
     assert res.returncode == 2, res.out[-3000:]
     line = one_line_error(res, "megatron-vppo train: config error:")
     assert "optim.lr=1000000.0 is out of range: allowed (0.0, 1.0)" in line
@@ -175,10 +178,10 @@ def test_cli_rejects_bad_numbers_before_loading_anything(assets, tmp_path):
 # ------------------------------------------------------------------------ item 11: syntax, data, eval
 
 
-def test_yaml_syntax_error_is_one_line_with_file_and_line(assets, tmp_path):
+def test_yaml_syntax_error_is_one_line_with_file_and_line(assets, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  seed: 1\n  total_steps: [3\nrollout: {group_size: 4}\n")
-    res = cli("train", str(bad))
+    res = run_cli(capsys, "train", str(bad))
     assert res.returncode == 2
     line = one_line_error(res, "megatron-vppo train: config error:")
     assert f"{bad}:4:8: YAML syntax error" in line, line
@@ -189,10 +192,11 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(assets, tmp_path):
         load_config(None, ["optim.lr=["])
 
 
-def test_empty_data_file_is_one_clear_line(assets, tmp_path):
+def test_empty_data_file_is_one_clear_line(assets, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    res = train(assets, tmp_path / "out", f"data.train={empty}")
+    res = run_cli(capsys, "train", str(assets["config"]), f"train.output_dir={tmp_path / 'out'}",
+                  f"data.train={empty}")
     assert res.returncode == 2, res.out[-3000:]
     assert f"data.train {empty} is empty" in one_line_error(res, "megatron-vppo train: data error:")
     assert "StopIteration" not in res.out and "Loading weights" not in res.out
@@ -230,7 +234,7 @@ def test_eval_limit_zero_and_only_bad_rows_are_errors_never_nan(assets, tmp_path
     assert out["prompts"] == 1 and 0.0 <= out["accuracy@2"] <= 1.0 and out["grader_errors"] == 0
 
 
-def test_error_messages_name_options_that_exist():
+def test_error_messages_name_options_that_exist(capsys):
     """Every option an error message suggests is a real config key (or eval flag)."""
     import re
 
@@ -252,8 +256,7 @@ def test_error_messages_name_options_that_exist():
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name), f"an error message suggests {key}, which is not a config key"
     assert isinstance(RunConfig().data.problem_key, str)
-    help_text = subprocess.run([sys.executable, "-m", "megatron_vppo.cli", "eval", "--help"], cwd=REPO,
-                               env=_env(), capture_output=True, text=True, timeout=120).stdout
+    help_text = run_cli(capsys, "eval", "--help").stdout
     for flag in ("--problem-key", "--answer-key", "--max-grader-error-rate"):
         assert flag in help_text
 

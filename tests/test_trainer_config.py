@@ -1,6 +1,7 @@
 """The trainer's front door, cheaply: CLI mistakes give one clear line and exit code 2 before any
-process group could hang; bad data rows are counted per reason and logged once; the SGLang branch
-refuses what it cannot run. (The runs themselves are in test_trainer_e2e.py.)"""
+process group could hang (mostly the CLI in this process, `conftest.run_cli`; a `python -m megatron_vppo.cli`
+and a torchrun launch cover the entry point itself); bad data rows are counted per reason and logged once;
+the SGLang branch refuses what it cannot run. (The runs themselves are in test_trainer_e2e.py.)"""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,28 +44,28 @@ def config(tmp_path, tiny_model_dir):
     return path
 
 
-def test_unknown_key_names_the_nearest_valid_key(config):
-    res = _cli("train", str(config), "train.totl_steps=3")
+def test_unknown_key_names_the_nearest_valid_key(config, capsys):
+    res = run_cli(capsys, "train", str(config), "train.totl_steps=3")
     assert res.returncode == 2, res.stderr[-3000:]
     assert "unknown config key 'train.totl_steps'" in res.stderr and "'total_steps'" in res.stderr
     assert "Traceback" not in res.stderr
-    res = _cli("train", str(config), "rollot.group_size=4")  # a misspelt section
+    res = run_cli(capsys, "train", str(config), "rollot.group_size=4")  # a misspelt section
     assert res.returncode == 2 and "'rollot'" in res.stderr and "'rollout'" in res.stderr
 
 
-def test_missing_config_file_and_bad_value(tmp_path, config):
-    res = _cli("train", str(tmp_path / "nope.yaml"))
+def test_missing_config_file_and_bad_value(tmp_path, config, capsys):
+    res = run_cli(capsys, "train", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "nope.yaml not found" in res.stderr
-    res = _cli("train", str(config), "algo.name=ppo")
+    res = run_cli(capsys, "train", str(config), "algo.name=ppo")
     assert res.returncode == 2 and "algo.name='ppo'" in res.stderr
 
 
-def test_missing_model_dir_is_a_clear_error(tmp_path, config):
-    res = _cli("train", str(config), f"model.path={tmp_path / 'no_model'}")
+def test_missing_model_dir_is_a_clear_error(tmp_path, config, capsys):
+    res = run_cli(capsys, "train", str(config), f"model.path={tmp_path / 'no_model'}")
     assert res.returncode == 2, res.stderr[-3000:]
     assert f"model.path='{tmp_path / 'no_model'}' does not exist" in res.stderr
     assert "Traceback" not in res.stderr
-    res = _cli("train", str(config), f"data.train={tmp_path / 'missing.parquet'}")
+    res = run_cli(capsys, "train", str(config), f"data.train={tmp_path / 'missing.parquet'}")
     assert res.returncode == 2 and "data.train=" in res.stderr and "does not exist" in res.stderr
 
 
@@ -187,10 +190,10 @@ def test_sglang_engine_is_constructed_for_colocated_mode(tiny_model_dir):
         dist.destroy_process_group()
 
 
-def test_eval_cli_bad_paths(tmp_path, tiny_model_dir):
-    res = _cli("eval", "--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"))
+def test_eval_cli_bad_paths(tmp_path, tiny_model_dir, capsys):
+    res = run_cli(capsys, "eval", "--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"))
     assert res.returncode == 2 and f"--model {tmp_path} has no config.json" in res.stderr
-    res = _cli("eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "x.jsonl"))
+    res = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "x.jsonl"))
     assert res.returncode == 2 and "x.jsonl does not exist" in res.stderr
 
 

@@ -71,7 +71,7 @@ def _assert_quiet(text: str) -> None:
         assert noise not in text, text[-3000:]
 
 
-def test_cli_roundtrip_tp2pp2_to_tp1_is_bit_exact(tiny_model_dir, converted, tmp_path):
+def test_cli_roundtrip_tp2pp2_to_tp1_is_bit_exact(tiny_model_dir, converted, tmp_path, capsys):
     meta = json.loads((converted / "megatron_vppo_model.json").read_text())
     assert meta["saved_layout"]["tp"] == 2 and meta["saved_layout"]["pp"] == 2
     out = tmp_path / "hf_back"
@@ -90,8 +90,9 @@ def test_cli_roundtrip_tp2pp2_to_tp1_is_bit_exact(tiny_model_dir, converted, tmp
     Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
     VLProcessor.from_pretrained(out)
 
-    again = _cli("mcore-to-hf", "--ckpt", converted, "--out", out)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    capsys.readouterr()  # refused before any process starts: the tool's main in this process
+    assert _tool().main(["mcore-to-hf", "--ckpt", str(converted), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def _hf_to_mcore(rank, world, hf, out, tp, pp):
@@ -148,7 +149,7 @@ def test_checkpoint_from_tp2pp2_gives_identical_logits_at_tp1(tiny_model_dir, co
     assert (ck[..., :vocab][valid] - ref[valid]).abs().max().item() <= 1e-4
 
 
-def test_corrupt_or_missing_checkpoint_is_a_clear_error(converted, tmp_path):
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(converted, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(converted, bad)
     biggest = max((bad / "step_0000000" / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
@@ -159,8 +160,9 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(converted, tmp_path):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
-    proc = _cli("mcore-to-hf", "--ckpt", tmp_path / "nowhere", "--out", tmp_path / "out")
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    capsys.readouterr()
+    assert _tool().main(["mcore-to-hf", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_score_detects_megatron_checkpoint(tiny_model_dir, converted, tmp_path):

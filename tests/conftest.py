@@ -190,18 +190,19 @@ def warm_model_dir(tiny_model_dir, tmp_path_factory):
     return build_once(tmp_path_factory, "warm_tiny_qwen2_5_vl", build) / "model"
 
 
-# The longest test files first (seconds per file, junit of a `-n 2 --dist loadfile` run; see "Test suite
-# times" in docs/ENGINEERING.md): pytest-xdist's loadfile hands a whole file to a worker, in the order of the
-# work queue, so a long file that starts last leaves the other worker idle at the end (the longest-first
-# greedy schedule). Files not listed (each under ~15 s) keep their order after these. The first two files
-# need different session artefacts, so neither worker waits on the other's build (`build_once`).
+# The costliest test files first: pytest-xdist's loadfile hands a whole file to a worker, in the order of the
+# work queue, so a long file that starts last leaves the other worker idle at the end (longest-first greedy).
+# Ordered by CPU seconds of each file's whole process tree (bench/pytest_cpu_times.py; "Test suite times" in
+# docs/ENGINEERING.md): the suite is CPU-bound, so CPU seconds are its cost. Files not listed (each under
+# ~10 CPU-s) keep their order after these. The first two need different session artefacts (the vLLM tiny
+# model; the warm-started model), so neither worker waits on the other's build (`build_once`).
 LONGEST_FIRST = (
-    "test_faults_checkpoint.py", "test_rollout_vllm.py", "test_faults_run.py", "test_faults_lifecycle.py",
-    "test_qwen3_vl.py", "test_trainer_e2e.py", "test_vppo_layout_invariance.py", "test_trainer_config.py",
-    "test_convert.py", "test_engine_placement.py", "test_trainer_e2e_modes.py", "test_gpu_check.py",
-    "test_vppo_passes.py", "test_export.py", "test_score.py", "test_tuning.py", "test_venv_startup.py",
-    "test_dist_checkpoint.py", "test_rollout_generate_tool.py", "test_vocab_parallel.py", "test_cli_help.py",
-    "test_dataset.py", "test_algorithms.py", "test_extension_points.py", "test_tiny_model.py",
+    "test_rollout_vllm.py", "test_trainer_e2e.py", "test_vppo_layout_invariance.py", "test_faults_run.py",
+    "test_faults_checkpoint.py", "test_qwen3_vl.py", "test_faults_lifecycle.py", "test_trainer_e2e_modes.py",
+    "test_engine_placement.py", "test_tuning.py", "test_convert.py", "test_export.py", "test_score.py",
+    "test_gpu_check.py", "test_algorithms.py", "test_dist_checkpoint.py", "test_rollout_generate_tool.py",
+    "test_venv_startup.py", "test_vppo_passes.py", "test_rollout_correction.py", "test_trainer_config.py",
+    "test_tiny_model.py", "test_vocab_parallel.py",
 )
 
 

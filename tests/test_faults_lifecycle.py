@@ -269,10 +269,10 @@ def test_signals_between_steps_second_one_stops_at_once():
     with pytest.raises(RunInterrupted) as e:
         with stop_between_steps() as stop:
             stop["step"] = 7
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # to this (main) thread, whatever threads the worker has
             time.sleep(0.1)
             assert stop["signum"] == signal.SIGTERM
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
             time.sleep(5)
     assert e.value.signum == signal.SIGINT and "second SIGINT: stopped at once, during step 7" in str(e.value)
     assert signal.getsignal(signal.SIGTERM) is before

@@ -480,6 +480,20 @@ def test_tuner_param_count_matches_transformers(name):
     assert shape.total_params() == sum(p.numel() for p in model.parameters())
 
 
+def test_tune_parallelism_prints_fitting_layouts_for_32b(capsys):
+    """The issue's command, `tools/tune_parallelism.py --model examples/model_configs/qwen3_vl_32b.json
+    --gpus 32 --gpu-mem-gib 80` (its main, in this process), lists layouts that fit."""
+    import re
+
+    from megatron_vppo.tuning.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["--model", str(root / "examples" / "model_configs" / "qwen3_vl_32b.json"), "--gpus", "32",
+                 "--gpu-mem-gib", "80"]) == 0
+    m = re.search(r"(\d+) of (\d+) layouts fit in 80 GiB", capsys.readouterr().out)
+    assert m and 0 < int(m.group(1)) <= int(m.group(2)), m
+
+
 @pytest.fixture(scope="module")
 def q3_vllm_dir(tmp_path_factory):
     """A tiny Qwen3-VL with head_dim 32, which vLLM's CPU attention needs."""

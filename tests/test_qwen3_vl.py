@@ -533,20 +533,11 @@ def test_trainer_runs_with_the_vllm_engine(q3_vllm_dir, tmp_path):
     (<= 1e-4, fp32) at step 1 and, after the in-place weight update from the trainer's HF-named stream
     (DeepStack mergers, QK-norms, position table), at step 2."""
     pytest.importorskip("vllm")
-    import json
     import sys
 
-    from test_rollout_vllm import RUN_CONFIG, _check_consistent, _train
+    from test_rollout_vllm import _check_consistent, _train, make_run_assets
 
-    from megatron_vppo.data.synthetic_task import write_synthetic_dataset
-    from megatron_vppo.train.demo import warm_start
-
-    train, _ = write_synthetic_dataset(tmp_path / "data", 48, 4, seed=0, tasks=("count",))
-    rows = [json.loads(line) for line in train.read_text().splitlines()]
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["answer"] in ("1", "2")))
-    model = warm_start(Path(q3_vllm_dir), train, tmp_path / "model_sft", steps=40, batch_size=8, lr=2e-3, seed=0)
-    config = tmp_path / "run.yaml"
-    config.write_text(RUN_CONFIG.format(model=model, train=train))
+    config = make_run_assets(q3_vllm_dir, tmp_path)["config"]
     rows = _train([sys.executable], config, tmp_path / "run", "model.arch=qwen3_vl", "train.total_steps=2")
     _check_consistent(rows, 2)
     assert any("actor/loss" in rows[s] for s in (1, 2))  # a policy update happened (weights synced after it)

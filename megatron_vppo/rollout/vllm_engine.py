@@ -378,6 +378,13 @@ class VLLMRolloutEngine:
             # sampler's generator offset, which CPU generators lack): every request here is seeded, so
             # prompts are prefilled whole (a step's batch over the token budget hit it in bench/e2e_step.py)
             kwargs.update(kv_cache_memory_bytes=int(self.args.kv_cache_gib * 2**30), enable_chunked_prefill=False)
+            if sub and os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind":
+                # vLLM's CPU platform turns "uni" into its multiprocessing executor whenever the engine core is a
+                # child (for its OpenMP thread binding, off here), a second child that imports vLLM again
+                # (~10 CPU-s per engine, same outputs). Naming the executor class keeps the model in the core.
+                from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+                kwargs["distributed_executor_backend"] = UniProcExecutor
         kwargs.update(self.args.llm_kwargs)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if cuda and sub:  # the child sees only this rank's GPU (vLLM's single worker takes device 0)

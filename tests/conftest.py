@@ -208,7 +208,7 @@ LONGEST_FIRST = (
 
 def pytest_configure(config):
     # pytest-xdist (3.x) re-sorts loadfile's work queue by the number of tests per file unless told not to:
-    # that ran the one-test files (test_engine_placement.py, ~100 s) last. Keep the order below.
+    # that ran the one-test files (test_engine_placement.py, ~60 CPU-s) last. Keep the LONGEST_FIRST order.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 

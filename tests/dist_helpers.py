@@ -3,10 +3,10 @@
     results = run_distributed(fn, 2, arg1, arg2)   # fn(rank, world_size, arg1, arg2) on each rank
 
 `fn` must be a module-level function (it is pickled by reference). Each child gets RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT (a free port) and OMP_NUM_THREADS=1 in its environment; it starts
-no process group itself — `megatron_vppo.distributed.init_distributed` does that from the env. A child's
-exception is re-raised in the parent with the child's traceback; the other ranks are then killed (they
-would otherwise block in a collective). Return values travel as `torch.save` bytes, so tensors work.
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (a free port) and OMP_NUM_THREADS=1 in its
+environment; it starts no process group itself — `megatron_vppo.distributed.init_distributed` does that
+from the env. A child's exception is re-raised in the parent with the child's traceback; the other ranks
+are then killed (they would otherwise block in a collective). Return values travel as `torch.save` bytes, so tensors work.
 
 Children are forked from a forkserver that has already imported torch / megatron.core / transformers,
 so a spawn costs milliseconds instead of a 3 s import per rank, without forking the (threaded) pytest
@@ -83,7 +83,8 @@ def _child(fn, rank, world_size, port, args, out_q, env):
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
+        LOCAL_WORLD_SIZE=str(world_size),  # one node, as torchrun sets it (vLLM's CPU platform sets it to 1
+        MASTER_ADDR="127.0.0.1",           # in a process that ran an in-process engine: never inherit that)
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",

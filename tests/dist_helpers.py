@@ -6,7 +6,8 @@
 LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (a free port) and OMP_NUM_THREADS=1 in its
 environment; it starts no process group itself — `megatron_vppo.distributed.init_distributed` does that
 from the env. A child's exception is re-raised in the parent with the child's traceback; the other ranks
-are then killed (they would otherwise block in a collective). Return values travel as `torch.save` bytes, so tensors work.
+are then killed (they would otherwise block in a collective). Return values travel as `torch.save`
+bytes, so tensors work.
 
 Children are forked from a forkserver that has already imported torch / megatron.core / transformers,
 so a spawn costs milliseconds instead of a 3 s import per rank, without forking the (threaded) pytest

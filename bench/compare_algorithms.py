@@ -5,8 +5,8 @@
 One tiny model, one synthetic visual task and one supervised warm start (`megatron-vppo demo`'s, built
 once under --out) are the common start; every (algorithm, seed) is then one `megatron-vppo train` run
 (`train(cfg)`, in a long-lived worker process: --jobs of them side by side) on the demo config
-(examples/configs/demo_cpu.yaml) with `algo.name` and `train.seed` set. The base config's `algo:` keys an
-algorithm does not read are left out for it (the registry says which it reads), so the runs differ in the
+(examples/configs/demo_cpu.yaml) with `algo.name` and `train.seed` set. The base config's keys an
+algorithm does not read (`algo:` keys, the dynamic-sampling budget) are left out for it (the registry says which it reads), so the runs differ in the
 algorithm and nothing else. A run seeds everything from train.seed and tears down its process groups, so
 its metrics equal a fresh `megatron-vppo train` process's (checked: identical metrics.jsonl); the workers
 only save the ~15 s of imports and set-up each fresh process pays.
@@ -44,12 +44,22 @@ def mean_ci(xs: list[float]) -> tuple[float, float | None]:
     return m, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def algo_section(base: dict, name: str) -> dict:
-    """The base config's algo keys that algorithm `name` reads, with name set."""
+def algorithm_config(base: dict, name: str) -> dict:
+    """The base config for algorithm `name`: algo.name set, and the keys the registry says it does not
+    read (`algo.*` ones, the dynamic-sampling budget for an algorithm without dynamic sampling) left out,
+    as `megatron-vppo train` would refuse them."""
     from megatron_vppo.algo.registry import get_algorithm
+    from megatron_vppo.run_config import ALGORITHM_KEYS, algorithm_reads
 
-    reads = get_algorithm(name).reads
-    return {"name": name, **{k: v for k, v in (base or {}).items() if k != "name" and k in reads}}
+    reads = algorithm_reads(get_algorithm(name))
+    config = json.loads(json.dumps(base))
+    config["algo"] = {"name": name, **{k: v for k, v in (base.get("algo") or {}).items()
+                                       if k != "name" and f"algo.{k}" in reads}}
+    for key in ALGORITHM_KEYS - reads:
+        section, field = key.split(".", 1)
+        if section != "algo":
+            (config.get(section) or {}).pop(field, None)
+    return config
 
 
 def _worker_init(threads: int) -> None:
@@ -209,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         for seed in range(1, args.seeds + 1):
             run_dir = out / "runs" / f"{name}-seed{seed}"
-            config = json.loads(json.dumps(base))
-            config["algo"] = algo_section(base.get("algo"), name)
+            config = algorithm_config(base, name)
             config.setdefault("model", {})["path"] = str(sft)
             config.setdefault("data", {}).update(train=str(data_dir / "train.jsonl"), val=str(data_dir / "validation.jsonl"))
             config.setdefault("train", {}).update(seed=seed, output_dir=str(run_dir / "rl"), resume="never")

@@ -237,6 +237,9 @@ class Algorithm:
     view: Callable[[Any], ViewSpec] = field(default=_vppo_view, compare=False)  # the second view (when scored)
     divergence: bool = False  # the no-grad pass also reduces JSD and both entropies over the vocabulary (vepo)
     loss_reads_aug: bool = False  # the policy pass carries the second view's log-probs to the loss (papo)
+    # the no-grad pass's log-probs in fp64 (pgpo: its per-response min-max of log(1 + k3) divides by a range
+    # that fp32's rounding of log-probs near −log V, 1 ulp ≈ 1e-6, blurs; the math is chunked, the cost small)
+    fp64_scores: bool = False
     options: Callable[[Any], dict] = field(default=_no_options, compare=False)  # LossSettings.extra
     panels: tuple = ()  # (title, candidate metric keys) plot panels of what this algorithm computes
 
@@ -276,6 +279,7 @@ ALGORITHMS: dict[str, Algorithm] = {
                         panels=_PAPO_PANELS),
     "pgpo": Algorithm("pgpo", True, True, pgpo_shaping, token_mean_loss,
                       _PPO | {"clip_high", "pgpo", "perturbation", "perturb_prob"}, check=_pgpo_check, view=_pgpo_view,
+                      fp64_scores=True,
                       panels=(("PGPO token weight max", ("pgpo/weight_max",)),
                               ("PGPO share of tokens weighted < 1", ("pgpo/weight_below1_frac",)))),
     "vepo": Algorithm("vepo", False, True, vepo_shaping, kept_mean_loss, _PPO | {"vepo"}, symmetric_clip=True,

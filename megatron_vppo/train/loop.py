@@ -243,7 +243,7 @@ def trainer_score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
         views = _perturbed_views_of(trainer, trajs, idx)
     res = passes.dependency_pass(dims, trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
                                  exact_kl=paired and cfg.algo.dependency_estimator == "exact_kl",
-                                 divergence=algo.divergence, blind=blind)
+                                 divergence=algo.divergence, blind=blind, fp64=algo.fp64_scores)
     return gather_data_parallel(dims, res)
 
 

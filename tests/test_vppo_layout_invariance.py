@@ -175,44 +175,55 @@ PERCEPTION = ("papo", "vepo", "pgpo")
 # 0.8 nats, range of S̃ 0.17 .. 0.37) and PGPO's fp64 log-probs (algo/registry.py `fp64_scores`): weights
 # ≤ 5.5e-6, gradients ≤ 2e-6 at every layout.
 PERCEPTION_IMAGE_SCALE = 3
+# PAPO with algo.papo.second_view_grad (TRL's variant: the masked view forwarded again in the update, with
+# gradient) runs as a fourth step in the reference launch and in one layout's (the transformers oracle
+# below checks its gradient; the layout, that the two-view update keeps its graph through TP and the
+# pipeline schedule).
+PAPO_GRAD = ("papo_grad", "papo", {"papo": {"second_view_grad": True}})
+PAPO_GRAD_LAYOUTS = ("TP2xPP2", "packed-TP2xPP2")
 
 
-def perception_steps(trainer, proxy, trajs, names=PERCEPTION, **overrides) -> dict:
-    """One step (paired pass -> shaping -> update) per perception algorithm; what each computes."""
-    from megatron_vppo.config import AlgoConfig
+def perception_steps(trainer, proxy, trajs, names=PERCEPTION) -> dict:
+    """One step (paired pass -> shaping -> update) per perception algorithm; what each computes. An entry
+    of `names` is an algorithm name or (result key, algorithm name, algo overrides)."""
+    from megatron_vppo.config import AlgoConfig, PapoConfig
     from megatron_vppo.run_config import validate_algorithm
     from megatron_vppo.train import loop
 
     from megatron_vppo.checkpoint.hf_load import load_hf_weights
 
     out = {}
-    for name in names:
+    for entry in names:
+        key, name, overrides = (entry, entry, {}) if isinstance(entry, str) else entry
         # Each method's step starts from the model's own weights. Without this, every step after the first
         # starts from weights that earlier optimizer steps moved, and those moves differ between layouts:
         # Adam's early steps (≈ lr·sign(g)) turn the ~1e-7 relative rounding differences of a gradient's
         # elements near 0 into parameter differences of up to lr. After the VPPO, PAPO and VEPO steps
         # (6 Adam steps at lr 1e-6) PGPO's log-probs differed by ~1e-6 at DP2 (0 with this reload).
         load_hf_weights(trainer.model_chunks, trainer.cfg.model.path, trainer.adapter, dims=trainer.dims)
-        trainer.cfg.algo = AlgoConfig(name=name, **overrides.get(name, {}))
+        trainer.cfg.algo = AlgoConfig(name=name, **{k: PapoConfig(**v) if k == "papo" else v
+                                                     for k, v in overrides.items()})
         validate_algorithm(trainer.cfg.algo)
         first = len(proxy.grads)
         scored = loop.score_step_batch(trainer, trajs)
         per_traj, minibatches, metrics = loop.shape_step(trainer, trajs, scored)
         upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
         keep_grads = trainer.dims.tp_rank == 0 and trainer.dims.dp_rank == 0
-        out[name] = dict(old=[r.old for r in scored], aug=[r.aug for r in scored],
+        out[key] = dict(old=[r.old for r in scored], aug=[r.aug for r in scored],
                          jsd=[r.jsd for r in scored], per_traj=per_traj, minibatches=minibatches,
                          metrics={**metrics, **upd}, loss=upd["actor/loss"],
                          grads=proxy.grads[first:] if keep_grads else None)
     return out
 
 
-def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False, perception_trajs=None):
+def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False, perception_trajs=None,
+                   papo_grad=False):
     trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs), sp=sp)
     out = train_side_step(trainer, proxy, trajs)
     if out["grads"] is not None:
         out["grads"] = list(out["grads"])  # the VPPO step's; the perception steps append theirs after
-    out["perception"] = perception_steps(trainer, proxy, perception_trajs) if perception_trajs else None
+    names = PERCEPTION + ((PAPO_GRAD,) if papo_grad else ())
+    out["perception"] = perception_steps(trainer, proxy, perception_trajs, names) if perception_trajs else None
     return out
 
 
@@ -234,9 +245,9 @@ LAYOUTS = {  # name: (world, tp, pp, micro-batch size[, sequence parallel])
 ARCHS = ("qwen2_5_vl", "qwen3_vl")
 
 
-def _archs_worker(rank, world, model_dirs, all_trajs, perception_trajs, tp, pp, mbs, sp=False):
+def _archs_worker(rank, world, model_dirs, all_trajs, perception_trajs, tp, pp, mbs, sp=False, papo_grad=False):
     """Every arch in turn; the perception algorithms' steps run on the first (Qwen2.5-VL) only."""
-    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp, perception_trajs if i == 0 else None)
+    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp, perception_trajs if i == 0 else None, papo_grad)
             for i, (d, t) in enumerate(zip(model_dirs, all_trajs))]
 
 
@@ -265,7 +276,7 @@ def perception_trajs(model_dirs):
 @pytest.fixture(scope="module")
 def references(model_dirs, all_trajs, perception_trajs):
     """The single-process TP1·PP1 result of every arch, micro-batch size 4 (one launch)."""
-    return run_distributed(_archs_worker, 1, model_dirs, all_trajs, perception_trajs, 1, 1, 4)[0]
+    return run_distributed(_archs_worker, 1, model_dirs, all_trajs, perception_trajs, 1, 1, 4, False, True)[0]
 
 
 @pytest.fixture(scope="module")
@@ -403,6 +414,9 @@ def test_reference_perception_steps_are_nontrivial(reference, perception_trajs):
         assert all(torch.isfinite(g).all() for step in per[algo]["grads"] for g in step.values())
     m = per["papo"]["metrics"]
     assert m["actor/papo/k3"] > 0 and m["actor/papo/term"] != 0.0
+    # the same step with the second view's gradient (from the same weights and batch) moves the gradient
+    rel, name = _worst_grad(per["papo_grad"]["grads"][0], per["papo"]["grads"][0])
+    assert rel > 1e-3, f"second_view_grad should change the gradient (worst {rel:.1e}, {name})"
     w = torch.cat([p.token_weight for p in per["pgpo"]["per_traj"]])
     assert float(w.max()) > 1.2 and float(w.min()) < 0.8, "PGPO weights should vary"
     for p, t in zip(per["pgpo"]["per_traj"], trajs):  # mass normalisation: each response's weights sum to L
@@ -415,7 +429,8 @@ def test_reference_perception_steps_are_nontrivial(reference, perception_trajs):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, model_dirs, all_trajs, perception_trajs, references):
     world, tp, pp, mbs, *sp = LAYOUTS[name]
-    results = run_distributed(_archs_worker, world, model_dirs, all_trajs, perception_trajs, tp, pp, mbs, *sp)
+    results = run_distributed(_archs_worker, world, model_dirs, all_trajs, perception_trajs, tp, pp, mbs,
+                              bool(sp and sp[0]), name in PAPO_GRAD_LAYOUTS)
     for i, arch in enumerate(ARCHS):
         check_same([r[i] for r in results], references[i], f"{name} {arch}")
     check_same_perception([r[0] for r in results], references[0], name)  # perception steps: Qwen2.5-VL
@@ -504,6 +519,47 @@ def test_tp1_gradient_equals_transformers_gradient_of_J(tiny_model_dir, trajs, r
     assert rel <= GRAD_RTOL_HF, f"gradient of {name} differs from transformers' by {rel:.3e} (relative)"
 
 
+def test_papo_second_view_grad_equals_transformers_gradient(tiny_model_dir, perception_trajs, reference):
+    """PAPO with algo.papo.second_view_grad, first optimizer step (θ = π_old = the model's weights): the TP1
+    gradient equals transformers' gradient of L_pg + (−γ·Σ k3 + η·Σ(−p)) / N, k3 written out from the spec
+    with BOTH views' log-probs (the original and the seeded masked view) carrying their graph."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_vppo.algo import ALGORITHMS
+    from megatron_vppo.algo.loss import vppo_policy_loss
+    from megatron_vppo.config import AlgoConfig, PapoConfig
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.models.qwen2_5_vl.weights import canonical_hf_name
+    from megatron_vppo.train.loop import second_views
+    from megatron_vppo.train.rl_batch import responses_to_matrix
+
+    got = reference["perception"]["papo_grad"]
+    idx = got["minibatches"][0]
+    mb = [perception_trajs[i] for i in idx]
+    cfg = AlgoConfig(name="papo", papo=PapoConfig(second_view_grad=True))
+    algo = ALGORITHMS["papo"]
+    ls = algo.settings(cfg)
+    views = second_views(mb, VLProcessor.from_pretrained(tiny_model_dir), RUN_SEED, STEP, idx[0], algo.view(cfg))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.train()
+    batch, masked = hf_batch(tiny_model_dir, mb), hf_batch(tiny_model_dir, mb, pixel_values=views)
+    logp = hf_response_logp(hf_forward(model, batch), batch, mb)
+    logq = hf_response_logp(hf_forward(model, masked), masked, mb)
+    mask = responses_to_matrix([torch.ones(t.response_len) for t in mb], dtype=torch.float32)[0]
+    adv = torch.tensor([got["per_traj"][i].advantage for i in idx], dtype=torch.float32)
+    pg, _ = vppo_policy_loss(logp, logp.detach(), adv, mask, None, clip_low=ls.clip_low, clip_high=ls.clip_high,
+                             dual_clip=ls.dual_clip, entropy_coef=ls.entropy_coef)
+    d = torch.clamp(logq - logp, -20.0, 20.0)  # spec: d = clamp(q − p, ±20), k3 = e^d − d − 1 clamped to ±10
+    k3 = torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+    term = (-ls.extra["gamma"] * (k3 * mask).sum() + ls.extra["eta"] * (-logp * mask).sum()) / mask.sum()
+    assert float((k3 * mask).sum()) > 0, "the masked view should move the log-probs"
+    (pg + term).backward()
+    hf_grads = {canonical_hf_name(n): p.grad for n, p in model.named_parameters()}
+    rel, name = _worst_grad(got["grads"][0], hf_grads)
+    print(f"papo second_view_grad, TP1 vs transformers: worst relative gradient difference {rel:.1e} ({name})")
+    assert rel <= GRAD_RTOL_HF, f"gradient of {name} differs from transformers' by {rel:.3e} (relative)"
+
+
 # ------------------------------------------------------------------- packed (thd) micro-batches
 
 # name: (world, tp, pp, train.max_tokens_per_micro_batch). The batch's trajectories hold 121-149 tokens:
@@ -519,14 +575,15 @@ PACKED_LAYOUTS = {
 }
 
 
-def _packed_worker(rank, world, model_dir, trajs, perception_trajs, tp, pp, budget, sp):
+def _packed_worker(rank, world, model_dir, trajs, perception_trajs, tp, pp, budget, sp, papo_grad=False):
     cfg = run_config(4)
     cfg.train.max_tokens_per_micro_batch = budget
     if not sp:
         trainer, proxy = build_trainer(model_dir, tp, pp, cfg)
         out = train_side_step(trainer, proxy, trajs)
         out["grads"] = None if out["grads"] is None else list(out["grads"])
-        out["perception"] = perception_steps(trainer, proxy, perception_trajs)  # pgpo: the packed blind view
+        names = PERCEPTION + ((PAPO_GRAD,) if papo_grad else ())  # pgpo: the packed blind view
+        out["perception"] = perception_steps(trainer, proxy, perception_trajs, names)
         return out
     # build_trainer with sequence parallel on
     from megatron_vppo.config import ParallelConfig
@@ -562,7 +619,7 @@ def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs
                                      budget)) for r in range(2)]
         assert counts[0] != counts[1], counts
     results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, perception_trajs, tp, pp, budget,
-                              name.endswith("SP"))
+                              name.endswith("SP"), name in PAPO_GRAD_LAYOUTS)
     check_same(results, reference, name)
     if "perception" in results[0]:
         check_same_perception(results, reference, name)

@@ -264,29 +264,37 @@ def _policy_loss(dims: ParallelDims, shape: PassShape, algo: Algorithm, ls: Loss
                  logits: torch.Tensor):
     tp_group = dims.tp_group
     logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
-    inputs = LossInputs(old_logp=mb.per_token["old_logp"], advantage=mb.per_token["advantage"], mask=mb.loss_mask,
+    mask, aug = mb.loss_mask, mb.per_token.get("aug_logp")
+    if mb.views == 2:  # the second view rode along with gradient (PAPO's second_view_grad): its log-probs
+        logp, aug = mb.split_views(logp)  # keep their graph into the loss
+        mask, logits = mb.split_views(mask)[0], mb.split_views(logits)[0]
+    inputs = LossInputs(old_logp=mb.per_token["old_logp"], advantage=mb.per_token["advantage"], mask=mask,
                         tgf_mask=mb.per_token["tgf_mask"], is_weight=mb.per_token["is_weight"],
-                        seq_id=mb.per_token["seq_id"], aug_logp=mb.per_token.get("aug_logp"))
+                        seq_id=mb.per_token["seq_id"], aug_logp=aug)
     # numerator only: Megatron divides by the global count of the loss's unit (module docstring)
     numerator, count, metrics = algo.loss(logp, inputs, ls)
     with torch.no_grad():  # full-vocabulary entropy, reduced over the TP group (a metric only)
         ent = vocab_parallel_entropy(logits.detach(), tp_group, shape.temperature, shape.vocab_size)
     # Tensors, not floats: a float() here would stall the host once per metric per micro-batch.
-    sums = dict(metrics, entropy=(ent * mb.loss_mask).sum(), loss=numerator.detach(), units=count.detach(),
-                tokens=mb.loss_mask.sum())
+    sums = dict(metrics, entropy=(ent * mask).sum(), loss=numerator.detach(), units=count.detach(),
+                tokens=mask.sum())
     return numerator, count, sums
 
 
 def policy_update_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape,
-                       algo: Algorithm, ls: LossSettings, per_traj: list[ShapedTrajectory]) -> dict[str, float]:
+                       algo: Algorithm, ls: LossSettings, per_traj: list[ShapedTrajectory],
+                       views: list | None = None) -> dict[str, float]:
     """Forward+backward over this rank's share of one mini-batch; gradients land in the DDP buffers.
+    `views` (PAPO's second_view_grad): the second view's pixels per trajectory, stacked beside the original
+    in every micro-batch of the same schedule, so its log-probs reach the loss with their graph.
 
     Returns summed metrics: numerators, plus "units" (the loss's denominator count: tokens, or
     trajectories for a sequence-level loss) and "tokens" (valid tokens, the denominator of TOKEN_METRICS).
     """
     for m in model_chunks:
         m.train()
-    mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, multiple_of=_schedule_multiple(dims, model_chunks))
+    mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, views=views,
+                                 multiple_of=_schedule_multiple(dims, model_chunks))
     for mb, idx in zip(mbs, groups):
         rows = [per_traj[i] for i in idx]
         mb.per_token["old_logp"] = mb.to_positions([r.old_logp for r in rows])
@@ -298,7 +306,7 @@ def policy_update_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory]
         mb.per_token["advantage"] = mb.to_positions([torch.full((len(r.old_logp),), float(r.advantage))
                                                      * (1.0 if r.token_weight is None else r.token_weight.double())
                                                      for r in rows])
-        if algo.loss_reads_aug:  # the second view's π_old at each response position (PAPO)
+        if algo.loss_reads_aug and views is None:  # the second view's π_old at each response position (PAPO)
             mb.per_token["aug_logp"] = mb.to_positions([r.aug_logp for r in rows])
         # which trajectory each position belongs to (sequence-level losses group tokens by it)
         mb.per_token["seq_id"] = mb.to_positions([torch.full((len(r.old_logp),), float(j))

@@ -470,6 +470,17 @@ def validate_ranges(cfg: RunConfig) -> None:
                           f"lower data.min_pixels or raise data.max_pixels")
 
 
+def flatten_dotted(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested settings as the dotted keys overrides and messages use."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

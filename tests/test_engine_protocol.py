@@ -58,7 +58,7 @@ def test_engine_class_declares_its_capabilities(cls):
     rollout.* keys an engine declares are engine keys of RolloutConfig."""
     from megatron_vppo.run_config import ENGINE_KEYS
 
-    for name in ("in_process", "takes_pixel_values", "weights_on_every_tp_rank"):
+    for name in ("in_process", "takes_pixel_values", "tensor_parallel"):
         assert isinstance(inspect.getattr_static(cls, name), bool), f"{cls.__name__}.{name}"
     assert isinstance(cls.reads, frozenset) and {f"rollout.{k}" for k in cls.reads} <= ENGINE_KEYS, cls.reads
     assert isinstance(inspect.getattr_static(cls, "standalone"), classmethod), cls.__name__

@@ -31,7 +31,6 @@ class WrappedHFEngine:
 
     in_process = True
     takes_pixel_values = True
-    weights_on_every_tp_rank = False
     reads = frozenset()
 
     def __init__(self, inner):

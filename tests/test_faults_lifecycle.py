@@ -243,7 +243,9 @@ def test_startup_mistakes_are_one_line_before_the_model(setup, tmp_path, capsys,
         assert rc == 2 and f"train.output_dir={ro / 'run'} is not writable" in line, line
 
         def interrupted_build(*a, **k):  # a real Ctrl-C while the model is being built
-            os.kill(os.getpid(), signal.SIGINT)
+            # raise_signal sends it to this (the main) thread: os.kill may hand it to another thread an
+            # earlier test left in this worker, and then the main thread's sleep is not interrupted
+            signal.raise_signal(signal.SIGINT)
             time.sleep(30)
             raise AssertionError("SIGINT did not interrupt the build")
 
@@ -267,10 +269,10 @@ def test_signals_between_steps_second_one_stops_at_once():
     with pytest.raises(RunInterrupted) as e:
         with stop_between_steps() as stop:
             stop["step"] = 7
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # to this (main) thread, whatever threads the worker has
             time.sleep(0.1)
             assert stop["signum"] == signal.SIGTERM
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
             time.sleep(5)
     assert e.value.signum == signal.SIGINT and "second SIGINT: stopped at once, during step 7" in str(e.value)
     assert signal.getsignal(signal.SIGTERM) is before

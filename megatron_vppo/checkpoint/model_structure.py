@@ -13,6 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from megatron_vppo.config import flatten_dotted
+
 _TEXT_KEYS = ("vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_key_value_heads")
 _VISION_KEYS = ("depth", "hidden_size", "out_hidden_size", "intermediate_size", "num_heads", "patch_size",
@@ -50,22 +52,12 @@ def model_structure(model_dir: str | Path) -> dict:
     return {**structure_of_config(hf), "tokenizer_sha256": tokenizer_digest(model_dir)}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def structure_differences(saved: dict | None, now: dict) -> list[str]:
     """'field: saved -> now' for every structural field that differs (a field only one side records is
     or leaves empty is not compared; no record at all, from an older checkpoint, compares nothing)."""
     if not isinstance(saved, dict):
         return []
-    a, b = _flat(saved), _flat(now)
+    a, b = flatten_dotted(saved), flatten_dotted(now)
     out = []
     for key in sorted(set(a) & set(b)):
         if a[key] is not None and b[key] is not None and a[key] != b[key]:

@@ -103,7 +103,7 @@ class RolloutEngine(Protocol):
 
     # Capabilities: class attributes, read from the class (`ENGINES[name]`) — the same on every rank and
     # known at config time, before any engine exists. Nothing branches on an engine's name; add an
-    # attribute here (with its default in `ENGINE_CAPABILITY_DEFAULTS`) when a new one is needed.
+    # attribute here, and to every engine class, when a new one is needed.
     # True: takes the plain (name, tensor) stream and copies each tensor as it arrives, so
     # `sync.engine_push.push_to_engine` passes `mode` and `expected`; False: takes byte-bounded buckets.
     in_process: bool
@@ -113,9 +113,6 @@ class RolloutEngine(Protocol):
     # generate/score take the processor's `pixel_values` (so a perturbed-pixel view can be scored);
     # False: the engine preprocesses raw images itself (vLLM), so only image-level perturbations reach it.
     takes_pixel_values: bool
-    # the weight stream must reach every TP rank of a replica (the engine reads one payload per TP rank),
-    # not only the replica's first rank
-    weights_on_every_tp_rank: bool
     # `rollout.*` keys this engine reads beyond those every engine reads (`config.ROLLOUT_KEYS_EVERY_ENGINE_READS`);
     # one of `config.ENGINE_ROLLOUT_KEYS` set away from its default for an engine that does not read it
     # is a config error naming the engine

@@ -141,7 +141,6 @@ class HFRolloutEngine:
     in_process = True
     tensor_parallel = False  # one engine per rank (rollout.engine_tp 1)
     takes_pixel_values = True
-    weights_on_every_tp_rank = False
     reads = frozenset()  # no bucket_bytes: it takes the plain stream
 
     def __init__(

@@ -355,7 +355,6 @@ class SGLangRolloutEngine:
     in_process = False  # takes byte-bounded buckets
     tensor_parallel = True  # one engine spans rollout.engine_tp GPUs
     takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
-    weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
     reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup", "engine_tp"})
 
     @classmethod
@@ -628,7 +627,6 @@ class SGLangTPPeer:
     in_process = False
     tensor_parallel = True
     takes_pixel_values = True  # images go as processor_output (pixel_values + grid)
-    weights_on_every_tp_rank = True  # one payload per engine TP rank, packed on that rank's GPU
     reads = frozenset({"bucket_bytes", "engine_gpu_share", "engine_weights_cpu_backup", "engine_tp"})
 
     @classmethod

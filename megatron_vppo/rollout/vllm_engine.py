@@ -273,7 +273,6 @@ class VLLMRolloutEngine:
     in_process = True
     tensor_parallel = False  # one engine per rank (rollout.engine_tp 1)
     takes_pixel_values = False  # vLLM preprocesses raw images itself (image-level perturbations only)
-    weights_on_every_tp_rank = False
     reads = frozenset()  # no bucket_bytes: it takes the plain stream
 
     @classmethod
@@ -650,18 +649,22 @@ class VLLMRolloutEngine:
         if mode == "staged":
             weights = list(weights)
             self._check_complete({self.spec.engine_param_name(n) for n, _ in weights}, "the weight stream")
-        version = self.weight_version + 1
-        try:
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        except BaseException as e:
-            self._broken = (
-                f"the rollout engine's weights are incomplete: an update_weights (to version {version}) failed midway "
-                f"({type(e).__name__}: {e}). Run a complete update_weights (e.g. the trainer's weight sync) before "
-                "generating or scoring.")
-            raise
+        self._reload(weights_iterator=weights)
         self._reset_caches()
         self._broken = None
-        self.weight_version = version
+        self.weight_version += 1
+
+    def _reload(self, **source) -> None:
+        """vLLM's in-place `reload_weights` from `weights_iterator` or `weights_path`; one that fails
+        midway leaves some layers new and some old, so the engine refuses work until a complete update."""
+        try:
+            self._llm.collective_rpc("reload_weights", kwargs=source)
+        except BaseException as e:
+            self._broken = (
+                f"the rollout engine's weights are incomplete: an update_weights (to version {self.weight_version + 1}) "
+                f"failed midway ({type(e).__name__}: {e}). Run a complete update_weights (e.g. the trainer's weight "
+                "sync) before generating or scoring.")
+            raise
 
     def _update_bytes(self, plan: dict | None) -> int:
         """Bytes of a complete update: the manifest's when given, else the checkpoint's tensors in the
@@ -685,15 +688,7 @@ class VLLMRolloutEngine:
         try:
             names = stage_safetensors(weights, tmp)
             self._check_complete({self.spec.engine_param_name(n) for n in names}, "the weight stream")
-            version = self.weight_version + 1
-            try:
-                self._llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
-            except BaseException as e:
-                self._broken = (
-                    f"the rollout engine's weights are incomplete: an update_weights (to version {version}) failed "
-                    f"midway ({type(e).__name__}: {e}). Run a complete update_weights (e.g. the trainer's weight "
-                    "sync) before generating or scoring.")
-                raise
+            self._reload(weights_path=tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_vppo.config import CONFIG_FILE, ConfigError, RunConfig, to_dict
+from megatron_vppo.config import CONFIG_FILE, ConfigError, RunConfig, flatten_dotted, to_dict
 
 log = logging.getLogger("megatron_vppo.train")
 
@@ -230,16 +230,6 @@ class ConfigChange:
         return f"{self.key}: {self.old!r} -> {self.new!r} ({how})"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _unread_algo_keys(cfg: RunConfig) -> set[str]:
     """`algo.*` keys the chosen algorithm does not read (its registry entry declares the ones it does):
     a change there takes no effect, so it is not reported as one."""
@@ -248,7 +238,7 @@ def _unread_algo_keys(cfg: RunConfig) -> set[str]:
     algo = ALGORITHMS.get(cfg.algo.name)
     if algo is None:
         return set()
-    return {f"algo.{k}" for k in _flatten(to_dict(cfg.algo)) if k != "name" and k.split(".")[0] not in algo.reads}
+    return {f"algo.{k}" for k in flatten_dotted(to_dict(cfg.algo)) if k != "name" and k.split(".")[0] not in algo.reads}
 
 
 def config_changes(saved: dict | None, cfg: RunConfig) -> list[ConfigChange]:
@@ -256,7 +246,7 @@ def config_changes(saved: dict | None, cfg: RunConfig) -> list[ConfigChange]:
     only one side knows — another version's snapshot — are not compared)."""
     if not isinstance(saved, dict):
         return []
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    old, new = flatten_dotted(saved), flatten_dotted(to_dict(cfg))
     changes = []
     ignored = _unread_algo_keys(cfg)
     for key in sorted(set(old) & set(new) - NOT_COMPARED - ignored):

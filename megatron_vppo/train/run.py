@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 import time
 
 import torch.distributed as dist
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from megatron_vppo.config import RunConfig
 from megatron_vppo.distributed import all_gather_world
 from megatron_vppo.errors import SignalStop
+from megatron_vppo.stop_signals import on_stop_signals
 from megatron_vppo.train.build import build_run, teardown
 from megatron_vppo.train.loop import rl_step, validate
 from megatron_vppo.train.startup import end_run, start_run
@@ -38,14 +38,8 @@ def stop_between_steps():
     """SIGINT / SIGTERM -> a stop request recorded in the yielded box (main thread only); a second one
     raises RunInterrupted at once."""
     box: dict = {"signum": None, "step": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield box
-        return
-    pid = os.getpid()
 
-    def request(signum, frame):  # noqa: ARG001
-        if os.getpid() != pid:
-            return
+    def request(signum):
         name = signal.Signals(signum).name
         if box["signum"] is not None:
             raise RunInterrupted(signum, f"second {name}: stopped at once, during step {box['step']}; nothing "
@@ -54,12 +48,8 @@ def stop_between_steps():
         os.write(2, f"{name} received: finishing step {box['step']}, then saving a checkpoint and stopping "
                     f"(send it again to stop at once)\n".encode())
 
-    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with on_stop_signals(request):
         yield box
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def train(cfg: RunConfig) -> dict:

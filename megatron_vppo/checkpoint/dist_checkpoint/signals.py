@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 
 from megatron_vppo.errors import SignalStop
+from megatron_vppo.stop_signals import on_stop_signals
 
 class SaveInterrupted(SignalStop):
     """SIGINT / SIGTERM arrived during a save; raised once the save finished (or was cleaned up)."""
@@ -21,22 +21,12 @@ def signals_held():
     yielded box and acted on by the caller once the save is done. Writer processes forked meanwhile
     inherit the handler and so keep writing instead of dying half-way."""
     box: dict = {"signum": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield box
-        return
-    pid = os.getpid()
 
-    def hold(signum, frame):  # noqa: ARG001
-        if os.getpid() != pid:  # a forked writer: finish writing
-            return
+    def hold(signum):
         if box["signum"] is None:
             box["signum"] = signum
             os.write(2, f"{signal.Signals(signum).name} received during a checkpoint save: finishing the save, "
                         f"then stopping\n".encode())
 
-    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with on_stop_signals(hold):
         yield box
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

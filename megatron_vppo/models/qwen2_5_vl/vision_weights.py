@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_vppo.models.qwen2_5_vl.vision import in_channels, padded_ffn_size
+from megatron_vppo.models.common.vision import in_channels
+from megatron_vppo.models.common.weight_layouts import fc1_to_hf, fc1_to_mcore, heads_qkv_to_hf, heads_qkv_to_mcore, \
+    pad_rows
+from megatron_vppo.models.qwen2_5_vl.vision import padded_ffn_size
 
 
 def _dims(cfg: dict, tp: int) -> dict:
@@ -119,10 +122,6 @@ _SAME_BLOCK = {
 }
 
 
-def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    return t if t.size(0) == n else torch.cat([t, t.new_zeros((n - t.size(0), *t.shape[1:]))])
-
-
 def vision_hf_to_mcore(hf_state: dict, hf_vision_cfg: dict, tp: int) -> dict[str, torch.Tensor]:
     """HF vision tensors -> full Megatron tensors laid out for `tp` (see module docstring)."""
     g = _dims(hf_vision_cfg, tp)
@@ -134,13 +133,12 @@ def vision_hf_to_mcore(hf_state: dict, hf_vision_cfg: dict, tp: int) -> dict[str
         for hf, mc in _SAME_BLOCK.items():
             out[p + mc] = hf_state[s + hf]
         w, bias = hf_state[s + "attn.qkv.weight"], hf_state[s + "attn.qkv.bias"]
-        out[p + "self_attention.linear_qkv.weight"] = w.reshape(3, h, hd, -1).transpose(0, 1).reshape(3 * h * hd, -1)
-        out[p + "self_attention.linear_qkv.bias"] = bias.reshape(3, h, hd).transpose(0, 1).reshape(-1)
+        out[p + "self_attention.linear_qkv.weight"] = heads_qkv_to_mcore(w, h, hd)
+        out[p + "self_attention.linear_qkv.bias"] = heads_qkv_to_mcore(bias, h, hd)
         for suffix in ("weight", "bias"):
-            gate = _pad_rows(hf_state[s + f"mlp.gate_proj.{suffix}"], f).chunk(tp)
-            up = _pad_rows(hf_state[s + f"mlp.up_proj.{suffix}"], f).chunk(tp)
-            out[p + f"mlp.linear_fc1.{suffix}"] = torch.cat([x for r in range(tp) for x in (gate[r], up[r])])
-        out[p + "mlp.linear_fc2.weight"] = _pad_rows(hf_state[s + "mlp.down_proj.weight"].t(), f).t()
+            gate, up = (pad_rows(hf_state[s + f"mlp.{x}_proj.{suffix}"], f) for x in ("gate", "up"))
+            out[p + f"mlp.linear_fc1.{suffix}"] = fc1_to_mcore(gate, up, tp)
+        out[p + "mlp.linear_fc2.weight"] = pad_rows(hf_state[s + "mlp.down_proj.weight"].t(), f).t()
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -155,12 +153,10 @@ def vision_mcore_to_hf(mc_state: dict, hf_vision_cfg: dict, tp: int) -> dict[str
         for hf, mc in _SAME_BLOCK.items():
             out[s + hf] = mc_state[p + mc]
         w, bias = mc_state[p + "self_attention.linear_qkv.weight"], mc_state[p + "self_attention.linear_qkv.bias"]
-        out[s + "attn.qkv.weight"] = w.reshape(h, 3, hd, -1).transpose(0, 1).reshape(3 * h * hd, -1)
-        out[s + "attn.qkv.bias"] = bias.reshape(h, 3, hd).transpose(0, 1).reshape(-1)
+        out[s + "attn.qkv.weight"] = heads_qkv_to_hf(w, h, hd)
+        out[s + "attn.qkv.bias"] = heads_qkv_to_hf(bias, h, hd)
         for suffix in ("weight", "bias"):
-            fc1 = mc_state[p + f"mlp.linear_fc1.{suffix}"]
-            per_rank = fc1.reshape(tp, 2, f // tp, *fc1.shape[1:])
-            out[s + f"mlp.gate_proj.{suffix}"] = per_rank[:, 0].reshape(f, *fc1.shape[1:])[:i]
-            out[s + f"mlp.up_proj.{suffix}"] = per_rank[:, 1].reshape(f, *fc1.shape[1:])[:i]
+            gate, up = fc1_to_hf(mc_state[p + f"mlp.linear_fc1.{suffix}"], tp)
+            out[s + f"mlp.gate_proj.{suffix}"], out[s + f"mlp.up_proj.{suffix}"] = gate[:i], up[:i]
         out[s + "mlp.down_proj.weight"] = mc_state[p + "mlp.linear_fc2.weight"][:, :i]
     return {k: v.contiguous() for k, v in out.items()}

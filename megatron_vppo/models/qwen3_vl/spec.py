@@ -3,18 +3,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_vppo.models.common.qwen_vl_spec import QwenVLSpecBase
 from megatron_vppo.models.qwen3_vl import config as _config
 from megatron_vppo.models.qwen3_vl import rope as _rope
 from megatron_vppo.models.qwen3_vl.weights import Qwen3VLWeights
 from megatron_vppo.models.qwen3_vl.weights import engine_param_name as _engine_param_name
-from megatron_vppo.models.spec import ImageGeometry
 
 
 @dataclass(frozen=True)
-class Qwen3VLSpec:
+class Qwen3VLSpec(QwenVLSpecBase):
     """`ModelSpec` of Qwen3-VL dense (models/spec.py documents every method)."""
 
     name: str = "qwen3_vl"
+    default_patch_size = 16  # not a field: the patch side when vision_config does not say
     hf_model_types: tuple[str, ...] = ("qwen3_vl",)
 
     def load_hf_config(self, source) -> dict:
@@ -22,12 +23,6 @@ class Qwen3VLSpec:
 
     def text_arch(self, hf_config):
         return _config.text_arch(hf_config)
-
-    def layout_dims(self, hf_config) -> dict:
-        cfg = _config.load_hf_config(hf_config)
-        a = _config.text_arch(cfg)
-        return dict(num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
-                    num_layers=a.num_layers, vision_num_heads=(cfg.get("vision_config") or {}).get("num_heads"))
 
     def tuner_fields(self, hf_config) -> dict:
         """Full attention in every vision block, QK-norm without QKV bias, a plain GELU vision MLP with
@@ -58,36 +53,6 @@ class Qwen3VLSpec:
 
     def engine_param_name(self, name: str) -> str:
         return _engine_param_name(name)
-
-    def engine_prompt_positions(self, hf_model, input_ids, attention_mask, image_grid_thw):
-        """transformers' own `get_rope_index` on the prompt: 3-row M-RoPE ids and rope deltas [B]."""
-        mm_types = (input_ids == hf_model.config.image_token_id).long() * attention_mask
-        pos, deltas = hf_model.model.get_rope_index(input_ids, mm_token_type_ids=mm_types,
-                                                    image_grid_thw=image_grid_thw, attention_mask=attention_mask)
-        return pos, deltas.reshape(-1)
-
-    def engine_decode_positions(self, next_pos):
-        return next_pos.view(1, -1, 1).expand(3, -1, 1)
-
-    def engine_vision_dtype(self, hf_model):
-        return next(hf_model.model.visual.parameters()).dtype
-
-    def image_processor_class(self) -> type:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil
-
-    def resized_size(self, height: int, width: int, image_processor) -> tuple[int, int]:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        ip = image_processor
-        return smart_resize(height, width, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
-                            max_pixels=ip.size["longest_edge"])
-
-    def image_geometry(self, hf_config) -> ImageGeometry:
-        v = _config.load_hf_config(hf_config).get("vision_config") or {}
-        return ImageGeometry(patch_size=int(v.get("patch_size", 16)), merge_size=int(v.get("spatial_merge_size", 2)),
-                             temporal_patch_size=int(v.get("temporal_patch_size", 2)))
 
     def make_tiny_model(self, out_dir, seed: int = 0, **kwargs):
         from megatron_vppo.models.qwen3_vl.tiny import make_tiny_model as make

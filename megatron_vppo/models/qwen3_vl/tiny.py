@@ -4,23 +4,14 @@ The real architecture at toy widths: QK-norm, an explicit head_dim different fro
 interleaved M-RoPE with an uneven `mrope_section` (so the t/h/w interleave has a tail), a 16-px
 vision tower with a learned position table smaller than the images' grids (so it is interpolated),
 DeepStack on three blocks feeding LM layers 0-2 of 4 (a PP2 split puts layer 2 on stage 1), and an
-MLP width that TP2 must pad. Tokenizer, chat template and seeded init are the Qwen2.5-VL tiny
-model's (same special tokens).
+MLP width that TP2 must pad. Tokenizer, chat template, seeded init and generation config are
+models/common/tiny_files.py's, as for the tiny Qwen2.5-VL (same special tokens).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-from megatron_vppo.models.qwen2_5_vl.tiny import (
-    QWEN_SPECIAL_TOKENS,
-    _round_vocab,
-    _save_tokenizer,
-    build_tokenizer,
-    init_tiny_weights,
-)
+from megatron_vppo.models.common.tiny_files import write_tiny_model
 
 
 def tiny_config_dict(vocab_size: int, special_ids: dict[str, int], tie_word_embeddings: bool = False,
@@ -69,40 +60,9 @@ def make_tiny_model(out_dir, seed: int = 0, tokenizer: str = "bpe", tie_word_emb
                     **overrides) -> Path:
     """Write a tiny random Qwen3-VL HF directory to `out_dir` and return its path (loads offline with
     `Qwen3VLForConditionalGeneration.from_pretrained`, `AutoTokenizer` and the image processor)."""
-    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(tokenizer)
-    special_ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab_size = _round_vocab(tok.get_vocab_size(with_added_tokens=True), tokenizer)
-    overrides.setdefault("text_config", {})
-    if overrides["text_config"].get("vocab_size", vocab_size) < tok.get_vocab_size():
-        raise ValueError(f"vocab_size {overrides['text_config']['vocab_size']} < tokenizer size "
-                         f"{tok.get_vocab_size()}; the embedding must cover every token id")
-    cfg_dict = tiny_config_dict(vocab_size, special_ids, tie_word_embeddings=tie_word_embeddings, **overrides)
-    config = Qwen3VLConfig(**cfg_dict)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).to(torch.float32)
-    init_tiny_weights(model, seed)
-    if tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-    GenerationConfig(
-        bos_token_id=special_ids["<|endoftext|>"],
-        eos_token_id=[special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
-        pad_token_id=special_ids["<|endoftext|>"], do_sample=True, temperature=1.0, top_p=0.99, top_k=0,
-    ).save_pretrained(str(out))
-    _save_tokenizer(tok, out)
-    v = config.vision_config
-    pre = {
-        "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-        "do_convert_rgb": True, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-        "merge_size": v.spatial_merge_size,
-        # Tiny images: 64x64 .. 32*32*64 pixels (4 .. 64 merged tokens per image).
-        "size": {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-    return out
+    return write_tiny_model(out_dir, seed=seed, tokenizer=tokenizer, tie_word_embeddings=tie_word_embeddings,
+                            overrides=overrides, config_dict=tiny_config_dict, config_class=Qwen3VLConfig,
+                            model_class=Qwen3VLForConditionalGeneration, image_mean=(0.5, 0.5, 0.5),
+                            image_std=(0.5, 0.5, 0.5))

@@ -149,14 +149,15 @@ def memory_child(model_dir: Path, args) -> None:
     real = passes._token_scores_loss
     reset_inside = [True]
 
-    def measured(dims, shape, paired, exact_kl, mb, logits):
+    def measured(*args):  # _token_scores_loss(dims, shape, <pass flags>..., mb, logits)
+        logits = args[-1]
         size = logits.numel() * logits.element_size()
         sizes.append(size)
         if not reset_inside[0]:
-            return real(dims, shape, paired, exact_kl, mb, logits)
+            return real(*args)
         before = _rss("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-        res = real(dims, shape, paired, exact_kl, mb, logits)
+        res = real(*args)
         seen.append(((size + _rss("VmHWM") - before) / size, size))
         return res
 

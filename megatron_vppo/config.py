@@ -60,7 +60,9 @@ class PapoConfig:
     eta: float | None = None  # sampled-entropy coefficient η; None: the preset's (papo 0.05 (7B), papo_d 0.03)
     mask_ratio: float = 0.6  # share of 14-px patches blackened in the second view
     clamp_k3_small: bool = False  # clamp k3 to [0, 0.2] instead of [-10, 10] (an option of the authors' scripts)
-    second_view_grad: bool = False  # TRL's variant (masked forward with gradient); not implemented: refused
+    # TRL's variant: the masked view is forwarded again in the update, with gradient, and k3 takes both
+    # views' current log-probs (~2x the update's activations); false: the authors' q, scored once, no gradient
+    second_view_grad: bool = False
 
 
 @dataclass

@@ -149,10 +149,6 @@ def _validate_combinations(cfg: RunConfig, algo: Algorithm, engine_cls: type) ->
                           f"{cfg.rollout.engine} cannot take (it preprocesses raw images itself); set "
                           "algo.perturbation=image (the blackened image, which it preprocesses to the trainer's "
                           "pixels), or use train.old_logp_source=trainer")
-    if (algo.needs_perturbed_view and algo.view(cfg.algo).kind == "blind"
-            and cfg.train.max_tokens_per_micro_batch is not None):
-        raise ConfigError("algo.pgpo.view=blind masks attention on image pads, which packed micro-batches do not take; "
-                          "unset train.max_tokens_per_micro_batch or set algo.pgpo.view=patches")
     if cfg.train.old_logp_source == "engine" and algo.needs_perturbed_view and not algo.engine_view(cfg.algo):
         raise ConfigError(f"train.old_logp_source=engine: the second view of algo.name={cfg.algo.name} is not an "
                           "image the engine can score (vepo needs full distributions; pgpo.view=blind an attention "

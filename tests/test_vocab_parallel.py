@@ -92,6 +92,16 @@ def test_single_process_group_none():
     assert lp.dtype == torch.float32  # fp32 math even for bf16 logits
     ref = torch.log_softmax(bf.float()[:, :V_TRUE] / TEMP, -1).gather(-1, t[:, None]).squeeze(-1)
     torch.testing.assert_close(lp, ref)
+    # dtype=float64 (PGPO's no-grad pass): fp64 math and result from fp32 logits, and its gradient
+    p32 = p.float().requires_grad_(True)
+    lp64 = vocab_parallel_log_prob(p32, t, None, TEMP, V_TRUE, dtype=torch.float64)
+    ref64 = torch.log_softmax(p32.detach().double()[:, :V_TRUE] / TEMP, -1).gather(-1, t[:, None]).squeeze(-1)
+    assert lp64.dtype == torch.float64
+    torch.testing.assert_close(lp64, ref64, rtol=0, atol=1e-12)
+    lp64.sum().backward()
+    p64 = p.float().double().requires_grad_(True)
+    torch.log_softmax(p64[:, :V_TRUE] / TEMP, -1).gather(-1, t[:, None]).sum().backward()
+    torch.testing.assert_close(p32.grad[:, :V_TRUE].double(), p64.grad[:, :V_TRUE], rtol=0, atol=1e-6)
 
 
 def test_bad_target_shape():

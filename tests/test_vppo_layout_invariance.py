@@ -58,13 +58,14 @@ PROBLEMS = {0: "How many shapes are in <image>?", 1: "<image> What colour is the
             2: "What is 4 + 3?"}
 
 
-def make_trajectories(model_dir):
-    """The fixed batch as trainer Trajectories (built once, in the parent)."""
+def make_trajectories(model_dir, image_scale: int = 1):
+    """The fixed batch as trainer Trajectories (built once, in the parent); `image_scale` enlarges both
+    images by that factor (the perception steps' batch, PGPO_IMAGE_SCALE)."""
     from megatron_vppo.data.processor import VLProcessor
     from megatron_vppo.train.rl_batch import Trajectory
 
     proc = VLProcessor.from_pretrained(model_dir)
-    images = make_test_images()
+    images = [im.resize((im.width * image_scale, im.height * image_scale)) for im in make_test_images()]
     trajs = []
     for group, img, response, reward in SAMPLES:
         enc = proc.encode(PROBLEMS[group], [] if img is None else [images[img]], response=response)
@@ -161,41 +162,71 @@ def train_side_step(trainer, proxy, trajs) -> dict:
 
 
 # The perception family (spec/perception_family.md) rides in the same launches: after the VPPO step the
-# same trainer runs one step of each, in this order, from the weights the previous step left (the same
-# at every layout), so each layout's numbers are again compared with TP1's.
-PERCEPTION = ("papo", "vepo", "pgpo")  # pgpo last: its blind view has no packed form (packed runs stop before it)
-PGPO_WEIGHT_ATOL = 1e-3  # see check_same_perception: the min-max gain on this model's tiny k3 range
-PGPO_GRAD_RTOL = 1e-4  # PGPO's gradient inherits that gain through Â_{i,t} = w_t·A_i (its loss still ≤ ATOL)
+# same trainer runs one step of each, in this order, each from the model's own weights (perception_steps
+# says why), so each layout's numbers are again compared with TP1's.
+PERCEPTION = ("papo", "vepo", "pgpo")
+# PGPO's step's batch: SAMPLES with both images 3× larger (grids [1,12,18] and [1,22,10]: 54 and 55
+# image tokens in sequences of 121-197 tokens). Why: PGPO's weights are a per-response min-max of
+# S̃ = log(1 + k3) followed by slopes up to β/(1−τ) = 3.3 and the mass normalisation (×L/Σw, up to ~2.5), so
+# a weight moves by ≈ 8·δS̃ / (max S̃ − min S̃). With the 6- and 8-token images the blind view moved
+# log-probs by ≤ 0.2 nats: max − min of S̃ was 6e-3 .. 2e-2, and the layouts' legitimate fp32 differences
+# of the log-probs (1 ulp ≈ 9.5e-7 at log p ≈ −12, δS̃ ≈ 5e-8 .. 2e-7) became weight differences of up to
+# 1.1e-4 (TP2, TP2xPP2) and 9e-5 (PP2), gradients 1.3e-5. Measured with this batch (blind view moves up to
+# 0.8 nats, range of S̃ 0.17 .. 0.37) and PGPO's fp64 log-probs (algo/registry.py `fp64_scores`): weights
+# ≤ 5.5e-6, gradients ≤ 2e-6 at every layout (2× images, 24 and 32 tokens: weights 1.1e-5 at TP2, too
+# close). PAPO and VEPO are well conditioned and keep the small batch (cheaper).
+PGPO_IMAGE_SCALE = 3
+# PAPO with algo.papo.second_view_grad (TRL's variant: the masked view forwarded again in the update, with
+# gradient) runs as a fourth step in the reference launch and in one layout's (the transformers oracle
+# below checks its gradient; the layout, that the two-view update keeps its graph through TP and the
+# pipeline schedule).
+PAPO_GRAD = ("papo_grad", "papo", {"papo": {"second_view_grad": True}})
+PAPO_GRAD_LAYOUTS = ("TP2xPP2", "packed-TP2xPP2")
 
 
-def perception_steps(trainer, proxy, trajs, names=PERCEPTION, **overrides) -> dict:
-    """One step (paired pass -> shaping -> update) per perception algorithm; what each computes."""
-    from megatron_vppo.config import AlgoConfig
+def perception_steps(trainer, proxy, trajs, names=PERCEPTION, pgpo_trajs=None) -> dict:
+    """One step (paired pass -> shaping -> update) per perception algorithm; what each computes. An entry
+    of `names` is an algorithm name or (result key, algorithm name, algo overrides). PGPO's step runs on
+    `pgpo_trajs` (PGPO_IMAGE_SCALE), the others on `trajs`."""
+    from megatron_vppo.config import AlgoConfig, PapoConfig
     from megatron_vppo.run_config import validate_algorithm
     from megatron_vppo.train import loop
 
+    from megatron_vppo.checkpoint.hf_load import load_hf_weights
+
     out = {}
-    for name in names:
-        trainer.cfg.algo = AlgoConfig(name=name, **overrides.get(name, {}))
+    for entry in names:
+        key, name, overrides = (entry, entry, {}) if isinstance(entry, str) else entry
+        batch = pgpo_trajs if name == "pgpo" and pgpo_trajs is not None else trajs
+        # Each method's step starts from the model's own weights. Without this, every step after the first
+        # starts from weights that earlier optimizer steps moved, and those moves differ between layouts:
+        # Adam's early steps (≈ lr·sign(g)) turn the ~1e-7 relative rounding differences of a gradient's
+        # elements near 0 into parameter differences of up to lr. After the VPPO, PAPO and VEPO steps
+        # (6 Adam steps at lr 1e-6) PGPO's log-probs differed by ~1e-6 at DP2 (0 with this reload).
+        load_hf_weights(trainer.model_chunks, trainer.cfg.model.path, trainer.adapter, dims=trainer.dims)
+        trainer.cfg.algo = AlgoConfig(name=name, **{k: PapoConfig(**v) if k == "papo" else v
+                                                     for k, v in overrides.items()})
         validate_algorithm(trainer.cfg.algo)
         first = len(proxy.grads)
-        scored = loop.score_step_batch(trainer, trajs)
-        per_traj, minibatches, metrics = loop.shape_step(trainer, trajs, scored)
-        upd = loop.update_policy(trainer, trajs, per_traj, minibatches)
+        scored = loop.score_step_batch(trainer, batch)
+        per_traj, minibatches, metrics = loop.shape_step(trainer, batch, scored)
+        upd = loop.update_policy(trainer, batch, per_traj, minibatches)
         keep_grads = trainer.dims.tp_rank == 0 and trainer.dims.dp_rank == 0
-        out[name] = dict(old=[r.old for r in scored], aug=[r.aug for r in scored],
+        out[key] = dict(old=[r.old for r in scored], aug=[r.aug for r in scored],
                          jsd=[r.jsd for r in scored], per_traj=per_traj, minibatches=minibatches,
                          metrics={**metrics, **upd}, loss=upd["actor/loss"],
                          grads=proxy.grads[first:] if keep_grads else None)
     return out
 
 
-def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False, perception=True):
+def _layout_worker(rank, world, model_dir, trajs, tp, pp, mbs, sp=False, pgpo_trajs=None,
+                   papo_grad=False):
     trainer, proxy = build_trainer(model_dir, tp, pp, run_config(mbs), sp=sp)
     out = train_side_step(trainer, proxy, trajs)
     if out["grads"] is not None:
         out["grads"] = list(out["grads"])  # the VPPO step's; the perception steps append theirs after
-    out["perception"] = perception_steps(trainer, proxy, trajs) if perception else None
+    names = PERCEPTION + ((PAPO_GRAD,) if papo_grad else ())
+    out["perception"] = perception_steps(trainer, proxy, trajs, names, pgpo_trajs) if pgpo_trajs else None
     return out
 
 
@@ -217,9 +248,9 @@ LAYOUTS = {  # name: (world, tp, pp, micro-batch size[, sequence parallel])
 ARCHS = ("qwen2_5_vl", "qwen3_vl")
 
 
-def _archs_worker(rank, world, model_dirs, all_trajs, tp, pp, mbs, sp=False):
+def _archs_worker(rank, world, model_dirs, all_trajs, pgpo_trajs, tp, pp, mbs, sp=False, papo_grad=False):
     """Every arch in turn; the perception algorithms' steps run on the first (Qwen2.5-VL) only."""
-    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp, perception=i == 0)
+    return [_layout_worker(rank, world, d, t, tp, pp, mbs, sp, pgpo_trajs if i == 0 else None, papo_grad)
             for i, (d, t) in enumerate(zip(model_dirs, all_trajs))]
 
 
@@ -240,9 +271,15 @@ def all_trajs(model_dirs):
 
 
 @pytest.fixture(scope="module")
-def references(model_dirs, all_trajs):
+def pgpo_trajs(model_dirs):
+    """PGPO's step's batch (Qwen2.5-VL): SAMPLES with larger images (PGPO_IMAGE_SCALE)."""
+    return make_trajectories(model_dirs[0], image_scale=PGPO_IMAGE_SCALE)
+
+
+@pytest.fixture(scope="module")
+def references(model_dirs, all_trajs, pgpo_trajs):
     """The single-process TP1·PP1 result of every arch, micro-batch size 4 (one launch)."""
-    return run_distributed(_archs_worker, 1, model_dirs, all_trajs, 1, 1, 4)[0]
+    return run_distributed(_archs_worker, 1, model_dirs, all_trajs, pgpo_trajs, 1, 1, 4, False, True)[0]
 
 
 @pytest.fixture(scope="module")
@@ -344,9 +381,8 @@ def check_same_perception(results, ref, tag):
             if weights:
                 d["token_weight"] = _max_diff([p.token_weight for p in got["per_traj"]],
                                               [p.token_weight for p in want["per_traj"]])
-                # PGPO's per-response min-max divides by the range of log(1 + k3), which on this tiny random
-                # model is ~1e-3: the weights amplify the ≤ 1e-6 log-prob differences of the layouts ~100×.
-                # They must equal the weights of this layout's own (old, aug) exactly, and TP1's within that gain.
+                # They also equal the weights of this layout's own (old, aug) exactly (PGPO_IMAGE_SCALE
+                # says how far a weight can move with the log-probs).
                 from megatron_vppo.algo.pgpo import pgpo_token_weights
                 from megatron_vppo.train.rl_batch import responses_to_matrix
 
@@ -356,8 +392,7 @@ def check_same_perception(results, ref, tag):
                                                             [w[i, : len(p.old_logp)] for i, p in enumerate(got["per_traj"])])
             print(f"{tag} {algo} rank {rank}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
             for key, v in d.items():
-                tol = PGPO_WEIGHT_ATOL if key == "token_weight" else ATOL
-                assert v <= tol, f"{tag} {algo} rank {rank}: {key} differs from TP1 by {v:.3e}"
+                assert v <= ATOL, f"{tag} {algo} rank {rank}: {key} differs from TP1 by {v:.3e}"
             assert all(torch.equal(a.tgf_mask, b.tgf_mask) for a, b in zip(got["per_traj"], want["per_traj"])), \
                 f"{tag} {algo} rank {rank}: kept-token mask differs"
         for step in range(len(want["minibatches"])):
@@ -367,11 +402,10 @@ def check_same_perception(results, ref, tag):
                     merged.update(r["perception"][algo]["grads"][step])
             rel, name = _worst_grad(merged, want["grads"][step])
             print(f"{tag} {algo}: optimizer step {step}: worst relative gradient difference {rel:.1e} ({name})")
-            tol = PGPO_GRAD_RTOL if algo == "pgpo" else GRAD_RTOL_LAYOUT
-            assert rel <= tol, f"{tag} {algo}: step {step} gradient of {name} differs by {rel:.3e}"
+            assert rel <= GRAD_RTOL_LAYOUT, f"{tag} {algo}: step {step} gradient of {name} differs by {rel:.3e}"
 
 
-def test_reference_perception_steps_are_nontrivial(reference, trajs):
+def test_reference_perception_steps_are_nontrivial(reference, trajs, pgpo_trajs):
     """What each perception method computes on the fixed batch is not degenerate (TP1)."""
     per = reference["perception"]
     img = [i for i, t in enumerate(trajs) if t.has_image]
@@ -382,6 +416,9 @@ def test_reference_perception_steps_are_nontrivial(reference, trajs):
         assert all(torch.isfinite(g).all() for step in per[algo]["grads"] for g in step.values())
     m = per["papo"]["metrics"]
     assert m["actor/papo/k3"] > 0 and m["actor/papo/term"] != 0.0
+    # the same step with the second view's gradient (from the same weights and batch) moves the gradient
+    rel, name = _worst_grad(per["papo_grad"]["grads"][0], per["papo"]["grads"][0])
+    assert rel > 1e-3, f"second_view_grad should change the gradient (worst {rel:.1e}, {name})"
     w = torch.cat([p.token_weight for p in per["pgpo"]["per_traj"]])
     assert float(w.max()) > 1.2 and float(w.min()) < 0.8, "PGPO weights should vary"
     for p, t in zip(per["pgpo"]["per_traj"], trajs):  # mass normalisation: each response's weights sum to L
@@ -392,9 +429,10 @@ def test_reference_perception_steps_are_nontrivial(reference, trajs):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, model_dirs, all_trajs, references):
+def test_layout_matches_single_process(name, model_dirs, all_trajs, pgpo_trajs, references):
     world, tp, pp, mbs, *sp = LAYOUTS[name]
-    results = run_distributed(_archs_worker, world, model_dirs, all_trajs, tp, pp, mbs, *sp)
+    results = run_distributed(_archs_worker, world, model_dirs, all_trajs, pgpo_trajs, tp, pp, mbs,
+                              bool(sp and sp[0]), name in PAPO_GRAD_LAYOUTS)
     for i, arch in enumerate(ARCHS):
         check_same([r[i] for r in results], references[i], f"{name} {arch}")
     check_same_perception([r[0] for r in results], references[0], name)  # perception steps: Qwen2.5-VL
@@ -483,6 +521,47 @@ def test_tp1_gradient_equals_transformers_gradient_of_J(tiny_model_dir, trajs, r
     assert rel <= GRAD_RTOL_HF, f"gradient of {name} differs from transformers' by {rel:.3e} (relative)"
 
 
+def test_papo_second_view_grad_equals_transformers_gradient(tiny_model_dir, trajs, reference):
+    """PAPO with algo.papo.second_view_grad, first optimizer step (θ = π_old = the model's weights): the TP1
+    gradient equals transformers' gradient of L_pg + (−γ·Σ k3 + η·Σ(−p)) / N, k3 written out from the spec
+    with BOTH views' log-probs (the original and the seeded masked view) carrying their graph."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_vppo.algo import ALGORITHMS
+    from megatron_vppo.algo.loss import vppo_policy_loss
+    from megatron_vppo.config import AlgoConfig, PapoConfig
+    from megatron_vppo.data.processor import VLProcessor
+    from megatron_vppo.models.qwen2_5_vl.weights import canonical_hf_name
+    from megatron_vppo.train.loop import second_views
+    from megatron_vppo.train.rl_batch import responses_to_matrix
+
+    got = reference["perception"]["papo_grad"]
+    idx = got["minibatches"][0]
+    mb = [trajs[i] for i in idx]
+    cfg = AlgoConfig(name="papo", papo=PapoConfig(second_view_grad=True))
+    algo = ALGORITHMS["papo"]
+    ls = algo.settings(cfg)
+    views = second_views(mb, VLProcessor.from_pretrained(tiny_model_dir), RUN_SEED, STEP, idx[0], algo.view(cfg))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.train()
+    batch, masked = hf_batch(tiny_model_dir, mb), hf_batch(tiny_model_dir, mb, pixel_values=views)
+    logp = hf_response_logp(hf_forward(model, batch), batch, mb)
+    logq = hf_response_logp(hf_forward(model, masked), masked, mb)
+    mask = responses_to_matrix([torch.ones(t.response_len) for t in mb], dtype=torch.float32)[0]
+    adv = torch.tensor([got["per_traj"][i].advantage for i in idx], dtype=torch.float32)
+    pg, _ = vppo_policy_loss(logp, logp.detach(), adv, mask, None, clip_low=ls.clip_low, clip_high=ls.clip_high,
+                             dual_clip=ls.dual_clip, entropy_coef=ls.entropy_coef)
+    d = torch.clamp(logq - logp, -20.0, 20.0)  # spec: d = clamp(q − p, ±20), k3 = e^d − d − 1 clamped to ±10
+    k3 = torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+    term = (-ls.extra["gamma"] * (k3 * mask).sum() + ls.extra["eta"] * (-logp * mask).sum()) / mask.sum()
+    assert float((k3 * mask).sum()) > 0, "the masked view should move the log-probs"
+    (pg + term).backward()
+    hf_grads = {canonical_hf_name(n): p.grad for n, p in model.named_parameters()}
+    rel, name = _worst_grad(got["grads"][0], hf_grads)
+    print(f"papo second_view_grad, TP1 vs transformers: worst relative gradient difference {rel:.1e} ({name})")
+    assert rel <= GRAD_RTOL_HF, f"gradient of {name} differs from transformers' by {rel:.3e} (relative)"
+
+
 # ------------------------------------------------------------------- packed (thd) micro-batches
 
 # name: (world, tp, pp, train.max_tokens_per_micro_batch). The batch's trajectories hold 121-149 tokens:
@@ -498,14 +577,15 @@ PACKED_LAYOUTS = {
 }
 
 
-def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
+def _packed_worker(rank, world, model_dir, trajs, pgpo_trajs, tp, pp, budget, sp, papo_grad=False):
     cfg = run_config(4)
     cfg.train.max_tokens_per_micro_batch = budget
     if not sp:
         trainer, proxy = build_trainer(model_dir, tp, pp, cfg)
         out = train_side_step(trainer, proxy, trajs)
         out["grads"] = None if out["grads"] is None else list(out["grads"])
-        out["perception"] = perception_steps(trainer, proxy, trajs, names=("papo", "vepo"))
+        names = PERCEPTION + ((PAPO_GRAD,) if papo_grad else ())  # pgpo: the packed blind view
+        out["perception"] = perception_steps(trainer, proxy, trajs, names, pgpo_trajs)
         return out
     # build_trainer with sequence parallel on
     from megatron_vppo.config import ParallelConfig
@@ -527,7 +607,7 @@ def _packed_worker(rank, world, model_dir, trajs, tp, pp, budget, sp):
 
 
 @pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
-def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs, reference):
+def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs, pgpo_trajs, reference):
     """Packed (thd) micro-batches under a token budget give the padded TP1 run's old/aug log-probs,
     dependency, α, TGF mask, loss and gradients, at every layout."""
     from megatron_vppo.train.rl_batch import pack_by_tokens, shard_by_tokens
@@ -540,7 +620,8 @@ def test_packed_layout_matches_padded_single_process(name, tiny_model_dir, trajs
         counts = [len(pack_by_tokens([lengths[i] for i in shard_by_tokens([0, 1, 2, 3], lengths[:4], r, 2)],
                                      budget)) for r in range(2)]
         assert counts[0] != counts[1], counts
-    results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, tp, pp, budget, name.endswith("SP"))
+    results = run_distributed(_packed_worker, world, str(tiny_model_dir), trajs, pgpo_trajs, tp, pp, budget,
+                              name.endswith("SP"), name in PAPO_GRAD_LAYOUTS)
     check_same(results, reference, name)
     if "perception" in results[0]:
         check_same_perception(results, reference, name)

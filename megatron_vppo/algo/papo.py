@@ -15,6 +15,8 @@ distribution away from the masked view's — "perceive the image". The authors' 
 the masked view) carries no gradient and is left out.
 
 `clamp_small` (off by default) clamps k3 to [0, 0.2] instead (an option of the authors' scripts).
+`aug_grad` (algo.papo.second_view_grad, TRL's variant): q is the masked view's log-prob under the current
+policy, forwarded with gradient in the update, and the term's gradient flows through both views.
 """
 from __future__ import annotations
 
@@ -26,15 +28,17 @@ K3_CLAMP = 10.0
 K3_CLAMP_SMALL = (0.0, 0.2)
 
 
-def papo_k3(cur_logp: Tensor, aug_logp: Tensor, mask: Tensor, *, clamp_small: bool = False) -> Tensor:
-    """k3_t(p_cur, q) with gradient through `cur_logp`; 0 where mask = 0 (whatever the padding holds)."""
+def papo_k3(cur_logp: Tensor, aug_logp: Tensor, mask: Tensor, *, clamp_small: bool = False,
+            aug_grad: bool = False) -> Tensor:
+    """k3_t(p_cur, q) with gradient through `cur_logp` (and `aug_logp` with `aug_grad`); 0 where mask = 0
+    (whatever the padding holds)."""
     if cur_logp.shape != aug_logp.shape or mask.shape != cur_logp.shape:
         raise ValueError(f"cur_logp {tuple(cur_logp.shape)}, aug_logp {tuple(aug_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must have one shape")
     valid = mask.bool()
     zero = torch.zeros_like(cur_logp)
     p = torch.where(valid, cur_logp, zero)
-    q = torch.where(valid, aug_logp.detach().to(cur_logp.dtype), zero.detach())
+    q = torch.where(valid, (aug_logp if aug_grad else aug_logp.detach()).to(cur_logp.dtype), zero.detach())
     d = torch.clamp(q - p, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     k3 = torch.exp(d) - d - 1.0
     k3 = torch.clamp(k3, *K3_CLAMP_SMALL) if clamp_small else torch.clamp(k3, -K3_CLAMP, K3_CLAMP)
@@ -42,15 +46,15 @@ def papo_k3(cur_logp: Tensor, aug_logp: Tensor, mask: Tensor, *, clamp_small: bo
 
 
 def perception_term(cur_logp: Tensor, aug_logp: Tensor, mask: Tensor, *, gamma: float, eta: float,
-                    num_tokens: float | int | Tensor | None = None,
-                    clamp_small: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+                    num_tokens: float | int | Tensor | None = None, clamp_small: bool = False,
+                    aug_grad: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """(−γ·Σ k3 + η·Σ(−p)) / N over the valid tokens, and detached metrics with the same denominator.
 
     `num_tokens` None: this batch's own valid-token count; pass 1 to get the numerator (the trainer's
     per-token-loss mode divides by the global count).
     """
     valid = mask.bool()
-    k3 = papo_k3(cur_logp, aug_logp, mask, clamp_small=clamp_small)
+    k3 = papo_k3(cur_logp, aug_logp, mask, clamp_small=clamp_small, aug_grad=aug_grad)
     neg_p = torch.where(valid, -cur_logp, torch.zeros_like(cur_logp))
     if num_tokens is None:
         denom = valid.sum().clamp(min=1).to(cur_logp.dtype)

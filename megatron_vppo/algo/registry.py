@@ -78,7 +78,8 @@ def papo_loss(logp: Tensor, x: LossInputs, ls: LossSettings):
         raise ValueError("the PAPO loss needs the second view's log-probs (LossInputs.aug_logp)")
     numerator, count, metrics = token_mean_loss(logp, x, ls)
     term, extra = perception_term(logp, x.aug_logp, x.mask, gamma=ls.extra["gamma"], eta=ls.extra["eta"],
-                                  num_tokens=1, clamp_small=ls.extra["clamp_k3_small"])
+                                  num_tokens=1, clamp_small=ls.extra["clamp_k3_small"],
+                                  aug_grad=ls.extra.get("second_view_grad", False))
     metrics.update(extra)
     return numerator + term, count, metrics
 
@@ -161,13 +162,6 @@ def _no_check(cfg: Any) -> None:
     return None
 
 
-def _papo_check(cfg: Any) -> None:
-    if cfg.papo.second_view_grad:
-        raise ValueError("algo.papo.second_view_grad=true (TRL's variant: a masked forward with gradient) is not "
-                         "implemented; set algo.papo.second_view_grad=false (the authors' code: q scored once, "
-                         "no gradient)")
-
-
 def _pgpo_check(cfg: Any) -> None:
     if cfg.pgpo.view == "blind" and (cfg.perturb_prob != 0.5 or cfg.perturbation != "pixel"):
         raise ValueError("algo.pgpo.view=blind changes no pixels: algo.perturb_prob / algo.perturbation apply to "
@@ -209,7 +203,7 @@ def _papo_options(gamma: float, eta: float):
     def options(cfg: Any) -> dict:
         p = cfg.papo
         return {"gamma": gamma if p.gamma is None else float(p.gamma), "eta": eta if p.eta is None else float(p.eta),
-                "clamp_k3_small": bool(p.clamp_k3_small)}
+                "clamp_k3_small": bool(p.clamp_k3_small), "second_view_grad": bool(p.second_view_grad)}
     return options
 
 
@@ -237,6 +231,10 @@ class Algorithm:
     view: Callable[[Any], ViewSpec] = field(default=_vppo_view, compare=False)  # the second view (when scored)
     divergence: bool = False  # the no-grad pass also reduces JSD and both entropies over the vocabulary (vepo)
     loss_reads_aug: bool = False  # the policy pass carries the second view's log-probs to the loss (papo)
+    # (LossSettings.extra["second_view_grad"]: the policy pass forwards the second view too, with gradient)
+    # the no-grad pass's log-probs in fp64 (pgpo: its per-response min-max of log(1 + k3) divides by a range
+    # that fp32's rounding of log-probs near −log V, 1 ulp ≈ 1e-6, blurs; the math is chunked, the cost small)
+    fp64_scores: bool = False
     options: Callable[[Any], dict] = field(default=_no_options, compare=False)  # LossSettings.extra
     panels: tuple = ()  # (title, candidate metric keys) plot panels of what this algorithm computes
 
@@ -269,13 +267,14 @@ ALGORITHMS: dict[str, Algorithm] = {
                       check=_sequence_level_correction),
     # PAPO-G (on GRPO) and PAPO-D (on DAPO): spec/perception_family.md's presets
     "papo": Algorithm("papo", False, True, no_shaping, papo_loss, _PPO | {"papo", "perturbation"},
-                      symmetric_clip=True, check=_papo_check, view=_papo_view, loss_reads_aug=True,
+                      symmetric_clip=True, view=_papo_view, loss_reads_aug=True,
                       options=_papo_options(0.02, 0.05), panels=_PAPO_PANELS),
     "papo_d": Algorithm("papo_d", True, True, no_shaping, papo_loss, _PPO | {"clip_high", "papo", "perturbation"},
-                        check=_papo_check, view=_papo_view, loss_reads_aug=True, options=_papo_options(0.01, 0.03),
+                        view=_papo_view, loss_reads_aug=True, options=_papo_options(0.01, 0.03),
                         panels=_PAPO_PANELS),
     "pgpo": Algorithm("pgpo", True, True, pgpo_shaping, token_mean_loss,
                       _PPO | {"clip_high", "pgpo", "perturbation", "perturb_prob"}, check=_pgpo_check, view=_pgpo_view,
+                      fp64_scores=True,
                       panels=(("PGPO token weight max", ("pgpo/weight_max",)),
                               ("PGPO share of tokens weighted < 1", ("pgpo/weight_below1_frac",)))),
     "vepo": Algorithm("vepo", False, True, vepo_shaping, kept_mean_loss, _PPO | {"vepo"}, symmetric_clip=True,

@@ -68,12 +68,15 @@ def _spans(n: int, step: int):
 class _Sharded:
     """Flat [N, V/TP] logits seen as real columns, read in fp32 chunks of z = logits / T."""
 
-    def __init__(self, logits: Tensor, temperature: float, vocab_size: int | None, group):
+    def __init__(self, logits: Tensor, temperature: float, vocab_size: int | None, group,
+                 dtype: torch.dtype | None = None):
         _check_temperature(temperature)
         self.logits, self.t, self.group = logits, temperature, group
-        self.dtype = _math_dtype(logits)
+        self.dtype = dtype or _math_dtype(logits)
         self.real = _real_cols(logits.shape[-1], vocab_size, group)
         self.step = chunk_rows(logits.shape[0], logits.shape[-1], logits.element_size())
+        if self.dtype == torch.float64:  # chunk_rows sizes fp32 temporaries
+            self.step = max(1, self.step // 2)
 
     def chunks(self):
         """(a, b, z [b-a, real] fp32 private copy) per row chunk."""
@@ -120,21 +123,21 @@ def _target_local(target: Tensor, local_v: int, group) -> tuple[Tensor, Tensor]:
 
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, temperature, vocab_size, group):
-        sh = _Sharded(logits, temperature, vocab_size, group)
+    def forward(ctx, logits, target, temperature, vocab_size, group, dtype=None):
+        sh = _Sharded(logits, temperature, vocab_size, group, dtype)
         in_range, local = _target_local(target, logits.shape[-1], group)
         picked = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).to(sh.dtype) / temperature
         picked = torch.where(in_range, picked, torch.zeros_like(picked))
         _all_reduce(picked, dist.ReduceOp.SUM, group)
         lse = sh.log_normaliser()
         ctx.save_for_backward(logits, target, lse)
-        ctx.temperature, ctx.vocab_size, ctx.group = temperature, vocab_size, group
+        ctx.temperature, ctx.vocab_size, ctx.group, ctx.dtype = temperature, vocab_size, group, dtype
         return picked - lse
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, target, lse = ctx.saved_tensors
-        sh = _Sharded(logits, ctx.temperature, ctx.vocab_size, ctx.group)
+        sh = _Sharded(logits, ctx.temperature, ctx.vocab_size, ctx.group, ctx.dtype)
         g = grad_out.to(sh.dtype)
         in_range, local = _target_local(target, logits.shape[-1], ctx.group)
         g_target = torch.where(in_range, g, torch.zeros_like(g))
@@ -146,7 +149,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
                 gz = torch.nn.functional.pad(gz, (0, logits.shape[-1] - sh.real))
             gz.scatter_add_(-1, local[a:b, None], g_target[a:b, None])
             grad[a:b] = gz.div_(ctx.temperature)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
@@ -173,17 +176,19 @@ class _VocabParallelEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_log_prob(logits: Tensor, target: Tensor, group=None, temperature: float = 1.0,
-                            vocab_size: int | None = None) -> Tensor:
+                            vocab_size: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """log softmax(logits / T)[target] with a correct backward; `target` holds GLOBAL vocab ids.
 
-    logits [..., V/TP] (any float dtype), target [...] -> fp32 (fp64 for fp64 logits) [...].
+    logits [..., V/TP] (any float dtype), target [...] -> fp32 (fp64 for fp64 logits) [...], or `dtype`:
+    the math and the result in that dtype, one row chunk at a time (fp64: a log-prob near −log V ≈ −12
+    keeps more than fp32's 1 ulp ≈ 1e-6, for scores that divide by small differences of log-probs).
     Targets must be real ids (< vocab_size): an id no rank holds would silently give -lse.
     """
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target shape {tuple(target.shape)} must equal logits shape without the vocab "
                          f"dim {tuple(logits.shape[:-1])}")
     out = _VocabParallelLogProb.apply(_flat(logits), target.reshape(-1).long(), float(temperature),
-                                      vocab_size, group)
+                                      vocab_size, group, dtype)
     return out.reshape(target.shape)
 
 

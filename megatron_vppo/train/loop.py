@@ -243,7 +243,7 @@ def trainer_score_step_batch(trainer: Trainer, trajs) -> list[TokenScores]:
         views = _perturbed_views_of(trainer, trajs, idx)
     res = passes.dependency_pass(dims, trainer.model_chunks, mine, _pass_shape(trainer, trajs), views,
                                  exact_kl=paired and cfg.algo.dependency_estimator == "exact_kl",
-                                 divergence=algo.divergence, blind=blind)
+                                 divergence=algo.divergence, blind=blind, fp64=algo.fp64_scores)
     return gather_data_parallel(dims, res)
 
 
@@ -398,8 +398,12 @@ def update_policy(trainer: Trainer, trajs, per_traj: list[ShapedTrajectory], min
             for chunk in trainer.model_chunks:
                 chunk.zero_grad_buffer()
             trainer.optimizer.zero_grad()
+            views = None
+            if ls.extra.get("second_view_grad"):  # PAPO, TRL's variant: the second view forwarded with gradient
+                views = (_perturbed_views_of(trainer, trajs, idx) if dims.first_stage
+                         else [None] * len(idx))  # only the first stage embeds (and so perturbs) images
             sums = passes.policy_update_pass(dims, trainer.model_chunks, [trajs[i] for i in idx], shape, algo, ls,
-                                             [per_traj[i] for i in idx])
+                                             [per_traj[i] for i in idx], views=views)
             # Non-finite loss/grad: skipped on every rank; non-finite weights after the update: stop.
             ok, grad_norm, nonfinite = guarded_step(trainer.optimizer, trainer.model_chunks, sums,
                                                     step=trainer.step, state=guard,

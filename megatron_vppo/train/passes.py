@@ -88,14 +88,37 @@ def micro_batch_groups(dims: ParallelDims, trajs: list[Trajectory], shape: PassS
     return groups
 
 
-def blind_view(mb: MicroBatch, image_token_id: int) -> MicroBatch:
-    """PGPO's blind view of a padded micro-batch: the same ids, pixels and positions, with the attention
-    mask 0 on the image-pad tokens (no token attends to the image; responses never hold image pads)."""
-    if mb.packed:
-        raise ValueError("algo.pgpo.view=blind masks attention per key, which packed (thd) micro-batches do not "
-                         "take; unset train.max_tokens_per_micro_batch or set algo.pgpo.view=patches")
-    mask = mb.attention_mask * (mb.input_ids != image_token_id).to(mb.attention_mask.dtype)
-    return replace(mb, attention_mask=mask)
+def blind_view(mb: MicroBatch, image_token_id: int, pad_id: int) -> MicroBatch:
+    """PGPO's blind view: no token attends to the prompt's image pads; every other token keeps its id, its
+    M-RoPE position and (responses never hold image pads) its place.
+
+    Padded: the same ids, pixels and positions, with the attention mask 0 on the image pads. Packed (thd,
+    where attention takes no per-key mask): each trajectory's segment [o, o + n) becomes two, its k image
+    pads moved out as a segment of k pad tokens at [o, o + k) (nothing outside that segment sees it), then
+    the trajectory's other tokens, in order and with their own positions, at [o + k, o + n). Its response
+    ends the segment, so it keeps its columns and `from_positions` reads both views alike; the view holds
+    no image, so the vision tower runs for the original view only."""
+    if not mb.packed:
+        mask = mb.attention_mask * (mb.input_ids != image_token_id).to(mb.attention_mask.dtype)
+        return replace(mb, attention_mask=mask)
+    ids, pos, labels = mb.input_ids.clone(), mb.position_ids.clone(), mb.labels.clone()
+    bounds = mb.cu_seqlens.tolist()
+    cuts = []
+    for a, e in zip(bounds, bounds[1:]):
+        img = mb.input_ids[0, a:e] == image_token_id
+        k = int(img.sum())
+        if not k:
+            continue
+        ids[0, a:a + k] = pad_id
+        ids[0, a + k:e] = mb.input_ids[0, a:e][~img]
+        pos[:, 0, a:a + k] = torch.arange(k)
+        pos[:, 0, a + k:e] = mb.position_ids[:, 0, a:e][:, ~img]
+        labels[0, a:e] = 0  # a segment's last token has no label
+        labels[0, a + k:e - 1] = ids[0, a + k + 1:e]
+        cuts.append(a + k)
+    cu = torch.tensor(sorted(set(bounds) | set(cuts)), dtype=mb.cu_seqlens.dtype)
+    return replace(mb, input_ids=ids, labels=labels, position_ids=pos, cu_seqlens=cu, pixel_values=None,
+                   image_grid_thw=None)
 
 
 def _micro_batches(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape, views=None,
@@ -104,9 +127,11 @@ def _micro_batches(dims: ParallelDims, model_chunks, trajs: list[Trajectory], sh
     micro-batches that contribute nothing. `views`: the second view's pixels per trajectory; `blind`:
     the second view is the blind view (`blind_view`)."""
     model = _unwrap(model_chunks[0])
-    if blind and getattr(model.config, "transformer_impl", "local") == "transformer_engine":
-        raise ValueError("algo.pgpo.view=blind masks attention on image pads per key, which the Transformer Engine "
-                         "layers do not take; set model.transformer_impl=local or algo.pgpo.view=patches")
+    if (blind and shape.max_tokens is None
+            and getattr(model.config, "transformer_impl", "local") == "transformer_engine"):
+        raise ValueError("algo.pgpo.view=blind on padded micro-batches masks attention on image pads per key, which "
+                         "the Transformer Engine layers do not take; set train.max_tokens_per_micro_batch (packed "
+                         "micro-batches need no mask), model.transformer_impl=local or algo.pgpo.view=patches")
     ensure_positions(trajs, model.arch)  # once per trajectory per step: the trajectories carry them
     groups = micro_batch_groups(dims, trajs, shape, multiple_of)
     lengths = [round_up(max(sum(trajs[i].num_tokens for i in g), 1), SEQ_MULTIPLE * dims.tp) for g in groups]
@@ -127,7 +152,7 @@ def _micro_batches(dims: ParallelDims, model_chunks, trajs: list[Trajectory], sh
 
         mb = make()
         if blind:
-            mb = stack_views(mb, blind_view(make(), model.arch.image_token_id))
+            mb = stack_views(mb, blind_view(make(), model.arch.image_token_id, shape.pad_id))
         elif views is not None:
             mb = stack_views(mb, make([views[i] for i in idx]))
         out.append(mb)
@@ -180,11 +205,12 @@ def data_parallel_shard(indices: list[int], trajs: list[Trajectory], max_tokens:
 
 
 def _token_scores_loss(dims: ParallelDims, shape: PassShape, paired: bool, exact_kl: bool, divergence: bool,
-                       mb: MicroBatch, logits: torch.Tensor):
+                       fp64: bool, mb: MicroBatch, logits: torch.Tensor):
     """Sampled-token log-probs (paired: of both views, and the exact KL) at label positions, [b, s]
     each. Left on the device, so the schedule is not stalled; `dependency_pass` copies them afterwards."""
     tp_group = dims.tp_group
-    logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
+    logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size,
+                                   dtype=torch.float64 if fp64 else None)
     if not paired:
         return logits.new_zeros(()), {"old": logp}
     old, aug = mb.split_views(logp)
@@ -200,12 +226,12 @@ def _token_scores_loss(dims: ParallelDims, shape: PassShape, paired: bool, exact
 @torch.no_grad()
 def dependency_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape,
                     perturbed_pixels: list | None, *, exact_kl: bool = False, divergence: bool = False,
-                    blind: bool = False) -> list[TokenScores]:
+                    blind: bool = False, fp64: bool = False) -> list[TokenScores]:
     """Per trajectory TokenScores(old [n], aug [n], kl [n] | None, ...) for this rank's `trajs`, host tensors.
 
     `perturbed_pixels` None (and not `blind`) runs the original view only (algorithms without the
     perturbed view): aug None. `blind`: the second view is PGPO's blind view (no pixels change).
-    `divergence`: also the per-token JSD and both entropies (VEPO).
+    `divergence`: also the per-token JSD and both entropies (VEPO). `fp64`: log-probs in fp64 (PGPO).
     """
     for m in model_chunks:
         m.eval()
@@ -213,7 +239,7 @@ def dependency_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory], s
     mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, views=None if blind else perturbed_pixels,
                                  multiple_of=_schedule_multiple(dims, model_chunks), blind=blind)
     stored = _run_schedule(model_chunks, mbs,
-                           partial(_token_scores_loss, dims, shape, paired, exact_kl and paired, divergence and paired),
+                           partial(_token_scores_loss, dims, shape, paired, exact_kl and paired, divergence and paired, fp64),
                            forward_only=True)
     results = None
     if dims.last_stage:
@@ -238,29 +264,37 @@ def _policy_loss(dims: ParallelDims, shape: PassShape, algo: Algorithm, ls: Loss
                  logits: torch.Tensor):
     tp_group = dims.tp_group
     logp = vocab_parallel_log_prob(logits, mb.labels, tp_group, shape.temperature, shape.vocab_size)
-    inputs = LossInputs(old_logp=mb.per_token["old_logp"], advantage=mb.per_token["advantage"], mask=mb.loss_mask,
+    mask, aug = mb.loss_mask, mb.per_token.get("aug_logp")
+    if mb.views == 2:  # the second view rode along with gradient (PAPO's second_view_grad): its log-probs
+        logp, aug = mb.split_views(logp)  # keep their graph into the loss
+        mask, logits = mb.split_views(mask)[0], mb.split_views(logits)[0]
+    inputs = LossInputs(old_logp=mb.per_token["old_logp"], advantage=mb.per_token["advantage"], mask=mask,
                         tgf_mask=mb.per_token["tgf_mask"], is_weight=mb.per_token["is_weight"],
-                        seq_id=mb.per_token["seq_id"], aug_logp=mb.per_token.get("aug_logp"))
+                        seq_id=mb.per_token["seq_id"], aug_logp=aug)
     # numerator only: Megatron divides by the global count of the loss's unit (module docstring)
     numerator, count, metrics = algo.loss(logp, inputs, ls)
     with torch.no_grad():  # full-vocabulary entropy, reduced over the TP group (a metric only)
         ent = vocab_parallel_entropy(logits.detach(), tp_group, shape.temperature, shape.vocab_size)
     # Tensors, not floats: a float() here would stall the host once per metric per micro-batch.
-    sums = dict(metrics, entropy=(ent * mb.loss_mask).sum(), loss=numerator.detach(), units=count.detach(),
-                tokens=mb.loss_mask.sum())
+    sums = dict(metrics, entropy=(ent * mask).sum(), loss=numerator.detach(), units=count.detach(),
+                tokens=mask.sum())
     return numerator, count, sums
 
 
 def policy_update_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory], shape: PassShape,
-                       algo: Algorithm, ls: LossSettings, per_traj: list[ShapedTrajectory]) -> dict[str, float]:
+                       algo: Algorithm, ls: LossSettings, per_traj: list[ShapedTrajectory],
+                       views: list | None = None) -> dict[str, float]:
     """Forward+backward over this rank's share of one mini-batch; gradients land in the DDP buffers.
+    `views` (PAPO's second_view_grad): the second view's pixels per trajectory, stacked beside the original
+    in every micro-batch of the same schedule, so its log-probs reach the loss with their graph.
 
     Returns summed metrics: numerators, plus "units" (the loss's denominator count: tokens, or
     trajectories for a sequence-level loss) and "tokens" (valid tokens, the denominator of TOKEN_METRICS).
     """
     for m in model_chunks:
         m.train()
-    mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, multiple_of=_schedule_multiple(dims, model_chunks))
+    mbs, groups = _micro_batches(dims, model_chunks, trajs, shape, views=views,
+                                 multiple_of=_schedule_multiple(dims, model_chunks))
     for mb, idx in zip(mbs, groups):
         rows = [per_traj[i] for i in idx]
         mb.per_token["old_logp"] = mb.to_positions([r.old_logp for r in rows])
@@ -272,7 +306,7 @@ def policy_update_pass(dims: ParallelDims, model_chunks, trajs: list[Trajectory]
         mb.per_token["advantage"] = mb.to_positions([torch.full((len(r.old_logp),), float(r.advantage))
                                                      * (1.0 if r.token_weight is None else r.token_weight.double())
                                                      for r in rows])
-        if algo.loss_reads_aug:  # the second view's π_old at each response position (PAPO)
+        if algo.loss_reads_aug and views is None:  # the second view's π_old at each response position (PAPO)
             mb.per_token["aug_logp"] = mb.to_positions([r.aug_logp for r in rows])
         # which trajectory each position belongs to (sequence-level losses group tokens by it)
         mb.per_token["seq_id"] = mb.to_positions([torch.full((len(r.old_logp),), float(j))

@@ -59,6 +59,19 @@ def pytest_runtest_protocol(item, nextitem):
     _state["file"].flush()
 
 
+def pytest_unconfigure(config):
+    """Back to the parent group, and the group removed (once its last child has exited)."""
+    if "cg" not in _state:
+        return
+    _state["file"].close()
+    try:
+        with open(CGROUP + "/tasks", "w") as f:
+            f.write(str(os.getpid()))
+        os.rmdir(_state["cg"])
+    except OSError:
+        pass  # a child still in it: the group stays (empty groups can be removed with rmdir later)
+
+
 def summary(out: str = OUT, top: int = 25) -> None:
     rows = [json.loads(line) for path in glob.glob(f"{out}/*.jsonl") for line in open(path)]
     files, workers = collections.Counter(), collections.defaultdict(lambda: [0.0, 0.0, float("inf"), 0.0])

@@ -82,9 +82,9 @@ def summary(out: str = OUT, top: int = 25) -> None:
         w[1] += r["wall"]
         w[2], w[3] = min(w[2], r["t0"]), max(w[3], r["t1"])
     print(f"{len(rows)} tests, {sum(files.values()):.0f} CPU-s")
+    first = min(v[2] for v in workers.values()) if workers else 0.0
     for name, (cpu, wall, start, end) in sorted(workers.items()):
-        print(f"  {name}: {cpu:.0f} CPU-s in {wall:.0f} s of tests, from +{start - min(v[2] for v in workers.values()):.0f} "
-              f"to +{end - min(v[2] for v in workers.values()):.0f} s")
+        print(f"  {name}: {cpu:.0f} CPU-s in {wall:.0f} s of tests, from +{start - first:.0f} to +{end - first:.0f} s")
     print("heaviest tests (CPU-s, wall s):")
     for r in sorted(rows, key=lambda r: -r["cpu"])[:top]:
         print(f"  {r['cpu']:7.1f} {r['wall']:7.1f}  {r['id']}")

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron_vppo.config import ModelConfig, ParallelConfig
 from megatron_vppo.models.common.layer_specs import lm_layer_spec
 from megatron_vppo.models.common.lm_config import padded_vocab_size
+from megatron_vppo.models.common.tp_attributes import mark_tensor_parallel_weights
 from megatron_vppo.models.qwen2_5_vl.model import attention_mask_for
 from megatron_vppo.models.qwen3_vl.config import lm_transformer_config, load_hf_config, text_arch
 from megatron_vppo.models.qwen3_vl.rope import InterleavedMRoPE, get_rope_index
@@ -45,10 +46,11 @@ class Qwen3VLModel(MegatronModule):
 
     def __init__(self, hf_config, model_cfg: ModelConfig | None = None, parallel: ParallelConfig | None = None, *,
                  pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
-                 with_vision: bool = True, config=None, tp_group=None):
+                 with_vision: bool = True, config=None, tp_group=None, init_weights: bool = True):
         self.hf_config = load_hf_config(hf_config)
         model_cfg = model_cfg or ModelConfig()
-        config = config or lm_transformer_config(self.hf_config, model_cfg, parallel)
+        config = config or lm_transformer_config(self.hf_config, model_cfg, parallel,
+                                                 perform_initialization=init_weights)
         super().__init__(config=config)
         self.arch = a = text_arch(self.hf_config)
         self.vocab_size = a.vocab_size
@@ -171,17 +173,21 @@ class Qwen3VLModel(MegatronModule):
         return out
 
 
-def build_model_chunks(hf_config, model_cfg=None, parallel=None, *, dims=None, with_vision=True) -> list:
-    """This rank's model chunk(s) (one per virtual pipeline stage), after `init_distributed`."""
+def build_model_chunks(hf_config, model_cfg=None, parallel=None, *, dims=None, with_vision=True,
+                       init_weights: bool = True) -> list:
+    """This rank's model chunk(s) (one per virtual pipeline stage), after `init_distributed`;
+    `init_weights=False` skips Megatron's random initialisation, as Qwen2.5-VL's `build_model_chunks`."""
     if dims is None:
         raise TypeError("build_model_chunks needs dims= (the ParallelDims init_distributed returned)")
     vpp = dims.vpp or 1
     chunks = [
         Qwen3VLModel(hf_config, model_cfg, parallel, pre_process=dims.first_stage and v == 0,
                      post_process=dims.last_stage and v == vpp - 1, vp_stage=v if vpp > 1 else None,
-                     with_vision=with_vision, tp_group=dims.tp_group)
+                     with_vision=with_vision, tp_group=dims.tp_group, init_weights=init_weights)
         for v in range(vpp)
     ]
+    if not init_weights:  # Megatron records TP sharding inside the init it skipped
+        mark_tensor_parallel_weights(chunks)
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     return chunks

@@ -34,11 +34,9 @@ class Qwen3VLSpec(QwenVLSpecBase):
                     vision_full_attn_blocks=int(v.get("depth", 0)))
 
     def build_chunks(self, hf_config, model_cfg, parallel, dims, *, init_weights: bool = True) -> list:
-        """Always initialises (`init_weights=False`, the skip-init fast path, is not implemented here yet:
-        correct, only slower to build)."""
         from megatron_vppo.models.qwen3_vl.model import build_model_chunks
 
-        return build_model_chunks(hf_config, model_cfg, parallel, dims=dims)
+        return build_model_chunks(hf_config, model_cfg, parallel, dims=dims, init_weights=init_weights)
 
     def weight_adapter(self, hf_config, tp: int = 1, vocab_pad_multiple: int = 128) -> Qwen3VLWeights:
         return Qwen3VLWeights(hf_config, tp=tp, vocab_pad_multiple=vocab_pad_multiple)

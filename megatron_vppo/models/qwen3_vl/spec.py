@@ -34,6 +34,7 @@ class Qwen3VLSpec(QwenVLSpecBase):
                     vision_full_attn_blocks=int(v.get("depth", 0)))
 
     def build_chunks(self, hf_config, model_cfg, parallel, dims, *, init_weights: bool = True) -> list:
+        """`init_weights=False` when every parameter is loaded right after (HF directory, checkpoint)."""
         from megatron_vppo.models.qwen3_vl.model import build_model_chunks
 
         return build_model_chunks(hf_config, model_cfg, parallel, dims=dims, init_weights=init_weights)

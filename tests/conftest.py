@@ -50,6 +50,23 @@ TEXT_128 = {"hidden_size": 128, "intermediate_size": 256,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_env(*pythonpath: Path, **extra: str) -> dict:
+    """The environment of a CLI / torchrun child process: offline, one thread, gloo on the CPU even where a
+    GPU is present, this checkout (then `pythonpath`) importable first, and nothing a launcher or a test
+    hook left in this process (rank variables, MEGATRON_VPPO_TEST_*) inherited; `extra` is set last."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), *map(str, pythonpath), env.get("PYTHONPATH", "")) if p)
+    for k in [*("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"),
+              *(k for k in env if k.startswith("MEGATRON_VPPO_TEST_"))]:
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
 def build_once(tmp_path_factory, name: str, builder) -> Path:
     """`builder(path)` writes an artefact into `path` (a fresh directory) once per test run; returns it.
 
@@ -134,6 +151,31 @@ def run_cli(capsys, *args: str):
             logger.setLevel(level)
     cap = capsys.readouterr()
     return types.SimpleNamespace(returncode=rc, stdout=cap.out, stderr=cap.err, out=cap.out + cap.err)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, options) -> a fresh tmpfs under tmp_path (a read-only or a small, full filesystem; root
+    only, skipped where mounting is not permitted), unmounted after the test."""
+    import subprocess
+
+    mounts = []
+
+    def mount(name: str, options: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("a read-only or full filesystem is made with a tmpfs, which needs root to mount")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.strip()})")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 @pytest.fixture

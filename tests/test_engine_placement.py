@@ -11,12 +11,13 @@ every metric both modes log (engine- and trainer-mode π_old agree to float roun
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "placement_worker.py")
@@ -36,19 +37,10 @@ LAYOUTS = {"pp2dp2": ["parallel.pp=2"], "tp2dp2_engine": ["parallel.tp=2", "trai
            "tp2pp2": ["parallel.tp=2", "parallel.pp=2"]}
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _launch(prefix: list[str], config: Path, out: Path, layouts: dict, log: Path) -> None:
     args = [f"{name}={','.join(o)}" for name, o in layouts.items()]
     with open(log, "w") as f:
-        p = subprocess.run([*prefix, WORKER, str(config), str(out), str(STEPS), *args], cwd=REPO, env=_env(),
+        p = subprocess.run([*prefix, WORKER, str(config), str(out), str(STEPS), *args], cwd=REPO, env=launch_env(),
                            stdout=f, stderr=subprocess.STDOUT, timeout=900)
     assert p.returncode == 0, log.read_text()[-6000:]
 

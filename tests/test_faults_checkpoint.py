@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import launch_env
 from dist_helpers import run_distributed
 from megatron_vppo.config import OptimConfig
 from test_optimizer import build_tiny_gpt, init_parallel, make_batch, train_steps
@@ -269,28 +270,6 @@ def test_signal_to_one_rank_during_a_save_stops_every_rank_after_it(tmp_path):
 # ------------------------------------------------------------------------------ 9: a full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size) -> a fresh tmpfs of that many KiB under tmp_path, unmounted afterwards."""
-    mounts = []
-
-    def mount(kib: int) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("a full disk is made with a small tmpfs, which needs root to mount")
-        point = tmp_path / f"disk{len(mounts)}"
-        point.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(point)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.strip()})")
-        mounts.append(point)
-        return point
-
-    yield mount
-    for point in mounts:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def _fill(disk: Path) -> Path:
     """Write zeros until the filesystem refuses (ENOSPC)."""
     filler = disk / "filler.bin"
@@ -332,8 +311,8 @@ def _save_on_full_disk(rank, world, ckpt_dir):
                 free=dc.free_bytes(root))
 
 
-def test_full_disk_save_says_so_removes_partial_and_resume_needs_no_space(small_disk):
-    disk = small_disk(4096)
+def test_full_disk_save_says_so_removes_partial_and_resume_needs_no_space(tmpfs):
+    disk = tmpfs("disk", "size=4096k")
     res = run_distributed(_save_on_full_disk, 2, str(disk / "ck"), timeout=180)
     for r in res:
         assert r["err"] is not None and r["err"].startswith(f"no space left on {disk / 'ck'}"), r["err"]
@@ -343,11 +322,11 @@ def test_full_disk_save_says_so_removes_partial_and_resume_needs_no_space(small_
         assert r["picked"] == "step_0000001" and r["same"]
 
 
-def test_metrics_truncate_in_place_on_a_full_disk(small_disk):
+def test_metrics_truncate_in_place_on_a_full_disk(tmpfs):
     """A resumed run drops the metrics lines after its checkpoint without needing any free space."""
     from megatron_vppo.train.metrics_log import MetricsLogger, read_metrics
 
-    disk = small_disk(512)
+    disk = tmpfs("disk", "size=512k")
     with MetricsLogger(disk, rank=0, tensorboard=False) as log:
         for s in range(1, 5):
             log.log(s, {"reward/mean": 0.1 * s, "pad": "x" * 3000})
@@ -378,23 +357,13 @@ train: {{seed: 1, prompts_per_step: 2, mini_batch_prompts: 2, micro_batch_size: 
 """
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
 def _train_cmd(config: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "megatron_vppo.cli", "train", str(config), *overrides]
 
 
 def _run(cmd, log: Path, expect_rc: int, timeout: float = 300, **env) -> str:
     with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=REPO, env=_env(**env), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        p = subprocess.run(cmd, cwd=REPO, env=launch_env(**env), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     text = log.read_text()
     assert p.returncode == expect_rc, f"exit code {p.returncode} != {expect_rc}\n{text[-5000:]}"
     return text
@@ -512,7 +481,7 @@ def test_sigint_during_a_save_finishes_it_then_exits_nonzero(base_run):
     log = base_run["root"] / "item8.log"
     with open(log, "w") as f:
         p = subprocess.Popen(_train_cmd(base_run["config"], f"train.output_dir={out}", "train.total_steps=2"),
-                             cwd=REPO, env=_env(MEGATRON_VPPO_TEST_SAVE_DELAY_S="6"), stdout=f,
+                             cwd=REPO, env=launch_env(MEGATRON_VPPO_TEST_SAVE_DELAY_S="6"), stdout=f,
                              stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
@@ -533,7 +502,7 @@ def test_sigint_during_a_save_finishes_it_then_exits_nonzero(base_run):
     assert sorted(_metrics(out)) == [1]  # the run did not go on to step 2
 
 
-def test_trainer_on_a_full_disk(base_run, small_disk):
+def test_trainer_on_a_full_disk(base_run, tmpfs):
     """The step-2 save hits a full disk: one line, partial save gone, exit 1. Resuming on the still-full
     disk starts (loads, verifies, cuts metrics.jsonl in place, TensorBoard turns itself off). With space
     freed, the resumed run logs step 2 exactly as the run that hit the full disk did, and saves it."""
@@ -541,7 +510,7 @@ def test_trainer_on_a_full_disk(base_run, small_disk):
 
     size = sum(p.stat().st_size for p in (base_run["out"] / "checkpoints" / "step_0000001").rglob("*")
                if p.is_file())
-    disk = small_disk(int(1.5 * size) // 1024 + 256)  # one checkpoint fits, two do not
+    disk = tmpfs("disk", f"size={int(1.5 * size) // 1024 + 256}k")  # one checkpoint fits, two do not
     out = disk / "run"
     cmd = _train_cmd(base_run["config"], f"train.output_dir={out}", "train.total_steps=2")
     text = _run(cmd, base_run["root"] / "item9_full.log", 1)

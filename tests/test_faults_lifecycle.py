@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from test_faults_run import REPO, _env, cli, complete_checkpoints, one_line_error, shadow_mathruler
+from conftest import launch_env
+from test_faults_run import REPO, cli, complete_checkpoints, one_line_error, shadow_mathruler
 
 PIXELS = ("3136", "12544")
 CONFIG = """\
@@ -63,7 +64,7 @@ class Trainer:
     def __init__(self, setup, out: Path, *overrides: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "megatron_vppo.cli", "train", str(setup["config"]), f"train.output_dir={out}",
-             *overrides], cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             *overrides], cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -176,7 +177,7 @@ def test_one_run_per_dir_signals_lineage_stale_lock_and_structure(setup, tiny_mo
     s = subprocess.run([sys.executable, str(REPO / "tools" / "score.py"), "--model",
                         str(out / "checkpoints" / f"step_{k + 4:07d}"), "--hf-config", str(tiny_model_dir_tied),
                         "--data", str(data), "--out", str(tmp_path / "score_out.jsonl")],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert s.returncode != 0 and "tie_word_embeddings: False -> True" in s.stderr, s.stderr[-3000:]
     assert "Traceback" not in s.stderr
 
@@ -278,29 +279,6 @@ def test_signals_between_steps_second_one_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """mount(name, options) -> a fresh tmpfs under tmp_path (root only; skipped where mounting is not
-    permitted), unmounted after the test."""
-    mounts = []
-
-    def mount(name: str, options: str) -> Path:
-        point = tmp_path / name
-        point.mkdir()
-        if os.geteuid() != 0:
-            pytest.skip("a read-only or full filesystem is made with a tmpfs, which needs root to mount")
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
-                           text=True)
-        if r.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.strip()})")
-        mounts.append(point)
-        return point
-
-    yield mount
-    for point in mounts:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def _read_only_dir(tmp_path: Path, tmpfs) -> Path:
     """A read-only filesystem (root ignores file modes); a directory without write permission otherwise."""
     if os.geteuid() != 0:
@@ -316,7 +294,7 @@ def test_converter_on_a_full_disk_is_one_line(tiny_model_dir, tmpfs):
     traceback, nothing half-written left."""
     disk = tmpfs("small", "size=256k")
     res = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "hf-to-mcore", "--hf",
-                          str(tiny_model_dir), "--out", str(disk / "mcore")], cwd=REPO, env=_env(),
+                          str(tiny_model_dir), "--out", str(disk / "mcore")], cwd=REPO, env=launch_env(),
                          capture_output=True, text=True, timeout=300)
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("convert_checkpoint.py hf-to-mcore: error:")]
     assert res.returncode == 1 and len(lines) == 1, res.stderr[-3000:]

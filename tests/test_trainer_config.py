@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,23 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import launch_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _cli(*args: str, launcher: tuple[str, ...] = (), timeout: float = 180) -> subprocess.CompletedProcess:
     cmd = [sys.executable, *launcher, "-m", "megatron_vppo.cli", *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import launch_env
 from dist_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,13 +58,7 @@ train: {{seed: 1, prompts_per_step: 2, mini_batch_prompts: 1, micro_batch_size: 
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONFAULTHANDLER="1")  # a hung run's ranks print their stacks (see _dump_stacks_and_kill)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even where a GPU is present
-    return env
+    return launch_env(PYTHONFAULTHANDLER="1")  # a hung run's ranks print their stacks (see _dump_stacks_and_kill)
 
 
 def torchrun(nproc: int, *extra: str) -> list[str]:
